@@ -100,7 +100,7 @@ def _print_outputs(out_dir: Path, tracking_uri: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from orchestrator.planner import plan as make_plan
     from orchestrator.spec import diff_normalized, load_spec
-    from orchestrator.tracking import resolve_tracking_uri
+    from orchestrator.tracking import check_tracking_server, replay_backlog, resolve_tracking_uri
 
     spec = load_spec(args.spec)
     out_root = Path(args.output or spec.output).expanduser().resolve()
@@ -122,11 +122,13 @@ def run(args: argparse.Namespace) -> int:
                               "rerun with --fresh to start over or restore the old spec")
         if state.get("status") == "finished":
             print(f"sweep '{spec.name}' already finished: {out_dir}")
+            replay_backlog(out_dir)  # MLflow operations a server outage left behind, if any
             _print_outputs(out_dir, state.get("tracking_uri", tracking_uri))
             return 0
         tracking_uri = state.get("tracking_uri", tracking_uri) if not args.tracking_uri else tracking_uri
 
     _preflight(spec)
+    check_tracking_server(tracking_uri)  # an unreachable MLflow server fails here, before Ray starts
     try:  # fail here, not in every worker, if the trial module is broken
         import orchestrator.trial  # noqa: F401
     except ImportError as e:
@@ -170,7 +172,7 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
         quiet_tune_logs()
         spec_hash = spec.spec_hash()
         tracker = MlflowTracking(tracking_uri, spec.tracking.experiment, spec.name, spec_hash,
-                                 parent_run_id=(state or {}).get("parent_run_id"))
+                                 parent_run_id=(state or {}).get("parent_run_id"), out_dir=out_dir)
         parent = tracker.ensure_parent()
         state = state or {"spec": spec.normalized(), "spec_hash": spec_hash, "created": datetime.now(timezone.utc).isoformat()}
         state.update(status="running", tracking_uri=tracking_uri, parent_run_id=parent, n_trials=plan.n_trials)

@@ -6,6 +6,25 @@ The driver is the only process that writes to the tracking store (so a SQLite st
 ``MlflowClient.log_batch`` per report, and closes runs FINISHED or FAILED. Its trial -> run
 mapping is kept by ``get_state``/``set_state`` so a restored sweep reuses its runs.
 
+Outages never reach Tune. Every MLflow write is an operation (create / log / end, JSON) appended
+to a FIFO queue in the callback's state and sent at once when the queue is empty; when a call fails
+with a connection or server error the queue stays, new operations line up behind it (a trial whose
+run could not be created gets a placeholder id ``None``), and it is retried at later hook calls
+(``on_step_end`` too) after a growing pause (2 s .. 30 s) and at ``finish()``. Replays are
+idempotent: metrics keep their original timestamp (MLflow drops exact duplicates), params are
+logged once, and each run carries a ``promptsweep_create_id`` tag that a retried create looks up
+first, so a create that timed out but reached the server is not made twice. An operation the
+server refuses for good (invalid value, missing run) is set aside as "rejected". The queue is part
+of ``get_state`` (a restarted driver keeps it; states are merged in submission order). What is
+still queued at ``finish()`` is written to ``<out_dir>/tracking_backlog.json`` (one warning line
+names it); the next run of the same command loads it (``MlflowTracking(out_dir=...)`` or, for a
+finished sweep, ``replay_backlog``) and sends it, and fills ``mlflow_run_id`` in trials.arrow.
+
+With an ``http(s)://`` URI the driver lowers MLflow's HTTP retries (defaults: 7 retries with
+backoff, 120 s timeout, i.e. minutes per call against a dead server) to 1 retry, no backoff and a
+5 s timeout, unless those ``MLFLOW_HTTP_REQUEST_*`` variables are set already (``DRIVER_HTTP_ENV``).
+``check_tracking_server`` probes the server before a sweep starts: unreachable is a ConfigError.
+
 Tracking URI precedence: ``--tracking-uri`` > ``$MLFLOW_TRACKING_URI`` > spec ``tracking.uri`` >
 ``sqlite:///<abs cwd>/mlflow.db``. File stores (``file://``, bare paths) are refused.
 """
@@ -13,8 +32,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
+import sys
 import time
+import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,6 +49,15 @@ from fewshot.errors import ConfigError
 _TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "time_since_restore",
               "iterations_since_restore", "done", "trial_failed", "final"}
 
+BACKLOG_FILE = "tracking_backlog.json"
+#: MLflow client settings for the driver (only set where the variable is not set already)
+DRIVER_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+                   "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+#: error codes the server answers for a request that will never succeed (everything else is retried)
+_PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
+                    "INVALID_STATE", "BAD_REQUEST", "MALFORMED_REQUEST"}
+_CREATE_TAG = "promptsweep_create_id"
+
 
 def resolve_tracking_uri(flag: Optional[str], spec_uri: Optional[str]) -> str:
     uri = flag or os.environ.get("MLFLOW_TRACKING_URI") or spec_uri or f"sqlite:///{Path.cwd().resolve()}/mlflow.db"
@@ -35,8 +67,12 @@ def resolve_tracking_uri(flag: Optional[str], spec_uri: Optional[str]) -> str:
     return uri
 
 
+def _is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
 def ui_command(uri: str) -> str:
-    if uri.startswith(("http://", "https://")):
+    if _is_http(uri):
         return f"open {uri} (the MLflow server already serves these runs)"
     return f"mlflow ui --backend-store-uri {uri}"
 
@@ -60,67 +96,256 @@ def _flat_params(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def _client(uri: str):
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no DB-migration INFO on the progress view
+    return MlflowClient(tracking_uri=uri)
+
+
+def driver_http_env(uri: str) -> None:
+    """Short MLflow HTTP retries/timeout for this process (``DRIVER_HTTP_ENV``), for http(s) URIs only."""
+    if _is_http(uri):
+        for k, v in DRIVER_HTTP_ENV.items():
+            os.environ.setdefault(k, v)
+
+
+def _reason(e: BaseException) -> str:
+    """The short cause of an MLflow client error ("[Errno 111] Connection refused", "timed out", ...)."""
+    text = str(e)
+    m = re.search(r"\[Errno -?\d+\][^'\")]*", text)
+    if m:
+        return m.group(0).strip()
+    if "timed out" in text or "timeout" in text.lower():
+        return "timed out"
+    return " ".join(text.split())[:160]
+
+
+def _permanent(e: BaseException) -> bool:
+    return getattr(e, "error_code", None) in _PERMANENT_CODES or isinstance(e, _Unresolved)
+
+
+class _Unresolved(Exception):
+    """An operation whose run was never created (its create was rejected)."""
+
+
+def check_tracking_server(uri: str) -> None:
+    """ConfigError naming ``uri`` and the fix when an http(s) tracking server does not answer (seconds at most)."""
+    if not _is_http(uri):
+        return
+    driver_http_env(uri)
+    try:
+        _client(uri).search_experiments(max_results=1)
+    except Exception as e:
+        raise ConfigError(f"the MLflow tracking server {uri} is not reachable ({_reason(e)}); start the server "
+                          "(mlflow server --host HOST --port PORT --backend-store-uri sqlite:///ABS/PATH/mlflow.db) "
+                          "or pass --tracking-uri sqlite:///ABS/PATH/mlflow.db to track into a local file") from None
+
+
+def fill_run_ids(out_dir: Path, trial_runs: dict[str, Optional[str]]) -> int:
+    """Fill empty ``mlflow_run_id`` cells of trials.arrow from ``trial_runs``; the number filled."""
+    import pyarrow as pa
+
+    from orchestrator.results import TRIALS_FILE, read_table, write_atomic
+
+    p = Path(out_dir) / TRIALS_FILE
+    if not p.exists():
+        return 0
+    t = read_table(p)
+    old = t.column("mlflow_run_id").to_pylist()
+    new = [rid or trial_runs.get(tid) for rid, tid in zip(old, t.column("tune_trial_id").to_pylist())]
+    n = sum(1 for a, b in zip(old, new) if a != b)
+    if n:
+        i = t.schema.get_field_index("mlflow_run_id")
+        write_atomic(t.set_column(i, t.schema.field(i), pa.array(new, pa.string())), p)
+    return n
+
+
+def _warn(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 class MlflowTracking(Callback):
     """Driver-side MLflow mirror of the sweep (see module docstring)."""
 
+    retry_interval_s = 2.0  #: first pause after a failed send; doubles up to ``max_retry_interval_s``
+    max_retry_interval_s = 30.0
+
     def __init__(self, tracking_uri: str, experiment: str, sweep_name: str, spec_hash: str,
-                 parent_run_id: Optional[str] = None):
+                 parent_run_id: Optional[str] = None, out_dir: Optional[Path] = None):
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.sweep_name = sweep_name
         self.spec_hash = spec_hash
+        self.out_dir = Path(out_dir) if out_dir is not None else None
         self.commit = git_commit()
-        self.state: dict[str, Any] = {"parent": parent_run_id, "cells": {}, "trials": {}, "closed": []}
+        self.state: dict[str, Any] = {"parent": parent_run_id, "cells": {}, "trials": {}, "closed": [],
+                                      "pending": [], "rejected": [], "experiment_id": None}
         self._client = None
+        self._retry_at = 0.0
+        self._failures = 0
+        driver_http_env(tracking_uri)
+        if self.backlog_path and self.backlog_path.exists():
+            self._load_backlog()
 
     # --- client / runs ------------------------------------------------------------------------
     @property
     def client(self):
         if self._client is None:
-            import logging
-
-            from mlflow.tracking import MlflowClient
-
-            logging.getLogger("mlflow").setLevel(logging.WARNING)  # no DB-migration INFO on the progress view
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            self._client = _client(self.tracking_uri)
         return self._client
 
     def experiment_id(self) -> str:
-        exp = self.client.get_experiment_by_name(self.experiment)
-        return exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        if not self.state.get("experiment_id"):
+            exp = self.client.get_experiment_by_name(self.experiment)
+            self.state["experiment_id"] = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        return self.state["experiment_id"]
+
+    def _get(self, key: str) -> Optional[str]:
+        kind, _, name = key.partition(":")
+        return self.state["parent"] if kind == "sweep" else self.state[f"{kind}s"].get(name)
+
+    def _set(self, key: str, run_id: str) -> None:
+        kind, _, name = key.partition(":")
+        if kind == "sweep":
+            self.state["parent"] = run_id
+        else:
+            self.state[f"{kind}s"][name] = run_id
+
+    def _create_op(self, key: str, name: str, tags: dict, parent: Optional[str]) -> dict:
+        return {"op": "create", "key": key, "name": name, "tags": tags, "parent": parent,
+                "start_time": int(time.time() * 1000), "tried": False}
 
     def ensure_parent(self) -> str:
-        if not self.state["parent"]:
-            run = self.client.create_run(self.experiment_id(), run_name=f"sweep {self.sweep_name}",
-                                         tags={"sweep": self.sweep_name, "spec_hash": self.spec_hash,
-                                               "git_commit": self.commit, "level": "sweep"})
-            self.state["parent"] = run.info.run_id
+        """The sweep's parent run, created now if needed (a ConfigError if the store refuses it)."""
+        if not self.state["parent"] and not self._queued("sweep"):
+            try:
+                self._run(self._op(self._parent_op()))
+            except Exception as e:
+                raise ConfigError(f"MLflow at {self.tracking_uri} did not create the sweep's run ({_reason(e)}); "
+                                  "check the server, or pass --tracking-uri sqlite:///ABS/PATH/mlflow.db") from None
+        self.flush()  # a backlog loaded from an earlier run goes out now
         return self.state["parent"]
 
-    def _cell_run(self, config: dict) -> str:
+    def _parent_op(self) -> dict:
+        return self._create_op("sweep", f"sweep {self.sweep_name}", {"sweep": self.sweep_name, "level": "sweep",
+                               "spec_hash": self.spec_hash, "git_commit": self.commit}, None)
+
+    def _queued(self, key: str) -> bool:
+        return any(op["key"] == key and op["op"] == "create" for op in self.state["pending"])
+
+    def _cell_key(self, config: dict) -> str:
         cid = config["cell_id"]
+        if not self.state["parent"] and not self._queued("sweep"):  # hooks before ensure_parent (tests)
+            self._submit(self._parent_op())
         if cid not in self.state["cells"]:
             req = config["request"]
-            tags = {"mlflow.parentRunId": self.ensure_parent(), "sweep": self.sweep_name, "cell_id": cid,
-                    "level": "cell", "protocol": req["protocol"], "method": req["method"], "dataset": req["dataset"],
-                    "shots": str(req["shots"]), "spec_hash": self.spec_hash, "git_commit": self.commit}
-            run = self.client.create_run(self.experiment_id(), run_name=cid, tags=tags)
-            self.state["cells"][cid] = run.info.run_id
-        return self.state["cells"][cid]
+            tags = {"sweep": self.sweep_name, "cell_id": cid, "level": "cell", "protocol": req["protocol"],
+                    "method": req["method"], "dataset": req["dataset"], "shots": str(req["shots"]),
+                    "spec_hash": self.spec_hash, "git_commit": self.commit}
+            self.state["cells"][cid] = None
+            self._submit(self._create_op(f"cell:{cid}", cid, tags, "sweep"))
+        return f"cell:{cid}"
 
     def trial_run_id(self, trial_id: str) -> Optional[str]:
+        """The trial's MLflow run id (None while its creation waits for the server)."""
         return self.state["trials"].get(trial_id)
+
+    # --- the operation queue ------------------------------------------------------------------
+    @staticmethod
+    def _op(op: dict) -> dict:
+        op["id"] = uuid.uuid4().hex
+        op["t"] = time.time_ns()
+        return op
+
+    def _submit(self, op: dict) -> None:
+        self.state["pending"].append(self._op(op))
+        self.flush()
+
+    def _run(self, op: dict) -> None:
+        """Send one operation (raises what the client raises; _Unresolved when its run does not exist)."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        key = op["key"]
+        if op["op"] == "create":
+            if self._get(key):
+                return
+            exp_id = self.experiment_id()
+            if op["tried"]:  # an earlier attempt may have reached the server: look for its run first
+                found = self.client.search_runs([exp_id], f"tags.{_CREATE_TAG} = '{op['id']}'", max_results=1)
+                if found:
+                    self._set(key, found[0].info.run_id)
+                    return
+            tags = dict(op["tags"], **{_CREATE_TAG: op["id"]})
+            if op["parent"]:
+                parent = self._get(op["parent"])
+                if not parent:
+                    raise _Unresolved(f"its parent run {op['parent']} was never created")
+                tags["mlflow.parentRunId"] = parent
+            op["tried"] = True
+            run = self.client.create_run(exp_id, start_time=op["start_time"], run_name=op["name"], tags=tags)
+            self._set(key, run.info.run_id)
+            return
+        run_id = self._get(key)
+        if not run_id:
+            raise _Unresolved(f"run {key} was never created")
+        if op["op"] == "log":
+            self.client.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v, ts, step in op.get("metrics", [])],
+                                  params=[Param(k, v) for k, v in op.get("params", {}).items()],
+                                  tags=[RunTag(k, v) for k, v in op.get("tags", {}).items()])
+        elif op["op"] == "end":
+            self.client.set_terminated(run_id, op["status"], end_time=op["end_time"])
+
+    def flush(self, force: bool = False) -> bool:
+        """Send the queued operations in order; stop at the first one the server does not take. True when empty.
+
+        Never raises. Without ``force`` nothing is tried until the pause after the last failure is over."""
+        pending = self.state["pending"]
+        if not pending:
+            return True
+        if not force and time.monotonic() < self._retry_at:
+            return False
+        sent = 0
+        while pending:
+            op = pending[0]
+            try:
+                self._run(op)
+            except Exception as e:
+                if _permanent(e):
+                    first = all(r["key"] != op["key"] for r in self.state["rejected"])
+                    self.state["rejected"].append(dict(op, error=" ".join(str(e).split())[:500]))
+                    pending.pop(0)
+                    if first:
+                            _warn(f"warning: MLflow refused {op['op']} for {op['key']} ({_reason(e)}); "
+                              f"it is listed in {self.backlog_path or BACKLOG_FILE} at the end")
+                    continue
+                self._failures += 1
+                pause = min(self.retry_interval_s * 2 ** (self._failures - 1), self.max_retry_interval_s)
+                self._retry_at = time.monotonic() + pause
+                if self._failures == 1:
+                    _warn(f"warning: MLflow tracking server {self.tracking_uri} is not answering ({_reason(e)}); "
+                          f"trials go on, tracking is queued ({len(pending)} operation(s)) and retried")
+                return False
+            pending.pop(0)
+            sent += 1
+        if self._failures:
+            _warn(f"MLflow tracking server {self.tracking_uri} is back: {sent} queued operation(s) logged")
+        self._failures = 0
+        self._retry_at = 0.0
+        return True
 
     # --- Tune callback hooks ----------------------------------------------------------------
     def on_trial_start(self, iteration, trials, trial, **info):
         if trial.trial_id in self.state["trials"]:
             return  # a resumed or retried trial keeps its run
-        from mlflow.entities import Param
         from orchestrator.results import config_hash
 
         cfg = trial.config
         req = cfg["request"]
-        tags = {"mlflow.parentRunId": self._cell_run(cfg), "sweep": self.sweep_name, "level": "trial",
+        cell = self._cell_key(cfg)
+        tags = {"sweep": self.sweep_name, "level": "trial",
                 "cell_id": cfg["cell_id"], "protocol": req["protocol"], "method": req["method"],
                 "dataset": req["dataset"], "shots": str(req["shots"]), "seed": str(cfg["seed"]),
                 "stage": cfg["stage"], "optuna_trial_number": str(cfg.get("optuna_number")),
@@ -128,36 +353,36 @@ class MlflowTracking(Callback):
         name = f"{cfg['cell_id']}.{cfg['stage']}.seed{cfg['seed']}"
         if cfg["stage"] == "search":
             name += f".p{cfg.get('optuna_number')}"
-        run = self.client.create_run(self.experiment_id(), run_name=name, tags=tags)
         params = _flat_params({k: v for k, v in req.items() if k != "overrides"})
         params.update(_flat_params(req.get("overrides") or {}, "hp."))
-        self.client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
-        self.state["trials"][trial.trial_id] = run.info.run_id
+        key = f"trial:{trial.trial_id}"
+        self.state["trials"][trial.trial_id] = None
+        self._submit(self._create_op(key, name, tags, cell))
+        self._submit({"op": "log", "key": key, "params": {k: v[:6000] for k, v in params.items()}})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        run_id = self.state["trials"].get(trial.trial_id)
-        if run_id is None:
+        if trial.trial_id not in self.state["trials"]:
             return
-        from mlflow.entities import Metric
-
         step = int(result.get("epoch", result.get("training_iteration", 0)) or 0)
         ts = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), ts, step) for k, v in result.items()
+        metrics = [[k, float(v), ts, step] for k, v in result.items()
                    if k not in _TUNE_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)
                    and v == v and abs(v) != float("inf")]
         if metrics:
-            self.client.log_batch(run_id, metrics=metrics)
+            self._submit({"op": "log", "key": f"trial:{trial.trial_id}", "metrics": metrics})
+
+    def _end(self, key: str, status: str) -> None:
+        if key not in self.state["closed"]:
+            self._submit({"op": "end", "key": key, "status": status, "end_time": int(time.time() * 1000)})
+            self.state["closed"].append(key)
 
     def _close(self, trial, status: str, error: Optional[str] = None):
-        run_id = self.state["trials"].get(trial.trial_id)
-        if run_id is None or run_id in self.state["closed"]:
+        key = f"trial:{trial.trial_id}"
+        if trial.trial_id not in self.state["trials"] or key in self.state["closed"]:
             return
         if error:
-            from mlflow.entities import RunTag
-
-            self.client.log_batch(run_id, tags=[RunTag("error", error[:5000])])
-        self.client.set_terminated(run_id, status)
-        self.state["closed"].append(run_id)
+            self._submit({"op": "log", "key": key, "tags": {"error": error[:5000]}})
+        self._end(key, status)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         failed = bool((trial.last_result or {}).get("trial_failed"))
@@ -167,21 +392,118 @@ class MlflowTracking(Callback):
         last = trial.last_result or {}
         self._close(trial, "FAILED", f"{last.get('error_class', 'error')}: {last.get('error_message', '')}")
 
-    def finish(self, status: str = "FINISHED") -> None:
-        """Close the cell runs and the parent run at the end of the sweep."""
-        for run_id in list(self.state["cells"].values()) + [self.state["parent"]]:
-            if run_id and run_id not in self.state["closed"]:
-                self.client.set_terminated(run_id, status)
-                self.state["closed"].append(run_id)
+    def on_step_end(self, iteration, trials, **info):
+        self.flush()  # catch up while the sweep runs, even between trial events
+
+    def finish(self, status: str = "FINISHED") -> Optional[Path]:
+        """Close the cell runs and the parent run, send what is queued, and write what is left (its path)."""
+        for cid in list(self.state["cells"]):
+            self._end(f"cell:{cid}", status)
+        if self.state["parent"] or self._queued("sweep"):
+            self._end("sweep", status)
+        self.flush(force=True)
+        return self.write_backlog()
+
+    # --- what could not be logged -------------------------------------------------------------
+    @property
+    def backlog_path(self) -> Optional[Path]:
+        return self.out_dir / BACKLOG_FILE if self.out_dir is not None else None
+
+    def missing(self) -> list[dict]:
+        """Per run with queued operations: its key, run id (None if never created) and operations, in order."""
+        out: dict[str, dict] = {}
+        for op in self.state["pending"]:
+            rec = out.setdefault(op["key"], {"run": op["key"], "run_id": self._get(op["key"]), "ops": []})
+            if op["op"] == "log":
+                what = [f"{len(op[f])} {f}" for f in ("params", "metrics", "tags") if op.get(f)]
+                rec["ops"].append("log " + ", ".join(what))
+            else:
+                rec["ops"].append("create" if op["op"] == "create" else f"end {op['status']}")
+        return list(out.values())
+
+    def write_backlog(self) -> Optional[Path]:
+        """Write ``tracking_backlog.json`` when operations are left (else remove an old one); fill run ids."""
+        if self.out_dir is None:
+            if self.state["pending"]:
+                _warn(f"warning: {len(self.state['pending'])} MLflow operation(s) not logged to {self.tracking_uri}")
+            return None
+        fill_run_ids(self.out_dir, self.state["trials"])
+        p = self.backlog_path
+        if not self.state["pending"] and not self.state["rejected"]:
+            if p.exists():
+                p.unlink()
+            return None
+        missing = self.missing()
+        data = {"tracking_uri": self.tracking_uri, "experiment": self.experiment, "sweep": self.sweep_name,
+                "spec_hash": self.spec_hash, "written": datetime.now(timezone.utc).isoformat(),
+                "trials": sorted(m["run"].partition(":")[2] for m in missing if m["run"].startswith("trial:")),
+                "missing": missing, "rejected": self.state["rejected"], "state": self.get_state()}
+        tmp = p.with_name(f".{p.name}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, p)
+        if self.state["pending"]:
+            _warn(f"warning: MLflow tracking server {self.tracking_uri} did not take {len(self.state['pending'])} "
+                  f"operation(s) for {len(missing)} run(s), listed in {p}; rerun the same command when it is back "
+                  "to log them")
+        else:
+            _warn(f"warning: MLflow refused {len(self.state['rejected'])} operation(s), listed in {p}")
+        return p
+
+    def _load_backlog(self) -> None:
+        data = json.loads(self.backlog_path.read_text())
+        if data.get("tracking_uri") != self.tracking_uri:
+            _warn(f"warning: {self.backlog_path} holds operations for {data.get('tracking_uri')}, "
+                  f"not {self.tracking_uri}; left as it is")
+            self.out_dir = None  # do not overwrite it
+            return
+        self.set_state(data["state"])
 
     # --- restore ------------------------------------------------------------------------------
     def get_state(self) -> Optional[dict]:
         return json.loads(json.dumps(self.state))
 
     def set_state(self, state: dict) -> None:
-        self.state.update(state)
+        """Merge a saved state: run ids kept (a known id wins over a placeholder), queues united in order."""
+        s = self.state
+        state = json.loads(json.dumps(state))
+        s["parent"] = state.get("parent") or s["parent"]
+        s["experiment_id"] = state.get("experiment_id") or s.get("experiment_id")
+        for kind in ("cells", "trials"):
+            for k, v in (state.get(kind) or {}).items():
+                if v or k not in s[kind]:
+                    s[kind][k] = v
+        by_run = {v: f"{kind[:-1]}:{k}" for kind in ("cells", "trials") for k, v in s[kind].items() if v}
+        by_run[s["parent"]] = "sweep"
+        for c in state.get("closed", []):  # older states list closed run ids, newer ones keys
+            c = by_run.get(c, c)
+            if c not in s["closed"]:
+                s["closed"].append(c)
+        for name in ("pending", "rejected"):
+            ops = {op["id"]: op for op in s.get(name, [])}
+            for op in state.get(name, []):
+                if name == "pending" and op["op"] == "create":
+                    op["tried"] = True  # it may have reached the server after this state was saved
+                ops.setdefault(op["id"], op)
+            s[name] = sorted(ops.values(), key=lambda op: op["t"])
 
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_client"] = None
         return d
+
+
+def replay_backlog(out_dir: Path) -> Optional[int]:
+    """Send ``<out_dir>/tracking_backlog.json`` (a finished sweep rerun); the operations left, None if no file."""
+    p = Path(out_dir) / BACKLOG_FILE
+    if not p.exists():
+        return None
+    data = json.loads(p.read_text())
+    tracker = MlflowTracking(data["tracking_uri"], data["experiment"], data["sweep"], data["spec_hash"],
+                             parent_run_id=data["state"].get("parent"), out_dir=out_dir)
+    n = len(tracker.state["pending"])
+    tracker.flush(force=True)
+    tracker.write_backlog()
+    left = len(tracker.state["pending"])
+    if n and not left:
+        print(f"tracking: logged the {n} queued MLflow operation(s) from {p.name} to {tracker.tracking_uri}")
+    return left
