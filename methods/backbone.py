@@ -7,10 +7,13 @@ the offline demo. OpenAI weights were trained with QuickGELU, so ``pretrained='o
 
 Loaded backbones are cached per (arch, pretrained, device, precision) for the life of the
 process: a Ray worker that runs many trials loads its weights once. Every parameter is frozen
-(``requires_grad=False``) and the model is kept in eval mode.
+(``requires_grad=False``) and the model is kept in eval mode. Random init is drawn under a fixed
+seed (``RANDOM_INIT_SEED``), so every process builds the same random backbone.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import threading
 from dataclasses import dataclass, field
@@ -29,6 +32,10 @@ _lock = threading.Lock()
 _CACHE: dict[tuple, "Backbone"] = {}
 #: how many times weights were actually built/loaded in this process (benchmarks read it)
 LOAD_COUNT = 0
+#: random-init backbones (``pretrained=None``) are drawn under this torch seed, so every process —
+#: every Ray worker — builds the same weights: a trial's result does not depend on which trial its
+#: worker happened to run first, and frozen features can be shared across processes
+RANDOM_INIT_SEED = 0
 
 # open_clip tags whose weights were trained with QuickGELU activations
 _QUICKGELU_TAGS = {"openai", "yfcc15m", "cc12m"}
@@ -149,9 +156,33 @@ class Backbone:
     # --- image --------------------------------------------------------------------------
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Frozen CLIP image features [B, embed_dim] (fp32)."""
-        feats = self.model.encode_image(images.to(self.device)).float()
+        """Frozen CLIP image features [B, embed_dim] (fp32).
+
+        A 2-D ``[B, embed_dim]`` input is taken as features already encoded by this backbone (served
+        by ``orchestrator.feature_cache``) and only normalised; image batches are 4-D.
+        """
+        if images.dim() == 2:
+            feats = images.to(self.device).float()
+        else:
+            feats = self.model.encode_image(images.to(self.device)).float()
         return nn.functional.normalize(feats, dim=-1) if normalize else feats
+
+    def identity(self) -> str:
+        """What determines this backbone's weights (the feature cache's key): arch, weights, model config."""
+        import open_clip
+
+        src = self.pretrained
+        p = os.path.expanduser(str(src)) if src else ""
+        if p and os.path.isfile(p):
+            st = os.stat(p)
+            src = f"{os.path.realpath(p)}:{st.st_size}:{st.st_mtime_ns}"
+        elif not src:
+            src = f"random-init-seed{RANDOM_INIT_SEED}"
+        cfg = open_clip.get_model_config(self.arch) or {}
+        blob = json.dumps({"arch": self.arch, "weights": src, "config": cfg, "precision": self.precision,
+                           "quickgelu_env": os.environ.get("PROMPTSWEEP_QUICKGELU", "1"),
+                           "open_clip": getattr(open_clip, "__version__", "?")}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
 def _resolve_pretrained(arch: str, pretrained: Optional[str]) -> tuple[Optional[str], bool]:
@@ -200,10 +231,12 @@ def load_backbone(
             )
         pt, quick = _resolve_pretrained(arch, pretrained)
         try:
-            model = open_clip.create_model(
-                arch, pretrained=pt, device=device, precision=precision, force_quick_gelu=quick,
-                weights_only=True, require_pretrained=pt is not None,
-            )
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_INIT_SEED)  # random init is the same in every process
+                model = open_clip.create_model(
+                    arch, pretrained=pt, device="cpu", precision=precision, force_quick_gelu=quick,
+                    weights_only=True, require_pretrained=pt is not None,
+                ).to(device)
         except CheckpointError:
             raise
         except Exception as exc:  # noqa: BLE001 - turned into one clear message

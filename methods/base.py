@@ -65,6 +65,10 @@ class TrainConfig(StrictModel):
     num_workers: int = Field(0, ge=0, description="DataLoader workers (sized to the trial's CPUs by the sweep)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU")
     drop_last: bool = True
+    feature_cache: bool = Field(True, description="methods with frozen_image_features: evaluate on cached frozen image "
+                                                  "features (exact; orchestrator.feature_cache)")
+    train_feature_views: Optional[int] = Field(None, ge=1, description="train on k cached augmented views (epoch e uses "
+                                               "view e mod k) instead of fresh augmentations (None, the exact default)")
 
 
 class MethodConfig(StrictModel):
@@ -105,6 +109,25 @@ class PromptMethod(nn.Module):
     def set_classnames(self, classnames: list[str]) -> None:
         """Switch the classifier to ``classnames`` (base-to-novel evaluation). Rebuild class state."""
         self.classnames = list(classnames)
+        self.__dict__.pop("_eval_text_cache", None)
+
+    def eval_text_features(self) -> torch.Tensor:
+        """The subclass's ``text_features()`` (class text features [C, E] of a method with a learned text
+        side), computed once per parameter state while gradients are off.
+
+        Class text features do not depend on the images, so evaluation (no grad) reuses them across
+        batches — C prompts through the text tower once per evaluation instead of once per batch —
+        until a parameter changes (in-place updates bump ``_version``) or ``set_classnames`` runs.
+        With gradients on (training) they are always recomputed.
+        """
+        if torch.is_grad_enabled():
+            return self.text_features()
+        key = tuple((id(p), p.data_ptr(), p._version) for p in self.parameters())
+        cached = self.__dict__.get("_eval_text_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self.text_features())
+            self.__dict__["_eval_text_cache"] = cached
+        return cached[1]
 
     def prepare(self, train_loader: Iterable) -> None:
         """Data-dependent initialisation before training (default: nothing)."""

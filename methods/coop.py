@@ -61,4 +61,5 @@ class CoOp(PromptMethod):
         return self.text.encode(self.context())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return cosine_logits(self.backbone.encode_image(images, normalize=True), self.text_features(), self.logit_scale())
+        return cosine_logits(self.backbone.encode_image(images, normalize=True), self.eval_text_features(),
+                             self.logit_scale())

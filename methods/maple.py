@@ -138,7 +138,7 @@ class MaPLe(PromptMethod):
         return towers.encode_image(self.backbone, images, hook=hook, pre_ln=pre_ln)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return cosine_logits(self.image_features(images), self.text_features(), self.logit_scale())
+        return cosine_logits(self.image_features(images), self.eval_text_features(), self.logit_scale())
 
     def set_classnames(self, classnames: list[str]) -> None:
         super().set_classnames(classnames)

@@ -215,33 +215,13 @@ class SEP(PromptMethod):
         """(f̂ [B, E], ĝ [C, E], f₀ [B, E]): residual ensembles with the frozen features, all normalised."""
         f0 = F.normalize(self.frozen_image(images), dim=-1)
         f = F.normalize(self.image_features(images).float(), dim=-1)
-        g = F.normalize(self._cached_text_features().float(), dim=-1)
+        g = F.normalize(self.eval_text_features().float(), dim=-1)
         g0 = F.normalize(self.template_features.float(), dim=-1)
         return F.normalize(f + f0, dim=-1), F.normalize(g + g0, dim=-1), f0
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         f_hat, g_hat, _ = self.fused_features(images)
         return self.logit_scale() * f_hat @ g_hat.t()
-
-    def _text_state_key(self) -> tuple:
-        """Identity of everything the class text features depend on (in-place updates bump ``_version``)."""
-        params = [self.ctx_text, *self.text_fusion.parameters()]
-        return (id(self.text), self.text_layers, self.ctx_text.device,
-                tuple((id(p), p._version) for p in params))
-
-    def _cached_text_features(self) -> torch.Tensor:
-        """Text features, reused across evaluation batches while no text-side tensor changes.
-
-        They do not depend on the images, so without gradients (evaluation) they are computed once per
-        parameter state instead of once per test batch (C prompts x fused layers each time)."""
-        if torch.is_grad_enabled():
-            return self.text_features()
-        key = self._text_state_key()
-        cached = getattr(self, "_text_cache", None)
-        if cached is None or cached[0] != key:
-            cached = (key, self.text_features())
-            object.__setattr__(self, "_text_cache", cached)
-        return cached[1]
 
     # --- training ---------------------------------------------------------------------------
     def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -283,6 +263,5 @@ class SEP(PromptMethod):
     def set_classnames(self, classnames: list[str]) -> None:
         """Rebuild the text prompts and the frozen template features; μ (training-only) is kept."""
         super().set_classnames(classnames)
-        object.__setattr__(self, "_text_cache", None)
         self.text = self._build_text(self.classnames)
         object.__setattr__(self, "_template", None)

@@ -166,6 +166,7 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
                                           quiet_tune_logs)
 
     r = spec.resources
+    data_root = str(Path(spec.data_root).expanduser().resolve()) if spec.data_root else None  # before Ray moves cwd
     started_ray = ensure_ray(args.address)
     try:
         n = max_concurrent_trials(r.cpu, r.gpu, args.max_concurrent)  # ConfigError if no node fits a trial
@@ -183,7 +184,7 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
         results_cb = ResultsCallback(out_dir, meta, [c.cell_id for c in plan.cells], tracker)
         progress = ProgressPrinter(plan, results_cb)
         request_base = {"backbone": {"arch": spec.backbone.arch, "pretrained": spec.backbone.pretrained},
-                        "data_root": str(Path(spec.data_root).expanduser().resolve()) if spec.data_root else None,
+                        "data_root": data_root,
                         "device": spec.device}
         searcher = CellSearcher(plan.cells, request_base, str(out_dir / OPTUNA_FILE))
         use_pruning = any(c.search.pruner.name != "none" and c.n_trials for c in plan.cells)

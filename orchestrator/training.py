@@ -7,7 +7,8 @@
   constant at ``warmup_lr`` (CoOp/Dassl) or linear from ``warmup_lr`` to ``lr``; then cosine from
   ``lr`` to ``min_lr`` over the total steps (``constant`` keeps ``lr``). Factors are relative to
   ``lr``, so groups with their own lr keep their ratio.
-* ``train_loader``: seeded shuffling generator, ``drop_last`` only when ``len >= batch_size``.
+* ``train_loader``: seeded shuffling generator, ``drop_last`` only when ``len >= batch_size``;
+  in-memory datasets (cached features) are loaded without worker processes.
 """
 from __future__ import annotations
 
@@ -51,11 +52,15 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoc
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, steps_per_epoch))
 
 
+def _workers(data: Dataset, cfg: TrainConfig) -> int:
+    return 0 if getattr(data, "in_memory", False) else cfg.num_workers  # cached features need no workers
+
+
 def train_loader(data: Dataset, cfg: TrainConfig, generator: torch.Generator) -> DataLoader:
     return DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=generator,
-                      drop_last=cfg.drop_last and len(data) >= cfg.batch_size, num_workers=cfg.num_workers,
+                      drop_last=cfg.drop_last and len(data) >= cfg.batch_size, num_workers=_workers(data, cfg),
                       persistent_workers=False)
 
 
 def eval_loader(data: Dataset, cfg: TrainConfig) -> DataLoader:
-    return DataLoader(data, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers)
+    return DataLoader(data, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=_workers(data, cfg))

@@ -155,11 +155,52 @@ def _data(req: TrialRequest):
     return list(ds.classnames), split.train, split.val, tests
 
 
+class _Views:
+    """The trial's datasets: images through the transforms, or — for methods with frozen image
+    features — cached features (``orchestrator.feature_cache``; eval exact, train views optional)."""
+
+    def __init__(self, bb, cls, cfg: TrainConfig, device: torch.device):
+        from fewshot.transforms import clip_transform
+
+        self.bb, self.cfg, self.device = bb, cfg, device
+        self.train_tf = clip_transform(bb.image_size, train=True)
+        self.eval_tf = clip_transform(bb.image_size, train=False)
+        self.cache = None
+        if cls.frozen_image_features and cfg.feature_cache:
+            from orchestrator.feature_cache import FeatureCache
+
+            self.cache = FeatureCache()
+
+    def _features(self, items, transform, view: str, split: str, seed=None):
+        from orchestrator.feature_cache import cached_split
+
+        return cached_split(self.cache, self.bb, items, transform, view, split, self.cfg.eval_batch_size,
+                            self.cfg.num_workers, lambda: _autocast(self.device, self.cfg), self.device.type, seed)
+
+    def eval(self, items, split: str):
+        from fewshot.images import ImageDataset
+
+        if self.cache is None:
+            return ImageDataset(items, self.eval_tf, split=split)
+        from orchestrator.feature_cache import FeatureDataset
+
+        return FeatureDataset([self._features(items, self.eval_tf, "eval", split)], [it.label for it in items], split)
+
+    def train(self, items):
+        from fewshot.images import ImageDataset
+
+        k = self.cfg.train_feature_views
+        if self.cache is None or not k:
+            return ImageDataset(items, self.train_tf, split="train")
+        from orchestrator.feature_cache import FeatureDataset
+
+        views = [self._features(items, self.train_tf, f"train-{i}", "train", seed=1000 + i) for i in range(k)]
+        return FeatureDataset(views, [it.label for it in items], "train")
+
+
 def run_trial(req: TrialRequest, *, output_dir: Optional[Path] = None, report: Optional[Report] = None,
               resume_from: Optional[Path] = None) -> dict:
     """Run one trial and return its final metrics (see the module docstring)."""
-    from fewshot.images import ImageDataset
-    from fewshot.transforms import clip_transform
     from methods.backbone import load_backbone
     from methods.registry import get_method
 
@@ -178,9 +219,9 @@ def run_trial(req: TrialRequest, *, output_dir: Optional[Path] = None, report: O
     seed_everything(req.seed)
     bb = load_backbone(req.backbone.arch, req.backbone.pretrained, device)
     classnames, train_items, val_items, test_sets = _data(req)
-    train_ds = ImageDataset(train_items, clip_transform(bb.image_size, train=True), split="train")
-    eval_tf = clip_transform(bb.image_size, train=False)
-    val_loader = training.eval_loader(ImageDataset(val_items, eval_tf, split="val"), train_cfg) if val_items else None
+    views = _Views(bb, cls, train_cfg, device)
+    train_ds = views.train(train_items)
+    val_loader = training.eval_loader(views.eval(val_items, "val"), train_cfg) if val_items else None
 
     torch.manual_seed(req.seed)
     method = cls(bb, classnames, req.dataset, method_cfg)
@@ -219,6 +260,8 @@ def run_trial(req: TrialRequest, *, output_dir: Optional[Path] = None, report: O
             ckpt.restore_rng(state["rng"], gen)
         prev_dir = None
         for epoch in range(start_epoch, n_epochs):
+            if hasattr(train_ds, "set_epoch"):
+                train_ds.set_epoch(epoch)  # cached augmented views: epoch e trains on view e mod k
             method.train()
             total_loss, seen = 0.0, 0
             for images, labels in loader:
@@ -277,7 +320,7 @@ def run_trial(req: TrialRequest, *, output_dir: Optional[Path] = None, report: O
         results = {}
         for key, (names, items) in test_sets().items():
             method.set_classnames(names)
-            data = ImageDataset(items, eval_tf, split="test")
+            data = views.eval(items, "test")
             results[key] = evaluate(method, training.eval_loader(data, train_cfg), device, train_cfg)
             test_images_read += data.images_read
         method.set_classnames(classnames)

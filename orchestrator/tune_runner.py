@@ -3,6 +3,9 @@ scheduler, and building or restoring the one ``Tuner`` that runs every trial.
 
 * ``trial_trainable(config)`` runs ``orchestrator.trial.run_trial`` in a Tune worker, forwards every
   epoch's metrics (and checkpoint) with ``ray.tune.report`` and resumes from ``tune.get_checkpoint()``.
+  Workers are warm (``reuse_actors``): the process keeps its backbone across trials, and each trial
+  releases its own memory when it ends; a fractional-GPU trial caps its process's CUDA allocator at
+  its share.
   A user-caused failure (``UserError``, e.g. a NaN loss) is reported with ``trial_failed`` and
   not retried; any other exception is reported and re-raised so Tune retries from the checkpoint.
 * ``ResultsCallback`` (driver) turns finished trials into ``trials.arrow`` rows and rewrites both
@@ -38,11 +41,27 @@ def ensure_ray(address: Optional[str] = None) -> bool:
     runtime_env = {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}}
     addr = address or os.environ.get("RAY_ADDRESS")
     if addr:
+        leave_job_working_dir()
         ray.init(address=addr, runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=False)
         return False
     ray.init(address="local", _node_ip_address="127.0.0.2", num_cpus=os.cpu_count(), include_dashboard=False,
              runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=False)
     return True
+
+
+def leave_job_working_dir() -> None:
+    """Under ``ray job submit --working-dir``, step out of the job's working-dir copy for good.
+
+    Ray 2.60 re-extracts that copy (delete + unzip, ``overwrite=True``) on a node whenever it sets up
+    a worker of the job there — including the head this driver runs on, at a moment of its choosing —
+    which deletes the directory under the driver's cwd; the next ``os.getcwd()`` (MLflow's SQLite
+    store calls it) then fails. Every path the sweep uses is absolute by now, and the modules come
+    from the same path once re-extracted, so the driver continues from the temp directory.
+    """
+    import tempfile
+
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        os.chdir(tempfile.gettempdir())
 
 
 def max_concurrent_trials(cpu: float, gpu: float, override: Optional[int] = None) -> int:
@@ -90,16 +109,49 @@ def build_request(request: dict):
     return TrialRequest(**{k: v for k, v in req.items() if v is not None or k in fields})
 
 
+def _gpu_share() -> float:
+    """The GPU fraction Ray assigned to this trial (0 without a GPU)."""
+    import ray
+
+    try:
+        return float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+    except Exception:  # noqa: BLE001 - outside a Ray worker
+        return 0.0
+
+
+def cap_gpu_memory(share: float) -> None:
+    """Fractional GPU trials share one device: cap this process's allocator at its share (Ray does not)."""
+    import torch
+
+    if 0 < share < 1 and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(share, torch.cuda.current_device())
+
+
+def release_trial_memory() -> None:
+    """Between trials of a warm worker: drop the finished trial's tensors and return cached GPU blocks
+    (the backbone, tokenizer and text-feature caches stay loaded for the next trial)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def trial_trainable(config: dict) -> None:
     from fewshot.errors import UserError
+    from methods import backbone
     from orchestrator.trial import run_trial
 
     saw_final = {"v": False}
+    cap_gpu_memory(_gpu_share())
 
     def report(metrics: dict, checkpoint_dir=None) -> None:
         m = _numeric(metrics)
         if "epochs_run" in metrics:
             m["final"] = 1
+            m["backbone_loads"] = backbone.LOAD_COUNT  # weights loaded by this worker process so far
             saw_final["v"] = True
         if checkpoint_dir is not None:
             tune.report(m, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
@@ -123,6 +175,8 @@ def trial_trainable(config: dict) -> None:
     except Exception as e:
         tune.report({"trial_failed": 1, "error_class": type(e).__name__, "error_message": str(e)[:2000]})
         raise
+    finally:
+        release_trial_memory()
 
 
 # --- driver-side results ledger ---------------------------------------------------------------------
@@ -216,7 +270,7 @@ def build_tuner(out_dir: Path, searcher, callbacks: list, cpu: float, gpu: float
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig
 
     tune_config = TuneConfig(search_alg=searcher, scheduler=CellPruningScheduler(searcher) if use_pruning else None,
-                             num_samples=-1, max_concurrent_trials=max_concurrent, reuse_actors=gpu == 0,
+                             num_samples=-1, max_concurrent_trials=max_concurrent, reuse_actors=True,
                              trial_dirname_creator=trial_dirname)
     run_config = RunConfig(name=EXPERIMENT_NAME, storage_path=str(Path(out_dir).resolve()), verbose=0,
                            callbacks=callbacks, failure_config=FailureConfig(max_failures=max_retries),

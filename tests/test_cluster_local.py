@@ -80,12 +80,8 @@ def test_sweep_through_ray_address_places_trials_on_two_worker_nodes(cluster, tm
     assert nodes <= WORKER_IPS and len(nodes) == 2, nodes  # never the 0-CPU head, both workers used
 
 
-# Ray 2.60 re-extracts a job's working_dir (rmtree + unzip, WorkingDirPlugin.create(overwrite=True)) when the
-# driver's own runtime env is created on the head by ray.init, deleting the driver's cwd under it; the first
-# getcwd() (MLflow's SQLite store) then raises FileNotFoundError. Fix in orchestrator/tune_runner.ensure_ray:
-# leave the working dir before ray.init when running as a job (see the cluster report). Remove this marker then.
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="sweep driver keeps its cwd in the job's working_dir, which Ray 2.60 re-extracts")
+# Ray 2.60 re-extracts a job's working_dir (rmtree + unzip) when the driver's own runtime env is created by
+# ray.init; orchestrator.tune_runner.ensure_ray stands outside it during init and returns to the same path.
 def test_ray_job_submit_writes_results_to_the_absolute_output(cluster, tmp_path):
     out = tmp_path / "job-out"
     env = env_with_venv(PROMPTSWEEP_SHARED_STORAGE=str(tmp_path))

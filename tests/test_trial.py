@@ -64,21 +64,29 @@ def test_base2novel_reports_base_novel_and_hm(tiny_backbone):
     assert "test_acc" not in out and out["test_images_read"] > 0
 
 
-def test_search_stage_reads_no_test_images(tiny_backbone, monkeypatch):
+@pytest.mark.parametrize("feature_cache", [False, True])
+def test_search_stage_reads_no_test_images(tiny_backbone, monkeypatch, feature_cache):
     from fewshot import images
+    from orchestrator import feature_cache as fc
 
-    splits = []
-    orig = images.ImageDataset.__init__
+    splits = []  # every split a dataset (images, or cached features) was built for
+    orig_img, orig_feat = images.ImageDataset.__init__, fc.FeatureDataset.__init__
 
-    def spy(self, items, transform=None, split="train"):
+    def spy_img(self, items, transform=None, split="train"):
         splits.append(split)
-        orig(self, items, transform, split)
+        orig_img(self, items, transform, split)
 
-    monkeypatch.setattr(images.ImageDataset, "__init__", spy)
-    out = run_trial(_req(stage="search", overrides={"epochs": 1, "n_ctx": 2}))
+    def spy_feat(self, views, labels, split):
+        splits.append(split)
+        orig_feat(self, views, labels, split)
+
+    monkeypatch.setattr(images.ImageDataset, "__init__", spy_img)
+    monkeypatch.setattr(fc.FeatureDataset, "__init__", spy_feat)
+    over = {"epochs": 1, "n_ctx": 2, "feature_cache": feature_cache}
+    out = run_trial(_req(stage="search", overrides=over))
     assert "test" not in splits and out["test_images_read"] == 0 and "test_acc" not in out
     assert out["val_acc"] is not None
-    final = run_trial(_req(stage="final", overrides={"epochs": 1, "n_ctx": 2}))
+    final = run_trial(_req(stage="final", overrides=over))
     assert "test" in splits and final["test_images_read"] == 540  # every digits test image once
     assert final["val_acc"] == out["val_acc"]  # same seed, same training
 

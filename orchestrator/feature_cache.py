@@ -1,0 +1,161 @@
+"""The node-local frozen-feature cache: CLIP image features computed once, shared by every trial.
+
+Methods whose image tower is untouched (``PromptMethod.frozen_image_features``: zero-shot, linear
+probe, CoOp, CoCoOp, KgCoOp) only ever see ``backbone.encode_image(images)``. For them the trial
+serves *features* instead of images: ``Backbone.encode_image`` passes a 2-D ``[B, D]`` input through
+as already-encoded features, so no method needs a second code path.
+
+Entries are keyed by a content hash of (backbone identity, image size, device type and precision,
+the split's items — path, size, mtime and label of every image — and the transform view) and stored
+under ``<cache root>/features/<hash>.npy`` (``$PROMPTSWEEP_CACHE``, local disk). A writer computes
+into a temp file and ``os.replace``s it into place under an exclusive ``flock``; concurrent creators
+on the node wait for the first one and then memory-map its file. Readers ``np.load(mmap_mode="r")``.
+
+Views:
+
+* ``eval``: the deterministic evaluation transform — exact: the same numbers as running the images.
+* ``train-<i>`` (``TrainConfig.train_feature_views = k``): k fixed augmented views of the training
+  split (view i drawn with the training transform under torch seed i); epoch e trains on view
+  ``e mod k``. This is an approximation of fresh augmentation and therefore an explicit option; the
+  default (``None``) trains on fresh augmentations through the image tower, as the references do.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from fewshot.types import Item
+
+#: how many cache entries this process computed / memory-mapped (benchmarks and tests read them)
+STATS = {"computed": 0, "hits": 0}
+
+
+def cache_dir() -> Path:
+    from fewshot.paths import cache_root
+
+    return cache_root() / "features"
+
+
+def items_fingerprint(items: list[Item]) -> str:
+    """Hash of the split's content: every image's path, size, mtime and label, in order."""
+    h = hashlib.sha256()
+    for it in items:
+        try:
+            st = os.stat(it.impath)
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        h.update(f"{it.impath}\0{stamp}\0{it.label}\n".encode())
+    return h.hexdigest()
+
+
+def entry_key(backbone_id: str, image_size: int, device_kind: str, items: list[Item], view: str) -> str:
+    blob = json.dumps({"backbone": backbone_id, "image_size": image_size, "device": device_kind,
+                       "items": items_fingerprint(items), "n": len(items), "view": view}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+class FeatureDataset(Dataset):
+    """``(feature [D] fp32, label)`` per item of a split, from one or several cached views.
+
+    ``images_read`` counts examples served (the counterpart of ``ImageDataset.images_read``), so a
+    trial's ``test_images_read`` means the same with or without the cache.
+    """
+
+    in_memory = True  # orchestrator.training loads it without worker processes
+
+    def __init__(self, views: list[np.ndarray], labels: list[int], split: str):
+        self.views = views
+        self.labels = list(labels)
+        self.split = split
+        self.view = 0
+        self.images_read = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.view = epoch % len(self.views)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        self.images_read += 1
+        return torch.from_numpy(np.array(self.views[self.view][index], dtype=np.float32)), self.labels[index]
+
+
+class FeatureCache:
+    """Computes or memory-maps the features of one (backbone, split, view) (see the module docstring)."""
+
+    def __init__(self, root: Optional[Path] = None):
+        self.root = Path(root) if root is not None else cache_dir()
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.npy"
+
+    def get(self, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """The cached array for ``key``; ``compute()`` runs at most once per node for it."""
+        path = self.path(key)
+        if path.exists():
+            STATS["hits"] += 1
+            return np.load(path, mmap_mode="r")
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / f".{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent creators: the first computes, the rest wait
+            try:
+                if path.exists():
+                    STATS["hits"] += 1
+                    return np.load(path, mmap_mode="r")
+                arr = np.ascontiguousarray(compute(), dtype=np.float32)
+                fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{key}.", suffix=".npy.tmp")
+                try:
+                    with os.fdopen(fd, "wb") as fh:
+                        np.save(fh, arr)
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                    os.replace(tmp, path)
+                except BaseException:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+                    raise
+                STATS["computed"] += 1
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        return np.load(path, mmap_mode="r")
+
+
+@torch.no_grad()
+def encode_split(backbone, items: list[Item], transform, split: str, batch_size: int, num_workers: int, autocast,
+                 seed: Optional[int] = None) -> np.ndarray:
+    """Unnormalised fp32 image features [N, D] of ``items`` (``seed`` fixes a random transform's draws)."""
+    from torch.utils.data import DataLoader
+
+    from fewshot.images import ImageDataset
+
+    loader = DataLoader(ImageDataset(items, transform, split=split), batch_size=batch_size, shuffle=False,
+                        num_workers=0 if seed is not None else num_workers)
+    out = []
+    rng = torch.random.fork_rng(devices=[]) if seed is not None else nullcontext()
+    with rng:
+        if seed is not None:
+            torch.manual_seed(seed)
+        for images, _ in loader:
+            with autocast():
+                out.append(backbone.encode_image(images, normalize=False).cpu())
+    if not out:
+        return np.zeros((0, backbone.embed_dim), np.float32)
+    return torch.cat(out).numpy()
+
+
+def cached_split(cache: FeatureCache, backbone, items: list[Item], transform, view: str, split: str,
+                 batch_size: int, num_workers: int, autocast, device_kind: str, seed: Optional[int] = None) -> np.ndarray:
+    key = entry_key(backbone.identity(), backbone.image_size, device_kind, items, view)
+    return cache.get(key, lambda: encode_split(backbone, items, transform, split, batch_size, num_workers, autocast, seed))
