@@ -24,7 +24,10 @@ split into ``prefix`` [C, 1, D] (SOT), the placeholder ctx slots, and ``suffix``
 * ``front``  — ``SOT CLASS ctx . EOT``.
 
 Every arrangement keeps the sequence length, so each class's EOT index (``eot_index`` [C]) is the
-one of its tokenised placeholder. Assembly is differentiable w.r.t. the context only; everything
+one of its tokenised placeholder. Sequences stop at the last class's EOT (``cut_after_eot``, default):
+under the causal mask the padding after it never reaches an EOT feature, so the features are those
+of the full 77-token sequences at a fraction of the cost; a method whose hooks read tokens past the
+EOT (SEP's positional selection) keeps the full length with ``cut_after_eot=False``. Assembly is differentiable w.r.t. the context only; everything
 else is a frozen tensor. The text tower always runs through ``methods.towers.encode_text``.
 
 ``LearnedContextText`` is a plain object (not an ``nn.Module``): it holds no learnable or
@@ -55,7 +58,7 @@ class LearnedContextText:
     """Frozen prompt pieces for ``classnames`` and the assembly/encoding of learned context."""
 
     def __init__(self, backbone: Backbone, classnames: list[str], n_ctx: int, ctx_init: Optional[str] = None,
-                 position: ClassTokenPosition = "end"):
+                 position: ClassTokenPosition = "end", cut_after_eot: bool = True):
         if n_ctx < 1:
             raise ConfigError(f"n_ctx must be >= 1 (got {n_ctx})")
         if position not in ("end", "middle", "front"):
@@ -78,9 +81,11 @@ class LearnedContextText:
         names = [c.replace("_", " ") for c in self.classnames]
         self.name_lens = [_n_bpe_tokens(backbone, n) for n in names]
         self.prompts = [f"{prefix_text} {n}." for n in names]
-        ids = backbone.tokenize(self.prompts)                       # [C, L]
-        self.token_ids = ids
+        ids = backbone.tokenize(self.prompts)                       # [C, 77]
         self.eot_index = towers.eot_positions(ids)                  # [C]
+        if cut_after_eot:  # the causal mask keeps padding after the last EOT out of every EOT feature
+            ids = ids[:, :int(self.eot_index.max()) + 1]
+        self.token_ids = ids                                        # [C, L]
         with torch.no_grad():
             emb = towers.text_token_embeddings(backbone, ids).detach()  # [C, L, D]
         self.prefix = emb[:, :1]                                    # SOT

@@ -141,7 +141,7 @@ class SEP(PromptMethod):
 
     # --- construction helpers ---------------------------------------------------------------
     def _build_text(self, classnames: list[str]) -> LearnedContextText:
-        text = LearnedContextText(self.backbone, classnames, self.cfg.n_ctx_text)
+        text = LearnedContextText(self.backbone, classnames, self.cfg.n_ctx_text, cut_after_eot=False)
         end = 1 + self.cfg.n_ctx_text + self.k_text
         if end > self.backbone.context_length:
             raise ConfigError(f"n_ctx_text + selected_text = {end - 1} exceeds the text context "

@@ -60,6 +60,20 @@ def test_random_context_and_hook_placement(tiny_backbone):
     assert seen == list(range(bb.text_layers))
 
 
+@pytest.mark.parametrize("position", ["end", "middle", "front"])
+def test_cut_after_eot_gives_the_full_length_features(tiny_backbone, position):
+    bb = tiny_backbone
+    names = ["cat", "golden retriever", "the very long name of one particular aircraft model"]
+    cut = LearnedContextText(bb, names, 4, None, position)
+    full = LearnedContextText(bb, names, 4, None, position, cut_after_eot=False)
+    assert full.token_ids.shape[1] == bb.context_length
+    assert cut.token_ids.shape[1] == int(full.eot_index.max()) + 1 < bb.context_length
+    assert torch.equal(cut.eot_index, full.eot_index)
+    g = torch.Generator().manual_seed(0)
+    for ctx in (torch.randn(4, bb.text_width, generator=g), torch.randn(3, 4, bb.text_width, generator=g)):
+        assert torch.allclose(cut.encode(ctx), full.encode(ctx), atol=1e-6)
+
+
 def test_ctx_init_token_count_must_match_n_ctx(tiny_backbone):
     with pytest.raises(ConfigError, match="n_ctx=16"):
         LearnedContextText(tiny_backbone, ["one"], 16, "a photo of a")
