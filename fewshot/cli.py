@@ -1,4 +1,5 @@
-"""``python -m fewshot``: ``check`` which datasets are present under the data root, and print a
+"""``python -m fewshot``: ``check`` which datasets are present under the data root (with ``--shots``,
+also that every image of those few-shot splits decodes; see ``fewshot.validate``), and print a
 few-shot ``split`` as JSON. User errors print one ``error: ...`` line and exit with code 2.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from fewshot.offline import is_offline, shapes_class_count
 from fewshot.paths import resolve_data_root
 from fewshot.registry import CATALOG, dataset_names, load_dataset
 from fewshot.sampling import fewshot_split
+from fewshot.validate import check_fewshot, check_labels
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,13 +37,19 @@ def _count(found: int, expected: int | None) -> str:
     return f"{found}/{expected}" + ("" if found == expected else " !")
 
 
-def check_one(name: str, data_root) -> tuple[str, str]:
-    """``(status, detail)`` with status present | missing | malformed."""
+def check_one(name: str, data_root, shots=(), seeds=(1, 2, 3)) -> tuple[str, str]:
+    """``(status, detail)`` with status present | missing | malformed. With ``shots``, the images of
+    those K-shot train/val splits (for each seed) must also exist and decode."""
     try:
         n_cls, sizes = _expected(name)
         ds = load_dataset(name, data_root)
     except MissingDataError as exc:
         return "missing", str(exc)
+    except DataError as exc:
+        return "malformed", str(exc)
+    try:
+        check_labels(ds)
+        n_images = check_fewshot(ds, [(k, s) for k in shots for s in seeds]) if shots and ds.train else None
     except DataError as exc:
         return "malformed", str(exc)
     got = (len(ds.train), len(ds.val), len(ds.test))
@@ -50,6 +58,8 @@ def check_one(name: str, data_root) -> tuple[str, str]:
     if ds.num_classes != n_cls:
         return "malformed", "  ".join(cells) + f"  (expected {n_cls} classes)"
     note = "  (image counts differ from CoOp's split)" if sizes and tuple(got) != tuple(sizes) else ""
+    if n_images is not None:
+        note += f"  ({n_images} few-shot images decode)"
     return "present", "  ".join(cells) + note
 
 
@@ -64,7 +74,7 @@ def cmd_check(args) -> int:
     ok = True
     width = max(len(n) for n in names)
     for name in names:
-        status, detail = check_one(name, args.data_root)
+        status, detail = check_one(name, args.data_root, args.shots or (), args.seeds)
         ok &= status == "present"
         print(f"{name:<{width}}  {status:<9}  {detail}")
     return 0 if ok else 2
@@ -85,12 +95,30 @@ def cmd_split(args) -> int:
     return 0
 
 
+def _positive_ints(text: str) -> list[int]:
+    """``"1,2,4"`` -> ``[1, 2, 4]``; each must be an int >= 1."""
+    values = []
+    for part in text.split(","):
+        try:
+            value = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: '{part.strip()}' (use e.g. 1,2,4)") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be >= 1 (got {value})")
+        values.append(value)
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m fewshot", description="promptsweep datasets: check the data root, print few-shot splits")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     c = sub.add_parser("check", help="report which datasets are present / missing / malformed")
     c.add_argument("--data-root", default=None, help="folder holding the datasets (default: $PROMPTSWEEP_DATA)")
     c.add_argument("datasets", nargs="*", help="dataset keys (default: the 15 standard datasets)")
+    c.add_argument("--shots", type=_positive_ints, metavar="K,K,...",
+                   help="also decode every image of these K-shot train/val splits (e.g. --shots 1,2,4,8,16)")
+    c.add_argument("--seeds", type=_positive_ints, default=[1, 2, 3], metavar="S,S,...",
+                   help="seeds of the splits checked with --shots (default: 1,2,3)")
     c.set_defaults(func=cmd_check)
     s = sub.add_parser("split", help="print the K-shot train/val split of a dataset")
     s.add_argument("--dataset", required=True)

@@ -1,5 +1,7 @@
 """``ImageDataset``: a torch Dataset over Items that loads images with PIL (``.convert("RGB")``),
-applies a transform and counts how many images it has read (``.images_read``).
+applies a transform and counts how many images it has read (``.images_read``); ``load_image`` /
+``check_image``: open (or just decode-check) one file, a missing or corrupt one is a one-line
+``DataError`` naming the file (also when it happens in a DataLoader worker process).
 
 The counter lives in shared memory, so reads done in DataLoader worker processes are counted too
 (fork or spawn); if the dataset is pickled outside process start-up (e.g. sent through Ray), the
@@ -17,15 +19,63 @@ from fewshot.errors import DataError, MissingDataError
 from fewshot.types import Item
 
 
+class ImageError(DataError):
+    """An image file is unreadable. Rebuilt from its one-line message when a DataLoader worker
+    re-raises it in the main process (torch wraps the worker's traceback into the message)."""
+
+    def __init__(self, message: str):
+        super().__init__(_unwrap_worker_message(str(message)))
+
+
+class MissingImageError(ImageError, MissingDataError):
+    """An image file listed by the dataset does not exist."""
+
+
+def _unwrap_worker_message(message: str) -> str:
+    """``"Caught X in DataLoader worker process 0.\nOriginal Traceback ...\nmod.X: msg"`` -> ``msg``."""
+    if not message.startswith("Caught ") or "Traceback" not in message:
+        return message
+    last = [ln for ln in message.strip().splitlines() if ln.strip()][-1]
+    head, sep, rest = last.partition(": ")
+    return rest.strip() if sep and head.rsplit(".", 1)[-1].endswith("Error") else last.strip()
+
+
+def _open_error(path: str, exc: BaseException) -> DataError:
+    if isinstance(exc, FileNotFoundError):
+        return MissingImageError(f"image file {path} is missing: re-download the dataset (see docs/data.md)")
+    if isinstance(exc, IsADirectoryError):
+        return ImageError(f"image file {path} is a directory, not an image: fix the dataset's split/list file")
+    if isinstance(exc, PermissionError):
+        return ImageError(f"image file {path} cannot be read (permission denied): fix its permissions")
+    why = " ".join(str(exc).split())
+    why = "" if path in why else why[:100]  # PIL's "cannot identify image file '<path>'" adds nothing
+    return ImageError(f"image file {path} is corrupt or not an image ({exc.__class__.__name__}"
+                      f"{': ' + why if why else ''}): replace it")
+
+
+_IMAGE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+                 EOFError)
+
+
 def load_image(path: str) -> Image.Image:
     """Open an image as RGB; DataError naming the file if it is missing or unreadable."""
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
-    except FileNotFoundError:
-        raise MissingDataError(f"image file {path} is missing: re-download the dataset (see docs/data.md)") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(f"image file {path} is corrupt or not an image ({exc.__class__.__name__}): replace it") from None
+    except _IMAGE_ERRORS as exc:
+        raise _open_error(path, exc) from None
+
+
+def check_image(path: str, size: int = 64) -> None:
+    """Decode ``path`` fully (JPEGs at reduced scale, which is fast but still reads every byte);
+    the same DataError as ``load_image`` if it is missing, truncated or not an image."""
+    try:
+        with Image.open(path) as img:
+            if img.format == "JPEG":
+                img.draft("RGB", (size, size))
+            img.load()
+    except _IMAGE_ERRORS as exc:
+        raise _open_error(path, exc) from None
 
 
 def _counter(start: int):

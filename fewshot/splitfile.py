@@ -3,6 +3,7 @@ dataset (the nine standard ones and the offline ``digits``/``shapes``).
 
 Format: a JSON object with exactly the keys ``train``, ``val``, ``test``; each a list of
 ``[relative_path, label, classname]`` with 0-based int labels. Paths are joined to ``image_dir``.
+Every label ``0..C-1`` has one class name and at least one ``train`` entry.
 """
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ def parse_entries(entries, image_dir: str, num_classes: int | None, where: str, 
                 f"{where}: '{part}' entry {i} is {json.dumps(entry)[:120]}, expected [path (str), label (int), classname (str)]"
             )
         path, label, classname = entry
+        if not path.strip() or os.path.isabs(path):
+            raise DataError(f"{where}: '{part}' entry {i} has path {json.dumps(path)}, expected a file path relative "
+                            f"to {image_dir}")
         if label < 0 or (num_classes is not None and label >= num_classes):
             bound = f"0..{num_classes - 1}" if num_classes is not None else ">= 0"
             raise DataError(f"{where}: '{part}' entry {i} has label {label}, outside {bound}")
@@ -75,7 +79,18 @@ def read_split_file(split_file: Path, image_dir: Path, num_classes: int | None =
     where = f"split file {split_file}"
     parts = [parse_entries(data[k], str(image_dir), num_classes, where, k) for k in SPLITS]
     classnames = classnames_of(parts, num_classes, where)
+    check_train_covers_classes(parts[0], classnames, where)
     return parts[0], parts[1], parts[2], classnames
+
+
+def check_train_covers_classes(train: list[Item], classnames: list[str], where: str) -> None:
+    """DataError if some class has no training image (its few-shot split would be empty for every K)."""
+    have = {it.label for it in train}
+    empty = [lab for lab in range(len(classnames)) if lab not in have]
+    if empty:
+        shown = ", ".join(f"{lab} '{classnames[lab]}'" for lab in empty[:5]) + (" ..." if len(empty) > 5 else "")
+        raise DataError(f"{where}: {len(empty)} class(es) have no 'train' entries ({shown}); every class needs "
+                        f"training images: re-download the split file (see {DOCS})")
 
 
 def dump_split(train, val, test, image_dir: str) -> str:

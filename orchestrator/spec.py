@@ -2,7 +2,10 @@
 
 Owns the YAML format, its validation (unknown keys, unknown method/dataset names, bad ranges,
 impossible protocol/method pairs -> ``ConfigError`` naming the offending key path, e.g.
-``search.coop.space.n_ctx.low``), the normalized form and its hash.
+``search.coop.space.n_ctx.low`` or ``shots[0]``), the normalized form and its hash. Loading is
+strict: a key given twice is an error, numbers and booleans are never coerced (``shots: [true]``,
+``cpu: "2"``), floats must be finite, seeds lie in 0..2**32-1, and every override value and
+every value a search space can propose is checked against the TrainConfig / method Config field.
 
 Format (all keys optional unless marked)::
 
@@ -39,19 +42,32 @@ Format (all keys optional unless marked)::
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import re
+import types
+import typing
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictBool, TypeAdapter, ValidationError,
+                      field_validator)
 
 from fewshot.errors import ConfigError
 
 PROTOCOLS = ("fewshot", "base2novel", "cross_dataset", "domain_generalization")
 TRANSFER_PROTOCOLS = ("cross_dataset", "domain_generalization")
 Scalar = bool | int | float | str | None
+#: YAML gives native types, so no coercion: ``shots: [true]`` or ``cpu: "2"`` are errors, not 1 and 2.0
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict(), AllowInfNan(False)]
+Bool = StrictBool
+#: seeds go to numpy / Optuna, which take 0 .. 2**32 - 1
+SEED_MAX = 2**32 - 1
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
 class _Strict(BaseModel):
@@ -62,10 +78,10 @@ class ParamSpec(_Strict):
     """One searched hyperparameter (an override key of TrainConfig or the method's Config)."""
 
     type: Literal["int", "float", "categorical"]
-    low: Optional[float] = None
-    high: Optional[float] = None
-    log: bool = False
-    step: Optional[float] = Field(None, gt=0)
+    low: Optional[Float] = None
+    high: Optional[Float] = None
+    log: Bool = False
+    step: Optional[Float] = Field(None, gt=0)
     choices: Optional[list[Scalar]] = None
     #: conditional parameter: sampled only when every named (earlier) parameter takes one of the values
     when: Optional[dict[str, list[Scalar]]] = None
@@ -73,19 +89,19 @@ class ParamSpec(_Strict):
 
 class SamplerSpec(_Strict):
     name: Literal["tpe", "random"] = "tpe"
-    seed: int = 0
-    n_startup_trials: int = Field(5, ge=0)
+    seed: Int = Field(0, ge=0, le=SEED_MAX)
+    n_startup_trials: Int = Field(5, ge=0)
 
 
 class PrunerSpec(_Strict):
     name: Literal["none", "median"] = "none"
-    n_startup_trials: int = Field(2, ge=0)
-    n_warmup_steps: int = Field(1, ge=0)
+    n_startup_trials: Int = Field(2, ge=0)
+    n_warmup_steps: Int = Field(1, ge=0)
 
 
 class MethodSearch(_Strict):
-    n_trials: int = Field(0, ge=0)
-    seeds: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    n_trials: Int = Field(0, ge=0)
+    seeds: list[Int] = Field(default_factory=lambda: [1], min_length=1)
     metric: Literal["val_acc"] = "val_acc"
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     pruner: PrunerSpec = Field(default_factory=PrunerSpec)
@@ -93,7 +109,7 @@ class MethodSearch(_Strict):
 
 
 class BackboneSpec(_Strict):
-    arch: str = "promptsweep-tiny"
+    arch: str = Field("promptsweep-tiny", min_length=1)
     pretrained: Optional[str] = None
 
 
@@ -104,8 +120,8 @@ class TrainSpec(_Strict):
 
 
 class ResourcesSpec(_Strict):
-    cpu: float = Field(1.0, gt=0)
-    gpu: float = Field(0.0, ge=0)
+    cpu: Float = Field(1.0, gt=0)
+    gpu: Float = Field(0.0, ge=0)
 
 
 class TrackingSpec(_Strict):
@@ -114,23 +130,23 @@ class TrackingSpec(_Strict):
 
 
 class SweepSpec(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=NAME_PATTERN, max_length=100)
     protocol: list[Literal["fewshot", "base2novel", "cross_dataset", "domain_generalization"]] = Field(
         default_factory=lambda: ["fewshot"], min_length=1)
     methods: list[str] = Field(min_length=1)
     datasets: list[str] = Field(min_length=1)
     targets: list[str] = Field(default_factory=list)
-    shots: list[int] = Field(default_factory=lambda: [16], min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [1, 2, 3], min_length=1)
+    shots: list[Int] = Field(default_factory=lambda: [16], min_length=1)
+    seeds: list[Int] = Field(default_factory=lambda: [1, 2, 3], min_length=1)
     backbone: BackboneSpec = Field(default_factory=BackboneSpec)
-    data_root: Optional[str] = None
+    data_root: Optional[str] = Field(None, min_length=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     train: TrainSpec = Field(default_factory=TrainSpec)
     search: dict[str, MethodSearch] = Field(default_factory=dict)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    max_retries: int = Field(1, ge=0)
+    max_retries: Int = Field(1, ge=0)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
-    output: str = "results"
+    output: str = Field("results", min_length=1)
 
     @field_validator("protocol", mode="before")
     @classmethod
@@ -158,18 +174,145 @@ class SweepSpec(_Strict):
 
 # --- loading ----------------------------------------------------------------------------------
 
-def _loc(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc) or "<root>"
+ROOT = "spec"  #: the key path of the whole document in messages
 
 
-def _format_validation_error(err: ValidationError) -> str:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges are not duplicates
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # unhashable key: PyYAML reports it below
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given at line {first})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
+
+
+def _sub(path: str, key: Any) -> str:
+    """``path`` + one mapping key: ``a.b``; a key that is empty or holds other characters is quoted, ``a["x y"]``."""
+    if isinstance(key, str) and not _PLAIN_KEY.match(key):
+        return f"{path}[{json.dumps(key)}]"
+    return f"{path}.{key}" if path else str(key)
+
+
+def _path(parts: list[tuple[str, Any]]) -> str:
+    """``[("key", "shots"), ("index", 0)]`` -> ``shots[0]``; the empty path is ``spec``."""
+    out = ""
+    for kind, p in parts:
+        out = f"{out}[{p}]" if kind == "index" else _sub(out, p)
+    return out or ROOT
+
+
+def _walk(data: Any, loc: tuple) -> tuple[list[tuple[str, Any]], Any]:
+    """Follow a pydantic error location through the *input*: the parts that exist there and the node reached.
+
+    Parts the input does not have (union member tags such as ``bool``, ``[key]``, the list index
+    pydantic adds after turning ``protocol: x`` into ``[x]``) are skipped, so the path always
+    names something the user wrote.
+    """
+    parts: list[tuple[str, Any]] = []
+    node = data
+    for p in loc:
+        if isinstance(node, dict) and _has_key(node, p):
+            parts.append(("key", p))
+            node = node[p]
+        elif (isinstance(node, (list, tuple)) and isinstance(p, int) and not isinstance(p, bool)
+              and 0 <= p < len(node)):
+            parts.append(("index", p))
+            node = node[p]
+    return parts, node
+
+
+def _has_key(node: dict, key: Any) -> bool:
+    try:
+        return key in node
+    except TypeError:  # unhashable location part
+        return False
+
+
+def _unwrap(tp: Any) -> Any:
+    """``Optional[X]`` / ``Annotated[X, ...]`` -> ``X``."""
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _unwrap(typing.get_args(tp)[0])
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return _unwrap(args[0])
+    return tp
+
+
+def _model_keys(parts: list[tuple[str, Any]]) -> Optional[list[str]]:
+    """The valid keys of the model the path ``parts`` points into (None if it is not a model)."""
+    tp: Any = SweepSpec
+    for kind, p in parts:
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            f = tp.model_fields.get(p) if kind == "key" else None
+            if f is None:
+                return None
+            tp = _unwrap(f.annotation)
+        elif typing.get_origin(tp) in (dict, list):
+            tp = _unwrap(typing.get_args(tp)[-1])
+        else:
+            return None
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return list(tp.model_fields)
+    return None
+
+
+def _got(value: Any) -> str:
+    r = repr(value)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+_TYPE_WORDS = {
+    "int_type": "must be an integer", "int_parsing": "must be an integer", "int_from_float": "must be an integer",
+    "float_type": "must be a number", "float_parsing": "must be a number", "finite_number": "must be a finite number",
+    "bool_type": "must be true or false", "bool_parsing": "must be true or false", "string_type": "must be a string",
+    "dict_type": "must be a mapping of keys", "model_type": "must be a mapping of keys",
+    "model_attributes_type": "must be a mapping of keys", "too_short": "must not be empty",
+    "string_too_short": "must not be empty",
+}
+
+
+def _format_validation_error(err: ValidationError, data: Any) -> str:
+    """One line ``<key path>: <what is wrong> (got <value>)`` for the first error pydantic found."""
     e = err.errors()[0]
-    where = _loc(e["loc"])
-    if e["type"] == "extra_forbidden":
-        return f"{where}: unknown key (check the spelling; see orchestrator/spec.py for the format)"
-    if e["type"] == "missing":
-        return f"{where}: required key is missing"
-    return f"{where}: {e['msg']} (got {e.get('input')!r})"
+    loc, typ, value = tuple(e["loc"]), e["type"], e.get("input")
+    parts, _ = _walk(data, loc)
+    if typ == "missing":
+        return f"{_path(parts + [('key', loc[-1])])}: required key is missing"
+    where = _path(parts)
+    if typ == "extra_forbidden":
+        valid = _model_keys(parts[:-1])
+        hint = f"valid keys here: {', '.join(valid)}" if valid else "check the spelling"
+        return f"{where}: unknown key ({hint}; see orchestrator/spec.py for the format)"
+    if typ == "invalid_key" or "[key]" in loc:
+        return f"{where}: keys must be strings (got key {_got(value if typ != 'invalid_key' else loc[-1])})"
+    if typ == "list_type":
+        hint = f"; write [{value}]" if isinstance(value, (str, int, float)) and not isinstance(value, bool) else ""
+        return f"{where}: must be a list (got {_got(value)}{hint})"
+    if typ == "string_pattern_mismatch" and parts == [("key", "name")]:
+        return (f"name: must start with a letter or digit and contain only letters, digits, '_', '.' and '-' "
+                f"(it names the results folder; got {_got(value)})")
+    if typ == "literal_error":
+        return f"{where}: must be one of {e.get('ctx', {}).get('expected', '?')} (got {_got(value)})"
+    if typ == "recursion_loop":
+        return f"{where}: a YAML alias refers to itself (remove the anchor/alias loop)"
+    what = _TYPE_WORDS.get(typ) or e["msg"].replace("Input should be", "must be")
+    return f"{where}: {what} (got {_got(value)})"
 
 
 def _dupes(values: list) -> list:
@@ -178,17 +321,47 @@ def _dupes(values: list) -> list:
 
 def _override_keys(method: str) -> Optional[set[str]]:
     """Valid override keys for a method (TrainConfig + its Config), or None if it cannot be imported yet."""
+    fields = _override_fields(method)
+    return None if fields is None else set(fields)
+
+
+def _override_fields(method: str) -> Optional[dict]:
+    """``{key: (model, FieldInfo)}`` for TrainConfig and the method's Config; None if the method cannot be imported."""
     from methods.base import TrainConfig
     from methods.registry import get_method
 
-    keys = set(TrainConfig.model_fields)
     try:
         cls = get_method(method)
     except ConfigError:
         raise
     except Exception:  # method module not importable (yet): only TrainConfig keys can be checked
         return None
-    return keys | set(cls.Config.model_fields)
+    out = {k: (TrainConfig, f) for k, f in TrainConfig.model_fields.items()}
+    out.update({k: (cls.Config, f) for k, f in cls.Config.model_fields.items()})
+    return out
+
+
+@lru_cache(maxsize=None)
+def _field_adapter(model: type, key: str) -> TypeAdapter:
+    f = model.model_fields[key]
+    return TypeAdapter(Annotated[f.annotation, f])
+
+
+def _value_problem(method: str, key: str, value: Any) -> Optional[str]:
+    """Why ``value`` is not a valid ``key`` for ``method`` (field type and bounds only), or None."""
+    fields = _override_fields(method)
+    if fields is None or key not in fields:
+        return None
+    model, _ = fields[key]
+    try:
+        _field_adapter(model, key).validate_python(value)
+    except ValidationError as err:
+        e = err.errors()[0]
+        what = _TYPE_WORDS.get(e["type"]) or e["msg"].replace("Input should be", "must be")
+        return f"{what} for '{method}' (got {_got(value)})"
+    except Exception as exc:  # a value pydantic cannot even inspect
+        return f"is not a valid value for '{method}' ({type(exc).__name__}; got {_got(value)})"
+    return None
 
 
 def _method_protocols(method: str) -> Optional[tuple[str, ...]]:
@@ -205,9 +378,9 @@ def _method_protocols(method: str) -> Optional[tuple[str, ...]]:
 def _check_param(path: str, p: ParamSpec, earlier: list[str], space: dict[str, ParamSpec]) -> None:
     if p.type in ("int", "float"):
         if p.low is None:
-            raise ConfigError(f"{path}.low: required for a {p.type} parameter")
+            raise ConfigError(f"{path}.low: required key is missing (a {p.type} parameter needs low and high)")
         if p.high is None:
-            raise ConfigError(f"{path}.high: required for a {p.type} parameter")
+            raise ConfigError(f"{path}.high: required key is missing (a {p.type} parameter needs low and high)")
         if p.low >= p.high:
             raise ConfigError(f"{path}.low: must be smaller than high (got low={p.low}, high={p.high})")
         if p.log and p.low <= 0:
@@ -215,13 +388,17 @@ def _check_param(path: str, p: ParamSpec, earlier: list[str], space: dict[str, P
         if p.log and p.step is not None:
             raise ConfigError(f"{path}.step: cannot be combined with log: true (remove one of them)")
         if p.type == "int":
-            for k in ("low", "high"):
+            for k in ("low", "high", "step"):
                 v = getattr(p, k)
-                if v != int(v):
+                if v is not None and v != int(v):
                     raise ConfigError(f"{path}.{k}: must be an integer for an int parameter (got {v})")
+        if p.step is not None and p.step > p.high - p.low:
+            raise ConfigError(f"{path}.step: larger than the range high - low = {p.high - p.low:g} (got {p.step})")
         if p.choices is not None:
             raise ConfigError(f"{path}.choices: only valid for type: categorical")
     else:
+        if p.choices is None:
+            raise ConfigError(f"{path}.choices: required key is missing (a categorical parameter needs a non-empty list)")
         if not p.choices:
             raise ConfigError(f"{path}.choices: a categorical parameter needs a non-empty list of choices")
         if _dupes(p.choices):
@@ -233,15 +410,54 @@ def _check_param(path: str, p: ParamSpec, earlier: list[str], space: dict[str, P
             raise ConfigError(f"{path}.log: not valid for type: categorical")
     for parent, values in (p.when or {}).items():
         if parent not in earlier:
-            raise ConfigError(f"{path}.when.{parent}: must name a parameter defined earlier in the same space "
+            raise ConfigError(f"{_sub(path + '.when', parent)}: must name a parameter defined earlier in the same space "
                               f"(defined before: {earlier or 'none'})")
         if not values:
-            raise ConfigError(f"{path}.when.{parent}: needs a non-empty list of values")
+            raise ConfigError(f"{_sub(path + '.when', parent)}: needs a non-empty list of values")
         pp = space[parent]
         if pp.type == "categorical":
             bad = [v for v in values if v not in pp.choices]
             if bad:
-                raise ConfigError(f"{path}.when.{parent}: values {bad} are not among {parent}'s choices {pp.choices}")
+                raise ConfigError(f"{_sub(path + '.when', parent)}: values {bad} are not among {parent}'s choices {pp.choices}")
+
+
+def _check_param_values(path: str, method: str, name: str, p: ParamSpec) -> None:
+    """Every value the sampler can propose must be a valid setting: bounds / choices checked against the field."""
+    if p.type == "categorical":
+        for i, v in enumerate(p.choices or []):
+            why = _value_problem(method, name, v)
+            if why:
+                raise ConfigError(f"{path}.choices[{i}]: {why}")
+        return
+    cast = int if p.type == "int" else float
+    for k in ("low", "high"):
+        why = _value_problem(method, name, cast(getattr(p, k)))
+        if why:
+            raise ConfigError(f"{path}.{k}: {why}")
+    if p.type == "float" and p.step is None:
+        inner = 0.63 * p.low + 0.37 * p.high  # (no overflow for huge bounds)
+        if _value_problem(method, name, inner) and not _value_problem(method, name, int(round(inner))):
+            raise ConfigError(f"{path}.type: '{name}' of '{method}' takes integers; use type: int")
+
+
+def _check_seeds(path: str, seeds: list[int]) -> None:
+    for i, s in enumerate(seeds):
+        if not 0 <= s <= SEED_MAX:
+            raise ConfigError(f"{path}[{i}]: a seed must be in 0..{SEED_MAX} (got {s})")
+
+
+def _check_backbone(spec: SweepSpec) -> None:
+    try:
+        from methods.backbone import available_archs
+
+        archs = available_archs()
+    except Exception:  # open_clip not importable here: the trial reports it
+        return
+    arch = spec.backbone.arch
+    if arch not in archs:
+        close = difflib.get_close_matches(arch, archs, n=5)
+        raise ConfigError(f"backbone.arch: unknown architecture '{arch}' (open_clip names such as ViT-B-16, "
+                          f"ViT-B-32, promptsweep-tiny{'; similar: ' + ', '.join(close) if close else ''})")
 
 
 def validate(spec: SweepSpec) -> SweepSpec:
@@ -266,9 +482,13 @@ def validate(spec: SweepSpec) -> SweepSpec:
     for i, s in enumerate(spec.shots):
         if s < 1:
             raise ConfigError(f"shots[{i}]: must be >= 1 (got {s})")
+    _check_seeds("seeds", spec.seeds)
     transfer = [p for p in spec.protocol if p in TRANSFER_PROTOCOLS]
+    if transfer and "targets" not in spec.model_fields_set:
+        raise ConfigError(f"targets: required key is missing (protocol {transfer[0]} needs a list of target "
+                          "datasets to evaluate on)")
     if transfer and not spec.targets:
-        raise ConfigError(f"targets: protocol {transfer[0]} needs a list of target datasets to evaluate on")
+        raise ConfigError(f"targets: protocol {transfer[0]} needs a non-empty list of target datasets to evaluate on")
     if spec.targets and not transfer:
         raise ConfigError("targets: only valid with protocol cross_dataset or domain_generalization (remove it)")
     if spec.resources.gpu > 1 and spec.resources.gpu != int(spec.resources.gpu):
@@ -277,75 +497,117 @@ def validate(spec: SweepSpec) -> SweepSpec:
     if uri is not None and (uri.startswith("file:") or "://" not in uri):
         raise ConfigError(f"tracking.uri: '{uri}' is not supported; use sqlite:///ABS/PATH/mlflow.db or http://host:port")
 
-    for m in spec.methods:
+    for i, m in enumerate(spec.methods):
         protos = _method_protocols(m)
         if protos is not None:
             for p in spec.protocol:
                 if p not in protos:
-                    raise ConfigError(f"protocol: method '{m}' does not support '{p}' (it supports: {', '.join(protos)})")
+                    raise ConfigError(f"methods[{i}]: method '{m}' does not support protocol '{p}' (it supports: "
+                                      f"{', '.join(protos)}; see python -m methods list)")
+    _check_backbone(spec)
     for section in ("methods", "datasets"):
         names = known_methods if section == "methods" else known_datasets
         chosen = spec.methods if section == "methods" else spec.datasets + spec.targets
         for name in getattr(spec.train, section):
             if name not in names:
-                raise ConfigError(f"train.{section}.{name}: unknown {section[:-1]} (valid: {', '.join(names)})")
+                raise ConfigError(f"{_sub('train.' + section, name)}: unknown {section[:-1]} (valid: {', '.join(names)})")
             if name not in chosen:
-                raise ConfigError(f"train.{section}.{name}: '{name}' is not in the sweep's {section} (remove it or add it)")
+                raise ConfigError(f"{_sub('train.' + section, name)}: '{name}' is not in the sweep's {section} (remove it or add it)")
 
-    def check_keys(path: str, keys, methods_: list[str]):
+    def check_keys(path: str, values: dict, methods_: list[str]):
         for m in methods_:
             valid = _override_keys(m)
             if valid is None:
                 continue
-            for k in keys:
+            for k in values:
                 if k not in valid:
-                    raise ConfigError(f"{path}.{k}: not a training or '{m}' hyperparameter (valid: {', '.join(sorted(valid))})")
+                    raise ConfigError(f"{_sub(path, k)}: not a training or '{m}' hyperparameter (valid: {', '.join(sorted(valid))})")
+                if isinstance(values, dict):
+                    why = _value_problem(m, k, values[k])
+                    if why:
+                        raise ConfigError(f"{_sub(path, k)}: {why}")
 
     check_keys("train.defaults", spec.train.defaults, spec.methods)
     for m, vals in spec.train.methods.items():
-        check_keys(f"train.methods.{m}", vals, [m])
+        check_keys(_sub("train.methods", m), vals, [m])
     for d, vals in spec.train.datasets.items():
-        check_keys(f"train.datasets.{d}", vals, spec.methods)
+        check_keys(_sub("train.datasets", d), vals, spec.methods)
 
     for m, s in spec.search.items():
+        sp = _sub("search", m)
         if m not in spec.methods:
-            raise ConfigError(f"search.{m}: '{m}' is not in methods {spec.methods} (remove it or add the method)")
+            raise ConfigError(f"{sp}: '{m}' is not in methods {spec.methods} (remove it or add the method)")
         if _dupes(s.seeds):
-            raise ConfigError(f"search.{m}.seeds: duplicate entries {_dupes(s.seeds)}")
+            raise ConfigError(f"{sp}.seeds: duplicate entries {_dupes(s.seeds)}")
+        _check_seeds(f"{sp}.seeds", s.seeds)
+        if s.space and "n_trials" not in s.model_fields_set:
+            raise ConfigError(f"{sp}.n_trials: required key is missing (a search space needs n_trials >= 1)")
         if s.space and s.n_trials < 1:
-            raise ConfigError(f"search.{m}.n_trials: must be >= 1 when a space is given (got {s.n_trials})")
+            raise ConfigError(f"{sp}.n_trials: must be >= 1 when a space is given (got {s.n_trials})")
         if not s.space and s.n_trials > 0:
-            raise ConfigError(f"search.{m}.space: n_trials is {s.n_trials} but the space is empty (add parameters or set n_trials: 0)")
+            where = "space" if "space" in s.model_fields_set else "n_trials"
+            raise ConfigError(f"{sp}.{where}: n_trials is {s.n_trials} but the space is empty "
+                              "(add parameters or set n_trials: 0)")
         earlier: list[str] = []
         for name, p in s.space.items():
-            _check_param(f"search.{m}.space.{name}", p, earlier, s.space)
+            _check_param(_sub(f"{sp}.space", name), p, earlier, s.space)
             earlier.append(name)
-        check_keys(f"search.{m}.space", s.space, [m])
+        check_keys(f"{sp}.space", list(s.space), [m])
+        for name, p in s.space.items():
+            _check_param_values(_sub(f"{sp}.space", name), m, name, p)
     return spec
 
 
 def parse_spec(data: Any) -> SweepSpec:
     """Validate an already-loaded YAML mapping."""
+    if data is None:
+        raise ConfigError(f"{ROOT}: the spec is empty; it needs at least name, methods and datasets")
     if not isinstance(data, dict):
-        raise ConfigError("spec: the top level must be a mapping of keys (name, methods, datasets, ...)")
+        raise ConfigError(f"{ROOT}: the top level must be a mapping of keys (name, methods, datasets, ...), "
+                          f"got a {type(data).__name__}")
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err)) from None
-    return validate(spec)
+        msg = _format_validation_error(err, data)  # keys are JSON-quoted and values repr'd: no raw newlines
+        raise ConfigError(_one_line(msg)) from None
+    try:
+        return validate(spec)
+    except ConfigError as exc:  # a user value quoted in the message may hold a line break
+        if "\n" in str(exc) or "\r" in str(exc):
+            raise ConfigError(_one_line(str(exc))) from None
+        raise
+
+
+def _one_line(msg: str) -> str:
+    return msg.replace("\r\n", " ").replace("\r", " ").replace("\n", " ")
 
 
 def load_spec(path: str | Path) -> SweepSpec:
     """Read and validate ``path``; every problem is a one-line ``ConfigError``."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"spec file '{path}' is a directory; pass a YAML file such as search_spaces/demo.yaml")
     if not p.is_file():
         raise ConfigError(f"spec file '{path}' does not exist (pass a path like search_spaces/demo.yaml)")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"spec file '{path}' is not UTF-8 text (byte {exc.start}); save it as UTF-8 YAML") from None
+    except OSError as exc:
+        raise ConfigError(f"spec file '{path}' cannot be read ({exc.strerror or exc})") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        why = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError(f"{path}: invalid YAML{where}: {why}") from None
+    except (ValueError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
+        # PyYAML's constructors raise these for bad scalars such as `2020-13-01` or `!!int x`
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())[:120]} "
+                          f"(quote the value if it is meant as a string)") from None
+    if data is None:
+        raise ConfigError(f"{ROOT}: the file '{path}' is empty (or only comments); it needs name, methods and datasets")
     return parse_spec(data)
 
 

@@ -43,6 +43,15 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent: must be >= 1 (got {args.max_concurrent})")
+    for flag in ("output", "address", "tracking_uri"):
+        if getattr(args, flag) is not None and not getattr(args, flag).strip():
+            raise ConfigError(f"--{flag.replace('_', '-')}: must not be empty (leave the flag out for the default)")
+    uri = args.tracking_uri
+    if uri is not None and (uri.startswith("file:") or "://" not in uri):
+        raise ConfigError(f"--tracking-uri: '{uri}' is not supported (MLflow 3 refuses file stores); "
+                          "use sqlite:///ABS/PATH/mlflow.db or http://host:port")
+    if args.output is not None and Path(args.output).expanduser().exists() and not Path(args.output).expanduser().is_dir():
+        raise ConfigError(f"--output: '{args.output}' exists and is not a directory (results go to <output>/<name>/)")
     return args
 
 
@@ -63,11 +72,15 @@ def _write_state(out_dir: Path, state: dict) -> None:
 
 
 def _preflight(spec) -> None:
-    """Fail before any trial starts: the trial module must import and every dataset must be readable."""
-    from fewshot.registry import load_dataset
+    """Fail before any trial starts: every dataset must be readable with sound labels, and every image
+    of the few-shot train/val splits the plan draws (dataset x shots x seed) must exist and decode."""
+    from fewshot.validate import check_sweep_data
+    from orchestrator.planner import plan as make_plan
 
-    for name in dict.fromkeys(spec.datasets + spec.targets):
-        load_dataset(name, spec.data_root)  # DataError naming the missing path
+    needs: dict[str, set] = {}
+    for c in make_plan(spec).cells:
+        needs.setdefault(c.dataset, set()).update((c.shots, s) for s in (*c.search_seeds, *c.final_seeds))
+    check_sweep_data(needs, spec.data_root, targets=spec.targets)  # DataError naming the bad file
 
 
 def results_table(out_dir: Path) -> str:
