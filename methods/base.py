@@ -69,6 +69,13 @@ class TrainConfig(StrictModel):
                                                   "features (exact; orchestrator.feature_cache)")
     train_feature_views: Optional[int] = Field(None, ge=1, description="train on k cached augmented views (epoch e uses "
                                                "view e mod k) instead of fresh augmentations (None, the exact default)")
+    oom_retry: bool = Field(False, description="on out-of-memory, halve the micro-batch and accumulate gradients "
+                                               "(same effective batch) instead of failing the trial with error class oom")
+    fault: Optional[Literal["nan_loss", "inf_loss", "oom"]] = Field(
+        None, description="fault injection for reliability tests: from optimizer step fault_step on, the loss becomes "
+                          "NaN/inf, or a micro-batch larger than fault_oom_batch raises out-of-memory")
+    fault_step: int = Field(1, ge=1, description="first optimizer step (1-based) at which the injected fault fires")
+    fault_oom_batch: int = Field(0, ge=0, description="with fault: oom, micro-batches up to this size still fit")
 
 
 class MethodConfig(StrictModel):

@@ -5,6 +5,8 @@ Base-to-novel gets Base, Novel and HM tables where the Average HM is the HM of t
 and Novel (as in the CoCoOp/MaPLe papers), not the mean of per-dataset HMs. Cross-dataset and
 domain generalization: rows = methods, columns = source and each target plus the target average.
 Plots (matplotlib Agg): few-shot accuracy vs shots per dataset and averaged; Base/Novel/HM bars.
+The failure ledger lists every failed trial (from ``trials.arrow``) and every cell with fewer
+successful final runs than planned (the plan's counts travel in cells.arrow's schema metadata).
 
 ``python -m orchestrator.report <results dir>`` regenerates everything from ``cells.arrow``.
 """
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from fewshot.errors import UserError
-from orchestrator.results import CELLS_FILE, harmonic_mean, read_table
+from orchestrator.results import CELLS_FILE, TRIALS_FILE, harmonic_mean, read_table
 
 REPORT_FILE = "report.md"
 
@@ -171,14 +173,63 @@ def plot_base2novel(cells: list[dict], out_dir: Path) -> list[Path]:
     return paths
 
 
+def render_failures(trials: list[dict], cells: list[dict], planned: dict[str, int]) -> str:
+    """The failure ledger: every trial that did not finish, and every cell short of its final runs."""
+    failed = [t for t in trials if t["status"] == "ERROR"]
+    short = []
+    for c in cells:
+        want = planned.get(c["cell_id"])
+        if c["n_failed"] or (want is not None and c["n"] < want) or c["n"] == 0:
+            short.append(c)
+    seen = {c["cell_id"] for c in cells}
+    short_ids = [c["cell_id"] for c in short] + [cid for cid in planned if cid not in seen]
+    if not failed and not short_ids:
+        return ""
+    lines = ["## Failed trials and incomplete cells", ""]
+    if failed:
+        lines += [f"{len(failed)} trial(s) failed (the status / error_class / error_message columns of trials.arrow):", ""]
+        rows = [[t["cell_id"], t["stage"], str(t["seed"]), t["error_class"] or "—",
+                 " ".join((t["error_message"] or "").split())[:160].replace("|", "/")] for t in failed]
+        lines += _table(["cell", "stage", "seed", "error class", "message"], rows)
+    if short_ids:
+        by_id = {c["cell_id"]: c for c in cells}
+        rows = []
+        for cid in short_ids:
+            c = by_id.get(cid, {"n": 0, "n_failed": 0})
+            want = planned.get(cid)
+            rows.append([cid, f"{c['n']}/{want}" if want is not None else str(c["n"]), str(c["n_failed"])])
+        lines += [f"{len(short_ids)} cell(s) incomplete (their table entries average fewer seeds, or are missing). "
+                  "An interrupted sweep continues when the same command is rerun; failed trials need their cause "
+                  "fixed (error class above) and a rerun with --fresh:", ""]
+        lines += _table(["cell", "final runs ok / planned", "final runs failed"], rows)
+    return "\n".join(lines)
+
+
+def _planned_final_runs(cells_path: Path) -> dict[str, int]:
+    import json
+
+    import pyarrow.ipc as ipc
+    import pyarrow as pa
+
+    with pa.memory_map(str(cells_path)) as src:
+        meta = ipc.open_file(src).schema.metadata or {}
+    raw = meta.get(b"planned_final_runs")
+    return {k: int(v) for k, v in json.loads(raw).items()} if raw else {}
+
+
 def write_report(results_dir: Path) -> Path:
-    """Regenerate report.md and the plots in ``results_dir`` from its cells.arrow."""
+    """Regenerate report.md and the plots in ``results_dir`` from its cells.arrow (and trials.arrow)."""
     results_dir = Path(results_dir)
     cells_path = results_dir / CELLS_FILE
     if not cells_path.is_file():
         raise UserError(f"{cells_path} does not exist (pass the sweep's results directory, e.g. results/demo)")
     cells = read_table(cells_path).to_pylist()
     md = render_markdown(cells, title=f"promptsweep results: {results_dir.name}")
+    trials_path = results_dir / TRIALS_FILE
+    trials = read_table(trials_path).to_pylist() if trials_path.is_file() else []
+    ledger = render_failures(trials, cells, _planned_final_runs(cells_path))
+    if ledger:
+        md += "\n" + ledger
     plots = []
     p = plot_fewshot_curves(cells, results_dir / "fewshot_curves.png")
     if p:

@@ -193,7 +193,8 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
         _write_state(out_dir, state)
 
         meta = {"spec_hash": spec_hash, "sweep": spec.name, "git_commit": tracker.commit,
-                "package_versions": package_versions()}
+                "package_versions": package_versions(),
+                "planned_final_runs": {c.cell_id: c.n_final_runs for c in plan.cells}}
         results_cb = ResultsCallback(out_dir, meta, [c.cell_id for c in plan.cells], tracker)
         progress = ProgressPrinter(plan, results_cb)
         request_base = {"backbone": {"arch": spec.backbone.arch, "pretrained": spec.backbone.pretrained},

@@ -155,6 +155,61 @@ def _data(req: TrialRequest):
     return list(ds.classnames), split.train, split.val, tests
 
 
+def is_oom(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure (a plain RuntimeError)."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "out of memory" in str(exc)))
+
+
+class _Stepper:
+    """Forward + backward of one optimizer step, in micro-batches after an out-of-memory retry.
+
+    ``step`` zeroes the gradients and accumulates ``loss_chunk * len(chunk) / len(batch)`` over
+    micro-batches of ``micro`` samples (the whole batch until an OOM), so the gradient is the full
+    batch's for losses that average over samples; it returns the batch loss as a float (the one
+    host sync of the step). ``on_oom`` halves ``micro`` (``oom_retry``) or raises ``TrainingError``
+    with error class ``oom``. The ``fault*`` settings inject NaN/inf losses and OOMs for tests.
+    """
+
+    def __init__(self, method, opt, cfg: TrainConfig, device: torch.device):
+        self.method, self.opt, self.cfg, self.device = method, opt, cfg, device
+        self.micro: Optional[int] = None  # None = whole batch
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> float:
+        cfg, n = self.cfg, len(labels)
+        size = n if self.micro is None else min(self.micro, n)
+        self.opt.zero_grad(set_to_none=True)
+        total = None
+        for i in range(0, n, size):
+            x, y = images[i:i + size], labels[i:i + size]
+            if cfg.fault == "oom" and step >= cfg.fault_step and len(y) > cfg.fault_oom_batch:
+                raise torch.OutOfMemoryError(f"injected out-of-memory for a micro-batch of {len(y)} (fault: oom)")
+            with _autocast(self.device, cfg):
+                loss, _parts = self.method.training_loss(x, y)
+            if cfg.fault in ("nan_loss", "inf_loss") and step >= cfg.fault_step:
+                loss = loss + (float("nan") if cfg.fault == "nan_loss" else float("inf"))
+            part = loss * (len(y) / n)
+            part.backward()
+            total = part.detach() if total is None else total + part.detach()
+        return float(total)
+
+    def on_oom(self, exc: BaseException, step: int) -> None:
+        import gc
+
+        self.opt.zero_grad(set_to_none=True)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        current = self.micro or self.cfg.batch_size
+        if not self.cfg.oom_retry or current <= 1:
+            raise TrainingError(f"out of memory at step {step} with a micro-batch of {current}: lower batch_size, set "
+                                f"oom_retry: true (smaller micro-batches, same effective batch), or give each trial "
+                                f"more GPU memory (fewer trials per GPU) ({str(exc)[:200]})", error_class="oom") from None
+        self.micro = max(1, current // 2)
+        print(f"[trial] out of memory at step {step}: retrying with micro-batches of {self.micro}", file=sys.stderr,
+              flush=True)
+
+
 class _Views:
     """The trial's datasets: images through the transforms, or — for methods with frozen image
     features — cached features (``orchestrator.feature_cache``; eval exact, train views optional)."""
@@ -259,6 +314,7 @@ def run_trial(req: TrialRequest, *, output_dir: Optional[Path] = None, report: O
             last_val = state.get("last_val")
             ckpt.restore_rng(state["rng"], gen)
         prev_dir = None
+        stepper = _Stepper(method, opt, train_cfg, device)
         for epoch in range(start_epoch, n_epochs):
             if hasattr(train_ds, "set_epoch"):
                 train_ds.set_epoch(epoch)  # cached augmented views: epoch e trains on view e mod k
@@ -268,19 +324,23 @@ def run_trial(req: TrialRequest, *, output_dir: Optional[Path] = None, report: O
                 if step >= n_total:
                     break
                 images, labels = images.to(device), labels.to(device)
-                with _autocast(device, train_cfg):
-                    loss, parts = method.training_loss(images, labels)
-                if not torch.isfinite(loss.detach()).all():
-                    raise TrainingError(f"loss became {float(loss.detach())} at epoch {epoch + 1} step {step + 1}: lower the "
+                while True:
+                    try:
+                        loss_value = stepper.step(images, labels, step + 1)
+                        break
+                    except RuntimeError as exc:  # torch.OutOfMemoryError is one
+                        if not is_oom(exc):
+                            raise
+                        stepper.on_oom(exc, step + 1)
+                if not math.isfinite(loss_value):
+                    raise TrainingError(f"loss became {loss_value} at epoch {epoch + 1} step {step + 1}: lower the "
                                         f"learning rate (lr={train_cfg.lr}) or enable grad_clip", error_class="nan_loss")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
                 if train_cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], train_cfg.grad_clip)
                 opt.step()
                 sched.step()
                 step += 1
-                total_loss += float(loss.detach()) * len(labels)
+                total_loss += loss_value * len(labels)
                 seen += len(labels)
                 if (train_cfg.selection == "best_val" and train_cfg.eval_every_iters
                         and step % train_cfg.eval_every_iters == 0 and step % steps_per_epoch != 0):
@@ -315,6 +375,8 @@ def run_trial(req: TrialRequest, *, output_dir: Optional[Path] = None, report: O
             last_val = best["val"]
 
     final: dict[str, Any] = {"val_acc": last_val, "epochs_run": epochs_run}
+    if cls.trains_by_gradient and stepper.micro is not None:
+        final["micro_batch"] = stepper.micro  # out-of-memory retries shrank it (gradients accumulated)
     test_images_read = 0
     if req.stage == "final":
         results = {}

@@ -149,6 +149,7 @@ def trial_trainable(config: dict) -> None:
 
     def report(metrics: dict, checkpoint_dir=None) -> None:
         m = _numeric(metrics)
+        m.setdefault("val_acc", None)  # Tune refuses results without the searcher's metric key (e.g. a failure)
         if "epochs_run" in metrics:
             m["final"] = 1
             m["backbone_loads"] = backbone.LOAD_COUNT  # weights loaded by this worker process so far
@@ -170,10 +171,13 @@ def trial_trainable(config: dict) -> None:
         if not saw_final["v"]:
             report(final)
     except UserError as e:
-        tune.report({"trial_failed": 1, "error_class": getattr(e, "error_class", type(e).__name__),
-                     "error_message": str(e)[:2000]})
-    except Exception as e:
-        tune.report({"trial_failed": 1, "error_class": type(e).__name__, "error_message": str(e)[:2000]})
+        report({"trial_failed": 1, "error_class": getattr(e, "error_class", type(e).__name__),
+                "error_message": str(e)[:2000]})
+    except Exception as e:  # not the user's: reported, then Tune retries the trial from its checkpoint
+        from orchestrator.trial import is_oom
+
+        report({"trial_failed": 1, "error_class": "oom" if is_oom(e) else type(e).__name__,
+                "error_message": str(e)[:2000]})
         raise
     finally:
         release_trial_memory()
