@@ -35,7 +35,7 @@ Format (all keys optional unless marked)::
           n_ctx: {type: int, low: 2, high: 8}
           csc: {type: categorical, choices: [false, true]}
           class_token_position: {type: categorical, choices: [end, front], when: {csc: [true]}}
-    resources: {cpu: 1, gpu: 0}                  # per trial
+    resources: {cpu: 1, gpu: 0}                  # per trial; {cpu: 4, trials_per_gpu: 2} packs 2 trials per GPU
     max_retries: 1                               # a crashed trial is retried from its checkpoint
     tracking: {uri: null, experiment: promptsweep}
     output: results
@@ -54,7 +54,7 @@ from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import (AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictBool, TypeAdapter, ValidationError,
-                      field_validator)
+                      field_validator, model_validator)
 
 from fewshot.errors import ConfigError
 
@@ -120,8 +120,22 @@ class TrainSpec(_Strict):
 
 
 class ResourcesSpec(_Strict):
+    """Per-trial resources. ``trials_per_gpu: k`` packs k trials on each GPU (gpu = 1/k per trial); each
+    packed trial's CUDA allocator is capped at its share of the device (``tune_runner.cap_gpu_memory``)."""
+
     cpu: Float = Field(1.0, gt=0)
     gpu: Float = Field(0.0, ge=0)
+    trials_per_gpu: Optional[Int] = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _pack(self):
+        if self.trials_per_gpu is not None:
+            share = 1.0 / self.trials_per_gpu
+            if self.gpu not in (0.0, share):
+                raise ValueError(f"give either gpu or trials_per_gpu (gpu={self.gpu:g} but trials_per_gpu="
+                                 f"{self.trials_per_gpu} means gpu={share:g})")
+            self.gpu = share
+        return self
 
 
 class TrackingSpec(_Strict):

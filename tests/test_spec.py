@@ -63,6 +63,22 @@ def test_demo_spec_loads_and_is_offline():
     assert len(s.shots) >= 2 and len(s.seeds) >= 2 and s.search["coop"].n_trials >= 1
 
 
+def test_demo_runs_every_registered_method():
+    from methods.registry import method_names
+
+    assert set(load_spec(ROOT / "search_spaces" / "demo.yaml").methods) == set(method_names())
+
+
+def test_trials_per_gpu_packs_k_trials_per_device():
+    from orchestrator.planner import plan
+
+    s = parse_spec({"name": "p", "methods": ["coop"], "datasets": ["digits"], "resources": {"cpu": 2, "trials_per_gpu": 4}})
+    assert s.resources.gpu == 0.25
+    assert "per trial cpu=2 gpu=0.25" in plan(s).describe()
+    assert parse_spec({"name": "p", "methods": ["coop"], "datasets": ["digits"],
+                       "resources": {"gpu": 0.5, "trials_per_gpu": 2}}).resources.gpu == 0.5
+
+
 def test_conditional_space_and_hash_and_diff():
     data = {"name": "t", "methods": ["coop"], "datasets": ["digits"],
             "search": {"coop": {"n_trials": 2, "space": {
