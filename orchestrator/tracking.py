@@ -10,7 +10,8 @@ Outages never reach Tune. Every MLflow write is an operation (create / log / end
 to a FIFO queue in the callback's state and sent at once when the queue is empty; when a call fails
 with a connection or server error the queue stays, new operations line up behind it (a trial whose
 run could not be created gets a placeholder id ``None``), and it is retried at later hook calls
-(``on_step_end`` too) after a growing pause (2 s .. 30 s) and at ``finish()``. Replays are
+(``on_step_end`` too) after a growing pause (2 s .. 30 s) and at ``finish()``; catching up sends
+a run's queued metrics in batches and spends at most ``max_flush_s`` per hook call. Replays are
 idempotent: metrics keep their original timestamp (MLflow drops exact duplicates), params are
 logged once, and each run carries a ``promptsweep_create_id`` tag that a retried create looks up
 first, so a create that timed out but reached the server is not made twice. An operation the
@@ -22,7 +23,8 @@ finished sweep, ``replay_backlog``) and sends it, and fills ``mlflow_run_id`` in
 
 With an ``http(s)://`` URI the driver lowers MLflow's HTTP retries (defaults: 7 retries with
 backoff, 120 s timeout, i.e. minutes per call against a dead server) to 1 retry, no backoff and a
-5 s timeout, unless those ``MLFLOW_HTTP_REQUEST_*`` variables are set already (``DRIVER_HTTP_ENV``).
+5 s timeout, unless those ``MLFLOW_HTTP_REQUEST_*`` variables are set already (``DRIVER_HTTP_ENV``;
+it also stops the client printing a "View run" URL for every closed run).
 ``check_tracking_server`` probes the server before a sweep starts: unreachable is a ConfigError.
 
 Tracking URI precedence: ``--tracking-uri`` > ``$MLFLOW_TRACKING_URI`` > spec ``tracking.uri`` >
@@ -52,7 +54,8 @@ _TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timesta
 BACKLOG_FILE = "tracking_backlog.json"
 #: MLflow client settings for the driver (only set where the variable is not set already)
 DRIVER_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
-                   "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+                   "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+                   "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}  # no "View run" lines per closed run
 #: error codes the server answers for a request that will never succeed (everything else is retried)
 _PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
                     "INVALID_STATE", "BAD_REQUEST", "MALFORMED_REQUEST"}
@@ -102,6 +105,7 @@ def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # no DB-migration INFO on the progress view
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # no line per retried request
     return MlflowClient(tracking_uri=uri)
 
 
@@ -121,6 +125,10 @@ def _reason(e: BaseException) -> str:
     if "timed out" in text or "timeout" in text.lower():
         return "timed out"
     return " ".join(text.split())[:160]
+
+
+def _metrics_only(op: dict) -> bool:
+    return op["op"] == "log" and bool(op.get("metrics")) and not op.get("params") and not op.get("tags")
 
 
 def _permanent(e: BaseException) -> bool:
@@ -172,6 +180,7 @@ class MlflowTracking(Callback):
 
     retry_interval_s = 2.0  #: first pause after a failed send; doubles up to ``max_retry_interval_s``
     max_retry_interval_s = 30.0
+    max_flush_s = 2.0  #: catching up in a hook call stops after this long (finish() sends everything)
 
     def __init__(self, tracking_uri: str, experiment: str, sweep_name: str, spec_hash: str,
                  parent_run_id: Optional[str] = None, out_dir: Optional[Path] = None):
@@ -298,28 +307,51 @@ class MlflowTracking(Callback):
         elif op["op"] == "end":
             self.client.set_terminated(run_id, op["status"], end_time=op["end_time"])
 
+    def _next(self) -> list[int]:
+        """Queue positions sent together: the head, plus, when it only logs metrics, the later metric-only
+        operations of the same run up to MLflow's 1000 per batch (never past another operation of that run)."""
+        pending = self.state["pending"]
+        head = pending[0]
+        if not _metrics_only(head):
+            return [0]
+        take, n = [0], len(head["metrics"])
+        for j in range(1, min(len(pending), 5000)):
+            op = pending[j]
+            if op["key"] != head["key"]:
+                continue
+            if not _metrics_only(op) or n + len(op["metrics"]) > 1000:
+                break
+            take.append(j)
+            n += len(op["metrics"])
+        return take
+
     def flush(self, force: bool = False) -> bool:
         """Send the queued operations in order; stop at the first one the server does not take. True when empty.
 
-        Never raises. Without ``force`` nothing is tried until the pause after the last failure is over."""
+        Never raises. Without ``force`` nothing is tried until the pause after the last failure is over, and a
+        call spends at most ``max_flush_s`` catching up (the rest goes at the next hook)."""
         pending = self.state["pending"]
         if not pending:
             return True
         if not force and time.monotonic() < self._retry_at:
             return False
-        sent = 0
+        deadline = time.monotonic() + self.max_flush_s
         while pending:
-            op = pending[0]
+            if not force and time.monotonic() > deadline:
+                return False
+            take = self._next()
+            op = pending[0] if len(take) == 1 else dict(pending[0], metrics=[m for j in take for m in pending[j]["metrics"]])
             try:
                 self._run(op)
             except Exception as e:
                 if _permanent(e):
-                    first = all(r["key"] != op["key"] for r in self.state["rejected"])
-                    self.state["rejected"].append(dict(op, error=" ".join(str(e).split())[:500]))
-                    pending.pop(0)
-                    if first:
-                            _warn(f"warning: MLflow refused {op['op']} for {op['key']} ({_reason(e)}); "
+                    if all(r["key"] != op["key"] for r in self.state["rejected"]):
+                        _warn(f"warning: MLflow refused {op['op']} for {op['key']} ({_reason(e)}); "
                               f"it is listed in {self.backlog_path or BACKLOG_FILE} at the end")
+                    error = " ".join(str(e).split())[:500]
+                    self.state["rejected"] += [dict(pending[j], error=error) for j in take]
+                    for j in reversed(take):
+                        pending.pop(j)
                     continue
                 self._failures += 1
                 pause = min(self.retry_interval_s * 2 ** (self._failures - 1), self.max_retry_interval_s)
@@ -328,12 +360,11 @@ class MlflowTracking(Callback):
                     _warn(f"warning: MLflow tracking server {self.tracking_uri} is not answering ({_reason(e)}); "
                           f"trials go on, tracking is queued ({len(pending)} operation(s)) and retried")
                 return False
-            pending.pop(0)
-            sent += 1
-        if self._failures:
-            _warn(f"MLflow tracking server {self.tracking_uri} is back: {sent} queued operation(s) logged")
-        self._failures = 0
-        self._retry_at = 0.0
+            if self._failures:
+                _warn(f"MLflow tracking server {self.tracking_uri} is back: sending {len(pending)} queued operation(s)")
+                self._failures, self._retry_at = 0, 0.0
+            for j in reversed(take):
+                pending.pop(j)
         return True
 
     # --- Tune callback hooks ----------------------------------------------------------------
@@ -450,13 +481,15 @@ class MlflowTracking(Callback):
         return p
 
     def _load_backlog(self) -> None:
-        data = json.loads(self.backlog_path.read_text())
-        if data.get("tracking_uri") != self.tracking_uri:
-            _warn(f"warning: {self.backlog_path} holds operations for {data.get('tracking_uri')}, "
-                  f"not {self.tracking_uri}; left as it is")
-            self.out_dir = None  # do not overwrite it
-            return
-        self.set_state(data["state"])
+        try:
+            data = json.loads(self.backlog_path.read_text())
+            if data.get("tracking_uri") == self.tracking_uri:
+                return self.set_state(data["state"])
+            why = f"holds operations for {data.get('tracking_uri')}, not {self.tracking_uri}"
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            why = f"cannot be read ({e})"
+        _warn(f"warning: {self.backlog_path} {why}; left as it is")
+        self.out_dir = None  # do not overwrite it
 
     # --- restore ------------------------------------------------------------------------------
     def get_state(self) -> Optional[dict]:
@@ -497,9 +530,14 @@ def replay_backlog(out_dir: Path) -> Optional[int]:
     p = Path(out_dir) / BACKLOG_FILE
     if not p.exists():
         return None
-    data = json.loads(p.read_text())
-    tracker = MlflowTracking(data["tracking_uri"], data["experiment"], data["sweep"], data["spec_hash"],
-                             parent_run_id=data["state"].get("parent"), out_dir=out_dir)
+    try:
+        data = json.loads(p.read_text())
+        args = [data[k] for k in ("tracking_uri", "experiment", "sweep", "spec_hash")]
+        parent = data["state"].get("parent")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        _warn(f"warning: {p} cannot be read ({e}); left as it is")
+        return None
+    tracker = MlflowTracking(*args, parent_run_id=parent, out_dir=out_dir)
     n = len(tracker.state["pending"])
     tracker.flush(force=True)
     tracker.write_backlog()

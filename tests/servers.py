@@ -180,3 +180,25 @@ class MlflowServer:
             pass
         time.sleep(0.2)
         return still_running(tree)
+
+
+def kill_server(server: MlflowServer) -> list[int]:
+    """SIGKILL ``server`` and its workers at once (a crash, not a shutdown); returns PIDs still alive (none).
+
+    ``server.start()`` afterwards brings it back on the same port with the same backend store."""
+    if server.proc is None:
+        return []
+    tree = process_tree([server.proc.pid])
+    for pid in still_running(tree):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        server.proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + 10
+    while still_running(tree) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return still_running(tree)
