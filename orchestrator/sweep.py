@@ -178,16 +178,20 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
     from orchestrator.tune_runner import (ResultsCallback, build_tuner, ensure_ray, max_concurrent_trials,
                                           quiet_tune_logs)
 
+    from concurrent.futures import ThreadPoolExecutor
+
     r = spec.resources
     data_root = str(Path(spec.data_root).expanduser().resolve()) if spec.data_root else None  # before Ray moves cwd
-    started_ray = ensure_ray(args.address)
+    spec_hash = spec.spec_hash()
+    tracker = MlflowTracking(tracking_uri, spec.tracking.experiment, spec.name, spec_hash,
+                             parent_run_id=(state or {}).get("parent_run_id"), out_dir=out_dir)
+    with ThreadPoolExecutor(1) as pool:  # the tracking store's start-up (SQLite migrations: seconds) overlaps Ray's
+        parent_future = pool.submit(tracker.ensure_parent)
+        started_ray = ensure_ray(args.address)
     try:
+        parent = parent_future.result()
         n = max_concurrent_trials(r.cpu, r.gpu, args.max_concurrent)  # ConfigError if no node fits a trial
         quiet_tune_logs()
-        spec_hash = spec.spec_hash()
-        tracker = MlflowTracking(tracking_uri, spec.tracking.experiment, spec.name, spec_hash,
-                                 parent_run_id=(state or {}).get("parent_run_id"), out_dir=out_dir)
-        parent = tracker.ensure_parent()
         state = state or {"spec": spec.normalized(), "spec_hash": spec_hash, "created": datetime.now(timezone.utc).isoformat()}
         state.update(status="running", tracking_uri=tracking_uri, parent_run_id=parent, n_trials=plan.n_trials)
         _write_state(out_dir, state)
