@@ -1,9 +1,10 @@
 """Where things live: the data root (``--data-root`` / ``$PROMPTSWEEP_DATA``) and the cache root
-(``$PROMPTSWEEP_CACHE``, default ``~/.cache/promptsweep``), plus an atomic text-file writer."""
+(``$PROMPTSWEEP_CACHE``, default ``~/.cache/promptsweep``), plus atomic file writing."""
 from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from fewshot.errors import MissingDataError
@@ -33,17 +34,20 @@ def cache_root() -> Path:
     return (Path(env).expanduser() if env else Path.home() / ".cache" / "promptsweep").absolute()
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory and ``os.replace``.
+@contextmanager
+def atomic_open(path: Path, mode: str = "w", encoding: str | None = None):
+    """Open a temp file beside ``path``; on success it is fsynced and ``os.replace``d onto ``path``.
 
-    Readers see either no file or a complete one; concurrent writers of the same content are safe
-    (the last rename wins, every version is whole).
+    Readers see either no file (or the old one) or the complete new one; concurrent writers of the
+    same content are safe (the last rename wins, every version is whole). On an error the temp file
+    is removed and ``path`` is untouched.
     """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, mode, encoding=encoding) as fh:
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -51,3 +55,9 @@ def write_text_atomic(path: Path, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (``atomic_open``)."""
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)

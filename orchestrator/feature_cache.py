@@ -25,7 +25,6 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Optional
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fewshot.paths import atomic_open
 from fewshot.types import Item
 
 #: how many cache entries this process computed / memory-mapped (benchmarks and tests read them)
@@ -115,17 +115,8 @@ class FeatureCache:
                     STATS["hits"] += 1
                     return np.load(path, mmap_mode="r")
                 arr = np.ascontiguousarray(compute(), dtype=np.float32)
-                fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{key}.", suffix=".npy.tmp")
-                try:
-                    with os.fdopen(fd, "wb") as fh:
-                        np.save(fh, arr)
-                        fh.flush()
-                        os.fsync(fh.fileno())
-                    os.replace(tmp, path)
-                except BaseException:
-                    if os.path.exists(tmp):
-                        os.unlink(tmp)
-                    raise
+                with atomic_open(path, "wb") as fh:
+                    np.save(fh, arr)
                 STATS["computed"] += 1
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
