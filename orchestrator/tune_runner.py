@@ -128,14 +128,17 @@ def cap_gpu_memory(share: float) -> None:
 
 
 def release_trial_memory() -> None:
-    """Between trials of a warm worker: drop the finished trial's tensors and return cached GPU blocks
-    (the backbone, tokenizer and text-feature caches stay loaded for the next trial)."""
+    """Between trials of a warm worker on a GPU: collect the finished trial's tensors still held in
+    reference cycles and return the allocator's cached blocks to the device, so the next trial (or
+    a packed neighbour) starts with the memory free. The backbone, tokenizer and text-feature caches
+    stay loaded. On CPU, reference counting frees the trial and Python's own collector does the rest
+    (a full ``gc.collect`` there cost ~0.3 s per trial, half of a short trial's overhead)."""
     import gc
 
     import torch
 
-    gc.collect()
     if torch.cuda.is_available():
+        gc.collect()
         torch.cuda.empty_cache()
 
 
