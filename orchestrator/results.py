@@ -2,9 +2,16 @@
 
 Owns the row layout, the schema metadata (schema version, spec hash, package versions), the
 per-cell aggregation (n, mean, std of each metric; base2novel HM from the seed-mean base and
-novel accuracies) and atomic writes (temp file in the same directory + ``os.replace``). Files are
+novel accuracies) and atomic writes (temp file in the same directory, flushed to disk, then
+``os.replace``; the file gets the usual ``0666 & ~umask`` mode, not ``mkstemp``'s 0600). Files are
 Arrow IPC (Feather v2), readable by pyarrow, pandas (``read_feather``), polars (``read_ipc``) and
-DuckDB. Only the driver writes them.
+DuckDB. Only the driver writes them. ``read_rows`` turns ``trials.arrow`` back into rows (the
+ledger a restarted driver resumes from); ``remove_stale_temps`` deletes the temp files a killed
+writer left behind.
+
+Fault-injection hook (tests only): with ``PROMPTSWEEP_FAULT_KILL_IN_WRITE=N`` (N >= 1) in its
+environment, the process SIGKILLs itself during its N-th atomic write — after the temp file is
+complete, before ``os.replace`` — the worst moment for a driver to die.
 """
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import statistics
 import tempfile
 from datetime import datetime, timezone
@@ -27,6 +35,10 @@ TRIALS_FILE, CELLS_FILE = "trials.arrow", "cells.arrow"
 CORE_METRICS = ("val_acc", "test_acc", "base_acc", "novel_acc", "hm", "target_avg")
 KEY_COLUMNS = ("cell_id", "protocol", "method", "dataset", "shots")
 OK_STATUS = "TERMINATED"
+FAULT_KILL_IN_WRITE_ENV = "PROMPTSWEEP_FAULT_KILL_IN_WRITE"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+_writes = 0  # atomic writes by this process (for the fault-injection hook)
 
 
 def config_hash(request: dict) -> str:
@@ -180,19 +192,48 @@ def cells_table(rows: list[dict], meta: dict, cell_order: Optional[list[str]] = 
     return pa.Table.from_pylist(out, schema=sch)
 
 
+def _fault_hook() -> None:
+    """``PROMPTSWEEP_FAULT_KILL_IN_WRITE=N``: SIGKILL this process in its N-th atomic write (see module docstring)."""
+    global _writes
+    _writes += 1
+    want = os.environ.get(FAULT_KILL_IN_WRITE_ENV, "").strip()
+    if want.isdigit() and int(want) == _writes:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def write_atomic(table: pa.Table, path: Path) -> None:
-    """Write an Arrow IPC file so readers only ever see a complete file (temp + ``os.replace``)."""
+    """Write an Arrow IPC file so readers only ever see a complete file (temp + fsync + ``os.replace``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f, ipc.new_file(f, table.schema) as w:
-            w.write_table(table)
+        with os.fdopen(fd, "wb") as f:
+            with ipc.new_file(f, table.schema) as w:
+                w.write_table(table)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; results are for everyone who may read the dir
+        _fault_hook()
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temps(out_dir: Path) -> list[Path]:
+    """Delete the temp files of ``write_atomic`` a killed writer left in ``out_dir``; returns them.
+
+    Only call this where no other process writes results into ``out_dir`` (the driver, at start)."""
+    gone = []
+    for name in (TRIALS_FILE, CELLS_FILE):
+        for p in Path(out_dir).glob(f".{name}.*.tmp"):
+            try:
+                p.unlink()
+                gone.append(p)
+            except FileNotFoundError:
+                pass
+    return gone
 
 
 def write_results(out_dir: Path, rows: Iterable[dict], meta: dict, cell_order: Optional[list[str]] = None) -> None:
@@ -204,3 +245,19 @@ def write_results(out_dir: Path, rows: Iterable[dict], meta: dict, cell_order: O
 def read_table(path: Path) -> pa.Table:
     with pa.memory_map(str(path)) as src:
         return ipc.open_file(src).read_all()
+
+
+_ROW_COLUMNS = {"cell_id", "protocol", "method", "dataset", "shots", "seed", "stage", "params_json", *CORE_METRICS,
+                "epochs_run", "wall_time_s", "test_images_read", "status", "error_class", "error_message", "node_id",
+                "tune_trial_id", "optuna_trial_number", "mlflow_run_id", "config_hash", "finished_at"}
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a ``trials.arrow`` as ``trial_row`` dicts (the inverse of ``trials_table``)."""
+    rows = []
+    for rec in read_table(path).to_pylist():
+        row = {k: rec.get(k) for k in _ROW_COLUMNS}
+        row["params"] = json.loads(rec["params_json"] or "{}")
+        row["extra_metrics"] = {k: v for k, v in rec.items() if k.startswith("acc_") and v is not None}
+        rows.append(row)
+    return rows

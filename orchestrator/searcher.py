@@ -9,6 +9,14 @@ Cells are served round-robin so the cluster stays busy. Studies live in a Journa
 the sweep's output directory (open it with ``optuna-dashboard <file>``); ``save``/``restore``
 pickle the bookkeeping so ``Tuner.restore`` continues where the sweep stopped.
 
+A killed driver leaves the journal and ``trials.arrow`` ahead of the bookkeeping Tune saved last
+(its experiment snapshot is periodic). A restored searcher therefore reconciles with both: a study
+trial the journal holds but the bookkeeping never saw (asked just before the kill) is adopted as
+the next proposal instead of asking a new one (so the enqueued method defaults are not lost);
+telling a trial the journal already closed is skipped; the defaults are enqueued once per study;
+and, given the rows earlier drivers wrote (``set_ledger``), a (cell, stage, seed[, proposal]) that
+already has a row is counted as done from that row instead of being emitted again.
+
 The searcher is plain Python driven by Tune's callbacks, so tests drive it with a fake objective.
 """
 from __future__ import annotations
@@ -63,16 +71,19 @@ class CellSearcher(Searcher):
         self.trials: dict[str, dict] = {}      # tune trial id -> what it runs
         self._rr = 0
         self._studies: dict[str, optuna.Study] = {}
+        self._ledger: dict[tuple, list[dict]] = {}  # rows earlier drivers wrote (set_ledger); never pickled
 
     # --- pickling: studies are reopened from the journal file -------------------------------
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_studies"] = {}
+        d.pop("_ledger", None)
         return d
 
     def __setstate__(self, d):
         self.__dict__.update(d)
         self._studies = {}
+        self.__dict__.setdefault("_ledger", {})  # restore() into a live searcher keeps its ledger
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
@@ -84,6 +95,35 @@ class CellSearcher(Searcher):
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True
+
+    # --- the ledger: rows of trials.arrow written by earlier drivers of this sweep ----------
+    @staticmethod
+    def _work_key(cell_id: str, stage: str, seed: int, number: Optional[int]) -> tuple:
+        return (cell_id, stage, int(seed), number if stage == "search" else None)
+
+    def set_ledger(self, rows) -> None:
+        """Rows (``trials.arrow`` dicts) of trials finished before this driver started; see the module docstring."""
+        self._ledger = {}
+        for r in rows:
+            key = self._work_key(r["cell_id"], r["stage"], r["seed"], r.get("optuna_trial_number"))
+            self._ledger.setdefault(key, []).append(r)
+
+    def ledger_result(self, row: dict) -> dict:
+        """What ``on_trial_complete`` gets for a trial known only from its row."""
+        res = {"ledger_status": row.get("status")}
+        if row.get(self.metric) is not None:
+            res[self.metric] = row[self.metric]
+        if row.get("status") == "ERROR":
+            res["trial_failed"] = 1
+        return res
+
+    def _done_earlier(self, cfg: dict) -> Optional[dict]:
+        """A ledger row of a trial that already did what ``cfg`` describes (and that this searcher does not track)."""
+        key = self._work_key(cfg["cell_id"], cfg["stage"], cfg["seed"], cfg["optuna_number"])
+        for r in self._ledger.get(key, []):
+            if r["tune_trial_id"] not in self.trials:
+                return r
+        return None
 
     # --- studies --------------------------------------------------------------------------
     def study(self, cell: Cell) -> optuna.Study:
@@ -104,7 +144,8 @@ class CellSearcher(Searcher):
             state = self.state[cell.cell_id]
             if not state["initialized"]:
                 defaults = cell.defaults_in_space()
-                if defaults is not None:
+                enqueued = any(t.user_attrs.get("source") == "method defaults" for t in st.get_trials(deepcopy=False))
+                if defaults is not None and not enqueued:  # once per study, also when a killed driver enqueued them
                     st.enqueue_trial(defaults, user_attrs={"source": "method defaults"})
                 state["initialized"] = True
             self._studies[cell.cell_id] = st
@@ -132,7 +173,7 @@ class CellSearcher(Searcher):
         n = len(self.cells)
         for i in range(n):
             idx = (self._rr + i) % n
-            cfg = self._next_for(self.cells[idx])
+            cfg = self._next_new(self.cells[idx])
             if cfg is not None:
                 self._rr = idx + 1
                 self.trials[trial_id] = {k: cfg[k] for k in ("cell_id", "stage", "seed", "optuna_number")} | {"done": False}
@@ -155,6 +196,8 @@ class CellSearcher(Searcher):
             st["final_done"] += 1
             return
         num = info["optuna_number"]
+        if result and result.get("ledger_status") == "PRUNED":
+            st["pruned"].add(num)  # pruned by a driver that died before its bookkeeping was saved
         value = None if (error or not result) else result.get(self.metric)
         if value is None or result.get("trial_failed"):
             st["failed"].add((num, info["seed"]))
@@ -162,13 +205,12 @@ class CellSearcher(Searcher):
             st["values"].setdefault(num, {})[info["seed"]] = float(value)
         got = len(st["values"].get(num, {})) + sum(1 for (n_, _s) in st["failed"] if n_ == num)
         if got >= len(cell.search_seeds) and num not in st["told"]:
-            study = self.study(cell)
             if num in st["pruned"]:
-                study.tell(num, state=optuna.trial.TrialState.PRUNED)
+                self._tell(cell, num, state=optuna.trial.TrialState.PRUNED)
             elif any(n_ == num for (n_, _s) in st["failed"]):
-                study.tell(num, state=optuna.trial.TrialState.FAIL)
+                self._tell(cell, num, state=optuna.trial.TrialState.FAIL)
             else:
-                study.tell(num, statistics.fmean(st["values"][num].values()))
+                self._tell(cell, num, statistics.fmean(st["values"][num].values()))
             st["told"].add(num)
         self._maybe_enter_final(cell)
 
@@ -186,6 +228,8 @@ class CellSearcher(Searcher):
             return False
         st = self.state[cell.cell_id]
         study = self.study(cell)
+        if self._finished(study, info["optuna_number"]):
+            return False  # told already (a trial re-run after its driver died): nothing left to prune
         trial = optuna.trial.Trial(study, st["optuna_ids"][info["optuna_number"]])
         trial.report(float(value), int(step))
         if trial.should_prune():
@@ -209,6 +253,50 @@ class CellSearcher(Searcher):
         return self.state[cell_id]["final_done"] >= c.n_final_runs
 
     # --- internals ---------------------------------------------------------------------------
+    @staticmethod
+    def _frozen(study: optuna.Study, number: int) -> Optional[optuna.trial.FrozenTrial]:
+        trials = study.get_trials(deepcopy=False)
+        if number < len(trials) and trials[number].number == number:
+            return trials[number]
+        return next((t for t in trials if t.number == number), None)
+
+    def _finished(self, study: optuna.Study, number: int) -> bool:
+        t = self._frozen(study, number)
+        return t is not None and t.state.is_finished()
+
+    def _tell(self, cell: Cell, number: int, value: Optional[float] = None, state=None) -> None:
+        """``study.tell`` unless the journal has the trial closed already (told by a driver that was killed)."""
+        study = self.study(cell)
+        if self._finished(study, number):
+            return
+        study.tell(number, value, state=state)
+
+    def _orphan(self, cell: Cell):
+        """The oldest study trial that was asked (journal) but is unknown to this bookkeeping, as a trial to sample."""
+        st = self.state[cell.cell_id]
+        study = self.study(cell)
+        asked = set(st["asked"])
+        for t in study.get_trials(deepcopy=False):
+            if t.number in asked or t.state == optuna.trial.TrialState.WAITING:
+                continue
+            return optuna.trial.Trial(study, t._trial_id) if t.state == optuna.trial.TrialState.RUNNING else t
+        return None
+
+    def _next_new(self, cell: Cell) -> Optional[dict]:
+        """The cell's next config that still has to run (work an earlier driver finished is taken from the ledger)."""
+        while True:
+            cfg = self._next_for(cell)
+            if cfg is None:
+                return None
+            row = self._done_earlier(cfg)
+            if row is None:
+                return cfg
+            tid = row["tune_trial_id"]
+            self.trials[tid] = {k: cfg[k] for k in ("cell_id", "stage", "seed", "optuna_number")} | {"done": False}
+            self.on_trial_complete(tid, self.ledger_result(row), error=row.get("status") == "ERROR")
+            print(f"resume: {cfg['cell_id']} {cfg['stage']} seed {cfg['seed']} was finished by trial {tid}, which "
+                  "Tune's saved state does not know; counted from its row, not run again", flush=True)
+
     def _cell(self, cell_id: str) -> Cell:
         for c in self.cells:
             if c.cell_id == cell_id:
@@ -245,7 +333,11 @@ class CellSearcher(Searcher):
                 seed = st["queue"].pop(0)
                 return self._config(cell, "search", seed, st["current"], st["params"][st["current"]])
             if len(st["asked"]) < cell.n_trials:
-                trial = self.study(cell).ask()
+                trial = self._orphan(cell)
+                if trial is not None:
+                    print(f"resume: {cell.cell_id} proposal {trial.number} was asked after Tune's last snapshot; "
+                          "it is taken up again instead of asking a new one", flush=True)
+                trial = trial or self.study(cell).ask()
                 params = sample_space(trial, cell.space)
                 st["asked"].append(trial.number)
                 st["optuna_ids"][trial.number] = trial._trial_id

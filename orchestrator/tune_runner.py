@@ -9,8 +9,20 @@ scheduler, and building or restoring the one ``Tuner`` that runs every trial.
   A user-caused failure (``UserError``, e.g. a NaN loss) is reported with ``trial_failed`` and
   not retried; any other exception is reported and re-raised so Tune retries from the checkpoint.
 * ``ResultsCallback`` (driver) turns finished trials into ``trials.arrow`` rows and rewrites both
-  Arrow files atomically after each one; its rows survive ``Tuner.restore`` via get/set_state.
+  Arrow files atomically after each one. ``trials.arrow`` is the ledger of finished trials: a
+  restarted driver's callback starts from the rows in it (a killed driver may have written rows
+  after Tune's last experiment snapshot), and Tune's saved callback state only adds rows the file
+  lacks.
 * ``CellPruningScheduler`` asks the searcher whether the trial's own cell study prunes it.
+* ``build_tuner`` builds the Tuner, or restores it (``resume_unfinished``, ``resume_errored``), with
+  a ``LedgerScheduler`` (the cell pruner plus the ledger): a restored trial Tune lists as unfinished
+  but whose row is in the ledger (it finished after Tune's last snapshot) is not run again — it is
+  marked finished and its result is handed to the searcher; a restored trial whose checkpoint Tune
+  had already deleted resumes from the next one on storage; the searcher gets the ledger too, so
+  work that a trial Tune never saved had finished is not emitted again (see
+  ``orchestrator.searcher``). To keep what Tune saves close to what happened, the scheduler also has
+  Tune save its experiment snapshot whenever a trial is added or starts (Tune itself saves one after
+  every trial checkpoint, as ``num_to_keep=1``). Resume events print one ``resume:`` line each.
 """
 from __future__ import annotations
 
@@ -189,14 +201,36 @@ def trial_trainable(config: dict) -> None:
 # --- driver-side results ledger ---------------------------------------------------------------------
 
 class ResultsCallback(Callback):
-    """One row per finished trial; rewrites trials.arrow / cells.arrow after each (atomic)."""
+    """One row per finished trial; rewrites trials.arrow / cells.arrow after each (atomic).
+
+    Starts from the rows of an existing ``trials.arrow`` (keyed by Tune trial id): they are the ledger
+    a resumed sweep continues from (and what ``build_tuner`` hands the scheduler and the searcher).
+    When a trial starts (after the MLflow callback, earlier in the list, created its run) it has
+    ``scheduler`` (a ``LedgerScheduler``, set by ``build_tuner``) make Tune save its snapshot, so
+    the trial's run id is on record before the trial can finish or be cut off by a killed driver."""
 
     def __init__(self, out_dir: Path, meta: dict, cell_order: list[str], tracker=None):
+        import sys
+
+        from orchestrator.results import TRIALS_FILE, read_rows, remove_stale_temps
+
         self.out_dir = Path(out_dir)
         self.meta = dict(meta)
         self.cell_order = list(cell_order)
         self.tracker = tracker
         self.rows: dict[str, dict] = {}
+        remove_stale_temps(self.out_dir)  # left by a driver killed mid-write
+        path = self.out_dir / TRIALS_FILE
+        if path.exists():
+            try:
+                self.rows = {r["tune_trial_id"]: r for r in read_rows(path)}
+            except Exception as e:  # noqa: BLE001 - damaged from outside: fall back to Tune's saved rows
+                kept = path.with_name(path.name + ".unreadable")
+                os.replace(path, kept)
+                print(f"warning: {path} is unreadable ({type(e).__name__}: {e}; moved to {kept.name}); continuing "
+                      "from the rows in Tune's experiment state", file=sys.stderr, flush=True)
+        self.ledger: dict[str, dict] = dict(self.rows)  # rows finished before this driver started
+        self.scheduler = None
 
     def _record(self, trial, status: str) -> None:
         last = dict(trial.last_result or {})
@@ -221,11 +255,22 @@ class ResultsCallback(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._record(trial, "ERROR")
 
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if self.scheduler is not None:
+            self.scheduler.snapshot_soon()
+
     def get_state(self) -> Optional[dict]:
         return {"rows": self.rows}
 
     def set_state(self, state: dict) -> None:
-        self.rows.update(state.get("rows", {}))
+        # Tune's snapshot is older than trials.arrow: it only fills in rows the file lacks
+        for tid, row in state.get("rows", {}).items():
+            self.rows.setdefault(tid, row)
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["scheduler"] = None
+        return d
 
 
 # --- pruning --------------------------------------------------------------------------------------
@@ -263,24 +308,165 @@ def quiet_tune_logs() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+def _snapshot_soon(tune_controller) -> None:
+    """Have Tune save its experiment snapshot at the end of this step (as it does after every trial checkpoint
+    with ``num_to_keep=1``), so a trial is on record before it starts: a driver killed later restores it
+    instead of having the searcher emit its work again under a new trial id. Ray 2.x internals, so it
+    degrades to Tune's periodic snapshot if they change."""
+    controller = getattr(tune_controller, "_tune_controller", tune_controller)
+    manager = getattr(controller, "_checkpoint_manager", None)
+    if manager is not None and hasattr(manager, "_should_force_sync_up"):
+        manager._should_force_sync_up = True
+
+
+def _restorable_checkpoint(trial) -> Optional[str]:
+    """Point a restored trial whose checkpoint is gone at the next one that is there; returns its path.
+
+    With ``num_to_keep=1`` Tune deletes a trial's previous checkpoint as soon as it registers a new one,
+    but uploads the experiment snapshot that names the new one in the background: a driver killed in
+    between leaves a snapshot naming a deleted checkpoint, and Tune's restore of that trial fails every
+    retry ("does not exist on storage anymore"). The trial directory still holds the checkpoints written
+    after it; the oldest of them that loads (a newer one may be half copied) becomes the trial's latest,
+    so the trial resumes there (the epochs after the deleted checkpoint's are not trained twice)."""
+    import re
+
+    import pyarrow.fs as pafs
+
+    cur = trial.checkpoint
+    if cur is None or cur.filesystem.get_file_info(cur.path).type != pafs.FileType.NotFound:
+        return None
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune import Checkpoint
+
+    from orchestrator import checkpoint as trial_checkpoint
+
+    fs = cur.filesystem
+    parent, _, name = cur.path.rstrip("/").rpartition("/")
+    pattern = re.compile(r"checkpoint_(\d+)")
+    m = pattern.fullmatch(name)
+    if m is None:
+        return None
+    gone = int(m.group(1))
+    later = []
+    for info in fs.get_file_info(pafs.FileSelector(parent)):
+        mm = pattern.fullmatch(info.base_name)
+        if info.type == pafs.FileType.Directory and mm and int(mm.group(1)) > gone:
+            later.append((int(mm.group(1)), info.path))
+    for idx, path in sorted(later):
+        candidate = Checkpoint(path=path, filesystem=fs)
+        try:
+            with candidate.as_directory() as d:
+                trial_checkpoint.load(Path(d))
+        except Exception:  # noqa: BLE001 - half written: try the next one
+            continue
+        latest = trial.run_metadata.checkpoint_manager.latest_checkpoint_result
+        metrics = dict(latest.metrics or {}) if latest is not None else {}
+        if isinstance(metrics.get("training_iteration"), int):
+            metrics["training_iteration"] += idx - gone
+        fs.create_dir(cur.path)  # stand-in: registering the new one deletes the old one (raises if it is gone)
+        trial.on_checkpoint(_TrainingResult(checkpoint=candidate, metrics=metrics))
+        trial.storage.current_checkpoint_index = idx  # the index of its latest checkpoint (the next is idx + 1)
+        return path
+    return None
+
+
+class LedgerScheduler(CellPruningScheduler):
+    """The sweep's scheduler: the cell pruner (when ``prune``) and the restore-time check against the ledger.
+
+    Tune re-queues every trial its last experiment snapshot lists as unfinished; one that finished
+    after that snapshot has a row in ``ledger`` (the ``trials.arrow`` rows when this driver started)
+    and must not run again. ``on_trial_add`` — which Tune calls for each restored trial before it
+    files the trial under its status — marks such a trial finished and gives the searcher (through
+    Tune's search algorithm, so the concurrency limiter frees its slot) the result from its row.
+    Rows of failed trials (status ERROR) are left alone: Tune retries those, as on any resume. A
+    restored trial that will run again gets a checkpoint that exists (``_restorable_checkpoint``).
+    Every added trial also makes Tune save its snapshot at the end of the step (``_snapshot_soon``)."""
+
+    def __init__(self, searcher, prune: bool = True, ledger: Optional[dict] = None):
+        super().__init__(searcher)
+        self.prune = prune
+        self.ledger = dict(ledger or {})
+        self._controller = None
+
+    def snapshot_soon(self) -> None:
+        """Tune saves its experiment snapshot at the end of the current step (see ``_snapshot_soon``)."""
+        if self._controller is not None:
+            _snapshot_soon(self._controller)
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        import sys
+
+        from ray.tune.experiment import Trial
+
+        super().on_trial_add(tune_controller, trial)
+        self._controller = tune_controller
+        _snapshot_soon(tune_controller)
+        if trial.status != Trial.PENDING:
+            return
+        row = self.ledger.get(trial.trial_id)
+        try:  # never raise here: Tune would drop the whole restored state and start the experiment over
+            if row is None or row.get("status") == "ERROR":
+                old = trial.checkpoint
+                new = _restorable_checkpoint(trial)
+                if new:
+                    print(f"resume: trial {trial.trial_id} continues from {Path(new).name} (Tune's snapshot named "
+                          f"{Path(old.path).name}, which it had already replaced)", flush=True)
+                return
+            trial.set_status(Trial.TERMINATED)
+            tune_controller.get_live_trials().discard(trial)
+            tune_controller.search_alg.on_trial_complete(trial.trial_id, result=self.searcher.ledger_result(row))
+            print(f"resume: trial {trial.trial_id} finished after Tune's last snapshot; its row stands, it does "
+                  "not run again", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"warning: resuming trial {trial.trial_id}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if not self.prune:
+            return TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["ledger"] = {}  # tuner.pkl holds the scheduler: the ledger is re-read from trials.arrow on restore
+        d["_controller"] = None
+        return d
+
+
 def build_tuner(out_dir: Path, searcher, callbacks: list, cpu: float, gpu: float, max_concurrent: int,
                 max_retries: int, use_pruning: bool):
-    """A fresh Tuner, or the restored one when the experiment exists (callbacks replaced by ours)."""
+    """A fresh Tuner, or the restored one when the experiment exists (callbacks replaced by ours).
+
+    Both get a ``LedgerScheduler`` and a searcher holding the ledger: the rows of the
+    ``ResultsCallback`` among ``callbacks`` (trials.arrow as this driver found it)."""
     trainable = tune.with_resources(trial_trainable, {"cpu": cpu, "gpu": gpu})
     path = experiment_path(out_dir)
+    results_cb = next((cb for cb in callbacks if isinstance(cb, ResultsCallback)), None)
+    ledger = dict(results_cb.ledger) if results_cb is not None else {}
     if tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
         # the restored run config carries pickled copies of our callbacks; use the live ones
         # (same order, so Tune applies the saved callback states to them)
         tuner._local_tuner.get_run_config().callbacks = callbacks
+        # the searcher comes from tuner.pkl (Tune loads its saved state into it); the scheduler keeps no
+        # state, so a new one (also for experiments saved by older versions) works on that searcher
+        tune_config = tuner._local_tuner._tune_config
+        restored = tune_config.search_alg
+        if hasattr(restored, "set_ledger"):
+            restored.set_ledger(ledger.values())
+            tune_config.scheduler = LedgerScheduler(restored, prune=use_pruning, ledger=ledger)
+            if results_cb is not None:
+                results_cb.scheduler = tune_config.scheduler
         return tuner
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig
 
-    tune_config = TuneConfig(search_alg=searcher, scheduler=CellPruningScheduler(searcher) if use_pruning else None,
+    searcher.set_ledger(ledger.values())  # rows without a Tune experiment (its directory was removed)
+    scheduler = LedgerScheduler(searcher, use_pruning, ledger)
+    if results_cb is not None:
+        results_cb.scheduler = scheduler
+    tune_config = TuneConfig(search_alg=searcher, scheduler=scheduler,
                              num_samples=-1, max_concurrent_trials=max_concurrent, reuse_actors=True,
                              trial_dirname_creator=trial_dirname)
     run_config = RunConfig(name=EXPERIMENT_NAME, storage_path=str(Path(out_dir).resolve()), verbose=0,
                            callbacks=callbacks, failure_config=FailureConfig(max_failures=max_retries),
                            checkpoint_config=CheckpointConfig(num_to_keep=1), log_to_file=True)
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
-

@@ -202,3 +202,25 @@ def kill_server(server: MlflowServer) -> list[int]:
     while still_running(tree) and time.monotonic() < deadline:
         time.sleep(0.1)
     return still_running(tree)
+
+
+def kill_cluster_node(cluster: LocalCluster, role: str,
+                      timeout: float = 20) -> tuple[dict[int, Optional[str]], list[int]]:
+    """SIGKILL one node of ``cluster`` at once — its ``ray start --block`` process as ``local.sh`` recorded it under
+    ``role`` (``worker1``, ``worker2``, ...) and every process below it (raylet, agents, Ray workers): a node crash.
+
+    Returns the processes killed (PID -> start time) and those still alive after ``timeout`` (none)."""
+    lines = [line.split() for line in (cluster.state_dir / "pids").read_text().splitlines()]
+    pid, started = next((int(p), st) for p, st, r in lines if r == role)
+    if _start_time(pid) != started:
+        raise RuntimeError(f"{role} (pid {pid}) is not running any more")
+    tree = process_tree([pid])
+    for p in still_running(tree):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while still_running(tree) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return tree, still_running(tree)
