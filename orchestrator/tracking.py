@@ -4,7 +4,9 @@ The driver is the only process that writes to the tracking store (so a SQLite st
 ``MlflowTracking`` is a Tune ``Callback`` that creates the runs (nesting through the
 ``mlflow.parentRunId`` tag), logs params and tags for every axis, logs per-epoch metrics with one
 ``MlflowClient.log_batch`` per report, and closes runs FINISHED or FAILED. Its trial -> run
-mapping is kept by ``get_state``/``set_state`` so a restored sweep reuses its runs.
+mapping is kept by ``get_state``/``set_state`` so a restored sweep reuses its runs; after a restore
+a trial that starts without a known run first looks for one tagged with its ``tune_trial_id`` (the
+driver may have died after creating it but before Tune saved this state).
 
 Outages never reach Tune. Every MLflow write is an operation (create / log / end, JSON) appended
 to a FIFO queue in the callback's state and sent at once when the queue is empty; when a call fails
@@ -195,6 +197,7 @@ class MlflowTracking(Callback):
         self._client = None
         self._retry_at = 0.0
         self._failures = 0
+        self._restored = False  # set by set_state: trial runs are then looked up before they are created
         driver_http_env(tracking_uri)
         if self.backlog_path and self.backlog_path.exists():
             self._load_backlog()
@@ -284,6 +287,13 @@ class MlflowTracking(Callback):
             exp_id = self.experiment_id()
             if op["tried"]:  # an earlier attempt may have reached the server: look for its run first
                 found = self.client.search_runs([exp_id], f"tags.{_CREATE_TAG} = '{op['id']}'", max_results=1)
+                if found:
+                    self._set(key, found[0].info.run_id)
+                    return
+            if op.get("lookup"):  # a restored sweep: the run may exist from before the last saved state
+                tag, value = op["lookup"]
+                found = self.client.search_runs([exp_id], f"tags.{tag} = '{value}' and tags.sweep = "
+                                                f"'{self.sweep_name}'", max_results=1)
                 if found:
                     self._set(key, found[0].info.run_id)
                     return
@@ -388,7 +398,10 @@ class MlflowTracking(Callback):
         params.update(_flat_params(req.get("overrides") or {}, "hp."))
         key = f"trial:{trial.trial_id}"
         self.state["trials"][trial.trial_id] = None
-        self._submit(self._create_op(key, name, tags, cell))
+        op = self._create_op(key, name, tags, cell)
+        if self._restored:  # the driver may have died after creating this run but before Tune saved our state
+            op["lookup"] = ["tune_trial_id", trial.trial_id]
+        self._submit(op)
         self._submit({"op": "log", "key": key, "params": {k: v[:6000] for k, v in params.items()}})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -498,6 +511,7 @@ class MlflowTracking(Callback):
     def set_state(self, state: dict) -> None:
         """Merge a saved state: run ids kept (a known id wins over a placeholder), queues united in order."""
         s = self.state
+        self._restored = True
         state = json.loads(json.dumps(state))
         s["parent"] = state.get("parent") or s["parent"]
         s["experiment_id"] = state.get("experiment_id") or s.get("experiment_id")

@@ -59,6 +59,23 @@ def still_running(tree: dict[int, Optional[str]]) -> list[int]:
     return [p for p, st in tree.items() if st is not None and _start_time(p) == st]
 
 
+def signal_tree(tree: dict[int, Optional[str]], sig: int) -> None:
+    """Send ``sig`` to every process of ``tree`` that is still the one recorded (by start time)."""
+    for pid in still_running(tree):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def wait_gone(tree: dict[int, Optional[str]], timeout: float, poll: float = 0.1) -> list[int]:
+    """Wait until no process of ``tree`` runs (at most ``timeout`` s); the PIDs still alive."""
+    deadline = time.monotonic() + timeout
+    while still_running(tree) and time.monotonic() < deadline:
+        time.sleep(poll)
+    return still_running(tree)
+
+
 def env_with_venv(**extra: str) -> dict:
     env = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1")
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
@@ -160,20 +177,12 @@ class MlflowServer:
         if self.proc is None:
             return []
         tree = process_tree([self.proc.pid])
-        for pid in still_running(tree):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        signal_tree(tree, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while still_running(tree) and time.monotonic() < deadline:
             self.proc.poll()
             time.sleep(0.2)
-        for pid in still_running(tree):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        signal_tree(tree, signal.SIGKILL)
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -189,19 +198,12 @@ def kill_server(server: MlflowServer) -> list[int]:
     if server.proc is None:
         return []
     tree = process_tree([server.proc.pid])
-    for pid in still_running(tree):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    signal_tree(tree, signal.SIGKILL)
     try:
         server.proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         pass
-    deadline = time.monotonic() + 10
-    while still_running(tree) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return still_running(tree)
+    return wait_gone(tree, 10)
 
 
 def kill_cluster_node(cluster: LocalCluster, role: str,
@@ -215,12 +217,5 @@ def kill_cluster_node(cluster: LocalCluster, role: str,
     if _start_time(pid) != started:
         raise RuntimeError(f"{role} (pid {pid}) is not running any more")
     tree = process_tree([pid])
-    for p in still_running(tree):
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + timeout
-    while still_running(tree) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return tree, still_running(tree)
+    signal_tree(tree, signal.SIGKILL)
+    return tree, wait_gone(tree, timeout)

@@ -76,3 +76,28 @@ def test_tracking_uri_precedence(monkeypatch, tmp_path):
     assert resolve_tracking_uri("sqlite:////x/flag.db", None) == "sqlite:////x/flag.db"
     with pytest.raises(ConfigError):
         resolve_tracking_uri("file:///tmp/mlruns", None)
+
+
+def test_a_restored_tracker_reuses_a_trial_run_created_after_the_last_saved_state(tmp_path):
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.tracking import MlflowTracking
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    cfg = {"cell_id": "fewshot.coop.digits.1shot", "stage": "final", "seed": 1, "optuna_number": None,
+           "request": {"method": "coop", "dataset": "digits", "shots": 1, "seed": 1, "protocol": "fewshot",
+                       "stage": "final", "overrides": {}}}
+    trial = SimpleNamespace(trial_id="t1", config=cfg, last_result={})
+    first = MlflowTracking(uri, "restore", "sw", "h")
+    saved = first.get_state()            # Tune's last snapshot: before the trial started
+    first.on_trial_start(0, [], trial)   # the run is created, then the driver dies
+    created = first.trial_run_id("t1")
+    again = MlflowTracking(uri, "restore", "sw", "h")
+    again.set_state(saved)
+    again.on_trial_start(0, [], trial)   # the restored sweep starts the trial again
+    assert again.trial_run_id("t1") == created
+    exp = MlflowClient(uri).get_experiment_by_name("restore")
+    runs = MlflowClient(uri).search_runs([exp.experiment_id], "tags.tune_trial_id = 't1'")
+    assert len(runs) == 1
