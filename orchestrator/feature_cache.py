@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fewshot.paths import atomic_open
+from fewshot.paths import atomic_open, cache_root
 from fewshot.types import Item
 
 #: how many cache entries this process computed / memory-mapped (benchmarks and tests read them)
@@ -41,8 +41,6 @@ STATS = {"computed": 0, "hits": 0}
 
 
 def cache_dir() -> Path:
-    from fewshot.paths import cache_root
-
     return cache_root() / "features"
 
 
