@@ -1,7 +1,8 @@
 """Trial time with and without the frozen-feature cache, and whether the accuracies agree.
 
 For each method whose image tower is untouched (default: zeroshot, linear_probe, coop, kgcoop,
-cocoop), the same trials (``--dataset``, ``--shots``, seeds 1..``--seeds``) run in this process on a
+cocoop, tgpt — TGP-T caches its pooled feature and token map, and trains ``--max-iters`` iterations,
+its schedule being iteration-based), the same trials (``--dataset``, ``--shots``, seeds 1..``--seeds``) run in this process on a
 warm backbone three ways: ``off`` (``feature_cache: false``, images through the tower every time),
 ``cold`` (cache on, empty cache: the first trial computes and stores the eval features) and ``warm``
 (cache on, features already on disk: every trial memory-maps them). Evaluation through the cache is
@@ -11,7 +12,7 @@ prints ``agree``. ``--train-views k`` adds a ``views`` way: training on k cached
 
 Figures: seconds per trial for each way and the ratio off / warm. The last stdout line is one JSON
 object. Usage: ``python benchmarks/feature_cache.py [--arch promptsweep-tiny] [--dataset digits]
-[--shots 4] [--seeds 3] [--epochs 2] [--train-views 0]``.
+[--shots 4] [--seeds 3] [--epochs 2] [--max-iters 4] [--train-views 0]``.
 """
 from __future__ import annotations
 
@@ -42,13 +43,14 @@ def run_way(args, method: str, overrides: dict) -> tuple[float, list[dict]]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", default="zeroshot,linear_probe,coop,kgcoop,cocoop")
+    ap.add_argument("--methods", default="zeroshot,linear_probe,coop,kgcoop,cocoop,tgpt")
     ap.add_argument("--arch", default="promptsweep-tiny")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dataset", default="digits")
     ap.add_argument("--shots", type=int, default=4)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--max-iters", type=int, default=4, help="TGP-T's schedule (iterations, not epochs)")
     ap.add_argument("--train-views", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
     load_backbone(args.arch, None, "cuda" if args.device == "cuda" else "cpu")  # warm: weights not timed
     per_method = {}
     for method in args.methods.split(","):
-        extra = {"batch_size": 4} if method == "cocoop" else {}
+        extra = {"cocoop": {"batch_size": 4}, "tgpt": {"max_iters": args.max_iters}}.get(method, {})
         run_way(args, method, {"feature_cache": False, **extra})  # warm-up (data, text features)
         off_s, off = run_way(args, method, {"feature_cache": False, **extra})
         shutil.rmtree(cache_dir(), ignore_errors=True)

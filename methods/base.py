@@ -91,8 +91,10 @@ class PromptMethod(nn.Module):
     protocols: ClassVar[tuple[str, ...]] = ("fewshot",)
     #: the method's own hyperparameters
     Config: ClassVar[type[MethodConfig]] = MethodConfig
-    #: True when the method leaves the image tower untouched, so frozen image features may be cached
+    #: True when the method leaves the image tower untouched, so what it reads from the tower may be cached
     frozen_image_features: ClassVar[bool] = False
+    #: what ``frozen_image_output`` returns (part of the feature cache's key): the pooled feature by default
+    frozen_output_kind: ClassVar[str] = "pooled"
     #: False for closed-form methods (zero-shot, linear probe): the trial calls ``fit`` instead
     trains_by_gradient: ClassVar[bool] = True
 
@@ -107,6 +109,13 @@ class PromptMethod(nn.Module):
     @property
     def backbone(self) -> Backbone:
         return self._backbone  # type: ignore[attr-defined]
+
+    @classmethod
+    def frozen_image_output(cls, backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
+        """What a ``frozen_image_features`` method reads from the frozen image tower, per image, in the form
+        the feature cache stores and the method's ``forward`` / ``training_loss`` accept in place of images:
+        the unnormalised pooled feature [B, D] (``Backbone.encode_image`` passes a 2-D input through)."""
+        return backbone.encode_image(images, normalize=False)
 
     @property
     def device(self) -> torch.device:

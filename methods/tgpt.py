@@ -33,8 +33,12 @@ images of its class (documented fallback: per-class pools of per-image descripti
 captions file (or no matching line) the content loss is OFF: ``content_loss_enabled`` is False, a
 warning is logged once and ``run_notes()`` says so for the trial's params / the report.
 
-Image tower: untouched, but ``frozen_image_features`` is False, honestly — TGP-T needs the final
-token map, not the pooled feature a frozen-feature cache would hold.
+Image tower: untouched and run under ``no_grad``, so what TGP-T reads from it — the pooled feature
+``v`` and the projected token map ``F`` — is a fixed function of the image: ``frozen_image_output``
+stacks them as ``[B, 1 + L, E]`` (row 0 = ``v``), which the frozen-feature cache stores
+(``frozen_output_kind`` "pooled+tokens"; ``orchestrator.feature_cache``) and ``_image`` unpacks in
+place of an image batch. Evaluation from the cache is exact; it is large (0.4 MB per image on
+ViT-B/16).
 
 Protocols: ``fewshot`` and ``domain_generalization`` (same label set, e.g. ImageNet -> V2/Sketch).
 The linear head is tied to the training classes, so ``set_classnames`` with any other names (base2novel,
@@ -80,7 +84,8 @@ class TGPT(PromptMethod):
     name = "tgpt"
     protocols = ("fewshot", "domain_generalization")
     Config = TGPTConfig
-    frozen_image_features = False
+    frozen_image_features = True
+    frozen_output_kind = "pooled+tokens"
 
     def __init__(self, backbone: Backbone, classnames: list[str], dataset: str, cfg: TGPTConfig):
         super().__init__(backbone, classnames, dataset, cfg)
@@ -176,11 +181,19 @@ class TGPT(PromptMethod):
         return {"tgpt_content_loss": self._content_note}
 
     # --- forward --------------------------------------------------------------------------------
+    @classmethod
+    @torch.no_grad()
+    def frozen_image_output(cls, backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 1 + L, E]``: the pooled image feature ``v`` (row 0) on the projected last-block tokens ``F``."""
+        pooled, tokens = towers.encode_image(backbone, images.to(backbone.device), return_tokens=True)
+        feats = towers.project_image_tokens(backbone, tokens)
+        return torch.cat([pooled.unsqueeze(1), feats], dim=1)
+
     def _image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            pooled, tokens = towers.encode_image(self.backbone, images, return_tokens=True)
-            feats = towers.project_image_tokens(self.backbone, tokens)
-        return pooled.float(), feats.float()
+        """``(v [B, E], F [B, L, E])`` from an image batch, or from its cached ``frozen_image_output`` (3-D)."""
+        packed = images if images.dim() == 3 else self.frozen_image_output(self.backbone, images)
+        packed = packed.to(self.device).float()
+        return packed[:, 0], packed[:, 1:]
 
     def _encode_prompts(self, out: torch.Tensor) -> torch.Tensor:
         """[SOS; O; '.'; EOT] through the frozen text tower -> EOT features [B, E]."""

@@ -1,12 +1,18 @@
 """The node-local frozen-feature cache: CLIP image features computed once, shared by every trial.
 
 Methods whose image tower is untouched (``PromptMethod.frozen_image_features``: zero-shot, linear
-probe, CoOp, CoCoOp, KgCoOp) only ever see ``backbone.encode_image(images)``. For them the trial
-serves *features* instead of images: ``Backbone.encode_image`` passes a 2-D ``[B, D]`` input through
-as already-encoded features, so no method needs a second code path.
+probe, CoOp, CoCoOp, KgCoOp, TGP-T) read a fixed function of each image from the tower,
+``cls.frozen_image_output(backbone, images)``: the pooled feature ``[B, D]`` for the first five
+(``Backbone.encode_image`` passes a 2-D input through as already-encoded features), TGP-T's pooled
+feature stacked on its projected last-block token map ``[B, 1 + L, E]`` (``frozen_output_kind``
+"pooled+tokens"; its ``_image`` unpacks a 3-D input). For them the trial serves those outputs instead
+of images, so no method needs a second code path. A token map is large: ``N x (1 + L) x E x 4`` bytes
+per split (ViT-B/16: 197 x 512 floats, 0.4 MB per image, 20 GB for ImageNet's 50,000 test images);
+writing an entry over 1 GB prints one line naming its size, and ``feature_cache: false`` turns it off.
 
 Entries are keyed by a content hash of (backbone identity, image size, device type and precision,
-the split's items — path, size, mtime and label of every image — and the transform view) and stored
+the split's items — path, size, mtime and label of every image —, the transform view and the output
+kind) and stored
 under ``<cache root>/features/<hash>.npy`` (``$PROMPTSWEEP_CACHE``, local disk). A writer computes
 into a temp file and ``os.replace``s it into place under an exclusive ``flock``; concurrent creators
 on the node wait for the first one and then memory-map its file. Readers ``np.load(mmap_mode="r")``.
@@ -25,6 +31,7 @@ import fcntl
 import hashlib
 import json
 import os
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Optional
@@ -38,6 +45,8 @@ from fewshot.types import Item
 
 #: how many cache entries this process computed / memory-mapped (benchmarks and tests read them)
 STATS = {"computed": 0, "hits": 0}
+#: an entry larger than this is announced on stderr when written (token maps of large splits)
+LARGE_ENTRY_BYTES = 2**30
 
 
 def cache_dir() -> Path:
@@ -57,14 +66,17 @@ def items_fingerprint(items: list[Item]) -> str:
     return h.hexdigest()
 
 
-def entry_key(backbone_id: str, image_size: int, device_kind: str, items: list[Item], view: str) -> str:
+def entry_key(backbone_id: str, image_size: int, device_kind: str, items: list[Item], view: str,
+              output: str = "pooled") -> str:
     blob = json.dumps({"backbone": backbone_id, "image_size": image_size, "device": device_kind,
-                       "items": items_fingerprint(items), "n": len(items), "view": view}, sort_keys=True)
+                       "items": items_fingerprint(items), "n": len(items), "view": view, "output": output},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 class FeatureDataset(Dataset):
-    """``(feature [D] fp32, label)`` per item of a split, from one or several cached views.
+    """``(cached output fp32 — [D], or [1 + L, E] for a token map —, label)`` per item of a split, from one
+    or several cached views.
 
     ``images_read`` counts examples served (the counterpart of ``ImageDataset.images_read``), so a
     trial's ``test_images_read`` means the same with or without the cache.
@@ -113,6 +125,9 @@ class FeatureCache:
                     STATS["hits"] += 1
                     return np.load(path, mmap_mode="r")
                 arr = np.ascontiguousarray(compute(), dtype=np.float32)
+                if arr.nbytes > LARGE_ENTRY_BYTES:
+                    print(f"[feature cache] writing {arr.nbytes / 2**30:.1f} GB ({' x '.join(map(str, arr.shape))} "
+                          f"floats) to {path}", file=sys.stderr, flush=True)
                 with atomic_open(path, "wb") as fh:
                     np.save(fh, arr)
                 STATS["computed"] += 1
@@ -123,11 +138,14 @@ class FeatureCache:
 
 @torch.no_grad()
 def encode_split(backbone, items: list[Item], transform, split: str, batch_size: int, num_workers: int, autocast,
-                 seed: Optional[int] = None) -> np.ndarray:
-    """Unnormalised fp32 image features [N, D] of ``items`` (``seed`` fixes a random transform's draws)."""
-    from torch.utils.data import DataLoader
-
+                 seed: Optional[int] = None, encode: Optional[Callable] = None) -> np.ndarray:
+    """fp32 ``encode(backbone, images)`` of every item, stacked: by default (``PromptMethod.frozen_image_output``)
+    the unnormalised image features [N, D] (``seed`` fixes a random transform's draws)."""
     from fewshot.images import ImageDataset
+    from methods.base import PromptMethod
+
+    encode = encode or PromptMethod.frozen_image_output
+    from torch.utils.data import DataLoader
 
     loader = DataLoader(ImageDataset(items, transform, split=split), batch_size=batch_size, shuffle=False,
                         num_workers=0 if seed is not None else num_workers)
@@ -138,13 +156,16 @@ def encode_split(backbone, items: list[Item], transform, split: str, batch_size:
             torch.manual_seed(seed)
         for images, _ in loader:
             with autocast():
-                out.append(backbone.encode_image(images, normalize=False).cpu())
+                out.append(encode(backbone, images).float().cpu())
     if not out:
         return np.zeros((0, backbone.embed_dim), np.float32)
     return torch.cat(out).numpy()
 
 
 def cached_split(cache: FeatureCache, backbone, items: list[Item], transform, view: str, split: str,
-                 batch_size: int, num_workers: int, autocast, device_kind: str, seed: Optional[int] = None) -> np.ndarray:
-    key = entry_key(backbone.identity(), backbone.image_size, device_kind, items, view)
-    return cache.get(key, lambda: encode_split(backbone, items, transform, split, batch_size, num_workers, autocast, seed))
+                 batch_size: int, num_workers: int, autocast, device_kind: str, seed: Optional[int] = None,
+                 encode: Optional[Callable] = None, output: str = "pooled") -> np.ndarray:
+    """The cached ``encode`` outputs of a split (``output`` names what ``encode`` returns, for the key)."""
+    key = entry_key(backbone.identity(), backbone.image_size, device_kind, items, view, output)
+    return cache.get(key, lambda: encode_split(backbone, items, transform, split, batch_size, num_workers, autocast,
+                                               seed, encode))

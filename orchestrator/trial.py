@@ -217,7 +217,7 @@ class _Views:
     def __init__(self, bb, cls, cfg: TrainConfig, device: torch.device):
         from fewshot.transforms import clip_transform
 
-        self.bb, self.cfg, self.device = bb, cfg, device
+        self.bb, self.cls, self.cfg, self.device = bb, cls, cfg, device
         self.train_tf = clip_transform(bb.image_size, train=True)
         self.eval_tf = clip_transform(bb.image_size, train=False)
         self.cache = None
@@ -230,7 +230,8 @@ class _Views:
         from orchestrator.feature_cache import cached_split
 
         return cached_split(self.cache, self.bb, items, transform, view, split, self.cfg.eval_batch_size,
-                            self.cfg.num_workers, lambda: _autocast(self.device, self.cfg), self.device.type, seed)
+                            self.cfg.num_workers, lambda: _autocast(self.device, self.cfg), self.device.type, seed,
+                            encode=self.cls.frozen_image_output, output=self.cls.frozen_output_kind)
 
     def eval(self, items, split: str):
         from fewshot.images import ImageDataset

@@ -45,11 +45,41 @@ def test_cached_eval_features_equal_the_image_tower(tiny_backbone, cache):
                           tiny_backbone.encode_image(images), atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["zeroshot", "coop", "linear_probe"])
+def test_tgpt_caches_its_pooled_feature_and_token_map_exactly(tiny_backbone, cache):
+    """TGP-T's cached entry is [N, 1 + L, E] (pooled row on the projected tokens), and its logits from the
+    cached entry equal its logits from the images."""
+    from contextlib import nullcontext
+
+    from fewshot.images import ImageDataset
+    from methods.base import TrainConfig
+    from methods.registry import get_method
+
+    items = _items(6)
+    tf = clip_transform(tiny_backbone.image_size, train=False)
+    cls = get_method("tgpt")
+    assert cls.frozen_image_features and cls.frozen_output_kind != "pooled"
+    got = fc.cached_split(cache, tiny_backbone, items, tf, "eval", "test", 3, 0, nullcontext, "cpu",
+                          encode=cls.frozen_image_output, output=cls.frozen_output_kind)
+    images = torch.stack([ImageDataset(items, tf)[i][0] for i in range(len(items))])
+    n_tokens = 1 + (tiny_backbone.image_size // tiny_backbone.model.visual.patch_size[0]) ** 2
+    assert got.shape == (6, 1 + n_tokens, tiny_backbone.embed_dim)
+    pooled = torch.cat([tiny_backbone.encode_image(images[i:i + 3], normalize=False) for i in (0, 3)])
+    assert torch.allclose(torch.from_numpy(np.array(got[:, 0])), pooled, atol=1e-5)
+    # a different output kind of the same split is a different entry
+    assert fc.entry_key("bb", 32, "cpu", items, "eval", "pooled") != fc.entry_key("bb", 32, "cpu", items, "eval", cls.frozen_output_kind)
+    names = load_dataset("digits").classnames
+    method = cls(tiny_backbone, names, "digits", cls.Config())
+    with torch.no_grad():
+        assert torch.equal(method(torch.from_numpy(np.array(got[:3]))), method(images[:3]))
+
+
+@pytest.mark.parametrize("method", ["zeroshot", "coop", "linear_probe", "tgpt"])
 def test_trial_metrics_are_the_same_with_and_without_the_cache(tiny_backbone, cache, method):
+    schedule = {"max_iters": 3} if method == "tgpt" else {"epochs": 1}  # TGP-T's schedule counts iterations
+
     def run(use):
         return run_trial(TrialRequest(method=method, dataset="digits", shots=2, seed=3, device="cpu",
-                                      overrides={"epochs": 1, "batch_size": 8, "feature_cache": use}))
+                                      overrides={**schedule, "batch_size": 8, "feature_cache": use}))
     before = dict(fc.STATS)
     off, on, again = run(False), run(True), run(True)
     assert fc.STATS["computed"] - before["computed"] >= 1 and fc.STATS["hits"] - before["hits"] >= 2

@@ -98,3 +98,19 @@ def test_zeroshot_logits_equal_manual_clip(tiny_backbone, ensemble):
     assert torch.allclose(m(images), want, atol=1e-4)
     m.set_classnames(["three", "four"])
     assert m(images).shape == (4, 2)
+
+
+def test_available_archs_is_what_open_clip_lists_and_needs_no_open_clip_import():
+    """The driver checks a spec's arch from the config files' names; they must be open_clip's list."""
+    import subprocess
+    import sys
+
+    import open_clip
+
+    from methods.backbone import available_archs, register_configs
+
+    register_configs()
+    assert available_archs() == sorted(open_clip.list_models())
+    code = ("import sys; from methods.backbone import available_archs; a = available_archs(); "
+            "assert 'ViT-B-16' in a and 'promptsweep-tiny' in a; assert 'open_clip' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
