@@ -10,21 +10,34 @@
 * ``train_step(...)``: one step exactly as ``orchestrator.trial`` runs it (autocast as the trial
   sets it — bf16 on CUDA, fp32 on CPU —, ``training_loss``, ``zero_grad(set_to_none)``, backward,
   optional grad clipping, ``optimizer.step``);
+* ``build_floor(bb, batch_size)`` / ``timed_step(built, images, labels)``: the *floor* — forward and
+  backward through the frozen image tower to a learnable input perturbation (``step_time.py``'s
+  baseline; ``packing.py``'s bare-backbone throughput) — and one synchronised, timed step;
+* ``write_spec`` / ``run_sweep`` / ``trial_finals``: a generated sweep spec, ``python -m
+  orchestrator.sweep`` on it in a subprocess, and each trial's final Tune result (``overhead.py``,
+  ``packing.py``);
 * ``emit(figures)``: prints the JSON object that is every benchmark's last stdout line.
 """
 from __future__ import annotations
 
 import json
+import os
 import platform
+import subprocess
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import yaml
+from torch import nn
 
+from methods import towers
 from methods.backbone import Backbone, load_backbone
-from methods.base import PromptMethod, TrainConfig
+from methods.base import MethodConfig, PromptMethod, TrainConfig
 from methods.defaults import resolve
 from methods.registry import get_method
 from orchestrator import training
@@ -100,6 +113,85 @@ def train_step(b: Built, images: torch.Tensor, labels: torch.Tensor) -> float:
         torch.nn.utils.clip_grad_norm_([p for g in b.optimizer.param_groups for p in g["params"]], b.train_cfg.grad_clip)
     b.optimizer.step()
     return float(loss.detach())
+
+
+class Floor(PromptMethod):
+    """Frozen image tower forward + backward to a learnable additive input perturbation."""
+
+    name = "floor"
+
+    def __init__(self, backbone: Backbone):
+        super().__init__(backbone, [], "imagenet", MethodConfig())
+        size = backbone.image_size
+        self.delta = nn.Parameter(torch.zeros(3, size, size, device=backbone.device))
+
+    def training_loss(self, images, labels):
+        feats = towers.encode_image(self.backbone, images + self.delta)
+        loss = feats.float().square().mean()
+        return loss, {"floor": float(loss.detach())}
+
+
+def build_floor(bb: Backbone, batch_size: int) -> Built:
+    cfg = TrainConfig(optimizer="sgd", batch_size=batch_size)
+    floor = Floor(bb)
+    return Built("floor", floor, cfg, training.build_optimizer(floor.param_groups(cfg), cfg))
+
+
+def timed_step(b: Built, images, labels) -> float:
+    cuda = images.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    train_step(b, images, labels)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_spec(path: Path, *, name: str, methods: list[str], seeds: list[int], output: Path, arch: str,
+               dataset: str = "digits", shots: int = 1, train: dict | None = None, resources: dict | None = None,
+               device: str = "auto") -> Path:
+    """A final-stage-only sweep spec (no search) for a benchmark, as YAML data."""
+    spec = {"name": name, "protocol": "fewshot", "methods": methods, "datasets": [dataset], "shots": [shots],
+            "seeds": seeds, "backbone": {"arch": arch, "pretrained": None}, "device": device,
+            "train": train or {}, "resources": resources or {"cpu": 1, "gpu": 0}, "max_retries": 0,
+            "tracking": {"experiment": f"benchmark-{name}"}, "output": str(output)}
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def run_sweep(spec: Path, work: Path, env: dict, max_concurrent: int | None = None) -> float:
+    """``python -m orchestrator.sweep spec`` (MLflow in ``work/mlflow.db``); its wall time in seconds."""
+    cmd = [sys.executable, "-m", "orchestrator.sweep", str(spec), "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}"]
+    if max_concurrent:
+        cmd += ["--max-concurrent", str(max_concurrent)]
+    t0 = time.time()
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.time() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"sweep {spec.name} failed: {p.stdout[-2000:]} {p.stderr[-3000:]}")
+    return wall
+
+
+def trial_finals(sweep_dir: Path) -> list[dict]:
+    """The last Tune result of every trial of a finished sweep (``<output>/<name>/tune/*/result.json``),
+    with ``start`` (epoch seconds) = its end timestamp minus its running time."""
+    out = []
+    for res in sorted(Path(sweep_dir, "tune").glob("*/result.json")):
+        rows = [json.loads(line) for line in res.read_text().splitlines() if line.strip()]
+        final = dict(rows[-1])
+        final["start"] = final["timestamp"] - final["time_total_s"]
+        out.append(final)
+    return out
+
+
+def bench_env(work: Path) -> dict:
+    """The environment benchmark sweeps run in: Ray without auth on loopback, a private cache."""
+    os.environ.setdefault("PROMPTSWEEP_CACHE", str(work / "cache"))
+    return dict(os.environ, RAY_AUTH_MODE="disabled", RAY_CHDIR_TO_TRIAL_DIR="0", PYTHONPATH=str(REPO))
 
 
 def cpu_model() -> str:

@@ -38,6 +38,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks._common import bench_env, run_sweep, trial_finals, write_spec  # noqa: E402
 
 
 def _request(method: str, shots: int, seed: int, cache: bool, epochs: int) -> dict:
@@ -114,47 +115,22 @@ def tune_default(args, env, work: Path) -> dict:
             "backbone_loads_per_trial": (sum(loads) / len(loads)) if loads else None}
 
 
-_SPEC = """\
-name: {name}
-protocol: fewshot
-methods: [{method}]
-datasets: [digits]
-shots: [{shots}]
-seeds: [{seeds}]
-backbone: {{arch: promptsweep-tiny, pretrained: null}}
-train:
-  defaults: {{epochs: {epochs}, feature_cache: {cache}}}
-resources: {{cpu: 1, gpu: 0}}
-max_retries: 0
-tracking: {{experiment: benchmark-overhead}}
-output: {output}
-"""
-
-
 def promptsweep(args, env, work: Path, cache: bool) -> dict:
     name = "overhead_cache" if cache else "overhead_nocache"
     shutil.rmtree(Path(env["PROMPTSWEEP_CACHE"]) / "features", ignore_errors=True)  # the sweep starts cold
-    spec = work / f"{name}.yaml"
-    spec.write_text(_SPEC.format(name=name, method=args.method, shots=args.shots, epochs=args.epochs,
-                                 seeds=", ".join(str(s) for s in range(1, args.n + 1)),
-                                 cache="true" if cache else "false", output=work / "sweeps"))
-    cmd = [sys.executable, "-m", "orchestrator.sweep", str(spec), "--tracking-uri",
-           f"sqlite:///{work / 'mlflow.db'}", "--max-concurrent", str(args.concurrency)]
+    spec = write_spec(work / f"{name}.yaml", name=name, methods=[args.method], seeds=list(range(1, args.n + 1)),
+                      output=work / "sweeps", arch="promptsweep-tiny", shots=args.shots,
+                      train={"defaults": {"epochs": args.epochs, "feature_cache": cache}})
     t0 = time.time()
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    wall = time.time() - t0
-    if p.returncode != 0:
-        raise SystemExit(f"promptsweep failed: {p.stdout[-2000:]} {p.stderr[-3000:]}")
-    starts, ends, by_pid = [], [], {}
-    for res in (work / "sweeps" / name / "tune").glob("*/result.json"):
-        rows = [json.loads(line) for line in res.read_text().splitlines() if line.strip()]
-        final = rows[-1]
-        ends.append(final["timestamp"])
-        starts.append(final["timestamp"] - final["time_total_s"])
-        if final.get("backbone_loads") is not None:
-            by_pid[final["pid"]] = max(by_pid.get(final["pid"], 0), final["backbone_loads"])
-    if len(ends) != args.n:
-        raise SystemExit(f"promptsweep: expected {args.n} trial results, found {len(ends)}")
+    wall = run_sweep(spec, work, env, args.concurrency)
+    finals = trial_finals(work / "sweeps" / name)
+    if len(finals) != args.n:
+        raise SystemExit(f"promptsweep: expected {args.n} trial results, found {len(finals)}")
+    by_pid: dict = {}
+    for f in finals:
+        if f.get("backbone_loads") is not None:
+            by_pid[f["pid"]] = max(by_pid.get(f["pid"], 0), f["backbone_loads"])
+    starts, ends = [f["start"] for f in finals], [f["timestamp"] for f in finals]
     return {"wall_s": wall, "startup_s": min(starts) - t0, "trials_span_s": max(ends) - min(starts),
             "worker_processes": len(by_pid), "backbone_loads_per_worker": sorted(by_pid.values()),
             "backbone_loads_per_trial": sum(by_pid.values()) / args.n}
@@ -172,8 +148,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="ps-overhead-"))
-    os.environ.setdefault("PROMPTSWEEP_CACHE", str(work / "cache"))
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_CHDIR_TO_TRIAL_DIR="0", PYTHONPATH=str(REPO))
+    env = bench_env(work)
 
     figures: dict = {"n": args.n, "method": args.method, "shots": args.shots, "epochs": args.epochs,
                      "concurrency": args.concurrency, "cpus": os.cpu_count()}

@@ -25,52 +25,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import Built, build, emit, environment, setup, synthetic_batch, train_step  # noqa: E402
-from methods import towers  # noqa: E402
-from methods.backbone import TINY_ARCH, Backbone  # noqa: E402
-from methods.base import MethodConfig, PromptMethod, TrainConfig  # noqa: E402
+from benchmarks._common import build, build_floor, emit, environment, setup, synthetic_batch, timed_step, train_step  # noqa: E402
+from methods.backbone import TINY_ARCH  # noqa: E402
 from methods.registry import get_method, method_names  # noqa: E402
-from orchestrator.training import build_optimizer  # noqa: E402
-
-
-class Floor(PromptMethod):
-    """Frozen image tower forward + backward to a learnable additive input perturbation."""
-
-    name = "floor"
-
-    def __init__(self, backbone: Backbone):
-        super().__init__(backbone, [], "imagenet", MethodConfig())
-        size = backbone.image_size
-        self.delta = nn.Parameter(torch.zeros(3, size, size, device=backbone.device))
-
-    def training_loss(self, images, labels):
-        feats = towers.encode_image(self.backbone, images + self.delta)
-        loss = feats.float().square().mean()
-        return loss, {"floor": float(loss.detach())}
-
-
-def build_floor(bb: Backbone, batch_size: int) -> Built:
-    cfg = TrainConfig(optimizer="sgd", batch_size=batch_size)
-    floor = Floor(bb)
-    return Built("floor", floor, cfg, build_optimizer(floor.param_groups(cfg), cfg))
-
-
-def timed_step(b: Built, images, labels) -> float:
-    cuda = images.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    train_step(b, images, labels)
-    if cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
 
 
 def main(argv=None) -> int:

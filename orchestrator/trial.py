@@ -290,6 +290,7 @@ def run_trial(req: TrialRequest, *, output_dir: Optional[Path] = None, report: O
         return evaluate(method, val_loader, device, train_cfg) if val_loader is not None else None
 
     epochs_run, last_val = 0, None
+    train_images, train_s = 0, 0.0  # examples stepped by this run and the time its training loops took
     if not cls.trains_by_gradient:
         method.prepare(loader)
         method.fit(loader, val_loader)
@@ -321,6 +322,7 @@ def run_trial(req: TrialRequest, *, output_dir: Optional[Path] = None, report: O
                 train_ds.set_epoch(epoch)  # cached augmented views: epoch e trains on view e mod k
             method.train()
             total_loss, seen = 0.0, 0
+            loop_t0, val_s = time.perf_counter(), 0.0
             for images, labels in loader:
                 if step >= n_total:
                     break
@@ -345,10 +347,14 @@ def run_trial(req: TrialRequest, *, output_dir: Optional[Path] = None, report: O
                 seen += len(labels)
                 if (train_cfg.selection == "best_val" and train_cfg.eval_every_iters
                         and step % train_cfg.eval_every_iters == 0 and step % steps_per_epoch != 0):
+                    val_t0 = time.perf_counter()
                     v = val_acc()
                     if v is not None and v > best["val"]:
                         best = {"val": v, "state": copy.deepcopy(method.trainable_state_dict())}
                     method.train()
+                    val_s += time.perf_counter() - val_t0
+            train_s += time.perf_counter() - loop_t0 - val_s
+            train_images += seen
             epochs_run = epoch + 1
             last_val = val_acc()
             if last_val is not None and last_val > best["val"]:
@@ -376,6 +382,8 @@ def run_trial(req: TrialRequest, *, output_dir: Optional[Path] = None, report: O
             last_val = best["val"]
 
     final: dict[str, Any] = {"val_acc": last_val, "epochs_run": epochs_run}
+    if train_images:  # training throughput of this run (data loading included; validation not)
+        final.update(train_images=train_images, train_images_per_s=train_images / max(train_s, 1e-9))
     if cls.trains_by_gradient and stepper.micro is not None:
         final["micro_batch"] = stepper.micro  # out-of-memory retries shrank it (gradients accumulated)
     test_images_read = 0

@@ -101,3 +101,20 @@ def test_a_restored_tracker_reuses_a_trial_run_created_after_the_last_saved_stat
     exp = MlflowClient(uri).get_experiment_by_name("restore")
     runs = MlflowClient(uri).search_runs([exp.experiment_id], "tags.tune_trial_id = 't1'")
     assert len(runs) == 1
+
+
+def test_sweep_driver_turns_mlflow_telemetry_off_unless_the_user_chose(monkeypatch, tmp_path):
+    """MLflow 3 sends usage telemetry (and spends seconds retrying at exit where no internet is reachable):
+    the sweep command sets MLFLOW_DISABLE_TELEMETRY=true, and keeps a value the user set."""
+    import os
+
+    from mlflow.telemetry.utils import is_telemetry_disabled
+
+    from orchestrator import sweep
+
+    monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
+    assert sweep.main([str(tmp_path / "missing.yaml"), "--dry-run"]) == 2  # a user error: still set first
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true" and is_telemetry_disabled()
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "false")
+    sweep.main([str(tmp_path / "missing.yaml"), "--dry-run"])
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "false"

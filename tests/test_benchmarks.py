@@ -1,4 +1,4 @@
-"""benchmarks/memory.py and benchmarks/step_time.py run end to end with their smallest settings.
+"""Every script in benchmarks/ runs end to end with its smallest settings.
 
 Only the contract is checked: exit status 0 and a last stdout line that is a JSON object with the
 expected keys. No timing or memory figure is asserted (they depend on the machine).
@@ -51,3 +51,30 @@ def test_step_time_benchmark_last_line_is_json():
     gradient = {m for m in method_names() if get_method(m).trains_by_gradient}
     assert set(out["median_ms"]) == gradient
     assert set(out["ratio_to_floor"]) == gradient
+
+
+@pytest.mark.slow
+def test_overhead_benchmark_runs_and_loads_weights_once_per_worker():
+    out = _run("overhead.py", "--n", "2", "--skip", "tune_default", "--skip", "promptsweep_nocache")
+    ways = out["ways"]
+    assert set(ways) == {"process_loop", "promptsweep"} and out["speedup_vs"]["process_loop"] > 0
+    assert ways["process_loop"]["backbone_loads_per_trial"] == 1.0
+    assert ways["promptsweep"]["backbone_loads_per_worker"] == [1] * ways["promptsweep"]["worker_processes"]
+
+
+@pytest.mark.slow
+def test_feature_cache_benchmark_agrees_for_coop_and_tgpt():
+    out = _run("feature_cache.py", "--methods", "coop,tgpt", "--seeds", "1", "--shots", "1", "--epochs", "1",
+               "--max-iters", "1")
+    assert set(out["methods"]) == {"coop", "tgpt"} and all(r["agree"] for r in out["methods"].values())
+
+
+@pytest.mark.slow
+def test_packing_benchmark_smoke_run_on_cpu():
+    out = _run("packing.py", "--device", "cpu", "--per-gpu", "1", "--methods", "coop", "--seeds", "2", "--shots", "1",
+               "--epochs", "1")
+    assert out["benchmark"] == "packing" and out["bare"]["images_per_s"] > 0
+    run = out["per_gpu"]["1"]
+    assert run["trials"] == 2 and run["trials_per_hour"] > 0 and run["train_images_per_s"] > 0
+    assert run["gpu_util_mean"] is None or 0 <= run["gpu_util_mean"] <= 100
+    assert set(out["method_vs_bare"]) == {"coop"}
