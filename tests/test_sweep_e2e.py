@@ -208,3 +208,17 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
     trial_runs = [x for x in runs if x.data.tags.get("level") == "trial"]
     assert len(trial_runs) == 4 and len([x for x in runs if x.data.tags.get("level") == "sweep"]) == 1
     assert {x["mlflow_run_id"] for x in final} == {x.info.run_id for x in trial_runs}
+
+
+def test_exit_without_teardown_keeps_the_code_the_output_and_the_atexit_handlers(tmp_path):
+    """The sweep command ends with os._exit after the atexit handlers: nothing written is lost."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "atexit-ran"
+    code = ("import atexit, sys; from orchestrator.sweep import exit_without_teardown; "
+            f"atexit.register(lambda: open({str(marker)!r}, 'w').write('yes')); "
+            "print('out', end=''); print('err', end='', file=sys.stderr); exit_without_teardown(3)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (p.returncode, p.stdout, p.stderr) == (3, "out", "err")
+    assert marker.read_text() == "yes"
