@@ -15,6 +15,7 @@ complete, before ``os.replace`` — the worst moment for a driver to die.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -52,16 +53,24 @@ def harmonic_mean(base: Optional[float], novel: Optional[float]) -> Optional[flo
     return 0.0 if base + novel == 0 else 2 * base * novel / (base + novel)
 
 
-def package_versions() -> dict[str, str]:
+@functools.lru_cache(maxsize=None)
+def _installed_versions() -> tuple[tuple[str, str], ...]:
+    """Looked up once per process: ``importlib.metadata`` scans site-packages on every call (~25 ms, and the
+    results files are rewritten after every trial)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {}
+    out = []
     for name in ("promptsweep", "torch", "open_clip_torch", "ray", "optuna", "mlflow", "pyarrow"):
         try:
-            out[name] = version(name)
+            out.append((name, version(name)))
         except PackageNotFoundError:
             pass
-    return out
+    return tuple(out)
+
+
+def package_versions() -> dict[str, str]:
+    return dict(_installed_versions())
+
 
 
 def _num(v: Any) -> Optional[float]:

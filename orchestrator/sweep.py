@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import threading
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -163,6 +164,25 @@ def run(args: argparse.Namespace) -> int:
         raise
 
 
+@contextmanager
+def _driver_gc():
+    """While Tune runs: the driver keeps every trial's objects alive for the whole sweep (Tune's trials,
+    results, our ledger), so Python's cyclic collector rescans a growing heap ever more often (on a
+    300-trial sweep of short trials ~25% of the driver's time by the end). Start-up objects are frozen
+    out of collection and collections run less often; the previous settings come back afterwards."""
+    import gc
+
+    old = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 1000)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
+        gc.unfreeze()
+
+
 def _shutdown_ray(started: bool) -> None:
     if started:
         import ray
@@ -211,7 +231,8 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
         print(plan.describe().splitlines()[0] + f"; {n} at a time", flush=True)
         tuner = build_tuner(out_dir, searcher, [tracker, results_cb, progress], r.cpu, r.gpu, n,
                             spec.max_retries, use_pruning)
-        tuner.fit()
+        with _driver_gc():
+            tuner.fit()
     except BaseException:
         _shutdown_ray(started_ray)
         raise
