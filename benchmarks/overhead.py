@@ -18,6 +18,9 @@ warm-up (backbone already loaded), with and without the feature cache. Per-trial
 = (its wall time - the floor with its cache setting) / N; for promptsweep the sweep's fixed start-up
 (Ray start, MLflow store creation: time to the first trial start) is reported separately and the
 per-trial figure is taken over the span from the first trial's start to the last one's end.
+``gap_first_fifth_ms`` / ``gap_last_fifth_ms``: the mean time from one trial's end to the next one's
+start (the driver's and Tune's per-trial work) over the first and the last fifth of the trials — how
+that work grows with the sweep's size (``--n 300 --method zeroshot --skip ...`` shows it best).
 ``backbone_loads`` gives how many times each worker process loaded weights (from the trials' own
 reports): once per worker for promptsweep, once per trial elsewhere.
 
@@ -131,7 +134,12 @@ def promptsweep(args, env, work: Path, cache: bool) -> dict:
         if f.get("backbone_loads") is not None:
             by_pid[f["pid"]] = max(by_pid.get(f["pid"], 0), f["backbone_loads"])
     starts, ends = [f["start"] for f in finals], [f["timestamp"] for f in finals]
+    order = sorted(finals, key=lambda f: f["start"])
+    gaps = [b["start"] - a["timestamp"] for a, b in zip(order, order[1:])]  # one trial's end to the next one's start
+    fifth = max(1, len(gaps) // 5)
     return {"wall_s": wall, "startup_s": min(starts) - t0, "trials_span_s": max(ends) - min(starts),
+            "gap_first_fifth_ms": 1e3 * sum(gaps[:fifth]) / fifth if gaps else None,
+            "gap_last_fifth_ms": 1e3 * sum(gaps[-fifth:]) / fifth if gaps else None,
             "worker_processes": len(by_pid), "backbone_loads_per_worker": sorted(by_pid.values()),
             "backbone_loads_per_trial": sum(by_pid.values()) / args.n}
 
@@ -185,6 +193,10 @@ def main(argv=None) -> int:
     ps = ways["promptsweep"]
     print(f"promptsweep start-up (Ray, MLflow, plan) {ps['startup_s']:.1f} s; {ps['worker_processes']} worker "
           f"process(es) loaded weights {ps['backbone_loads_per_worker']} time(s)")
+    if ps["gap_first_fifth_ms"] is not None:
+        print(f"promptsweep gap between one trial's end and the next one's start (driver + Tune): "
+              f"{ps['gap_first_fifth_ms']:.0f} ms in the first fifth of the trials, {ps['gap_last_fifth_ms']:.0f} ms "
+              "in the last fifth")
     print(json.dumps(figures, default=float))
     return 0
 
