@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -273,21 +274,16 @@ def _check_complete(out_dir: Path, uri: str) -> None:
     assert {r["tune_trial_id"]: r["mlflow_run_id"] for r in rows} == {k: v.info.run_id for k, v in got.items()}
 
 
-@pytest.mark.slow
-def test_sweep_goes_on_while_the_server_is_down_and_tracking_catches_up(tmp_path):
+@contextmanager
+def _sweep_losing_its_server_after_the_first_trial(tmp_path, **sweep_kw):
+    """A sweep against a fresh MLflow server that is killed once the first trial finished; yields
+    (server, sweep process, out_dir) and stops exactly those processes afterwards."""
     server = MlflowServer(tmp_path / "mlflow").start()
-    proc = _sweep(tmp_path, server.uri, coop_epochs=400)  # CoOp trials of ~30 s: the outage is mid-sweep
+    proc = _sweep(tmp_path, server.uri, **sweep_kw)
     out_dir = tmp_path / "out" / "outage"
     try:
         _kill_after_first_trial(proc, server, out_dir)
-        time.sleep(1)
-        server.start()  # same port, same backend store (the restart itself takes ~15 s here)
-        assert proc.poll() is None and len(_rows(out_dir)) < N_TRIALS, "the sweep ended before the server was back"
-        stdout, stderr = proc.communicate(timeout=500)
-        assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
-        assert "is not answering" in stderr and "is back" in stderr, stderr[-3000:]
-        assert "tracking_backlog.json" not in stderr and not (out_dir / "tracking_backlog.json").exists()
-        _check_complete(out_dir, server.uri)
+        yield server, proc, out_dir
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -296,12 +292,22 @@ def test_sweep_goes_on_while_the_server_is_down_and_tracking_catches_up(tmp_path
 
 
 @pytest.mark.slow
+def test_sweep_goes_on_while_the_server_is_down_and_tracking_catches_up(tmp_path):
+    # CoOp trials of ~30 s: the outage is mid-sweep
+    with _sweep_losing_its_server_after_the_first_trial(tmp_path, coop_epochs=400) as (server, proc, out_dir):
+        time.sleep(1)
+        server.start()  # same port, same backend store (the restart itself takes ~15 s here)
+        assert proc.poll() is None and len(_rows(out_dir)) < N_TRIALS, "the sweep ended before the server was back"
+        stdout, stderr = proc.communicate(timeout=500)
+        assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+        assert "is not answering" in stderr and "is back" in stderr, stderr[-3000:]
+        assert "tracking_backlog.json" not in stderr and not (out_dir / "tracking_backlog.json").exists()
+        _check_complete(out_dir, server.uri)
+
+
+@pytest.mark.slow
 def test_server_down_until_the_end_leaves_an_exact_backlog_that_a_rerun_logs(tmp_path):
-    server = MlflowServer(tmp_path / "mlflow").start()
-    proc = _sweep(tmp_path, server.uri)
-    out_dir = tmp_path / "out" / "outage"
-    try:
-        _kill_after_first_trial(proc, server, out_dir)
+    with _sweep_losing_its_server_after_the_first_trial(tmp_path) as (server, proc, out_dir):
         stdout, stderr = proc.communicate(timeout=500)
         assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
         backlog_file = out_dir / "tracking_backlog.json"
@@ -324,8 +330,3 @@ def test_server_down_until_the_end_leaves_an_exact_backlog_that_a_rerun_logs(tmp
         assert "already finished" in r.stdout and "logged the" in r.stdout
         assert not backlog_file.exists()
         _check_complete(out_dir, server.uri)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        assert server.stop() == []
