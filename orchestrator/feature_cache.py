@@ -141,12 +141,12 @@ def encode_split(backbone, items: list[Item], transform, split: str, batch_size:
                  seed: Optional[int] = None, encode: Optional[Callable] = None) -> np.ndarray:
     """fp32 ``encode(backbone, images)`` of every item, stacked: by default (``PromptMethod.frozen_image_output``)
     the unnormalised image features [N, D] (``seed`` fixes a random transform's draws)."""
+    from torch.utils.data import DataLoader
+
     from fewshot.images import ImageDataset
     from methods.base import PromptMethod
 
     encode = encode or PromptMethod.frozen_image_output
-    from torch.utils.data import DataLoader
-
     loader = DataLoader(ImageDataset(items, transform, split=split), batch_size=batch_size, shuffle=False,
                         num_workers=0 if seed is not None else num_workers)
     out = []

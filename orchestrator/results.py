@@ -72,7 +72,6 @@ def package_versions() -> dict[str, str]:
     return dict(_installed_versions())
 
 
-
 def _num(v: Any) -> Optional[float]:
     if isinstance(v, bool) or v is None:
         return None
