@@ -96,6 +96,13 @@ def test_zero_shot_runs_without_epochs(tiny_backbone):
     assert out["epochs_run"] == 0 and 0 <= out["test_acc"] <= 100
 
 
+def test_training_throughput_counts_the_examples_stepped(tiny_backbone):
+    # digits 2-shot: 20 training images; batch 8 with drop_last -> 16 per epoch, 3 epochs
+    out = run_trial(_req())
+    assert out["train_images"] == 3 * 16 and out["train_images_per_s"] > 0
+    assert "train_images" not in run_trial(_req(method="zeroshot", overrides={}))  # nothing trained by gradient
+
+
 def test_nan_loss_stops_with_nan_loss_error(tiny_backbone, monkeypatch):
     from methods.coop import CoOp
 
