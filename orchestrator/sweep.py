@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +27,7 @@ from fewshot.errors import ConfigError, UserError
 
 STATE_FILE = "sweep.json"
 OPTUNA_FILE = "optuna.journal"
+RAY_STOP_GRACE_S = 10.0  # how long the driver waits for the Ray processes it started to exit before SIGKILL
 
 
 class _Parser(argparse.ArgumentParser):
@@ -184,10 +186,44 @@ def _driver_gc():
 
 
 def _shutdown_ray(started: bool) -> None:
-    if started:
-        import ray
+    """Stop the local Ray this driver started and wait until its processes are gone, so that when the
+    sweep command returns nothing of it still runs (a next sweep finds no half-dead raylet, a test or a
+    job scheduler sees no stray processes). ``ray.shutdown()`` alone only signals them: the GCS and raylet
+    can take seconds to exit on a loaded machine, and worker processes exit when they notice their
+    raylet is gone. Those still there after ``RAY_STOP_GRACE_S`` are SIGKILLed."""
+    if not started:
+        return
+    import ray
+    import psutil
 
-        ray.shutdown()
+    ours = psutil.Process().children(recursive=True)  # Ray's processes and their workers, before any is reparented
+    ray.shutdown(wait_for_processes=True)
+    alive = _wait_exited(ours, RAY_STOP_GRACE_S)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    _wait_exited(alive, RAY_STOP_GRACE_S)
+
+
+def _wait_exited(procs: list, timeout: float) -> list:
+    """Wait until none of ``procs`` (psutil.Process) runs; a zombie counts as exited (where the container's
+    PID 1 reaps nothing, a reparented worker stays one). Returns those still running at ``timeout``."""
+    import psutil
+
+    def running(p) -> bool:
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + timeout
+    alive = [p for p in procs if running(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = [p for p in alive if running(p)]
+    return alive
 
 
 def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dict], args) -> int:

@@ -222,3 +222,56 @@ def test_exit_without_teardown_keeps_the_code_the_output_and_the_atexit_handlers
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert (p.returncode, p.stdout, p.stderr) == (3, "out", "err")
     assert marker.read_text() == "yes"
+
+
+@pytest.mark.slow
+def test_stopping_the_local_ray_waits_for_its_processes_and_kills_a_lingering_one(tmp_path):
+    """When the sweep command returns, no process of the Ray it started runs on: ``ray.shutdown()`` only
+    signals them (the GCS and raylet can take seconds on a loaded machine), so the driver waits, and one
+    that ignores SIGTERM (here a child that does) is SIGKILLed after the grace period."""
+    import shutil
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="pss.", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    code = f"""
+import json, os, subprocess, sys, time
+os.environ.update(RAY_AUTH_MODE="disabled", RAY_TMPDIR={ray_tmp!r})
+import psutil
+from orchestrator import sweep
+from orchestrator.tune_runner import ensure_ray
+assert ensure_ray(None)
+stubborn = subprocess.Popen([sys.executable, "-c",
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(600)"],
+    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+assert stubborn.stdout.readline().strip() == "ready"
+ours = psutil.Process().children(recursive=True)
+names = sorted({{p.name() for p in ours}})
+sweep.RAY_STOP_GRACE_S = 2.0
+t0 = time.monotonic()
+sweep._shutdown_ray(True)
+took = time.monotonic() - t0
+def running(p):
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+left = [p.pid for p in ours if running(p)]
+rc = stubborn.poll()
+for p in ours:  # whatever a failing shutdown left, so that the test leaves nothing running
+    try:
+        p.kill()
+    except psutil.NoSuchProcess:
+        pass
+print(json.dumps({{"names": names, "left": left, "took": took, "stubborn_rc": rc}}))
+"""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("RAY_ADDRESS", None)
+    try:
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=180)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert {"raylet", "gcs_server"} <= set(got["names"]), got["names"]  # Ray's own processes were among them
+    assert got["left"] == [], got
+    assert got["stubborn_rc"] == -9 and got["took"] >= 2.0, got  # the one ignoring SIGTERM: killed after the grace
