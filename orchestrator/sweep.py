@@ -226,6 +226,17 @@ def _wait_exited(procs: list, timeout: float) -> list:
     return alive
 
 
+def _keep_tracking(tracker) -> None:
+    """A sweep that fails: what MLflow has not taken yet is sent if the server takes it within the usual
+    catch-up budget, the rest is written to the backlog that the next run of the command sends."""
+    try:
+        tracker.stop_sender()
+        tracker.flush()
+        tracker.write_backlog()
+    except Exception as e:  # noqa: BLE001 - never hide the error that ends the sweep
+        print(f"warning: keeping the MLflow queue failed: {type(e).__name__}: {e}", file=sys.stderr)
+
+
 def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dict], args) -> int:
     from orchestrator.progress import ProgressPrinter
     from orchestrator.report import write_report
@@ -240,7 +251,7 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
     r = spec.resources
     data_root = str(Path(spec.data_root).expanduser().resolve()) if spec.data_root else None  # before Ray moves cwd
     spec_hash = spec.spec_hash()
-    tracker = MlflowTracking(tracking_uri, spec.tracking.experiment, spec.name, spec_hash,
+    tracker = MlflowTracking(tracking_uri, spec.tracking.experiment, spec.name, spec_hash, background=True,
                              parent_run_id=(state or {}).get("parent_run_id"), out_dir=out_dir)
     with ThreadPoolExecutor(1) as pool:  # the tracking store's start-up (SQLite migrations: seconds) overlaps Ray's
         parent_future = pool.submit(tracker.ensure_parent)
@@ -270,6 +281,7 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
         with _driver_gc():
             tuner.fit()
     except BaseException:
+        _keep_tracking(tracker)
         _shutdown_ray(started_ray)
         raise
     # Ray's shutdown (stopping its processes: ~1.4 s) overlaps the final writes, which need no Ray

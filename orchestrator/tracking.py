@@ -9,7 +9,9 @@ a trial that starts without a known run first looks for one tagged with its ``tu
 driver may have died after creating it but before Tune saved this state).
 
 Outages never reach Tune. Every MLflow write is an operation (create / log / end, JSON) appended
-to a FIFO queue in the callback's state and sent at once when the queue is empty; when a call fails
+to a FIFO queue in the callback's state and sent at once when the queue is empty — in the sweep
+driver (``background=True``) by a sender thread, so Tune's loop (and the trials waiting on it to
+take their reports) never waits for the server, up or down; when a call fails
 with a connection or server error the queue stays, new operations line up behind it (a trial whose
 run could not be created gets a placeholder id ``None``), and it is retried at later hook calls
 (``on_step_end`` too) after a growing pause (2 s .. 30 s) and at ``finish()``; catching up sends
@@ -39,6 +41,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -185,7 +188,7 @@ class MlflowTracking(Callback):
     max_flush_s = 2.0  #: catching up in a hook call stops after this long (finish() sends everything)
 
     def __init__(self, tracking_uri: str, experiment: str, sweep_name: str, spec_hash: str,
-                 parent_run_id: Optional[str] = None, out_dir: Optional[Path] = None):
+                 parent_run_id: Optional[str] = None, out_dir: Optional[Path] = None, background: bool = False):
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.sweep_name = sweep_name
@@ -198,6 +201,8 @@ class MlflowTracking(Callback):
         self._retry_at = 0.0
         self._failures = 0
         self._restored = False  # set by set_state: trial runs are then looked up before they are created
+        self.background = background
+        self._init_sender()
         driver_http_env(tracking_uri)
         if self.backlog_path and self.backlog_path.exists():
             self._load_backlog()
@@ -221,10 +226,11 @@ class MlflowTracking(Callback):
 
     def _set(self, key: str, run_id: str) -> None:
         kind, _, name = key.partition(":")
-        if kind == "sweep":
-            self.state["parent"] = run_id
-        else:
-            self.state[f"{kind}s"][name] = run_id
+        with self._lock:
+            if kind == "sweep":
+                self.state["parent"] = run_id
+            else:
+                self.state[f"{kind}s"][name] = run_id
 
     def _create_op(self, key: str, name: str, tags: dict, parent: Optional[str]) -> dict:
         return {"op": "create", "key": key, "name": name, "tags": tags, "parent": parent,
@@ -273,8 +279,43 @@ class MlflowTracking(Callback):
         return op
 
     def _submit(self, op: dict) -> None:
-        self.state["pending"].append(self._op(op))
-        self.flush()
+        with self._lock:
+            self.state["pending"].append(self._op(op))
+        if self.background and not self._stopping:
+            self._start_sender()
+            self._wake.set()
+        else:
+            self.flush()
+
+    # --- the background sender (the sweep driver's: Tune's loop never waits for the server) ------------
+    def _init_sender(self) -> None:
+        self._lock = threading.RLock()  # the queue and the run ids: hooks (Tune's thread) vs the sender
+        self._flushing = threading.Lock()  # one flush at a time
+        self._wake = threading.Event()
+        self._sender: Optional[threading.Thread] = None
+        self._stopping = False
+
+    def _start_sender(self) -> None:
+        if self._sender is None and not self._stopping:
+            self._sender = threading.Thread(target=self._send_loop, name="mlflow-sender", daemon=True)
+            self._sender.start()
+
+    def _send_loop(self) -> None:
+        """Send what is queued as soon as it is queued; after a failure, again when the pause is over."""
+        while not self._stopping:
+            pause = self._retry_at - time.monotonic() if self.state["pending"] else None
+            self._wake.wait(timeout=None if pause is None else max(pause, 0.05))
+            self._wake.clear()  # before flushing: an operation queued from now on wakes the loop again
+            if not self._stopping:
+                self.flush(budget_s=None)
+
+    def stop_sender(self) -> None:
+        """Stop the background sender (after the operation it is sending); what is queued stays queued."""
+        self._stopping = True
+        self._wake.set()
+        if self._sender is not None:
+            self._sender.join()
+            self._sender = None
 
     def _run(self, op: dict) -> None:
         """Send one operation (raises what the client raises; _Unresolved when its run does not exist)."""
@@ -335,19 +376,24 @@ class MlflowTracking(Callback):
             n += len(op["metrics"])
         return take
 
-    def flush(self, force: bool = False) -> bool:
+    def flush(self, force: bool = False, budget_s: Optional[float] = -1.0) -> bool:
         """Send the queued operations in order; stop at the first one the server does not take. True when empty.
 
         Never raises. Without ``force`` nothing is tried until the pause after the last failure is over, and a
-        call spends at most ``max_flush_s`` catching up (the rest goes at the next hook)."""
+        call spends at most ``budget_s`` (default ``max_flush_s``; None: no limit) catching up (the rest goes
+        at the next hook)."""
+        with self._flushing:
+            return self._flush(force, self.max_flush_s if budget_s == -1.0 else budget_s)
+
+    def _flush(self, force: bool, budget_s: Optional[float]) -> bool:
         pending = self.state["pending"]
         if not pending:
             return True
         if not force and time.monotonic() < self._retry_at:
             return False
-        deadline = time.monotonic() + self.max_flush_s
+        deadline = None if force or budget_s is None else time.monotonic() + budget_s
         while pending:
-            if not force and time.monotonic() > deadline:
+            if deadline is not None and time.monotonic() > deadline:
                 return False
             take = self._next()
             op = pending[0] if len(take) == 1 else dict(pending[0], metrics=[m for j in take for m in pending[j]["metrics"]])
@@ -359,9 +405,10 @@ class MlflowTracking(Callback):
                         _warn(f"warning: MLflow refused {op['op']} for {op['key']} ({_reason(e)}); "
                               f"it is listed in {self.backlog_path or BACKLOG_FILE} at the end")
                     error = " ".join(str(e).split())[:500]
-                    self.state["rejected"] += [dict(pending[j], error=error) for j in take]
-                    for j in reversed(take):
-                        pending.pop(j)
+                    with self._lock:
+                        self.state["rejected"] += [dict(pending[j], error=error) for j in take]
+                        for j in reversed(take):
+                            pending.pop(j)
                     continue
                 self._failures += 1
                 pause = min(self.retry_interval_s * 2 ** (self._failures - 1), self.max_retry_interval_s)
@@ -373,8 +420,9 @@ class MlflowTracking(Callback):
             if self._failures:
                 _warn(f"MLflow tracking server {self.tracking_uri} is back: sending {len(pending)} queued operation(s)")
                 self._failures, self._retry_at = 0, 0.0
-            for j in reversed(take):
-                pending.pop(j)
+            with self._lock:
+                for j in reversed(take):
+                    pending.pop(j)
         return True
 
     # --- Tune callback hooks ----------------------------------------------------------------
@@ -437,10 +485,12 @@ class MlflowTracking(Callback):
         self._close(trial, "FAILED", f"{last.get('error_class', 'error')}: {last.get('error_message', '')}")
 
     def on_step_end(self, iteration, trials, **info):
-        self.flush()  # catch up while the sweep runs, even between trial events
+        if not self.background:
+            self.flush()  # catch up while the sweep runs, even between trial events
 
     def finish(self, status: str = "FINISHED") -> Optional[Path]:
         """Close the cell runs and the parent run, send what is queued, and write what is left (its path)."""
+        self.stop_sender()
         for cid in list(self.state["cells"]):
             self._end(f"cell:{cid}", status)
         if self.state["parent"] or self._queued("sweep"):
@@ -506,10 +556,15 @@ class MlflowTracking(Callback):
 
     # --- restore ------------------------------------------------------------------------------
     def get_state(self) -> Optional[dict]:
-        return json.loads(json.dumps(self.state))
+        with self._lock:
+            return json.loads(json.dumps(self.state))
 
     def set_state(self, state: dict) -> None:
         """Merge a saved state: run ids kept (a known id wins over a placeholder), queues united in order."""
+        with self._lock:
+            self._merge_state(state)
+
+    def _merge_state(self, state: dict) -> None:
         s = self.state
         self._restored = True
         state = json.loads(json.dumps(state))
@@ -536,7 +591,13 @@ class MlflowTracking(Callback):
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_client"] = None
+        for k in ("_lock", "_flushing", "_wake", "_sender", "_stopping"):
+            d.pop(k, None)
         return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._init_sender()
 
 
 def replay_backlog(out_dir: Path) -> Optional[int]:

@@ -19,9 +19,10 @@ def _trial(tid, stage="search", seed=1, last=None):
     return SimpleNamespace(trial_id=tid, config=cfg, last_result=last or {})
 
 
-def test_runs_nested_tagged_and_closed(tmp_path):
+@pytest.mark.parametrize("background", [False, True], ids=["inline", "sender-thread"])
+def test_runs_nested_tagged_and_closed(tmp_path, background):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cb = MlflowTracking(uri, "exp", "t", "hash1")
+    cb = MlflowTracking(uri, "exp", "t", "hash1", background=background)
     t1, t2 = _trial("a"), _trial("b", stage="final", seed=2)
     cb.on_trial_start(0, [], t1)
     cb.on_trial_start(0, [], t2)
@@ -118,3 +119,63 @@ def test_sweep_driver_turns_mlflow_telemetry_off_unless_the_user_chose(monkeypat
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "false")
     sweep.main([str(tmp_path / "missing.yaml"), "--dry-run"])
     assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "false"
+
+
+def test_background_hooks_never_wait_for_the_server_and_everything_goes_out_in_order(tmp_path):
+    """With the sweep driver's sender thread a hook only queues: here every send is held at a gate
+    (a server that does not answer), yet all hooks of a trial return; once the gate opens the queue
+    drains in submission order, and a Tune snapshot taken meanwhile (get_state) holds what is unsent."""
+    import threading
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cb = MlflowTracking(uri, "exp", "t", "h", background=True)
+    gate, sent = threading.Event(), []
+    real_run = cb._run
+
+    def held_run(op):
+        gate.wait(timeout=5)  # (a regression to inline sends fails below instead of hanging)
+        real_run(op)
+        sent.append((op["op"], op["key"]))
+
+    cb._run = held_run
+    t = _trial("a", stage="final")
+    cb.on_trial_start(0, [], t)
+    for ep in range(3):
+        cb.on_trial_result(0, [], t, {"epoch": ep, "val_acc": 10.0 + ep})
+    t.last_result = {"val_acc": 12.0}
+    cb.on_trial_complete(0, [], t)
+    cb.on_step_end(0, [])
+    assert sent == [] and not gate.is_set()  # every hook returned while the first send is still held
+    snapshot = cb.get_state()
+    assert len(snapshot["pending"]) >= 7 and snapshot["trials"] == {"a": None}
+    gate.set()
+    cb.finish()
+    assert cb.state["pending"] == [] and cb._sender is None
+    keys = [k for _, k in sent]
+    assert keys.index("sweep") < keys.index("cell:fewshot.coop.digits.2shot") < keys.index("trial:a")
+    trial_ops = [o for o, k in sent if k == "trial:a"]
+    assert trial_ops[0] == "create" and trial_ops[-1] == "end" and set(trial_ops[1:-1]) == {"log"}
+    c = MlflowClient(uri)
+    run = c.get_run(cb.trial_run_id("a"))
+    assert run.info.status == "FINISHED"
+    assert sorted(m.value for m in c.get_metric_history(run.info.run_id, "val_acc")) == [10.0, 11.0, 12.0]
+
+
+def test_background_tracker_pickles_without_its_thread(tmp_path):
+    """Tune pickles its callbacks (tuner.pkl); a restored one starts its own sender when it is needed."""
+    import pickle
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cb = MlflowTracking(uri, "exp", "t", "h", background=True)
+    cb.on_trial_start(0, [], _trial("a"))
+    cb2 = pickle.loads(pickle.dumps(cb))
+    assert cb2._sender is None and cb2.background
+    cb.finish()
+    cb2.set_state(cb.get_state())
+    b = _trial("b")
+    cb2.on_trial_start(0, [], b)
+    cb2.on_trial_complete(0, [], b)
+    cb2.finish()
+    c = MlflowClient(uri)
+    assert c.get_run(cb2.trial_run_id("a")).info.run_id == cb.trial_run_id("a")
+    assert c.get_run(cb2.trial_run_id("b")).info.status == "FINISHED"
