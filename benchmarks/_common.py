@@ -178,12 +178,14 @@ def run_sweep(spec: Path, work: Path, env: dict, max_concurrent: int | None = No
 
 def trial_finals(sweep_dir: Path) -> list[dict]:
     """The last Tune result of every trial of a finished sweep (``<output>/<name>/tune/*/result.json``),
-    with ``start`` (epoch seconds) = its end timestamp minus its running time."""
+    with ``end`` (epoch seconds: the trial's ``reported_at``, else Tune's whole-second ``timestamp``) and
+    ``start`` = ``end`` minus its running time."""
     out = []
     for res in sorted(Path(sweep_dir, "tune").glob("*/result.json")):
         rows = [json.loads(line) for line in res.read_text().splitlines() if line.strip()]
         final = dict(rows[-1])
-        final["start"] = final["timestamp"] - final["time_total_s"]
+        final["end"] = final.get("reported_at") or final["timestamp"]
+        final["start"] = final["end"] - final["time_total_s"]
         out.append(final)
     return out
 

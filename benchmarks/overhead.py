@@ -133,9 +133,9 @@ def promptsweep(args, env, work: Path, cache: bool) -> dict:
     for f in finals:
         if f.get("backbone_loads") is not None:
             by_pid[f["pid"]] = max(by_pid.get(f["pid"], 0), f["backbone_loads"])
-    starts, ends = [f["start"] for f in finals], [f["timestamp"] for f in finals]
+    starts, ends = [f["start"] for f in finals], [f["end"] for f in finals]
     order = sorted(finals, key=lambda f: f["start"])
-    gaps = [b["start"] - a["timestamp"] for a, b in zip(order, order[1:])]  # one trial's end to the next one's start
+    gaps = [b["start"] - a["end"] for a, b in zip(order, order[1:])]  # one trial's end to the next one's start
     fifth = max(1, len(gaps) // 5)
     return {"wall_s": wall, "startup_s": min(starts) - t0, "trials_span_s": max(ends) - min(starts),
             "gap_first_fifth_ms": 1e3 * sum(gaps[:fifth]) / fifth if gaps else None,

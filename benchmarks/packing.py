@@ -117,7 +117,7 @@ def packed_sweep(args, k: int, work: Path, env: dict) -> dict:
     with GpuSampler(args.sample_s) as sampler:
         wall = run_sweep(spec, work, env, max_concurrent=None if gpu else k)
     finals = trial_finals(work / "sweeps" / name)
-    t0, t1 = min(f["start"] for f in finals), max(f["timestamp"] for f in finals)
+    t0, t1 = min(f["start"] for f in finals), max(f["end"] for f in finals)
     span = t1 - t0
     util, mem = sampler.during(t0, t1)
     per_method: dict[str, list[float]] = {}

@@ -13,9 +13,10 @@ to a FIFO queue in the callback's state and sent at once when the queue is empty
 driver (``background=True``) by a sender thread, so Tune's loop (and the trials waiting on it to
 take their reports) never waits for the server, up or down; when a call fails
 with a connection or server error the queue stays, new operations line up behind it (a trial whose
-run could not be created gets a placeholder id ``None``), and it is retried at later hook calls
-(``on_step_end`` too) after a growing pause (2 s .. 30 s) and at ``finish()``; catching up sends
-a run's queued metrics in batches and spends at most ``max_flush_s`` per hook call. Replays are
+run could not be created gets a placeholder id ``None``), and it is retried after a growing pause
+(2 s .. 30 s) — by the sender thread, or without it at later hook calls (``on_step_end`` too) — and
+at ``finish()``; catching up sends a run's queued metrics in batches (inline: at most
+``max_flush_s`` per hook call). Replays are
 idempotent: metrics keep their original timestamp (MLflow drops exact duplicates), params are
 logged once, and each run carries a ``promptsweep_create_id`` tag that a retried create looks up
 first, so a create that timed out but reached the server is not made twice. An operation the
@@ -54,7 +55,7 @@ from fewshot.errors import ConfigError
 
 #: Tune bookkeeping keys that are not worth a metric
 _TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "time_since_restore",
-              "iterations_since_restore", "done", "trial_failed", "final"}
+              "iterations_since_restore", "done", "trial_failed", "final", "reported_at"}
 
 BACKLOG_FILE = "tracking_backlog.json"
 #: MLflow client settings for the driver (only set where the variable is not set already)

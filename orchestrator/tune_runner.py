@@ -27,6 +27,7 @@ scheduler, and building or restoring the one ``Tuner`` that runs every trial.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -168,6 +169,7 @@ def trial_trainable(config: dict) -> None:
         if "epochs_run" in metrics:
             m["final"] = 1
             m["backbone_loads"] = backbone.LOAD_COUNT  # weights loaded by this worker process so far
+            m["reported_at"] = time.time()  # Tune's own `timestamp` is whole seconds
             saw_final["v"] = True
         if checkpoint_dir is not None:
             tune.report(m, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
