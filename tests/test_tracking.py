@@ -133,7 +133,7 @@ def test_background_hooks_never_wait_for_the_server_and_everything_goes_out_in_o
     real_run = cb._run
 
     def held_run(op):
-        gate.wait(timeout=5)  # (a regression to inline sends fails below instead of hanging)
+        gate.wait(timeout=20)  # (a regression to inline sends fails below instead of hanging)
         real_run(op)
         sent.append((op["op"], op["key"]))
 
