@@ -308,7 +308,7 @@ class MlflowTracking(Callback):
             self._wake.wait(timeout=None if pause is None else max(pause, 0.05))
             self._wake.clear()  # before flushing: an operation queued from now on wakes the loop again
             if not self._stopping:
-                self.flush(budget_s=None)
+                self.flush(budget_s=float("inf"))
 
     def stop_sender(self) -> None:
         """Stop the background sender (after the operation it is sending); what is queued stays queued."""
@@ -377,24 +377,23 @@ class MlflowTracking(Callback):
             n += len(op["metrics"])
         return take
 
-    def flush(self, force: bool = False, budget_s: Optional[float] = -1.0) -> bool:
+    def flush(self, force: bool = False, budget_s: Optional[float] = None) -> bool:
         """Send the queued operations in order; stop at the first one the server does not take. True when empty.
 
         Never raises. Without ``force`` nothing is tried until the pause after the last failure is over, and a
-        call spends at most ``budget_s`` (default ``max_flush_s``; None: no limit) catching up (the rest goes
-        at the next hook)."""
+        call spends at most ``budget_s`` (default ``max_flush_s``) catching up (the rest goes at the next hook)."""
         with self._flushing:
-            return self._flush(force, self.max_flush_s if budget_s == -1.0 else budget_s)
+            return self._flush(force, self.max_flush_s if budget_s is None else budget_s)
 
-    def _flush(self, force: bool, budget_s: Optional[float]) -> bool:
+    def _flush(self, force: bool, budget_s: float) -> bool:
         pending = self.state["pending"]
         if not pending:
             return True
         if not force and time.monotonic() < self._retry_at:
             return False
-        deadline = None if force or budget_s is None else time.monotonic() + budget_s
+        deadline = float("inf") if force else time.monotonic() + budget_s
         while pending:
-            if deadline is not None and time.monotonic() > deadline:
+            if time.monotonic() > deadline:
                 return False
             take = self._next()
             op = pending[0] if len(take) == 1 else dict(pending[0], metrics=[m for j in take for m in pending[j]["metrics"]])
