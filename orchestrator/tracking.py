@@ -586,7 +586,7 @@ class MlflowTracking(Callback):
                 if name == "pending" and op["op"] == "create":
                     op["tried"] = True  # it may have reached the server after this state was saved
                 ops.setdefault(op["id"], op)
-            s[name] = sorted(ops.values(), key=lambda op: op["t"])
+            s[name][:] = sorted(ops.values(), key=lambda op: op["t"])  # in place: a running flush holds this list
 
     def __getstate__(self):
         d = dict(self.__dict__)
