@@ -1,6 +1,10 @@
-"""``python -m fewshot``: ``check`` which datasets are present under the data root (with ``--shots``,
-also that every image of those few-shot splits decodes; see ``fewshot.validate``), and print a
+"""``python -m fewshot``: ``check`` which datasets are present under the data root, and print a
 few-shot ``split`` as JSON. User errors print one ``error: ...`` line and exit with code 2.
+
+``check`` gives each dataset one line: ``present`` (readable, sound labels, no empty split, image
+counts within ``--count-tolerance`` of the published sizes, every test image there; with ``--shots``
+also every image of those few-shot splits decodes), ``mismatch`` (counts off: the line says which),
+``malformed`` (the line names the file and the fix) or ``missing``. Exit 0 only when all are present.
 """
 from __future__ import annotations
 
@@ -12,9 +16,9 @@ import sys
 from fewshot.errors import DataError, MissingDataError, UserError
 from fewshot.offline import is_offline, shapes_class_count
 from fewshot.paths import resolve_data_root
-from fewshot.registry import CATALOG, dataset_names, load_dataset
+from fewshot.registry import CATALOG, COUNT_TOLERANCE, dataset_names, load_dataset
 from fewshot.sampling import fewshot_split
-from fewshot.validate import check_fewshot, check_labels
+from fewshot.validate import SizeMismatchError, check_fewshot, check_files_exist, check_labels, check_sizes
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,9 +41,8 @@ def _count(found: int, expected: int | None) -> str:
     return f"{found}/{expected}" + ("" if found == expected else " !")
 
 
-def check_one(name: str, data_root, shots=(), seeds=(1, 2, 3)) -> tuple[str, str]:
-    """``(status, detail)`` with status present | missing | malformed. With ``shots``, the images of
-    those K-shot train/val splits (for each seed) must also exist and decode."""
+def check_one(name: str, data_root, shots=(), seeds=(1, 2, 3), tolerance=COUNT_TOLERANCE) -> tuple[str, str]:
+    """``(status, detail)`` with status present | mismatch | missing | malformed (see the module docstring)."""
     try:
         n_cls, sizes = _expected(name)
         ds = load_dataset(name, data_root)
@@ -47,20 +50,26 @@ def check_one(name: str, data_root, shots=(), seeds=(1, 2, 3)) -> tuple[str, str
         return "missing", str(exc)
     except DataError as exc:
         return "malformed", str(exc)
-    try:
-        check_labels(ds)
-        n_images = check_fewshot(ds, [(k, s) for k in shots for s in seeds]) if shots and ds.train else None
-    except DataError as exc:
-        return "malformed", str(exc)
     got = (len(ds.train), len(ds.val), len(ds.test))
     cells = [f"classes {_count(ds.num_classes, n_cls)}"] + [
         f"{part} {_count(g, sizes[i] if sizes else None)}" for i, (part, g) in enumerate(zip(("train", "val", "test"), got))]
+    counts = "  ".join(cells)
     if ds.num_classes != n_cls:
-        return "malformed", "  ".join(cells) + f"  (expected {n_cls} classes)"
-    note = "  (image counts differ from CoOp's split)" if sizes and tuple(got) != tuple(sizes) else ""
+        return "malformed", counts + f"  (expected {n_cls} classes)"
+    has_train = bool(sizes[0]) if sizes else True  # ImageNet's variants are test-only
+    try:
+        check_labels(ds)
+        check_sizes(ds, needs_train=has_train, tolerance=tolerance)
+        check_files_exist(ds.test, f"the test split of '{name}'")
+        n_images = check_fewshot(ds, [(k, s) for k in shots for s in seeds]) if shots and has_train else None
+    except SizeMismatchError as exc:
+        return "mismatch", f"{counts}  ({exc})"
+    except DataError as exc:
+        return "malformed", f"{counts}  ({exc})"
+    note = "  (image counts differ from CoOp's split, within the tolerance)" if sizes and tuple(got) != tuple(sizes) else ""
     if n_images is not None:
         note += f"  ({n_images} few-shot images decode)"
-    return "present", "  ".join(cells) + note
+    return "present", counts + note
 
 
 def cmd_check(args) -> int:
@@ -74,7 +83,7 @@ def cmd_check(args) -> int:
     ok = True
     width = max(len(n) for n in names)
     for name in names:
-        status, detail = check_one(name, args.data_root, args.shots or (), args.seeds)
+        status, detail = check_one(name, args.data_root, args.shots or (), args.seeds, args.count_tolerance)
         ok &= status == "present"
         print(f"{name:<{width}}  {status:<9}  {detail}")
     return 0 if ok else 2
@@ -109,6 +118,19 @@ def _positive_ints(text: str) -> list[int]:
     return values
 
 
+def _tolerance(text: str):
+    """``0.01`` -> 0.01; ``none`` -> None (no comparison)."""
+    if text.strip().lower() in ("none", "null", "off"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value: '{text}' (a fraction such as 0.01, or none)") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (got {text})")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m fewshot", description="promptsweep datasets: check the data root, print few-shot splits")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -119,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also decode every image of these K-shot train/val splits (e.g. --shots 1,2,4,8,16)")
     c.add_argument("--seeds", type=_positive_ints, default=[1, 2, 3], metavar="S,S,...",
                    help="seeds of the splits checked with --shots (default: 1,2,3)")
+    c.add_argument("--count-tolerance", type=_tolerance, default=COUNT_TOLERANCE, metavar="F",
+                   help=f"relative difference allowed between each split's image count and the published size "
+                        f"(default {COUNT_TOLERANCE}; 'none' skips the comparison, e.g. for a deliberate subset)")
     c.set_defaults(func=cmd_check)
     s = sub.add_parser("split", help="print the K-shot train/val split of a dataset")
     s.add_argument("--dataset", required=True)

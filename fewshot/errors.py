@@ -33,5 +33,12 @@ class TrainingError(UserError):
         self.error_class = error_class
 
 
+class EmptySplitError(DataError):
+    """A split that is read has no images (a flat ImageNet val, an emptied split file): an accuracy over
+    nothing is an error, never 0 %."""
+
+    error_class = "empty_split"
+
+
 class MissingDataError(DataError):
     """A data root, dataset folder, split/list file or image that should exist does not."""

@@ -1,5 +1,6 @@
 """Where things live: the data root (``--data-root`` / ``$PROMPTSWEEP_DATA``) and the cache root
-(``$PROMPTSWEEP_CACHE``, default ``~/.cache/promptsweep``), plus atomic file writing."""
+(``$PROMPTSWEEP_CACHE``, default ``~/.cache/promptsweep``), plus the project's one atomic file writer
+(``atomic_open``: temp file beside the target, fsync, the usual ``0666 & ~umask`` mode, ``os.replace``)."""
 from __future__ import annotations
 
 import os
@@ -7,9 +8,15 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from typing import Callable, Optional
+
 from fewshot.errors import MissingDataError
 
 DOCS = "docs/data.md"
+_UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it)
+os.umask(_UMASK)
+#: the mode every file written through ``atomic_open`` gets: what ``open()`` would give, not mkstemp's 0600
+FILE_MODE = 0o666 & ~_UMASK
 
 
 def resolve_data_root(data_root: str | os.PathLike | None = None) -> Path:
@@ -35,12 +42,15 @@ def cache_root() -> Path:
 
 
 @contextmanager
-def atomic_open(path: Path, mode: str = "w", encoding: str | None = None):
-    """Open a temp file beside ``path``; on success it is fsynced and ``os.replace``d onto ``path``.
+def atomic_open(path: Path, mode: str = "w", encoding: str | None = None,
+                before_replace: Optional[Callable[[], None]] = None):
+    """Open a temp file beside ``path``; on success it is fsynced, given ``FILE_MODE`` and
+    ``os.replace``d onto ``path`` (``before_replace`` runs just before the rename: a test hook).
 
     Readers see either no file (or the old one) or the complete new one; concurrent writers of the
     same content are safe (the last rename wins, every version is whole). On an error the temp file
-    is removed and ``path`` is untouched.
+    is removed and ``path`` is untouched. Cache, split and result files all get the mode a plain
+    ``open()`` would give them, so whoever may read the directory may read them.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,6 +60,9 @@ def atomic_open(path: Path, mode: str = "w", encoding: str | None = None):
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, FILE_MODE)
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -82,8 +82,8 @@ def fewshot_split(ds: DatasetSplits, shots: int, seed: int, cache_dir: str | os.
     val = sample_fewshot(ds.val, min(shots, 4), rng)
     payload = {
         "dataset": ds.name, "shots": shots, "seed": seed, "source": source,
-        "train": [[os.path.relpath(it.impath, root), it.label, it.classname] for it in train],
-        "val": [[os.path.relpath(it.impath, root), it.label, it.classname] for it in val],
+        "train": [[_relative(it.impath, root), it.label, it.classname] for it in train],
+        "val": [[_relative(it.impath, root), it.label, it.classname] for it in val],
     }
     write_text_atomic(path, json.dumps(payload, indent=1))
     return FewShotSplit(train, val)
@@ -97,14 +97,32 @@ def _image_root(ds: DatasetSplits) -> str:
     return os.path.commonpath(sorted(dirs)) if dirs else os.sep
 
 
+def _relative(path: str, root: str) -> str:
+    """``os.path.relpath(path, root)``, by slicing when ``path`` lies under ``root`` (10x faster: it is
+    called for every image of the dataset)."""
+    prefix = root.rstrip(os.sep) + os.sep
+    return path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)
+
+
 def _fingerprint(ds: DatasetSplits, root: str) -> str:
-    """sha256 of the full train and val lists (relative paths, labels, names), in order."""
-    h = hashlib.sha256()
-    for part in (ds.train, ds.val):
-        for it in part:
-            h.update(f"{os.path.relpath(it.impath, root)}\t{it.label}\t{it.classname}\n".encode())
-        h.update(b"--\n")
-    return h.hexdigest()
+    """sha256 of the full train and val lists (relative paths, labels, names), in order; computed once per
+    dataset object (ImageNet: ~1.3M entries)."""
+    key = ("fingerprint", root)
+    if key not in ds.memo:
+        h = hashlib.sha256()
+        for part in (ds.train, ds.val):
+            h.update("".join(f"{_relative(it.impath, root)}\t{it.label}\t{it.classname}\n" for it in part).encode())
+            h.update(b"--\n")
+        ds.memo[key] = h.hexdigest()
+    return ds.memo[key]
+
+
+def _index(ds: DatasetSplits, root: str) -> dict[str, Item]:
+    """``{path relative to root: item}`` over the train and val lists, built once per dataset object."""
+    key = ("index", root)
+    if key not in ds.memo:
+        ds.memo[key] = {os.path.normpath(_relative(it.impath, root)): it for it in ds.train + ds.val}
+    return ds.memo[key]
 
 
 def _read_cache(path: Path, ds: DatasetSplits, root: str, source: str) -> FewShotSplit | None:
@@ -118,7 +136,7 @@ def _read_cache(path: Path, ds: DatasetSplits, root: str, source: str) -> FewSho
         raise DataError(f"few-shot split cache {path} is corrupt (not an object with source/train/val): {fix}")
     if data["source"] != source:
         return None
-    known = {os.path.normpath(it.impath): it for it in ds.train + ds.val}
+    known = _index(ds, root)
     out = []
     for part in ("train", "val"):
         entries = data[part]
@@ -128,7 +146,7 @@ def _read_cache(path: Path, ds: DatasetSplits, root: str, source: str) -> FewSho
         for i, e in enumerate(entries):
             ok = (isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and isinstance(e[1], int)
                   and not isinstance(e[1], bool) and isinstance(e[2], str))
-            item = known.get(os.path.normpath(os.path.join(root, e[0]))) if ok else None
+            item = known.get(os.path.normpath(e[0])) if ok else None
             if item is None or item.label != e[1] or item.classname != e[2]:
                 raise DataError(
                     f"few-shot split cache {path} is corrupt ('{part}' entry {i} = {json.dumps(e)[:100]} "

@@ -1,7 +1,7 @@
 """The two value types of the data layer: one labelled image (``Item``) and a built dataset (``DatasetSplits``)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,8 @@ class DatasetSplits:
 
     ``image_root`` is the directory the few-shot split cache stores paths relative to (the
     directory the split file's paths are relative to; for folder datasets, their image folder).
-    Treat the lists as read-only: samplers return new lists.
+    Treat the lists as read-only: samplers return new lists, and ``memo`` keeps what is derived from
+    the lists once per object (``fewshot.sampling``'s fingerprint and path index: seconds for ImageNet).
     """
 
     name: str
@@ -28,6 +29,7 @@ class DatasetSplits:
     test: list[Item]
     classnames: list[str]
     image_root: str = ""
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int:

@@ -1,27 +1,39 @@
 """Up-front data checks: is a dataset fit to train on, before any trial (or GPU) is taken?
 
 Owns ``check_labels`` (every label in ``0..C-1``, every class has training images),
-``check_images`` (every listed image exists and decodes, checked in a thread pool),
-``check_fewshot`` (the images of the K-shot train/val splits a sweep will actually draw) and
-``check_sweep_data`` (all of it for a sweep's datasets and targets; used by
-``orchestrator.sweep._preflight`` and ``python -m fewshot check --shots``).
+``check_sizes`` (no empty train/val/test part a protocol reads, and the image counts of a standard
+dataset within ``COUNT_TOLERANCE`` of the published split sizes), ``check_images`` (every listed
+image exists and decodes, checked in a thread pool), ``check_files_exist`` (every image of a list
+exists: a stat, no decode), ``check_fewshot`` (the images of the K-shot train/val splits a sweep will
+actually draw) and ``check_sweep_data`` (all of it for a sweep's datasets and targets; used by
+``orchestrator.sweep._preflight`` and ``python -m fewshot check``).
 
 Only the few-shot train/val images are decoded — a few per class and seed, so even ImageNet
-(1.28M training images) costs seconds: its 16-shot splits for three seeds are < 60k images. The
-full lists are checked structurally (labels, class coverage) without touching the files.
+(1.28M training images) costs seconds: its 16-shot splits for three seeds are < 60k images. The test
+lists a sweep evaluates on are checked for existence (ImageNet's 50k in well under a second), so a
+missing test image stops the sweep before training rather than a trial after it. The full training
+lists are checked structurally (labels, class coverage) without touching the files.
 Every problem is a one-line ``DataError`` naming the file (or folder) to fix.
 """
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Optional
 
-from fewshot.errors import DataError
-from fewshot.images import check_image
-from fewshot.registry import load_dataset
+from fewshot.errors import DataError, EmptySplitError
+from fewshot.images import MissingImageError, check_image
+from fewshot.paths import DOCS
+from fewshot.registry import CATALOG, COUNT_TOLERANCE, load_dataset
 from fewshot.sampling import fewshot_split
 from fewshot.types import DatasetSplits, Item
+
+PARTS = ("train", "val", "test")
+
+
+class SizeMismatchError(DataError):
+    """A standard dataset's image counts are further from the published split sizes than the tolerance."""
 
 
 def _where(ds: DatasetSplits) -> str:
@@ -44,6 +56,46 @@ def check_labels(ds: DatasetSplits) -> None:
             shown = ", ".join(f"{lab} '{ds.classnames[lab]}'" for lab in empty[:5]) + (" ..." if len(empty) > 5 else "")
             raise DataError(f"{_where(ds)}: {len(empty)} class(es) have no training images ({shown}): "
                             "add their images or fix the split/list file")
+
+
+def check_sizes(ds: DatasetSplits, needs_train: bool = True, tolerance: Optional[float] = COUNT_TOLERANCE) -> None:
+    """No empty part that will be read (train/val/test of a source dataset, test of a target) — whatever the
+    tolerance — and, for a standard dataset with ``tolerance`` not None, each part's image count within
+    ``tolerance`` (relative) of the published size. One DataError naming the dataset, the counts and the fix."""
+    got = {p: len(getattr(ds, p)) for p in PARTS}
+    wanted = PARTS if needs_train else ("test",)
+    empty = [p for p in wanted if got[p] == 0]
+    if empty:
+        raise EmptySplitError(f"{_where(ds)}: the {'/'.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty "
+                              f"(train {got['train']}, val {got['val']}, test {got['test']} images): nothing to "
+                              f"{'train on or ' if 'train' in empty else ''}evaluate; fix the dataset folder or its "
+                              f"split file (see {DOCS})")
+    info = CATALOG.get(ds.name)
+    if info is None or tolerance is None:
+        return
+    off = [(p, got[p], want) for p, want in zip(PARTS, info.sizes)
+           if want and abs(got[p] - want) > tolerance * want and (needs_train or p == "test")]
+    if off:
+        shown = ", ".join(f"{p} {g} (published: {w})" for p, g, w in off)
+        raise SizeMismatchError(f"{_where(ds)}: image counts differ from the published split by more than "
+                        f"{tolerance:.0%}: {shown}; complete the download (see {DOCS}), or, for a deliberate "
+                        "subset, raise the tolerance (count_tolerance in the spec, --count-tolerance for "
+                        "python -m fewshot check; null / none skips the comparison)")
+
+
+def check_files_exist(items: Iterable[Item], what: str, workers: int | None = None) -> int:
+    """Every distinct image of ``items`` exists as a file (a stat, no decode; in a thread pool): a
+    MissingImageError naming the first missing one and how many are missing. Returns how many were checked."""
+    paths = list(dict.fromkeys(it.impath for it in items))
+    if not paths:
+        return 0
+    with ThreadPoolExecutor(_workers(len(paths), workers)) as pool:
+        present = list(pool.map(os.path.isfile, paths, chunksize=512))
+    missing = [p for p, ok in zip(paths, present) if not ok]
+    if missing:
+        raise MissingImageError(f"image file {missing[0]} is missing: re-download the dataset (see {DOCS}) "
+                                f"[{len(missing)} of the {len(paths)} images of {what} are missing]")
+    return len(paths)
 
 
 def _workers(n_files: int, workers: int | None) -> int:
@@ -89,17 +141,24 @@ def check_fewshot(ds: DatasetSplits, pairs: Iterable[tuple[int, int]], workers: 
 
 
 def check_sweep_data(needs: Mapping[str, Iterable[tuple[int, int]]], data_root=None,
-                     targets: Iterable[str] = (), workers: int | None = None) -> dict[str, int]:
-    """For each source dataset: read it, check its labels and the images of its ``(shots, seed)``
-    splits; for each target (evaluated on its test split only): read it and check its labels.
-    Returns ``{dataset: images checked}``; the first problem is a DataError naming the file."""
+                     targets: Iterable[str] = (), workers: int | None = None,
+                     tolerance: Optional[float] = COUNT_TOLERANCE,
+                     progress: Optional[Callable[[str], None]] = None) -> dict[str, int]:
+    """For each source dataset: read it, check its labels and sizes, the images of its ``(shots, seed)``
+    splits (decoded) and its test list (exists); for each target (evaluated on its test split only): read
+    it and check its labels, sizes and test list. Returns ``{dataset: few-shot images decoded}``; the first
+    problem is a DataError naming the file. ``progress`` gets one line per dataset, with its time."""
+    say = progress or (lambda line: None)
     checked: dict[str, int] = {}
-    for name, pairs in needs.items():
+    todo = list(needs.items()) + [(t, None) for t in dict.fromkeys(targets) if t not in needs]
+    for i, (name, pairs) in enumerate(todo, 1):
+        t0 = time.perf_counter()
         ds = load_dataset(name, data_root)
         check_labels(ds)
-        checked[name] = check_fewshot(ds, pairs, workers)
-    for name in dict.fromkeys(targets):
-        if name not in checked:
-            check_labels(load_dataset(name, data_root))
-            checked[name] = 0
+        check_sizes(ds, needs_train=pairs is not None, tolerance=tolerance)
+        checked[name] = check_fewshot(ds, pairs, workers) if pairs is not None else 0
+        n_test = check_files_exist(ds.test, f"the test split of '{name}'", workers)
+        decoded = f"{checked[name]} few-shot images decode, " if pairs is not None else ""
+        say(f"  {i}/{len(todo)} {name} ({'source' if pairs is not None else 'target'}): {decoded}{n_test} test images "
+            f"present ({time.perf_counter() - t0:.1f} s)")
     return checked

@@ -14,8 +14,15 @@ Life of a method inside a trial (``orchestrator.trial``):
 3. gradient training: ``training_loss(images, labels)`` per step with an optimizer over
    ``param_groups(train_cfg)``; or, when ``trains_by_gradient`` is False, one call to
    ``fit(train_loader, val_loader)`` (linear probe);
-4. evaluation: ``forward(images)`` gives logits over the current classnames; for base-to-novel the
-   trial calls ``set_classnames(novel_names)`` before evaluating the novel classes.
+4. evaluation: ``forward(images)`` gives logits over the current classnames; before each test set the
+   trial calls ``set_classnames(names, dataset)`` — base-to-novel's novel classes, or a cross-dataset /
+   domain-generalization target — and every hand-crafted template is then that dataset's own
+   (``hand_templates``), as the reference code evaluates each target with its own configuration.
+
+A method whose classifier is a head over its training classes (``tied_to_training_classes``: TGP-T,
+a linear head) can score only those classes or a subset of them, selected by name
+(``training_class_rows``), as the domain-generalization literature scores ImageNet-A/R's 200 classes
+with a 1,000-class ImageNet head; the planner refuses any other evaluation before a trial starts.
 
 Per-method defaults (training schedule and method hyperparameters, per dataset / shots / protocol)
 live in ``methods/defaults/<name>.yaml`` and are resolved by ``methods.defaults``.
@@ -29,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn import functional as F
 
+from fewshot.errors import ConfigError
 from methods.backbone import Backbone
 
 PROTOCOLS = ("fewshot", "base2novel", "cross_dataset", "domain_generalization")
@@ -102,9 +110,17 @@ class PromptMethod(nn.Module):
         super().__init__()
         # held by reference, deliberately not a submodule (not in parameters()/state_dict())
         object.__setattr__(self, "_backbone", backbone)
-        self.dataset = dataset
+        self.dataset = dataset  # the training dataset
+        self.eval_dataset = dataset  # the dataset whose classes are scored now (set_classnames)
         self.cfg = cfg
         self.classnames = list(classnames)
+        self.train_classnames = list(classnames)
+
+    @classmethod
+    def tied_to_training_classes(cls, cfg: MethodConfig) -> bool:
+        """True when, with ``cfg``, the classifier is a head over the training classes: it can then score
+        those classes or a subset of them (by name), never other class names (base2novel, cross-dataset)."""
+        return False
 
     @property
     def backbone(self) -> Backbone:
@@ -122,10 +138,40 @@ class PromptMethod(nn.Module):
         return self.backbone.device
 
     # --- hooks subclasses override ---------------------------------------------------------
-    def set_classnames(self, classnames: list[str]) -> None:
-        """Switch the classifier to ``classnames`` (base-to-novel evaluation). Rebuild class state."""
+    def set_classnames(self, classnames: list[str], dataset: Optional[str] = None) -> None:
+        """Switch the classifier to ``classnames`` of ``dataset`` (default: the training dataset), whose
+        hand-crafted templates then score them. Subclasses rebuild their class state."""
         self.classnames = list(classnames)
+        self.eval_dataset = dataset or self.dataset
         self.__dict__.pop("_eval_text_cache", None)
+
+    def hand_templates(self, kind: str) -> list[str]:
+        """The hand-crafted templates of the dataset being scored (``eval_dataset``): its single template of
+        ``kind`` (coop | kgcoop | sep), or CoOp's ensemble for ``kind="ensemble"``."""
+        from fewshot.templates import ensemble_templates, template
+
+        return list(ensemble_templates(self.eval_dataset)) if kind == "ensemble" else [template(self.eval_dataset, kind)]
+
+    def hand_text_features(self, kind: str) -> torch.Tensor:
+        """Frozen, normalised CLIP text features [C, E] of the current classnames under ``hand_templates(kind)``
+        (averaged over templates when several), as a fresh tensor the method may keep."""
+        return self.backbone.template_text_features(self.classnames, self.hand_templates(kind)).detach().clone()
+
+    def training_class_rows(self, classnames: list[str]) -> Optional[torch.Tensor]:
+        """For a head over the training classes: the head rows that score ``classnames`` (None when they are
+        the training classes in their order); ConfigError naming classes the method never trained on."""
+        names = list(classnames)
+        if names == self.train_classnames:
+            return None
+        row = {n: i for i, n in enumerate(self.train_classnames)}
+        unseen = [n for n in names if n not in row]
+        if unseen:
+            shown = ", ".join(f"'{n}'" for n in unseen[:5]) + (" ..." if len(unseen) > 5 else "")
+            raise ConfigError(f"{self.name}: its classifier is tied to its {len(row)} training classes and cannot "
+                              f"score {len(unseen)} class(es) it never trained on ({shown}); evaluate it only on "
+                              "those classes or a subset of them (fewshot; domain_generalization to ImageNet's "
+                              "variants), or use a text-based method")
+        return torch.tensor([row[n] for n in names], dtype=torch.long, device=self.device)
 
     def eval_text_features(self) -> torch.Tensor:
         """The subclass's ``text_features()`` (class text features [C, E] of a method with a learned text

@@ -80,6 +80,6 @@ class CoCoOp(PromptMethod):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.logits_from_features(self.backbone.encode_image(images, normalize=True))
 
-    def set_classnames(self, classnames: list[str]) -> None:
-        super().set_classnames(classnames)
+    def set_classnames(self, classnames: list[str], dataset: Optional[str] = None) -> None:
+        super().set_classnames(classnames, dataset)
         self.text = LearnedContextText(self.backbone, self.classnames, self.cfg.n_ctx, self.cfg.ctx_init)

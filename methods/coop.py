@@ -47,8 +47,8 @@ class CoOp(PromptMethod):
         c = self.cfg
         return LearnedContextText(self.backbone, classnames, c.n_ctx, c.ctx_init, c.class_token_position)
 
-    def set_classnames(self, classnames: list[str]) -> None:
-        super().set_classnames(classnames)
+    def set_classnames(self, classnames: list[str], dataset: Optional[str] = None) -> None:
+        super().set_classnames(classnames, dataset)
         self.text = self._text(self.classnames)
 
     def context(self) -> torch.Tensor:

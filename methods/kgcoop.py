@@ -41,16 +41,11 @@ class KgCoOp(CoOp):
 
     def __init__(self, backbone: Backbone, classnames: list[str], dataset: str, cfg: KgCoOpConfig):
         super().__init__(backbone, classnames, dataset, cfg)
-        self.register_buffer("clip_text_features", self._template_features(self.classnames), persistent=False)
+        self.register_buffer("clip_text_features", self.hand_text_features("kgcoop"), persistent=False)
 
-    def _template_features(self, classnames: list[str]) -> torch.Tensor:
-        from fewshot.templates import template
-
-        return self.backbone.template_text_features(classnames, [template(self.dataset, "kgcoop")]).detach().clone()
-
-    def set_classnames(self, classnames: list[str]) -> None:
-        super().set_classnames(classnames)
-        self.clip_text_features = self._template_features(self.classnames)
+    def set_classnames(self, classnames: list[str], dataset: Optional[str] = None) -> None:
+        super().set_classnames(classnames, dataset)
+        self.clip_text_features = self.hand_text_features("kgcoop")
 
     def guidance(self, text_features: torch.Tensor) -> torch.Tensor:
         """1 − mean_c cos(w_c, w_c^clip)."""

@@ -163,7 +163,11 @@ class LinearProbe(PromptMethod):
     def training_loss(self, images: torch.Tensor, labels: torch.Tensor):
         raise ConfigError("linear_probe is fitted in closed form (fit); it has no gradient training step")
 
-    def set_classnames(self, classnames: list[str]) -> None:
+    @classmethod
+    def tied_to_training_classes(cls, cfg) -> bool:
+        return True
+
+    def set_classnames(self, classnames: list[str], dataset: Optional[str] = None) -> None:
         if list(classnames) != self.classnames:
             raise ConfigError("linear_probe: the fitted classifier only scores its training classes "
                               "(use protocol fewshot; base2novel/cross-dataset need a text-based method)")

@@ -140,6 +140,6 @@ class MaPLe(PromptMethod):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return cosine_logits(self.image_features(images), self.eval_text_features(), self.logit_scale())
 
-    def set_classnames(self, classnames: list[str]) -> None:
-        super().set_classnames(classnames)
+    def set_classnames(self, classnames: list[str], dataset: Optional[str] = None) -> None:
+        super().set_classnames(classnames, dataset)
         self.text = self._build_text(self.classnames)

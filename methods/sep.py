@@ -150,12 +150,9 @@ class SEP(PromptMethod):
 
     @property
     def template_features(self) -> torch.Tensor:
-        """Frozen CLIP text features g⁰ [C, E] of the dataset's SEP template (lazy: building stays cheap)."""
+        """Frozen CLIP text features g⁰ [C, E] of the scored dataset's SEP template (lazy: building stays cheap)."""
         if self._template is None:
-            from fewshot.templates import template
-
-            feats = self.backbone.template_text_features(self.classnames, [template(self.dataset, "sep")])
-            object.__setattr__(self, "_template", feats.detach().clone())
+            object.__setattr__(self, "_template", self.hand_text_features("sep"))
         return self._template
 
     @staticmethod
@@ -260,8 +257,9 @@ class SEP(PromptMethod):
         with torch.no_grad():
             self.prototypes.copy_(F.normalize(sums / counts[:, None], dim=-1))
 
-    def set_classnames(self, classnames: list[str]) -> None:
-        """Rebuild the text prompts and the frozen template features; μ (training-only) is kept."""
-        super().set_classnames(classnames)
+    def set_classnames(self, classnames: list[str], dataset: Optional[str] = None) -> None:
+        """Rebuild the text prompts and the frozen template features g⁰ (from ``dataset``'s SEP template);
+        μ (training-only) is kept."""
+        super().set_classnames(classnames, dataset)
         self.text = self._build_text(self.classnames)
         object.__setattr__(self, "_template", None)

@@ -26,10 +26,11 @@ drawn from torch's global generator at ``prepare`` time (which the trial seeds p
 
 Heads: ``linear`` (the reference: Linear(E, C) on the pooled, projected CLS feature; trunc-normal
 std 0.02, bias 0) and ``text`` (cosine similarity against frozen class-text features from the
-dataset's hand-crafted template × CLIP's logit scale; no head parameters). Only the text head can
-score classes it was not trained on, so all four protocols are declared and ``set_classnames`` with
-different class names raises ``ConfigError`` for the linear head (same names, e.g. ImageNet → V2,
-are fine).
+dataset's hand-crafted template × CLIP's logit scale; no head parameters; a target is scored with
+its own template). Only the text head can score classes it was not trained on, so all four
+protocols are declared; the linear head (``tied_to_training_classes``) scores its training classes
+or a subset of them by name (ImageNet → V2 / Sketch, and A / R through their rows), and the
+planner refuses base2novel and cross-dataset cells that would need more.
 
 Optimisation: ``param_groups`` gives prompts wd = ``train.weight_decay``, head weight wd =
 ``head_weight_decay``, head bias (1-D) wd 0; AdamW with linear warm-up then cosine comes from
@@ -91,13 +92,14 @@ class SPT(PromptMethod):
         #: which rule produced the current prompt values, and per layer the stream indices picked
         self.initialised_from = "xavier"
         self.init_prototypes: dict[int, Prototypes] = {}
+        self.head_rows: Optional[torch.Tensor] = None  # the head's rows for the classes scored now (None: all)
         if cfg.head == "linear":
             self.head = nn.Linear(backbone.embed_dim, len(self.classnames), device=backbone.device)
             nn.init.trunc_normal_(self.head.weight, std=cfg.head_init_std)
             nn.init.zeros_(self.head.bias)
         else:
             self.head = None
-            self.register_buffer("text_features", self._text_features(self.classnames), persistent=False)
+            self.register_buffer("text_features", self.hand_text_features(cfg.text_template), persistent=False)
 
     # --- sizes / init ----------------------------------------------------------------------
     @staticmethod
@@ -168,26 +170,24 @@ class SPT(PromptMethod):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         feats = self.image_features(images)
         if self.head is not None:
-            return self.head(feats.to(self.head.weight.dtype))
+            logits = self.head(feats.to(self.head.weight.dtype))
+            return logits if self.head_rows is None else logits[:, self.head_rows]
         return cosine_logits(feats, self.text_features, self.logit_scale())
 
     # --- classes --------------------------------------------------------------------------
-    def _text_features(self, classnames: list[str]) -> torch.Tensor:
-        from fewshot.templates import ensemble_templates, template
+    @classmethod
+    def tied_to_training_classes(cls, cfg: SPTConfig) -> bool:
+        return cfg.head == "linear"
 
-        kind = self.cfg.text_template
-        templates = ensemble_templates(self.dataset) if kind == "ensemble" else [template(self.dataset, kind)]
-        return self.backbone.template_text_features(classnames, templates).detach().clone()
-
-    def set_classnames(self, classnames: list[str]) -> None:
-        if list(classnames) == self.classnames:
-            return
+    def set_classnames(self, classnames: list[str], dataset: Optional[str] = None) -> None:
+        """Text head: that dataset's template features; linear head: its rows for ``classnames`` (a subset of
+        the training classes, by name; ``training_class_rows``)."""
+        rows = self.training_class_rows(classnames) if self.head is not None else None
+        super().set_classnames(classnames, dataset)
         if self.head is not None:
-            raise ConfigError(
-                "SPT with head=linear can only classify the classes it was trained on (protocol fewshot, or a "
-                "target with the same class names); set method head: text for base2novel / cross_dataset")
-        super().set_classnames(classnames)
-        self.text_features = self._text_features(self.classnames)
+            self.head_rows = rows
+        else:
+            self.text_features = self.hand_text_features(self.cfg.text_template)
 
     # --- optimisation ---------------------------------------------------------------------
     def param_groups(self, train_cfg: TrainConfig) -> list[dict]:

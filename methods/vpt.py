@@ -60,7 +60,7 @@ class VPT(PromptMethod):
             [nn.Parameter(torch.empty(cfg.n_prompts, d, device=backbone.device).uniform_(-a, a)) for _ in range(self.n_layers)]
         )
         self.dropout = nn.Dropout(cfg.prompt_dropout)
-        self.register_buffer("text_features", self._text_features(self.classnames), persistent=False)
+        self.register_buffer("text_features", self.hand_text_features(cfg.text_template), persistent=False)
 
     @staticmethod
     def prompted_depth(bb: Backbone, cfg: VPTConfig) -> int:
@@ -95,13 +95,6 @@ class VPT(PromptMethod):
         return cosine_logits(self.image_features(images), self.text_features, self.logit_scale())
 
     # --- text side --------------------------------------------------------------------------
-    def _text_features(self, classnames: list[str]) -> torch.Tensor:
-        from fewshot.templates import ensemble_templates, template
-
-        kind = self.cfg.text_template
-        templates = ensemble_templates(self.dataset) if kind == "ensemble" else [template(self.dataset, kind)]
-        return self.backbone.template_text_features(classnames, templates).detach().clone()
-
-    def set_classnames(self, classnames: list[str]) -> None:
-        super().set_classnames(classnames)
-        self.text_features = self._text_features(self.classnames)
+    def set_classnames(self, classnames: list[str], dataset: Optional[str] = None) -> None:
+        super().set_classnames(classnames, dataset)
+        self.text_features = self.hand_text_features(self.cfg.text_template)

@@ -7,6 +7,8 @@ the normalised features over ``ensemble_templates(dataset)`` (CLIP's prompt ense
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from pydantic import Field
 
@@ -32,14 +34,12 @@ class ZeroShotCLIP(PromptMethod):
         self.set_classnames(classnames)
 
     def templates(self) -> list[str]:
-        from fewshot.templates import ensemble_templates, template
+        return self.hand_templates("ensemble" if self.cfg.ensemble else "coop")
 
-        return list(ensemble_templates(self.dataset)) if self.cfg.ensemble else [template(self.dataset, "coop")]
-
-    def set_classnames(self, classnames: list[str]) -> None:
-        super().set_classnames(classnames)
-        feats = self.backbone.template_text_features(self.classnames, self.templates())
-        self.register_buffer("text_features", feats, persistent=False)
+    def set_classnames(self, classnames: list[str], dataset: Optional[str] = None) -> None:
+        super().set_classnames(classnames, dataset)
+        self.register_buffer("text_features", self.hand_text_features("ensemble" if self.cfg.ensemble else "coop"),
+                             persistent=False)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:

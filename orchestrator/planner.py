@@ -3,6 +3,11 @@
 A cell owns its search space (possibly empty), its number of Optuna proposals, its search and
 final seeds, its spec-level training overrides and the method defaults for the searched keys.
 ``Plan.describe()`` is what ``--dry-run`` prints.
+
+``plan`` also refuses, before anything runs, a cell that could train but not be evaluated: a method
+whose classifier is tied to its training classes (TGP-T, SPT with ``head: linear``, the linear probe)
+under base2novel, or with a transfer target whose classes are not (a subset of) the source's
+(``fewshot.registry.label_subset_of``) — one ``ConfigError`` line naming the cell, the targets and the fix.
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from fewshot.errors import ConfigError
 from orchestrator.spec import MethodSearch, ParamSpec, SweepSpec
 
 
@@ -47,6 +53,28 @@ class Cell:
     @property
     def n_final_runs(self) -> int:
         return len(self.final_seeds)
+
+    def tied_to_training_classes(self) -> bool:
+        """Whether the method, with this cell's settings (defaults, the spec's overrides, or any categorical
+        choice of its search space), has a classifier tied to its training classes."""
+        from pydantic import ValidationError
+
+        from methods.defaults import resolve
+        from methods.registry import get_method
+
+        cls = get_method(self.method)
+        fields = cls.Config.model_fields
+        _, meth = resolve(self.method, self.dataset, self.shots, self.protocol)
+        base = {**meth, **{k: v for k, v in self.overrides.items() if k in fields}}
+        variants = [base] + [{**base, name: choice} for name, p in self.space.items()
+                             if name in fields and p.type == "categorical" for choice in p.choices]
+        for values in variants:
+            try:
+                if cls.tied_to_training_classes(cls.Config(**values)):
+                    return True
+            except ValidationError:  # spec validation reports bad values; nothing to decide here
+                continue
+        return False
 
     def default_values(self) -> dict[str, Any]:
         """The method's defaults for this cell (defaults YAML, then the spec's overrides) for the searched keys."""
@@ -129,8 +157,29 @@ class Plan:
         return "\n".join(lines)
 
 
+def check_evaluable(cells: list[Cell]) -> None:
+    """ConfigError for the first cell whose method cannot score the classes its protocol evaluates."""
+    from fewshot.registry import label_subset_of
+
+    for c in cells:
+        if c.protocol not in ("base2novel", "cross_dataset", "domain_generalization") or not c.tied_to_training_classes():
+            continue
+        what = (f"cell {c.cell_id}: method '{c.method}' (with these settings) has a classifier tied to its "
+                f"{c.dataset} training classes")
+        if c.protocol == "base2novel":
+            raise ConfigError(f"{what}, so it cannot score base2novel's novel classes; use a text-based method "
+                              "(or, for spt, method setting head: text)")
+        foreign = [t for t in c.targets if not label_subset_of(t, c.dataset)]
+        if foreign:
+            raise ConfigError(f"{what}, so it cannot score target(s) {', '.join(foreign)}, whose classes are not "
+                              f"{c.dataset}'s; keep only targets with {c.dataset}'s classes or a subset of them "
+                              "(ImageNet -> imagenet_v2, imagenet_sketch, imagenet_a, imagenet_r), or use a text-based "
+                              "method (spt: head: text)")
+
+
 def plan(spec: SweepSpec) -> Plan:
-    """Cells in a stable order: protocol, method, dataset, shots (the spec's order)."""
+    """Cells in a stable order: protocol, method, dataset, shots (the spec's order); ConfigError for a cell
+    that cannot be evaluated (``check_evaluable``)."""
     cells = []
     for protocol, method, dataset, shots in itertools.product(spec.protocol, spec.methods, spec.datasets, spec.shots):
         cells.append(Cell(
@@ -139,4 +188,5 @@ def plan(spec: SweepSpec) -> Plan:
             search=spec.search_for(method), final_seeds=tuple(spec.seeds),
             overrides=spec.train_overrides(method, dataset),
         ))
+    check_evaluable(cells)
     return Plan(spec=spec, cells=cells)

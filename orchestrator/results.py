@@ -22,13 +22,14 @@ import math
 import os
 import signal
 import statistics
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
+
+from fewshot.paths import atomic_open
 
 SCHEMA_VERSION = "1"
 TRIALS_FILE, CELLS_FILE = "trials.arrow", "cells.arrow"
@@ -37,8 +38,6 @@ CORE_METRICS = ("val_acc", "test_acc", "base_acc", "novel_acc", "hm", "target_av
 KEY_COLUMNS = ("cell_id", "protocol", "method", "dataset", "shots")
 OK_STATUS = "TERMINATED"
 FAULT_KILL_IN_WRITE_ENV = "PROMPTSWEEP_FAULT_KILL_IN_WRITE"
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 _writes = 0  # atomic writes by this process (for the fault-injection hook)
 
 
@@ -210,23 +209,10 @@ def _fault_hook() -> None:
 
 
 def write_atomic(table: pa.Table, path: Path) -> None:
-    """Write an Arrow IPC file so readers only ever see a complete file (temp + fsync + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with ipc.new_file(f, table.schema) as w:
-                w.write_table(table)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; results are for everyone who may read the dir
-        _fault_hook()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write an Arrow IPC file so readers only ever see a complete file (``fewshot.paths.atomic_open``)."""
+    with atomic_open(Path(path), "wb", before_replace=_fault_hook) as f:
+        with ipc.new_file(f, table.schema) as w:
+            w.write_table(table)
 
 
 def remove_stale_temps(out_dir: Path) -> list[Path]:

@@ -18,6 +18,7 @@ Format (all keys optional unless marked)::
     seeds: [1, 2]                                # final-stage seeds
     backbone: {arch: promptsweep-tiny, pretrained: null}
     data_root: null                              # else --data-root / $PROMPTSWEEP_DATA inside the trial
+    count_tolerance: 0.01                        # image counts vs the published split sizes; null: no comparison
     device: auto
     train:                                       # TrainConfig / method Config values, as data
       defaults: {epochs: 2}
@@ -57,6 +58,7 @@ from pydantic import (AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictB
                       field_validator, model_validator)
 
 from fewshot.errors import ConfigError
+from fewshot.registry import COUNT_TOLERANCE
 
 PROTOCOLS = ("fewshot", "base2novel", "cross_dataset", "domain_generalization")
 TRANSFER_PROTOCOLS = ("cross_dataset", "domain_generalization")
@@ -154,6 +156,7 @@ class SweepSpec(_Strict):
     seeds: list[Int] = Field(default_factory=lambda: [1, 2, 3], min_length=1)
     backbone: BackboneSpec = Field(default_factory=BackboneSpec)
     data_root: Optional[str] = Field(None, min_length=1)
+    count_tolerance: Optional[Float] = Field(COUNT_TOLERANCE, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     train: TrainSpec = Field(default_factory=TrainSpec)
     search: dict[str, MethodSearch] = Field(default_factory=dict)

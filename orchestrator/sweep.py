@@ -1,13 +1,15 @@
 """``python -m orchestrator.sweep SPEC.yaml``: the product's main command (plan, run, resume, report).
 
-Flow: load + validate the spec -> plan cells -> (``--dry-run``: print the plan, stop) -> check the
-output directory (a finished sweep re-prints its results; a changed spec is refused unless
-``--fresh``) -> fail fast on missing data -> start/connect Ray -> one Tuner with the per-cell
+Flow: load + validate the spec -> plan cells (a cell that cannot be evaluated is refused) ->
+(``--dry-run``: print the plan, stop) -> check the output directory (a finished sweep re-prints its
+results; a changed spec is refused unless ``--fresh``) -> resources (the local machine, or the cluster
+at ``--address``, must fit a trial; a cluster's output must be shared storage) -> the data preflight
+(printed dataset by dataset, with its time) -> start the local Ray -> one Tuner with the per-cell
 searcher, MLflow tracking, Arrow results and the progress line -> report. Running the same command
 again resumes the sweep from ``<output>/<name>/``.
 
 Every user error prints one line ``error: <message>`` on stderr and exits 2, leaving no output
-directory behind.
+directory behind; once the sweep's MLflow run exists, an early exit ends it FAILED with the reason.
 """
 from __future__ import annotations
 
@@ -42,12 +44,14 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--fresh", action="store_true", help="discard an earlier run of this sweep and start over")
     ap.add_argument("--output", help="results root (default: the spec's output); results go to <output>/<name>/")
     ap.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    ap.add_argument("--data-root", help="folder holding the CoOp-layout datasets (default: the spec's data_root, "
+                                        "else $PROMPTSWEEP_DATA)")
     ap.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, spec, sqlite:///<cwd>/mlflow.db)")
     ap.add_argument("--max-concurrent", type=int, help="trials running at once (default: what the cluster fits)")
     args = ap.parse_args(argv)
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent: must be >= 1 (got {args.max_concurrent})")
-    for flag in ("output", "address", "tracking_uri"):
+    for flag in ("output", "address", "tracking_uri", "data_root"):
         if getattr(args, flag) is not None and not getattr(args, flag).strip():
             raise ConfigError(f"--{flag.replace('_', '-')}: must not be empty (leave the flag out for the default)")
     uri = args.tracking_uri
@@ -56,6 +60,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                           "use sqlite:///ABS/PATH/mlflow.db or http://host:port")
     if args.output is not None and Path(args.output).expanduser().exists() and not Path(args.output).expanduser().is_dir():
         raise ConfigError(f"--output: '{args.output}' exists and is not a directory (results go to <output>/<name>/)")
+    if args.data_root is not None and not Path(args.data_root).expanduser().is_dir():
+        raise ConfigError(f"--data-root: '{args.data_root}' is not a directory (it should hold the datasets' folders, "
+                          "see docs/data.md)")
     return args
 
 
@@ -70,21 +77,55 @@ def _read_state(out_dir: Path) -> Optional[dict]:
 
 
 def _write_state(out_dir: Path, state: dict) -> None:
-    tmp = out_dir / f".{STATE_FILE}.tmp"
-    tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
-    os.replace(tmp, out_dir / STATE_FILE)
+    from fewshot.paths import write_text_atomic
+
+    write_text_atomic(out_dir / STATE_FILE, json.dumps(state, indent=2, sort_keys=True))
 
 
-def _preflight(spec) -> None:
-    """Fail before any trial starts: every dataset must be readable with sound labels, and every image
-    of the few-shot train/val splits the plan draws (dataset x shots x seed) must exist and decode."""
+def _preflight(spec, plan, data_root: Optional[str]) -> None:
+    """Fail before any trial starts: every dataset must be readable with sound labels, no empty split and
+    image counts as published (within ``spec.count_tolerance``); every image of the few-shot train/val
+    splits the plan draws (dataset x shots x seed) must exist and decode, and every test image exist; a
+    method tied to its training classes must find each target's class names among the source's."""
+    from fewshot.registry import load_dataset
     from fewshot.validate import check_sweep_data
-    from orchestrator.planner import plan as make_plan
 
+    t0 = time.perf_counter()
     needs: dict[str, set] = {}
-    for c in make_plan(spec).cells:
+    for c in plan.cells:
         needs.setdefault(c.dataset, set()).update((c.shots, s) for s in (*c.search_seeds, *c.final_seeds))
-    check_sweep_data(needs, spec.data_root, targets=spec.targets)  # DataError naming the bad file
+    targets = [t for t in spec.targets if t not in needs]
+    print(f"checking data: {len(needs)} dataset(s)" + (f" and {len(targets)} target(s)" if targets else ""), flush=True)
+    check_sweep_data(needs, data_root, targets=spec.targets, tolerance=spec.count_tolerance,
+                     progress=lambda line: print(line, flush=True))  # DataError naming the bad file
+    for c in plan.cells:
+        if c.targets and c.tied_to_training_classes():
+            source = set(load_dataset(c.dataset, data_root).classnames)  # read above: kept by this process
+            for t in c.targets:
+                unseen = [n for n in load_dataset(t, data_root).classnames if n not in source]
+                if unseen:
+                    raise ConfigError(f"cell {c.cell_id}: target {t} has {len(unseen)} class name(s) that are not "
+                                      f"{c.dataset} class names (e.g. '{unseen[0]}'), so method {c.method}'s head "
+                                      f"cannot score them: use the classnames.txt of {c.dataset} for {t} (see "
+                                      "docs/data.md)")
+    print(f"data ok ({time.perf_counter() - t0:.1f} s)", flush=True)
+
+
+def _check_resources(spec, args, out_dir: Path) -> bool:
+    """Before the data preflight: the machine (local Ray, not started yet) or the cluster at ``--address`` /
+    $RAY_ADDRESS (connected now) must fit one trial, and a multi-node cluster's output must be shared
+    storage. True when it connected to a cluster (Ray is then initialised)."""
+    from orchestrator.cluster_checks import check_cluster_storage
+    from orchestrator.tune_runner import check_trial_fits, ensure_ray, local_node_resources, max_concurrent_trials
+
+    r = spec.resources
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        check_trial_fits(r.cpu, r.gpu, [local_node_resources()], "this machine (a local Ray) cannot")
+        return False
+    ensure_ray(args.address)
+    max_concurrent_trials(r.cpu, r.gpu, args.max_concurrent)
+    check_cluster_storage(out_dir)
+    return True
 
 
 def results_table(out_dir: Path) -> str:
@@ -116,7 +157,7 @@ def _print_outputs(out_dir: Path, tracking_uri: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from orchestrator.planner import plan as make_plan
-    from orchestrator.spec import diff_normalized, load_spec
+    from orchestrator.spec import load_spec
     from orchestrator.tracking import check_tracking_server, replay_backlog, resolve_tracking_uri
 
     spec = load_spec(args.spec)
@@ -124,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
     out_dir = out_root / spec.name
     tracking_uri = resolve_tracking_uri(args.tracking_uri, spec.tracking.uri)
     plan = make_plan(spec)
+    data_root = args.data_root or spec.data_root
+    data_root = str(Path(data_root).expanduser().resolve()) if data_root else None  # before Ray moves cwd
 
     if args.dry_run:
         print(plan.describe())
@@ -132,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
 
     state = None if args.fresh else _read_state(out_dir)
     if state is not None:
-        changes = diff_normalized(state.get("spec", {}), spec.normalized())
+        changes = _spec_changes(state.get("spec", {}), spec.normalized())
         if changes:
             shown = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
             raise ConfigError(f"the spec changed since sweep '{spec.name}' started in {out_dir} ({shown}); "
@@ -144,7 +187,12 @@ def run(args: argparse.Namespace) -> int:
             return 0
         tracking_uri = state.get("tracking_uri", tracking_uri) if not args.tracking_uri else tracking_uri
 
-    _preflight(spec)
+    try:
+        _check_resources(spec, args, out_dir)
+        _preflight(spec, plan, data_root)
+    except UserError as e:
+        _end_recorded_parent(state, tracking_uri, spec, out_dir, e)
+        raise
     check_tracking_server(tracking_uri)  # an unreachable MLflow server fails here, before Ray starts
     try:  # fail here, not in every worker, if the trial module is broken
         import orchestrator.trial  # noqa: F401
@@ -159,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
     created = None if out_dir.exists() else created
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return _run_sweep(spec, plan, out_dir, tracking_uri, state, args)
+        return _run_sweep(spec, plan, out_dir, tracking_uri, state, args, data_root)
     except UserError:
         if created is not None and not (out_dir / "tune").exists():
             shutil.rmtree(created, ignore_errors=True)
@@ -226,18 +274,47 @@ def _wait_exited(procs: list, timeout: float) -> list:
     return alive
 
 
-def _keep_tracking(tracker) -> None:
-    """A sweep that fails: what MLflow has not taken yet is sent if the server takes it within the usual
-    catch-up budget, the rest is written to the backlog that the next run of the command sends."""
+def _keep_tracking(tracker, error: BaseException) -> None:
+    """A sweep that fails: its MLflow run is ended (FAILED, or KILLED on Ctrl-C) with the reason; what MLflow
+    has not taken yet is sent if the server takes it within the usual catch-up budget, the rest is written to
+    the backlog that the next run of the command sends."""
     try:
-        tracker.stop_sender()
-        tracker.flush()
-        tracker.write_backlog()
+        tracker.fail(_failure_reason(error))
     except Exception as e:  # noqa: BLE001 - never hide the error that ends the sweep
         print(f"warning: keeping the MLflow queue failed: {type(e).__name__}: {e}", file=sys.stderr)
 
 
-def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dict], args) -> int:
+def _spec_changes(old: dict, new: dict) -> list[str]:
+    """``diff_normalized``, less the top-level keys an older spec lacks and that hold their default now
+    (settings added by an upgrade do not change what a finished trial means)."""
+    from orchestrator.spec import SweepSpec, diff_normalized
+
+    defaults = {k: f.get_default(call_default_factory=True) for k, f in SweepSpec.model_fields.items()
+                if not f.is_required()}
+    added = {k for k in new if k not in old and k in defaults and new[k] == defaults[k]}
+    return diff_normalized(old, {k: v for k, v in new.items() if k not in added})
+
+
+def _end_recorded_parent(state: Optional[dict], tracking_uri: str, spec, out_dir: Path, error: BaseException) -> None:
+    """A resumed sweep that stops before its Tuner runs: its recorded MLflow run is ended FAILED with the reason."""
+    if not state or not state.get("parent_run_id"):
+        return
+    from orchestrator.tracking import MlflowTracking
+
+    tracker = MlflowTracking(state.get("tracking_uri", tracking_uri), spec.tracking.experiment, spec.name,
+                             state.get("spec_hash", ""), parent_run_id=state["parent_run_id"], out_dir=out_dir)
+    tracker.fail(_failure_reason(error))
+
+
+def _failure_reason(error: BaseException) -> tuple[str, str]:
+    """(MLflow status, one-line reason) for an exception that ends a sweep early."""
+    if isinstance(error, KeyboardInterrupt):
+        return "KILLED", "interrupted: rerun the same command to resume"
+    return "FAILED", " ".join(f"{type(error).__name__}: {error}".split())[:2000]
+
+
+def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dict], args,
+               data_root: Optional[str]) -> int:
     from orchestrator.progress import ProgressPrinter
     from orchestrator.report import write_report
     from orchestrator.results import package_versions
@@ -249,7 +326,6 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
     from concurrent.futures import ThreadPoolExecutor
 
     r = spec.resources
-    data_root = str(Path(spec.data_root).expanduser().resolve()) if spec.data_root else None  # before Ray moves cwd
     spec_hash = spec.spec_hash()
     tracker = MlflowTracking(tracking_uri, spec.tracking.experiment, spec.name, spec_hash, background=True,
                              parent_run_id=(state or {}).get("parent_run_id"), out_dir=out_dir)
@@ -280,8 +356,8 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
                             spec.max_retries, use_pruning)
         with _driver_gc():
             tuner.fit()
-    except BaseException:
-        _keep_tracking(tracker)
+    except BaseException as e:
+        _keep_tracking(tracker, e)
         _shutdown_ray(started_ray)
         raise
     # Ray's shutdown (stopping its processes: ~1.4 s) overlaps the final writes, which need no Ray

@@ -245,6 +245,8 @@ class MlflowTracking(Callback):
             except Exception as e:
                 raise ConfigError(f"MLflow at {self.tracking_uri} did not create the sweep's run ({_reason(e)}); "
                                   "check the server, or pass --tracking-uri sqlite:///ABS/PATH/mlflow.db") from None
+        elif self.state["parent"]:  # a resumed sweep: its run may have been ended by an early exit (fail)
+            self._submit({"op": "reopen", "key": "sweep"})
         self.flush()  # a backlog loaded from an earlier run goes out now
         return self.state["parent"]
 
@@ -358,6 +360,8 @@ class MlflowTracking(Callback):
                                   tags=[RunTag(k, v) for k, v in op.get("tags", {}).items()])
         elif op["op"] == "end":
             self.client.set_terminated(run_id, op["status"], end_time=op["end_time"])
+        elif op["op"] == "reopen":
+            self.client.update_run(run_id, status="RUNNING")
 
     def _next(self) -> list[int]:
         """Queue positions sent together: the head, plus, when it only logs metrics, the later metric-only
@@ -498,6 +502,21 @@ class MlflowTracking(Callback):
         self.flush(force=True)
         return self.write_backlog()
 
+    def fail(self, outcome: tuple[str, str]) -> Optional[Path]:
+        """A sweep that stops early: end its run and the open cell runs with ``outcome = (status, reason)``
+        (the reason as tag ``failure_reason``), send what is queued within the usual catch-up budget and
+        write the rest to the backlog (its path). Not recorded as closed: a resumed sweep reopens its run."""
+        status, reason = outcome
+        self.stop_sender()
+        if self.state["parent"] or self._queued("sweep"):
+            now = int(time.time() * 1000)
+            self._submit({"op": "log", "key": "sweep", "tags": {"failure_reason": reason[:5000]}})
+            for key in [f"cell:{cid}" for cid in self.state["cells"]] + ["sweep"]:
+                if key not in self.state["closed"]:
+                    self._submit({"op": "end", "key": key, "status": status, "end_time": now})
+        self.flush()
+        return self.write_backlog()
+
     # --- what could not be logged -------------------------------------------------------------
     @property
     def backlog_path(self) -> Optional[Path]:
@@ -512,7 +531,7 @@ class MlflowTracking(Callback):
                 what = [f"{len(op[f])} {f}" for f in ("params", "metrics", "tags") if op.get(f)]
                 rec["ops"].append("log " + ", ".join(what))
             else:
-                rec["ops"].append("create" if op["op"] == "create" else f"end {op['status']}")
+                rec["ops"].append(op["op"] if op["op"] in ("create", "reopen") else f"end {op['status']}")
         return list(out.values())
 
     def write_backlog(self) -> Optional[Path]:

@@ -14,8 +14,11 @@
    best-val state. Methods with ``trains_by_gradient=False`` get one ``fit`` call and no epochs;
 4. ``stage="final"`` then evaluates the test split(s): ``test_acc`` (fewshot), ``base_acc``/
    ``novel_acc``/``hm`` (base2novel), ``test_acc`` + ``acc_<target>`` + ``target_avg`` (cross_dataset,
-   domain_generalization: each target's full test set with ``set_classnames``). ``stage="search"``
-   never builds a test loader (``test_images_read`` = 0).
+   domain_generalization: each target's full test set with ``set_classnames(its names, target)``, so
+   with the target's own templates). A target that fails is recorded (``failed_targets``, error class
+   ``target_failed``) without discarding the others. ``stage="search"`` never builds a test loader
+   (``test_images_read`` = 0). An empty train/val/test split is ``EmptySplitError`` (error class
+   ``empty_split``), never an accuracy.
 
 CLI: ``python -m orchestrator.trial --method coop --dataset digits --shots 4 --seed 1 [--set k=v] --json``
 prints the final metrics as JSON on the last stdout line; user errors print ``error: ...`` and exit 2.
@@ -38,7 +41,7 @@ import numpy as np
 import torch
 from pydantic import Field, ValidationError
 
-from fewshot.errors import CheckpointError, ConfigError, TrainingError, UserError
+from fewshot.errors import CheckpointError, ConfigError, EmptySplitError, TrainingError, UserError
 from methods.backbone import TINY_ARCH
 from methods.base import StrictModel, TrainConfig
 from orchestrator import checkpoint as ckpt
@@ -120,8 +123,9 @@ def _autocast(device: torch.device, cfg: TrainConfig):
 
 
 @torch.no_grad()
-def evaluate(method, loader, device: torch.device, cfg: TrainConfig) -> float:
-    """Top-1 accuracy in percent over ``loader`` (micro average)."""
+def evaluate(method, loader, device: torch.device, cfg: TrainConfig, what: str = "the evaluation split") -> float:
+    """Top-1 accuracy in percent over ``loader`` (micro average); ``EmptySplitError`` (error class
+    ``empty_split``) when it holds no image — an accuracy over nothing is not 0 %."""
     method.eval()
     correct = total = 0
     for images, labels in loader:
@@ -129,11 +133,15 @@ def evaluate(method, loader, device: torch.device, cfg: TrainConfig) -> float:
             logits = method(images.to(device))
         correct += int((logits.float().argmax(-1).cpu() == labels).sum())
         total += len(labels)
-    return 100.0 * correct / max(1, total)
+    if total == 0:
+        raise EmptySplitError(f"{what} has no images: nothing to score (check the dataset with python -m fewshot check)")
+    return 100.0 * correct / total
 
 
 def _data(req: TrialRequest):
-    """(train classnames, train items, val items, {name: (classnames, test items)}) for the protocol."""
+    """(train classnames, train items, val items, test sets) for the protocol: ``(key, dataset, load)`` per
+    test set, ``load() -> (classnames, test items)`` reading a target only when it is scored (so a target
+    that cannot be read fails alone)."""
     from fewshot.registry import load_dataset
     from fewshot.sampling import fewshot_split, subsample_classes
 
@@ -142,16 +150,16 @@ def _data(req: TrialRequest):
     if req.protocol == "base2novel":
         names, (train, val, test) = subsample_classes("base", split.train, split.val, ds.test)
         novel_names, (_, novel_test) = subsample_classes("new", split.train, ds.test)
-        return names, train, val, lambda: {"base": (names, test), "novel": (novel_names, novel_test)}
+        return names, train, val, [("base", req.dataset, lambda: (names, test)),
+                                   ("novel", req.dataset, lambda: (novel_names, novel_test))]
 
-    def tests():
-        out = {"source": (list(ds.classnames), ds.test)}
-        if req.protocol in ("cross_dataset", "domain_generalization"):
-            for t in req.targets or []:
-                tds = load_dataset(t, req.data_root)
-                out[f"acc_{t}"] = (list(tds.classnames), tds.test)
-        return out
+    def target(name: str):
+        tds = load_dataset(name, req.data_root)
+        return list(tds.classnames), tds.test
 
+    tests = [("source", req.dataset, lambda: (list(ds.classnames), ds.test))]
+    if req.protocol in ("cross_dataset", "domain_generalization"):
+        tests += [(f"acc_{t}", t, lambda t=t: target(t)) for t in req.targets or []]
     return list(ds.classnames), split.train, split.val, tests
 
 
@@ -276,18 +284,21 @@ def run_trial(req: TrialRequest, *, output_dir: Optional[Path] = None, report: O
     bb = load_backbone(req.backbone.arch, req.backbone.pretrained, device)
     classnames, train_items, val_items, test_sets = _data(req)
     views = _Views(bb, cls, train_cfg, device)
+    if not val_items:
+        raise EmptySplitError(f"the {req.shots}-shot validation split of {req.dataset} (seed {req.seed}) is empty: the "
+                              "dataset has no val images (check it with python -m fewshot check)")
     train_ds = views.train(train_items)
-    val_loader = training.eval_loader(views.eval(val_items, "val"), train_cfg) if val_items else None
+    val_loader = training.eval_loader(views.eval(val_items, "val"), train_cfg)
 
     torch.manual_seed(req.seed)
     method = cls(bb, classnames, req.dataset, method_cfg)
     gen = torch.Generator().manual_seed(req.seed)
     loader = training.train_loader(train_ds, train_cfg, gen)
     if len(train_ds) == 0:
-        raise ConfigError(f"the {req.shots}-shot training split of {req.dataset} is empty")
+        raise EmptySplitError(f"the {req.shots}-shot training split of {req.dataset} is empty")
 
-    def val_acc() -> Optional[float]:
-        return evaluate(method, val_loader, device, train_cfg) if val_loader is not None else None
+    def val_acc() -> float:
+        return evaluate(method, val_loader, device, train_cfg, f"the validation split of {req.dataset}")
 
     epochs_run, last_val = 0, None
     train_images, train_s = 0, 0.0  # examples stepped by this run and the time its training loops took
@@ -386,27 +397,49 @@ def run_trial(req: TrialRequest, *, output_dir: Optional[Path] = None, report: O
         final.update(train_images=train_images, train_images_per_s=train_images / max(train_s, 1e-9))
     if cls.trains_by_gradient and stepper.micro is not None:
         final["micro_batch"] = stepper.micro  # out-of-memory retries shrank it (gradients accumulated)
-    test_images_read = 0
     if req.stage == "final":
-        results = {}
-        for key, (names, items) in test_sets().items():
-            method.set_classnames(names)
-            data = views.eval(items, "test")
-            results[key] = evaluate(method, training.eval_loader(data, train_cfg), device, train_cfg)
-            test_images_read += data.images_read
-        method.set_classnames(classnames)
-        if req.protocol == "base2novel":
-            b, n = results["base"], results["novel"]
-            final.update(base_acc=b, novel_acc=n, hm=2 * b * n / (b + n) if b + n > 0 else 0.0)
-        else:
-            final["test_acc"] = results.pop("source")
-            if results:
-                final.update(results)
-                final["target_avg"] = sum(results.values()) / len(results)
-    final["test_images_read"] = test_images_read
+        final.update(_test(req, method, views, test_sets, train_cfg, device))
+        method.set_classnames(classnames, req.dataset)
+    final.setdefault("test_images_read", 0)
     final["wall_time_s"] = time.time() - t0
     report(final, None)
     return final
+
+
+def _test(req: TrialRequest, method, views: "_Views", test_sets: list, cfg: TrainConfig, device: torch.device) -> dict:
+    """Score every test set, each with its own dataset's class names and templates. The source (and base /
+    novel) failing fails the trial; a transfer target that fails (unreadable, empty) is recorded as
+    ``failed_targets`` / error class ``target_failed`` and the other targets' accuracies are kept (then no
+    ``target_avg``: an average over fewer targets is not the protocol's)."""
+    results: dict[str, float] = {}
+    failed: dict[str, str] = {}
+    read = 0
+    for key, dataset, load in test_sets:
+        try:
+            names, items = load()
+            method.set_classnames(names, dataset)
+            data = views.eval(items, "test")
+            results[key] = evaluate(method, training.eval_loader(data, cfg), device, cfg, f"the test split of {dataset}")
+            read += data.images_read
+        except UserError as exc:
+            if not key.startswith("acc_"):
+                raise
+            failed[key[4:]] = f"{getattr(exc, 'error_class', type(exc).__name__)}: {exc}"
+            print(f"[trial] target {key[4:]} failed: {exc}", file=sys.stderr, flush=True)
+    out: dict[str, Any] = {"test_images_read": read}
+    if req.protocol == "base2novel":
+        b, n = results["base"], results["novel"]
+        out.update(base_acc=b, novel_acc=n, hm=2 * b * n / (b + n) if b + n > 0 else 0.0)
+        return out
+    out["test_acc"] = results.pop("source")
+    out.update(results)
+    if results and not failed:
+        out["target_avg"] = sum(results.values()) / len(results)
+    if failed:
+        out["error_class"] = "target_failed"
+        out["error_message"] = "; ".join(f"{t}: {why}" for t, why in failed.items())[:2000]
+        out["failed_targets"] = ",".join(failed)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- CLI

@@ -77,18 +77,32 @@ def leave_job_working_dir() -> None:
         os.chdir(tempfile.gettempdir())
 
 
+def local_node_resources() -> dict:
+    """What the local Ray that ``ensure_ray`` starts will offer: every CPU core, every visible CUDA GPU
+    (``CUDA_VISIBLE_DEVICES`` honoured, as Ray does). Read without starting Ray, so a spec that cannot
+    run here is refused before the data preflight and before Ray starts."""
+    import torch
+
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
+def check_trial_fits(cpu: float, gpu: float, nodes: list[dict], where: str) -> list[dict]:
+    """The nodes (Ray resource dicts) that can run one trial; ConfigError when none can."""
+    from fewshot.errors import ConfigError
+
+    fits = [nd for nd in nodes if nd.get("CPU", 0) >= cpu and nd.get("GPU", 0) >= gpu]
+    if not fits:
+        have = ", ".join(f"cpu={nd.get('CPU', 0):g} gpu={nd.get('GPU', 0):g}" for nd in nodes) or "no nodes"
+        raise ConfigError(f"resources: {where} can run a trial asking cpu={cpu:g} gpu={gpu:g} ({have}); "
+                          "lower resources.cpu/gpu in the spec or connect to a cluster with --address")
+    return fits
+
+
 def max_concurrent_trials(cpu: float, gpu: float, override: Optional[int] = None) -> int:
     """How many trials the cluster fits at once (so trials do not start one at a time)."""
     import ray
 
-    from fewshot.errors import ConfigError
-
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    fits = [nd for nd in nodes if nd.get("CPU", 0) >= cpu and nd.get("GPU", 0) >= gpu]
-    if not fits:
-        have = ", ".join(f"cpu={nd.get('CPU', 0):g} gpu={nd.get('GPU', 0):g}" for nd in nodes) or "no nodes"
-        raise ConfigError(f"resources: no Ray node can run a trial asking cpu={cpu:g} gpu={gpu:g} ({have}); "
-                          "lower resources.cpu/gpu in the spec or connect to a cluster with --address")
+    check_trial_fits(cpu, gpu, [n["Resources"] for n in ray.nodes() if n.get("Alive")], "no Ray node")
     if override:
         return override
     res = ray.cluster_resources()

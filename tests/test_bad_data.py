@@ -152,7 +152,7 @@ def test_bad_split_file_names_the_file(tmp_path, mutate, problem):
         load_dataset("eurosat", tmp_path)
     assert _one_line(exc).startswith(f"split file {split_file}")
     with pytest.raises(DataError, match=problem):  # the sweep's up-front check says the same
-        check_sweep_data({"eurosat": {(1, 1)}}, tmp_path)
+        check_sweep_data({"eurosat": {(1, 1)}}, tmp_path, tolerance=None)
 
 
 def test_check_labels_on_any_reader(tmp_path):
@@ -177,7 +177,7 @@ def test_aircraft_variant_without_training_images(tmp_path):
     (d / "images_variant_val.txt").write_text("0000000 V0\n")
     (d / "images_variant_test.txt").write_text("0000001 V99\n")
     with pytest.raises(DataError, match=r"dataset 'fgvc_aircraft' .*no training images \(99 'V99'\)"):
-        check_sweep_data({"fgvc_aircraft": {(1, 1)}}, tmp_path)
+        check_sweep_data({"fgvc_aircraft": {(1, 1)}}, tmp_path, tolerance=None)
 
 
 # --- the up-front check decodes exactly the few-shot images a sweep uses -----------------------------
@@ -193,9 +193,9 @@ def test_check_fewshot_decodes_only_the_split_images(tmp_path):
     with open(unused, "wb") as fh:  # an image no 1-shot seed-1 trial reads: not the check's business
         fh.write(b"junk")
     (image_dir / "C0" / "test_0.png").write_bytes(b"junk")  # test images are read by the trial itself
-    assert check_sweep_data({"eurosat": [(1, 1)]}, tmp_path) == {"eurosat": 2 * N_CLASSES}
+    assert check_sweep_data({"eurosat": [(1, 1)]}, tmp_path, tolerance=None) == {"eurosat": 2 * N_CLASSES}
     with pytest.raises(DataError) as exc:  # the 4-shot split uses every training image
-        check_sweep_data({"eurosat": [(1, 1), (4, 1)]}, tmp_path)
+        check_sweep_data({"eurosat": [(1, 1), (4, 1)]}, tmp_path, tolerance=None)
     msg = _one_line(exc)
     assert unused in msg and "4-shot splits of 'eurosat' (seeds 1)" in msg
 
@@ -208,25 +208,25 @@ def test_missing_fewshot_image_is_caught_up_front(tmp_path):
 
     os.remove(victim)
     with pytest.raises(MissingDataError) as exc:
-        check_sweep_data({"eurosat": {(2, 3)}}, tmp_path)
+        check_sweep_data({"eurosat": {(2, 3)}}, tmp_path, tolerance=None)
     assert victim in _one_line(exc)
 
 
 def test_fewshot_check_cli_decodes_with_shots(tmp_path, capsys):
     write_eurosat(tmp_path)
-    assert fewshot_cli.main(["check", "--data-root", str(tmp_path), "--shots", "1,2", "--seeds", "1", "eurosat"]) == 0
+    assert fewshot_cli.main(["check", "--data-root", str(tmp_path), "--count-tolerance", "none", "--shots", "1,2", "--seeds", "1", "eurosat"]) == 0
     out = capsys.readouterr().out
     assert "present" in out and "few-shot images decode" in out
     victim = fewshot_split(load_dataset("eurosat", tmp_path), 1, 1).train[0].impath
     with open(victim, "wb") as fh:
         fh.write(b"not a png")
-    assert fewshot_cli.main(["check", "--data-root", str(tmp_path), "eurosat"]) == 0  # without --shots: structure only
+    assert fewshot_cli.main(["check", "--data-root", str(tmp_path), "--count-tolerance", "none", "eurosat"]) == 0  # without --shots: structure only
     capsys.readouterr()
-    assert fewshot_cli.main(["check", "--data-root", str(tmp_path), "--shots", "1", "--seeds", "1", "eurosat"]) == 2
+    assert fewshot_cli.main(["check", "--data-root", str(tmp_path), "--count-tolerance", "none", "--shots", "1", "--seeds", "1", "eurosat"]) == 2
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("eurosat")][0]
     assert "malformed" in line and victim in line
     for bad, why in (("0", "must be >= 1 (got 0)"), ("1,x", "invalid int value: 'x'")):
-        assert fewshot_cli.main(["check", "--data-root", str(tmp_path), "--shots", bad, "eurosat"]) == 2
+        assert fewshot_cli.main(["check", "--data-root", str(tmp_path), "--count-tolerance", "none", "--shots", bad, "eurosat"]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: argument --shots: {why}") and len(err.strip().splitlines()) == 1, err
 
@@ -235,7 +235,7 @@ def test_fewshot_check_cli_decodes_with_shots(tmp_path, capsys):
 
 def _sweep_spec(tmp_path, data_root, **extra):
     spec = {"name": "baddata", "methods": ["zeroshot"], "datasets": ["eurosat"], "shots": [1], "seeds": [1],
-            "data_root": str(data_root), **extra}
+            "data_root": str(data_root), "count_tolerance": None, **extra}  # a 10-image-per-class EuroSAT
     path = tmp_path / "spec.yaml"
     path.write_text(json.dumps(spec))  # JSON is YAML
     return path

@@ -512,6 +512,7 @@ def test_ledger_scheduler_does_not_rerun_a_restored_trial_that_has_a_row():
 
 
 def test_rows_read_back_and_the_write_hook_kills_between_temp_and_replace(tmp_path):
+    from fewshot.paths import FILE_MODE
     from orchestrator import results as R
 
     def cfg(seed):
@@ -522,7 +523,7 @@ def test_rows_read_back_and_the_write_hook_kills_between_temp_and_replace(tmp_pa
     rows = [R.trial_row(cfg(s), {"val_acc": 50.0 + s, "test_acc": 40.0, "acc_x": 1.0, "epochs_run": 2},
                         status="TERMINATED", tune_trial_id=f"t{s}") for s in (1, 2)]
     R.write_results(tmp_path, rows, {"sweep": "t"})
-    assert (os.stat(tmp_path / R.TRIALS_FILE).st_mode & 0o777) == 0o666 & ~R._UMASK
+    assert (os.stat(tmp_path / R.TRIALS_FILE).st_mode & 0o777) == FILE_MODE
     back = {r["tune_trial_id"]: r for r in R.read_rows(tmp_path / R.TRIALS_FILE)}
     for r in rows:
         b = back[r["tune_trial_id"]]

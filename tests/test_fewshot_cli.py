@@ -22,10 +22,15 @@ def run_cli(*args, env_extra=None, drop_data_env=True):
 
 
 def write_eurosat(root, bad_label=False):
-    """A fake EuroSAT (10 classes) with 6 train / 3 val / 2 test images per class."""
+    """A fake EuroSAT (10 classes) with 6 train / 3 val / 2 test images per class (empty files: ``check``
+    without --shots only checks that they exist)."""
     (root / "eurosat" / "2750").mkdir(parents=True)
     split = {part: [[f"C{lab}/{part}_{i}.jpg", lab, f"class {lab}"] for i in range(n) for lab in range(10)]
              for part, n in (("train", 6), ("val", 3), ("test", 2))}
+    for part in split.values():
+        for rel, _, _ in part:
+            (root / "eurosat" / "2750" / rel).parent.mkdir(exist_ok=True)
+            (root / "eurosat" / "2750" / rel).touch()
     if bad_label:
         split["val"][4][1] = 12
     (root / "eurosat" / "split_zhou_EuroSAT.json").write_text(json.dumps(split))
@@ -42,17 +47,23 @@ def data_root(tmp_path):
 def test_check_reports_present_missing_malformed(data_root, tmp_path):
     bad = tmp_path / "bad"
     write_eurosat(bad, bad_label=True)
-    ok = run_cli("check", "--data-root", data_root, "eurosat")
-    assert ok.returncode == 0, ok.stderr
-    line = [ln for ln in ok.stdout.splitlines() if ln.startswith("eurosat")][0]
-    assert "present" in line and "classes 10/10" in line
+    small = run_cli("check", "--data-root", data_root, "eurosat")  # 60 of EuroSAT's 13,500 training images
+    assert small.returncode == 2, small.stderr
+    line = [ln for ln in small.stdout.splitlines() if ln.startswith("eurosat")][0]
+    assert line.split()[1] == "mismatch" and "classes 10/10" in line
     assert "train 60/13500 !" in line and "val 30/5400 !" in line and "test 20/8100 !" in line
-    both = run_cli("check", "--data-root", data_root, "eurosat", "dtd", "digits")
+    assert "by more than 1%: train 60 (published: 13500), val 30 (published: 5400), test 20 (published: 8100)" in line
+    assert "--count-tolerance" in line
+    ok = run_cli("check", "--data-root", data_root, "--count-tolerance", "none", "eurosat")  # a deliberate subset
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    line = [ln for ln in ok.stdout.splitlines() if ln.startswith("eurosat")][0]
+    assert line.split()[1] == "present" and "within the tolerance" in line
+    both = run_cli("check", "--data-root", data_root, "--count-tolerance", "none", "eurosat", "dtd", "digits")
     assert both.returncode == 2
     lines = {ln.split()[0]: ln for ln in both.stdout.splitlines()[1:]}
     assert lines["dtd"].split()[1] == "missing" and "dtd/images" in lines["dtd"]
     assert lines["digits"].split()[1] == "present" and "classes 10/10" in lines["digits"]
-    malformed = run_cli("check", "--data-root", bad, "eurosat")
+    malformed = run_cli("check", "--data-root", bad, "--count-tolerance", "none", "eurosat")
     assert malformed.returncode == 2
     assert "malformed" in malformed.stdout and "label 12, outside 0..9" in malformed.stdout
 
@@ -62,7 +73,7 @@ def test_check_all_defaults_to_the_15_standard_datasets(data_root):
     assert res.returncode == 2
     rows = [ln.split()[:2] for ln in res.stdout.splitlines()[1:]]
     assert len(rows) == 15 and rows[0] == ["imagenet", "missing"]
-    assert ["eurosat", "present"] in rows
+    assert ["eurosat", "mismatch"] in rows
 
 
 def test_split_json_matches_library(data_root):

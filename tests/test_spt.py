@@ -266,9 +266,15 @@ def test_set_classnames_text_head_switches_linear_head_refuses(tiny_backbone, di
     t.set_classnames(names[:3])
     assert t(images[:2]).shape == (2, 3)
     lin = make(tiny_backbone, names, head="linear", init="xavier")
+    lin.eval()
+    full = lin(images[:2])
     lin.set_classnames(list(names))  # same classes (e.g. ImageNet -> ImageNet-V2): fine
-    with pytest.raises(ConfigError, match="head: text"):
-        lin.set_classnames(names[:3])
+    assert torch.equal(lin(images[:2]), full)
+    lin.set_classnames(names[:3])  # a subset (ImageNet -> ImageNet-A/R): the head's rows for them
+    assert torch.allclose(lin(images[:2]), full[:, :3])
+    with pytest.raises(ConfigError, match="text-based method"):
+        lin.set_classnames(["not a digit"])
+    assert SPT.tied_to_training_classes(lin.cfg) and not SPT.tied_to_training_classes(t.cfg)
 
 
 def test_defaults_resolve_to_valid_configs():

@@ -198,14 +198,23 @@ def test_content_loss_uses_training_image_descriptions_of_the_class(tiny_backbon
 
 
 # -------------------------------------------------------------------------------------- protocols
-def test_set_classnames_only_accepts_the_training_classes(tiny_backbone, digits):
-    names, _ = digits
+def test_set_classnames_scores_a_subset_of_the_training_classes_through_its_head_rows(tiny_backbone, digits):
+    """DG to ImageNet-A/R: the 1,000-class head scores their 200 classes with its rows for them (by name)."""
+    names, loader = digits
+    images = _batch(loader)[0]
     m = _make(tiny_backbone, names)
-    m.set_classnames(list(names))
-    with pytest.raises(ConfigError, match="tied to its training classes"):
-        m.set_classnames(list(reversed(names)))
-    with pytest.raises(ConfigError):
-        m.set_classnames(names[:5])
+    m.eval()
+    full = m(images)
+    m.set_classnames(list(names))  # the same classes (ImageNet -> V2 / Sketch): the whole head
+    assert torch.equal(m(images), full)
+    subset = [names[7], names[2], names[5]]
+    m.set_classnames(subset, "digits")
+    assert torch.allclose(m(images), full[:, [7, 2, 5]])
+    m.set_classnames(list(reversed(names)))
+    assert torch.allclose(m(images), full.flip(1))
+    with pytest.raises(ConfigError, match="tied to its 10 training classes and cannot score 1 class.*'eleven'"):
+        m.set_classnames(names[:3] + ["eleven"])
+    assert TGPT.tied_to_training_classes(m.cfg)
     assert "base2novel" not in TGPT.protocols and "domain_generalization" in TGPT.protocols
 
 

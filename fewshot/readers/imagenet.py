@@ -9,6 +9,11 @@ filesystem and cannot be reproduced bit for bit.
 ImageNetV2: folders ``0..999`` (label = folder number, classname = that line of classnames.txt).
 Sketch / A / R: their own sorted wnid folders, labels 0..N-1 (A and R: 200 classes); loose
 files such as ``README.txt`` are ignored.
+
+The two ways an ImageNet download is commonly left half-prepared are named with their fix: an
+``images/train`` that still holds the 1,000 per-class ``.tar`` archives (ILSVRC2012_img_train.tar
+extracted one level only), and an ``images/val`` left flat (the validation archive extracts to
+50,000 loose files; CoOp needs one folder per wnid).
 """
 from __future__ import annotations
 
@@ -30,6 +35,30 @@ def _subdirs(path: Path, what: str) -> list[str]:
     if not path.is_dir():
         raise MissingDataError(f"{what} folder {path} is missing (see {DOCS})")
     return _entries(path, want_dirs=True)
+
+
+_IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+
+
+def _check_train_extracted(train: Path, wnids: list[str]) -> None:
+    """DataError when ``images/train`` still holds per-class ``.tar`` archives (not extracted)."""
+    tars = [f for f in _files(train) if f.endswith(".tar")]
+    if tars:
+        raise DataError(
+            f"ImageNet {train} holds {len(tars)} unextracted class archive(s) (e.g. {tars[0]}) next to "
+            f"{len(wnids)} class folder(s): extract each into its own folder, e.g. in {train}: "
+            "for f in *.tar; do d=${f%.tar}; mkdir -p $d && tar -xf $f -C $d && rm $f; done (see " + DOCS + ")")
+
+
+def _check_val_foldered(val: Path, val_wnids: list[str]) -> None:
+    """DataError when ``images/val`` holds loose images instead of (only) one folder per wnid."""
+    loose = [f for f in _files(val) if f.lower().endswith(_IMAGE_SUFFIXES)]
+    if loose:
+        state = "is flat" if not val_wnids else f"has {len(loose)} loose image(s) beside its {len(val_wnids)} class folders"
+        raise DataError(
+            f"ImageNet {val} {state} ({len(loose)} images such as {loose[0]}, no folder per class): re-folder it by "
+            "wnid, one folder per class as in images/train (e.g. with the ILSVRC2012 devkit's validation labels or "
+            f"LOC_val_solution.csv: mkdir <wnid> and move each image into its class's folder; see {DOCS})")
 
 
 def _files(path: Path) -> list[str]:
@@ -54,10 +83,11 @@ def read_classnames_txt(path: Path) -> dict[str, str]:
 
 def _folder_items(root: Path, folders: list[str], label_of: dict[str, int], names: list[str]) -> list[Item]:
     items = []
+    base = str(root)
     for folder in folders:
-        label = label_of[folder]
-        for fname in _files(root / folder):
-            items.append(Item(str(root / folder / fname), label, names[label]))
+        label, name = label_of[folder], names[label_of[folder]]
+        prefix = f"{base}{os.sep}{folder}{os.sep}"  # string joins: Path objects cost seconds over 1.28M files
+        items.extend(Item(prefix + fname, label, name) for fname in _files(root / folder))
     return items
 
 
@@ -72,10 +102,12 @@ def read_imagenet(name: str, dataset_dir: Path, num_classes: int | None = None) 
     mapping = read_classnames_txt(dataset_dir / "classnames.txt")
     images = dataset_dir / "images"
     wnids = _subdirs(images / "train", "ImageNet train")
+    _check_train_extracted(images / "train", wnids)
     classnames = _names_for(wnids, mapping, dataset_dir / "classnames.txt")
     label_of = {w: i for i, w in enumerate(wnids)}
     train = _folder_items(images / "train", wnids, label_of, classnames)
     val_wnids = _subdirs(images / "val", "ImageNet val (re-foldered by wnid)")
+    _check_val_foldered(images / "val", val_wnids)
     stray = [w for w in val_wnids if w not in label_of]
     if stray:
         raise DataError(f"ImageNet val folder(s) {stray[:5]} under {images / 'val'} are not classes of images/train")
