@@ -3,9 +3,12 @@
 Tables: rows = datasets plus an Average row, columns = methods (mean ± std over final seeds).
 Base-to-novel gets Base, Novel and HM tables where the Average HM is the HM of the averaged Base
 and Novel (as in the CoCoOp/MaPLe papers), not the mean of per-dataset HMs. Cross-dataset and
-domain generalization: rows = methods, columns = source and each target plus the target average.
+domain generalization: rows = methods, columns = source and each target (in the spec's order, which
+travels in cells.arrow's schema metadata; else the catalogue's, the papers' order) plus the target
+average.
 Plots (matplotlib Agg): few-shot accuracy vs shots per dataset and averaged; Base/Novel/HM bars.
-The failure ledger lists every failed trial (from ``trials.arrow``) and every cell with fewer
+The failure ledger lists every failed trial (from ``trials.arrow``), every trial whose transfer
+target failed (error class ``target_failed``, its other targets kept) and every cell with fewer
 successful final runs than planned (the plan's counts travel in cells.arrow's schema metadata).
 
 ``python -m orchestrator.report <results dir>`` regenerates everything from ``cells.arrow``.
@@ -80,8 +83,17 @@ def _metric_table(cells: list[dict], metric: str, title: str) -> list[str]:
     return [f"#### {title}", ""] + _table(["dataset"] + methods, rows)
 
 
-def _transfer_table(cells: list[dict]) -> list[str]:
-    targets = sorted({k[4:-5] for c in cells for k, v in c.items() if k.startswith("acc_") and k.endswith("_mean") and v is not None})
+def _target_order(found: set[str], spec_order: list[str]) -> list[str]:
+    """``found`` target names in the spec's order, then the catalogue's (the papers' order), then by name."""
+    from fewshot.registry import dataset_names
+
+    rank = {n: i for i, n in enumerate([*spec_order, *dataset_names()])}
+    return sorted(found, key=lambda n: (rank.get(n, len(rank)), n))
+
+
+def _transfer_table(cells: list[dict], spec_targets: list[str]) -> list[str]:
+    found = {k[4:-5] for c in cells for k, v in c.items() if k.startswith("acc_") and k.endswith("_mean") and v is not None}
+    targets = _target_order(found, spec_targets)
     header = ["method", "source (dataset)", "source acc"] + targets + ["target average"]
     rows = []
     for c in cells:
@@ -90,13 +102,13 @@ def _transfer_table(cells: list[dict]) -> list[str]:
     return _table(header, rows)
 
 
-def render_markdown(cells: list[dict], title: str = "promptsweep results") -> str:
+def render_markdown(cells: list[dict], title: str = "promptsweep results", targets: Optional[list[str]] = None) -> str:
     lines = [f"# {title}", "", "Accuracy in %, mean ± std over the final seeds (n per cell in cells.arrow).", ""]
     for protocol in _ordered(c["protocol"] for c in cells):
         pc = [c for c in cells if c["protocol"] == protocol]
         lines += [f"## {protocol}", ""]
         if protocol in ("cross_dataset", "domain_generalization"):
-            lines += _transfer_table(pc)
+            lines += _transfer_table(pc, targets or [])
             continue
         for shots in sorted({c["shots"] for c in pc}):
             sc = [c for c in pc if c["shots"] == shots]
@@ -175,7 +187,7 @@ def plot_base2novel(cells: list[dict], out_dir: Path) -> list[Path]:
 
 def render_failures(trials: list[dict], cells: list[dict], planned: dict[str, int]) -> str:
     """The failure ledger: every trial that did not finish, and every cell short of its final runs."""
-    failed = [t for t in trials if t["status"] == "ERROR"]
+    failed = [t for t in trials if t["status"] == "ERROR" or t.get("error_class") == "target_failed"]
     short = []
     for c in cells:
         want = planned.get(c["cell_id"])
@@ -187,7 +199,8 @@ def render_failures(trials: list[dict], cells: list[dict], planned: dict[str, in
         return ""
     lines = ["## Failed trials and incomplete cells", ""]
     if failed:
-        lines += [f"{len(failed)} trial(s) failed (the status / error_class / error_message columns of trials.arrow):", ""]
+        lines += [f"{len(failed)} trial(s) failed, or lost a transfer target (error class target_failed: its other "
+                  "targets are kept; see the status / error_class / error_message columns of trials.arrow):", ""]
         rows = [[t["cell_id"], t["stage"], str(t["seed"]), t["error_class"] or "—",
                  " ".join((t["error_message"] or "").split())[:160].replace("|", "/")] for t in failed]
         lines += _table(["cell", "stage", "seed", "error class", "message"], rows)
@@ -205,7 +218,8 @@ def render_failures(trials: list[dict], cells: list[dict], planned: dict[str, in
     return "\n".join(lines)
 
 
-def _planned_final_runs(cells_path: Path) -> dict[str, int]:
+def _schema_meta(cells_path: Path, key: str, default):
+    """One JSON value of cells.arrow's schema metadata (``default`` when absent)."""
     import json
 
     import pyarrow.ipc as ipc
@@ -213,8 +227,12 @@ def _planned_final_runs(cells_path: Path) -> dict[str, int]:
 
     with pa.memory_map(str(cells_path)) as src:
         meta = ipc.open_file(src).schema.metadata or {}
-    raw = meta.get(b"planned_final_runs")
-    return {k: int(v) for k, v in json.loads(raw).items()} if raw else {}
+    raw = meta.get(key.encode())
+    return json.loads(raw) if raw else default
+
+
+def _planned_final_runs(cells_path: Path) -> dict[str, int]:
+    return {k: int(v) for k, v in _schema_meta(cells_path, "planned_final_runs", {}).items()}
 
 
 def write_report(results_dir: Path) -> Path:
@@ -224,7 +242,8 @@ def write_report(results_dir: Path) -> Path:
     if not cells_path.is_file():
         raise UserError(f"{cells_path} does not exist (pass the sweep's results directory, e.g. results/demo)")
     cells = read_table(cells_path).to_pylist()
-    md = render_markdown(cells, title=f"promptsweep results: {results_dir.name}")
+    md = render_markdown(cells, title=f"promptsweep results: {results_dir.name}",
+                         targets=_schema_meta(cells_path, "targets", []))
     trials_path = results_dir / TRIALS_FILE
     trials = read_table(trials_path).to_pylist() if trials_path.is_file() else []
     ledger = render_failures(trials, cells, _planned_final_runs(cells_path))

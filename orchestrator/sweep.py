@@ -340,7 +340,7 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
         state.update(status="running", tracking_uri=tracking_uri, parent_run_id=parent, n_trials=plan.n_trials)
         _write_state(out_dir, state)
 
-        meta = {"spec_hash": spec_hash, "sweep": spec.name, "git_commit": tracker.commit,
+        meta = {"spec_hash": spec_hash, "sweep": spec.name, "git_commit": tracker.commit, "targets": spec.targets,
                 "package_versions": package_versions(),
                 "planned_final_runs": {c.cell_id: c.n_final_runs for c in plan.cells}}
         results_cb = ResultsCallback(out_dir, meta, [c.cell_id for c in plan.cells], tracker)
@@ -366,6 +366,7 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
     try:
         results_cb.flush()
         failed = sum(1 for row in results_cb.rows.values() if row["status"] == "ERROR")
+        lost_targets = sum(1 for row in results_cb.rows.values() if row.get("error_class") == "target_failed")
         complete = len(results_cb.rows) >= plan.n_trials
         tracker.finish("FINISHED" if complete and not failed else "FAILED")
         write_report(out_dir)
@@ -378,10 +379,13 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
     if failed:
         print(f"\n{failed} trial(s) failed: see the status/error_class/error_message columns of trials.arrow",
               file=sys.stderr)
+    if lost_targets:
+        print(f"\n{lost_targets} trial(s) could not score every target (error class target_failed; their other "
+              "targets are kept): see error_message in trials.arrow and the end of report.md", file=sys.stderr)
     if not complete:
         print(f"\nsweep incomplete ({len(results_cb.rows)}/{plan.n_trials} trials); rerun the same command to resume",
               file=sys.stderr)
-    return 1 if failed or not complete else 0
+    return 1 if failed or lost_targets or not complete else 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
