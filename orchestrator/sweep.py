@@ -120,7 +120,7 @@ def _check_resources(spec, args, out_dir: Path) -> bool:
 
     r = spec.resources
     if not (args.address or os.environ.get("RAY_ADDRESS")):
-        check_trial_fits(r.cpu, r.gpu, [local_node_resources()], "this machine (a local Ray) cannot")
+        check_trial_fits(r.cpu, r.gpu, [local_node_resources()], "nothing on this machine (the local Ray)")
         return False
     ensure_ray(args.address)
     max_concurrent_trials(r.cpu, r.gpu, args.max_concurrent)

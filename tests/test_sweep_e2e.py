@@ -155,8 +155,8 @@ def test_rerun_starts_nothing_and_changed_spec_is_refused(sweep):
     assert "--fresh" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.slow
-def test_trial_no_node_can_fit_is_a_user_error(tmp_path):
+def test_trial_no_node_can_fit_is_a_user_error_before_the_data_check_and_mlflow(tmp_path):
+    """Resources are checked first: no data preflight, no Ray, no MLflow run left RUNNING (none is made)."""
     import torch
 
     if torch.cuda.is_available():
@@ -164,8 +164,10 @@ def test_trial_no_node_can_fit_is_a_user_error(tmp_path):
     spec = _write(tmp_path, dict(SPEC, resources={"cpu": 1, "gpu": 1}))  # the CI machine has no GPU
     r = _cli([str(spec), "--output", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"], tmp_path)
     assert r.returncode == 2, r.stderr
-    assert r.stderr.startswith("error: resources:") and "Traceback" not in r.stderr
-    assert not (tmp_path / "out").exists()
+    assert r.stderr.startswith("error: resources: nothing on this machine (the local Ray) can run a trial asking "
+                               "cpu=1 gpu=1") and "Traceback" not in r.stderr
+    assert "checking data" not in r.stdout
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m.db").exists()
 
 
 @pytest.mark.slow
