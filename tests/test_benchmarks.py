@@ -78,3 +78,13 @@ def test_packing_benchmark_smoke_run_on_cpu():
     assert run["trials"] == 2 and run["trials_per_hour"] > 0 and run["train_images_per_s"] > 0
     assert run["gpu_util_mean"] is None or 0 <= run["gpu_util_mean"] <= 100
     assert set(out["method_vs_bare"]) == {"coop"}
+
+
+def test_imagenet_scale_benchmark_last_line_is_json(tmp_path):
+    out = _run("imagenet_scale.py", "--root", str(tmp_path / "tree"), "--classes", "4", "--per-class", "20",
+               "--val-per-class", "3")
+    assert out["benchmark"] == "imagenet_scale"
+    assert (out["train_images"], out["test_images"], out["classes"]) == (80, 12, 4)
+    for key in ("load_cold", "load_again", "split_first", "split_cached", "split_cached_new_process", "check_shots",
+                "preflight", "ratio_load_cold_to_split_cached"):
+        assert key in out, key

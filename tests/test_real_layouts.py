@@ -195,20 +195,40 @@ def test_a_dataset_is_read_once_per_process_until_its_folders_change(tmp_path):
     assert again is not first and len(again.test) == len(first.test) + 1
 
 
-def test_the_split_fingerprint_and_index_are_computed_once_per_dataset(tmp_path, monkeypatch):
+def test_a_cached_split_costs_its_own_entries_not_a_pass_over_the_dataset(tmp_path, monkeypatch):
+    """The fingerprint of the train/val lists is computed once per dataset object; reading a cached split
+    touches its K x C entries only (their stored positions, checked against the paths)."""
     from fewshot import sampling
 
     write_imagenet(tmp_path, train_per_class=6)
     ds = load_dataset("imagenet", tmp_path)
-    first = sampling.fewshot_split(ds, 2, 1)  # sampled: fingerprints the 18 + 6 train/val items
-    sampling.fewshot_split(ds, 2, 1)  # read back from the cache file: indexes them
+    first = sampling.fewshot_split(ds, 2, 1)  # sampled: fingerprints the 18 + 6 train/val items once
     calls = []
     relative = sampling._relative
     monkeypatch.setattr(sampling, "_relative", lambda p, r: calls.append(p) or relative(p, r))
-    again = sampling.fewshot_split(ds, 2, 1)
-    assert again.train == first.train and calls == []  # no pass over the dataset's lists
+    again = sampling.fewshot_split(ds, 2, 1)  # read back from the cache file
+    assert again.train == first.train and again.val == first.val
+    assert sorted(calls) == sorted(it.impath for it in first.train + first.val)  # 6 + 6 entries, no pass
+    calls.clear()
     other = sampling.fewshot_split(ds, 4, 2)  # sampled and written: only its own 12 + 6 items
     assert len(calls) == len(other.train) + len(other.val) == 18
+
+
+def test_a_cache_written_without_positions_is_still_read(tmp_path):
+    from fewshot import sampling
+
+    write_imagenet(tmp_path, train_per_class=6)
+    ds = load_dataset("imagenet", tmp_path)
+    first = sampling.fewshot_split(ds, 2, 1)
+    path = sampling.split_cache_path("imagenet", 2, 1)
+    data = json.loads(path.read_text())
+    del data["train_positions"], data["val_positions"]
+    path.write_text(json.dumps(data))
+    assert sampling.fewshot_split(ds, 2, 1) == first
+    data["train_positions"] = [0] * len(data["train"])  # positions that disagree with the paths: corrupt
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match="is corrupt \('train' entry"):
+        sampling.fewshot_split(ds, 2, 1)
 
 
 def test_split_cache_files_get_the_result_files_mode(tmp_path):
@@ -221,3 +241,29 @@ def test_split_cache_files_get_the_result_files_mode(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert mode == FILE_MODE == 0o666 & ~umask
+
+
+@pytest.mark.slow
+def test_a_sweep_that_fails_after_its_mlflow_run_exists_ends_it_failed(tmp_path):
+    """The tuner cannot be built (injected): the sweep run and nothing else is left, ended FAILED with the reason."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    spec = {"name": "early", "methods": ["zeroshot"], "datasets": ["digits"], "shots": [1], "seeds": [1],
+            "backbone": {"arch": "promptsweep-tiny", "pretrained": None}, "tracking": {"experiment": "early"}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    code = ("import sys\nimport orchestrator.tune_runner as t\nfrom fewshot.errors import ConfigError\n"
+            "def boom(*a, **k):\n    raise ConfigError('injected: the tuner cannot be built')\n"
+            "t.build_tuner = boom\nfrom orchestrator.sweep import main\n"
+            f"sys.exit(main([{str(tmp_path / 'spec.yaml')!r}, '--output', {str(tmp_path / 'out')!r}, "
+            f"'--tracking-uri', {uri!r}]))\n")
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 2 and "error: injected: the tuner cannot be built" in r.stderr, r.stderr[-2000:]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("early").experiment_id])
+    assert [(x.info.status, x.data.tags["failure_reason"]) for x in runs] == [
+        ("FAILED", "ConfigError: injected: the tuner cannot be built")]
