@@ -245,8 +245,8 @@ class MlflowTracking(Callback):
             except Exception as e:
                 raise ConfigError(f"MLflow at {self.tracking_uri} did not create the sweep's run ({_reason(e)}); "
                                   "check the server, or pass --tracking-uri sqlite:///ABS/PATH/mlflow.db") from None
-        elif self.state["parent"]:  # a resumed sweep: its run may have been ended by an early exit (fail)
-            self._submit({"op": "reopen", "key": "sweep"})
+        elif self.state["parent"] and "sweep" not in self.state["closed"]:
+            self._submit({"op": "reopen", "key": "sweep"})  # a resumed sweep: an early exit (fail) may have ended it
         self.flush()  # a backlog loaded from an earlier run goes out now
         return self.state["parent"]
 
