@@ -87,7 +87,9 @@ def _target_order(found: set[str], spec_order: list[str]) -> list[str]:
     """``found`` target names in the spec's order, then the catalogue's (the papers' order), then by name."""
     from fewshot.registry import dataset_names
 
-    rank = {n: i for i, n in enumerate([*spec_order, *dataset_names()])}
+    rank: dict[str, int] = {}
+    for n in [*spec_order, *dataset_names()]:
+        rank.setdefault(n, len(rank))
     return sorted(found, key=lambda n: (rank.get(n, len(rank)), n))
 
 

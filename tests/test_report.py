@@ -57,3 +57,28 @@ def test_regenerates_from_arrow_files_via_cli(tmp_path):
     assert (tmp_path / "fewshot_curves.png").stat().st_size > 1000
     bad = subprocess.run([sys.executable, "-m", "orchestrator.report", str(tmp_path / "nope")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+
+
+def test_transfer_columns_follow_the_spec_then_the_papers_order_and_lost_targets_are_listed(tmp_path):
+    """DG columns: V2, Sketch, A, R (not alphabetical); the spec's own order when it travels in cells.arrow."""
+    targets = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+    rows = []
+    for seed in (1, 2):
+        cfg = {"cell_id": "domain_generalization.tgpt.imagenet.16shot", "stage": "final", "seed": seed,
+               "optuna_number": None, "params": {},
+               "request": {"method": "tgpt", "dataset": "imagenet", "shots": 16, "seed": seed,
+                           "protocol": "domain_generalization", "stage": "final", "overrides": {}}}
+        result = {"test_acc": 70.0, **{f"acc_{t}": 50.0 + i for i, t in enumerate(targets)}}
+        if seed == 2:
+            result.pop("acc_imagenet_r")
+            result.update(error_class="target_failed", error_message="imagenet_r: MissingImageError: image file x")
+        rows.append(R.trial_row(cfg, result, status="TERMINATED", tune_trial_id=f"t{seed}"))
+    R.write_results(tmp_path, rows, {})
+    md = Rep.write_report(tmp_path).read_text()
+    header = next(ln for ln in md.splitlines() if ln.startswith("| method | source"))
+    assert header == ("| method | source (dataset) | source acc | imagenet_v2 | imagenet_sketch | imagenet_a | imagenet_r "
+                      "| target average |")
+    assert "target_failed" in md and "imagenet_r: MissingImageError" in md
+    R.write_results(tmp_path, rows, {"targets": ["imagenet_r", "imagenet_a", "imagenet_sketch", "imagenet_v2"]})
+    md = Rep.write_report(tmp_path).read_text()
+    assert "| source acc | imagenet_r | imagenet_a | imagenet_sketch | imagenet_v2 |" in md
