@@ -111,21 +111,20 @@ def _preflight(spec, plan, data_root: Optional[str]) -> None:
     print(f"data ok ({time.perf_counter() - t0:.1f} s)", flush=True)
 
 
-def _check_resources(spec, args, out_dir: Path) -> bool:
+def _check_resources(spec, args, out_dir: Path) -> None:
     """Before the data preflight: the machine (local Ray, not started yet) or the cluster at ``--address`` /
-    $RAY_ADDRESS (connected now) must fit one trial, and a multi-node cluster's output must be shared
-    storage. True when it connected to a cluster (Ray is then initialised)."""
+    $RAY_ADDRESS (connected now; ``_run_sweep`` keeps the connection) must fit one trial, and a multi-node
+    cluster's output must be shared storage."""
     from orchestrator.cluster_checks import check_cluster_storage
     from orchestrator.tune_runner import check_trial_fits, ensure_ray, local_node_resources, max_concurrent_trials
 
     r = spec.resources
     if not (args.address or os.environ.get("RAY_ADDRESS")):
         check_trial_fits(r.cpu, r.gpu, [local_node_resources()], "nothing on this machine (the local Ray)")
-        return False
+        return
     ensure_ray(args.address)
     max_concurrent_trials(r.cpu, r.gpu, args.max_concurrent)
     check_cluster_storage(out_dir)
-    return True
 
 
 def results_table(out_dir: Path) -> str:
@@ -233,26 +232,70 @@ def _driver_gc():
         gc.unfreeze()
 
 
+def _adopt_orphans() -> None:
+    """Make this driver the Linux "child subreaper" of what it starts: a Ray process whose parent exits first
+    (a worker the raylet started, once the raylet is gone) is then re-parented to the driver, not to PID 1,
+    so ``_shutdown_ray`` still finds it among the driver's descendants. No-op where prctl is unavailable."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
+
+
+def _reap_adopted(me, own: set[int]) -> None:
+    """Collect the exit status of adopted orphans that have exited (they become our zombies); the driver's
+    own children (``own``: their ``Popen`` objects wait for them) are left to their owners."""
+    import psutil
+
+    for p in _descendants(me):
+        try:
+            if p.pid not in own and p.ppid() == me.pid and p.status() == psutil.STATUS_ZOMBIE:
+                os.waitpid(p.pid, os.WNOHANG)
+        except (psutil.Error, ChildProcessError):
+            pass
+
+
 def _shutdown_ray(started: bool) -> None:
     """Stop the local Ray this driver started and wait until its processes are gone, so that when the
     sweep command returns nothing of it still runs (a next sweep finds no half-dead raylet, a test or a
     job scheduler sees no stray processes). ``ray.shutdown()`` alone only signals them: the GCS and raylet
     can take seconds to exit on a loaded machine, and worker processes exit when they notice their
-    raylet is gone. Those still there after ``RAY_STOP_GRACE_S`` are SIGKILLed."""
+    raylet is gone. The driver is their subreaper (``_adopt_orphans``), so its descendants are looked up
+    again while it waits (a worker started during the shutdown, or orphaned by it, is among them); those
+    still there after ``RAY_STOP_GRACE_S`` are SIGKILLed."""
     if not started:
         return
     import ray
     import psutil
 
-    ours = psutil.Process().children(recursive=True)  # Ray's processes and their workers, before any is reparented
+    me = psutil.Process()
+    ours = me.children(recursive=True)  # Ray's processes and their workers
+    own = {p.pid for p in me.children()}
     ray.shutdown(wait_for_processes=True)
-    alive = _wait_exited(ours, RAY_STOP_GRACE_S)
-    for p in alive:
+    deadline = time.monotonic() + RAY_STOP_GRACE_S
+    while True:
+        _reap_adopted(me, own)
+        ours = _wait_exited(list({p.pid: p for p in [*ours, *_descendants(me)]}.values()), 0.2)
+        if not ours or time.monotonic() > deadline:
+            break
+    for p in ours:
         try:
             p.kill()
         except psutil.NoSuchProcess:
             pass
-    _wait_exited(alive, RAY_STOP_GRACE_S)
+    _wait_exited(ours, RAY_STOP_GRACE_S)
+    _reap_adopted(me, own)
+
+
+def _descendants(proc) -> list:
+    import psutil
+
+    try:
+        return proc.children(recursive=True)
+    except psutil.Error:
+        return []
 
 
 def _wait_exited(procs: list, timeout: float) -> list:
@@ -329,6 +372,8 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
     spec_hash = spec.spec_hash()
     tracker = MlflowTracking(tracking_uri, spec.tracking.experiment, spec.name, spec_hash, background=True,
                              parent_run_id=(state or {}).get("parent_run_id"), out_dir=out_dir)
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        _adopt_orphans()  # before the local Ray starts: its processes stay the driver's descendants
     with ThreadPoolExecutor(1) as pool:  # the tracking store's start-up (SQLite migrations: seconds) overlaps Ray's
         parent_future = pool.submit(tracker.ensure_parent)
         started_ray = ensure_ray(args.address)

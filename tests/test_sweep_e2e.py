@@ -230,7 +230,9 @@ def test_exit_without_teardown_keeps_the_code_the_output_and_the_atexit_handlers
 def test_stopping_the_local_ray_waits_for_its_processes_and_kills_a_lingering_one(tmp_path):
     """When the sweep command returns, no process of the Ray it started runs on: ``ray.shutdown()`` only
     signals them (the GCS and raylet can take seconds on a loaded machine), so the driver waits, and one
-    that ignores SIGTERM (here a child that does) is SIGKILLed after the grace period."""
+    that ignores SIGTERM (here a child that does) is SIGKILLed after the grace period. A process whose parent
+    exited first (here a grandchild orphaned on purpose, as a worker is when its raylet goes) is adopted by
+    the driver (child subreaper) and stopped too, not left running under PID 1."""
     import shutil
     import tempfile
 
@@ -241,7 +243,15 @@ os.environ.update(RAY_AUTH_MODE="disabled", RAY_TMPDIR={ray_tmp!r})
 import psutil
 from orchestrator import sweep
 from orchestrator.tune_runner import ensure_ray
+sweep._adopt_orphans()
 assert ensure_ray(None)
+maker = subprocess.run([sys.executable, "-c",
+    "import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)'], stdout=subprocess.DEVNULL, "
+    "stderr=subprocess.DEVNULL); print(p.pid)"],
+    capture_output=True, text=True, check=True)
+orphan = psutil.Process(int(maker.stdout.strip()))  # its parent has exited: re-parented to this process
+assert orphan.ppid() == os.getpid(), orphan.ppid()
 stubborn = subprocess.Popen([sys.executable, "-c",
     "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(600)"],
     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -257,9 +267,9 @@ def running(p):
         return p.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-left = [p.pid for p in ours if running(p)]
+left = [p.pid for p in ours + [orphan] if running(p)]
 rc = stubborn.poll()
-for p in ours:  # whatever a failing shutdown left, so that the test leaves nothing running
+for p in ours + [orphan]:  # whatever a failing shutdown left, so that the test leaves nothing running
     try:
         p.kill()
     except psutil.NoSuchProcess:
