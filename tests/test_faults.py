@@ -58,6 +58,22 @@ def _pids_mentioning(text: str) -> list[int]:
     return out
 
 
+def _zombie_until_reaped(pid: int, timeout: float) -> bool:
+    """True when ``pid`` is a zombie (exited, waiting for its parent to collect it) that is gone within
+    ``timeout``: an exited process re-parented as the driver exits is reaped by PID 1 a moment later, and is
+    not a process left running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[0]
+        except OSError:
+            return True  # reaped
+        if state != "Z":
+            return False
+        time.sleep(0.1)
+    return False
+
+
 def _sigkill(pids) -> None:
     for pid in pids:
         try:
@@ -126,6 +142,7 @@ class Driver:
         if self.proc is not None and self.proc.poll() is None:
             self.kill()
         left = sorted(set(still_running(self.tree)) | set(_pids_mentioning(self.ray_tmp)))
+        left = [pid for pid in left if not _zombie_until_reaped(pid, timeout=5.0)]
         _sigkill(left)
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
         return left
