@@ -4,14 +4,18 @@ Two sources, both drawn by the same code as the offline datasets (``fewshot.offl
 
 * **shapes**: ``render_shape`` images of (colour, shape) pairs with a caption that combines the
   pair with what the renderer drew — size (``small`` / ``large``), position (``on the left`` ...),
-  background (``dark`` / ``light``) — in one of several caption templates (the ``shapes`` dataset's
-  own template ``"a photo of a {}."`` is one of them). Every colour and every shape word occurs, but
+  background (``dark`` / ``light``) — in one of several caption templates, none of them a downstream
+  dataset's template (``"a photo of a {}."``): zero-shot with the dataset's template works, and a
+  learned prompt has room above it. ``augmented_fraction`` of them are seen through the few-shot
+  training transform (random resized crop + flip; captioned without size or position), so that
+  the backbone's features of the crops few-shot training sees stay meaningful. Every colour and
+  every shape word occurs, but
   the ``held_out_pairs`` (by default the novel half of ``shapes-32``: classes 16..31) never do as a
   pair: the model learns the concepts, and those class names only *combine* them, so a base-to-novel
   split of ``shapes-32`` has novel classes the backbone has never seen as such.
 * **digits**: the *training part* of the ``digits`` dataset (``offline.digits_split_indices``) —
   never its val or test images — as stored there plus ``digit_views - 1`` shifted copies, captioned
-  ``"a photo of the digit seven."``, ``"a handwritten seven."``, ...
+  ``"the digit seven."``, ``"a handwritten seven."``, ...
 
 Disjoint from every offline split: shapes are drawn from ``numpy.random.default_rng([CORPUS_STREAM,
 seed, i])`` streams, the offline shapes datasets from ``[SPLIT_SEED, label]`` (different seed
@@ -55,26 +59,31 @@ class CorpusConfig(BaseModel):
     seed: int = Field(1, ge=0)
     shape_images: int = Field(20000, ge=1)
     digit_views: int = Field(3, ge=0, description="copies of each digits training image (the first unshifted)")
+    augmented_fraction: float = Field(0.5, ge=0, le=1, description="share of shape images seen through the few-shot "
+                                      "training transform (random resized crop + flip) instead of the evaluation one")
     held_out_pairs: list[str] = Field(default_factory=default_held_out,
                                       description="'colour shape' pairs that never occur together")
 
 
+#: caption templates; none is a downstream dataset's template ("a photo of a {}.", "a photo of the digit
+#: {}."), as web captions are not CLIP's prompts: zero-shot works but a learned prompt can do better
 SHAPE_TEMPLATES = [
-    "a photo of a {colour} {shape}.",
     "a {size}{colour} {shape}.",
     "a {colour} {shape}{pos}.",
     "a {colour} {shape} on a {bg} background.",
     "a {shape} coloured {colour}.",
-    "a photo of a {size}{colour} {shape}{pos}.",
+    "there is a {size}{colour} {shape}{pos}.",
     "a {size}{colour} {shape} on a {bg} background{pos}.",
     "{colour} {shape}",
 ]
+#: for cropped / flipped views, whose size and position words would be wrong
+PLAIN_TEMPLATES = ["a {colour} {shape}.", "{colour} {shape}", "a {shape} coloured {colour}.",
+                   "part of a {colour} {shape}."]
 DIGIT_TEMPLATES = [
-    "a photo of the digit {name}.",
     "the digit {name}.",
     "a handwritten {name}.",
     "the number {name}.",
-    "a photo of a handwritten digit {name}.",
+    "handwritten digit {name}.",
 ]
 
 
@@ -95,8 +104,9 @@ def _bg_word(level: float) -> str:
     return "dark" if level < 100 else "light" if level > 150 else "grey"
 
 
-def shape_caption(colour: str, shape: str, attrs: dict, rng: np.random.Generator) -> str:
-    t = SHAPE_TEMPLATES[int(rng.integers(len(SHAPE_TEMPLATES)))]
+def shape_caption(colour: str, shape: str, attrs: dict, rng: np.random.Generator, plain: bool = False) -> str:
+    templates = PLAIN_TEMPLATES if plain else SHAPE_TEMPLATES
+    t = templates[int(rng.integers(len(templates)))]
     return t.format(colour=colour, shape=shape, size=_size_word(attrs["radius"]), pos=_pos_words(attrs["centre"]),
                     bg=_bg_word(attrs["background"]))
 
@@ -117,13 +127,15 @@ class Corpus:
 
 
 def iter_raw(cfg: CorpusConfig):
-    """``(PIL image, caption, kind)`` of every corpus example, in order (deterministic)."""
+    """``(PIL image, caption, kind, augment)`` of every corpus example, in order (deterministic);
+    ``augment``: view it through the training transform (its caption then names no size or position)."""
     pairs = shape_pairs(cfg)
     for i in range(cfg.shape_images):
         rng = np.random.default_rng([CORPUS_STREAM, cfg.seed, i])
         colour, shape = pairs[int(rng.integers(len(pairs)))]
         img, attrs = render_shape_with_attributes(colour, shape, rng, SHAPES_SIZE)
-        yield img, shape_caption(colour, shape, attrs, rng), "shape"
+        augment = bool(rng.random() < cfg.augmented_fraction)
+        yield img, shape_caption(colour, shape, attrs, rng, plain=augment), "shape", augment
     if cfg.digit_views:
         from sklearn.datasets import load_digits
 
@@ -135,7 +147,7 @@ def iter_raw(cfg: CorpusConfig):
                     rng = np.random.default_rng([CORPUS_STREAM, cfg.seed, 1_000_000 + i, v])
                     img = base if v == 0 else _shifted(base, rng)
                     t = DIGIT_TEMPLATES[int(rng.integers(len(DIGIT_TEMPLATES)))]
-                    yield img, t.format(name=DIGIT_NAMES[label]), "digit"
+                    yield img, t.format(name=DIGIT_NAMES[label]), "digit", False
 
 
 def _shifted(img: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -148,17 +160,20 @@ def corpus_size(cfg: CorpusConfig) -> int:
 
 
 def build_corpus(cfg: CorpusConfig, image_size: int, progress=None) -> Corpus:
-    """The corpus' images (CLIP evaluation transform for ``image_size``) and captions."""
+    """The corpus' images (CLIP evaluation transform for ``image_size``, or for the ``augment`` ones the
+    few-shot training transform under a fixed torch seed) and captions."""
     from fewshot.transforms import clip_transform
 
-    tf = clip_transform(image_size, train=False)
+    eval_tf, train_tf = clip_transform(image_size, train=False), clip_transform(image_size, train=True)
     total = corpus_size(cfg)
     images = torch.empty(total, 3, image_size, image_size)
     captions, kinds = [], []
-    for n, (img, cap, kind) in enumerate(iter_raw(cfg)):
-        images[n] = tf(img)
-        captions.append(cap)
-        kinds.append(kind)
-        if progress is not None:
-            progress(1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(CORPUS_STREAM + cfg.seed)  # the random crops and flips
+        for n, (img, cap, kind, augment) in enumerate(iter_raw(cfg)):
+            images[n] = (train_tf if augment else eval_tf)(img)
+            captions.append(cap)
+            kinds.append(kind)
+            if progress is not None:
+                progress(1)
     return Corpus(images[: len(captions)], captions, kinds)

@@ -189,7 +189,7 @@ def pretrain(arch: str, cfg: PretrainConfig, progress: bool = False) -> dict:
                     opt.step()
                     sched.step()
                     bar.update(1)
-                    bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
+                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
             model.eval()
             return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     finally:

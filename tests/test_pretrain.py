@@ -39,7 +39,7 @@ def test_corpus_holds_no_val_or_test_image():
         ds = load_dataset(name)
         held_out |= {_digest(Image.open(it.impath)) for it in [*ds.val, *ds.test]}
     cfg = load_config(MINI_ARCH).corpus
-    seen = {_digest(img) for img, _cap, _kind in iter_raw(cfg)}
+    seen = {_digest(img) for img, _cap, _kind, _aug in iter_raw(cfg)}
     assert len(seen) > 0.95 * (cfg.shape_images + 898 * cfg.digit_views)
     assert not (seen & held_out), f"{len(seen & held_out)} corpus images are val/test images"
 
@@ -48,7 +48,7 @@ def test_corpus_never_pairs_the_novel_classes():
     cfg = CorpusConfig(shape_images=400, digit_views=0)
     pairs = {f"{c} {s}" for c, s in shape_pairs(cfg)}
     assert not pairs & set(cfg.held_out_pairs) and len(cfg.held_out_pairs) == 16
-    captions = [cap for _img, cap, _kind in iter_raw(cfg)]
+    captions = [cap for _img, cap, _kind, _aug in iter_raw(cfg)]
     for pair in cfg.held_out_pairs:
         colour, shape = pair.split()
         assert not [c for c in captions if colour in c and shape in c], pair
