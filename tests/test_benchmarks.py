@@ -78,3 +78,13 @@ def test_packing_benchmark_smoke_run_on_cpu():
     assert run["trials"] == 2 and run["trials_per_hour"] > 0 and run["train_images_per_s"] > 0
     assert run["gpu_util_mean"] is None or 0 <= run["gpu_util_mean"] <= 100
     assert set(out["method_vs_bare"]) == {"coop"}
+
+
+@pytest.mark.slow
+def test_mini_benchmark_prints_both_tables_and_json(mini_backbone):
+    out = _run("mini_benchmark.py", "--methods", "zeroshot,coop", "--shots", "1,2", "--epochs", "1",
+               "--b2n-shots", "2", "--threads", "1")
+    assert out["benchmark"] == "mini_benchmark"
+    assert set(out["fewshot"]) == {"zeroshot", "coop"} and set(out["fewshot"]["coop"]) == {"1", "2"}
+    assert set(out["base2novel"]["coop"]) == {"base", "novel", "hm"}
+    assert set(out["gain_vs_zeroshot"]["coop"]) == {"1", "2"} and out["wall_s"]["coop"] > 0
