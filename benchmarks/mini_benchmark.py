@@ -38,8 +38,9 @@ def overrides(method: str, args) -> dict:
     cls = get_method(method)
     if not cls.trains_by_gradient:
         return {}
-    if method == "tgpt":  # n_cat 16: TGP-T's 32 category tokens do not fit promptsweep-mini's 32-token text tower
-        return {"max_iters": args.tgpt_iters, "eval_every_iters": max(1, args.tgpt_iters // 4), "n_cat": 16}
+    if method == "tgpt":  # TGP-T's 32 category + 64 content tokens do not fit promptsweep-mini's 32-token text tower
+        return {"max_iters": args.tgpt_iters, "eval_every_iters": max(1, args.tgpt_iters // 4), "n_cat": 16,
+                "n_con": 24}
     over = {"epochs": args.epochs}
     if method == "cocoop":
         over["batch_size"] = 4  # CoCoOp encodes B x C prompts per step (its reference batch is 1)
