@@ -7,10 +7,12 @@ every registered method on an offline dataset:
 * **base-to-novel**: train on the base half of the classes at ``--b2n-shots``, test on base and on
   novel (classes the backbone never saw as a pair, ``fewshot.corpus``), HM = 2BN/(B+N);
 
-each over ``--seeds`` (mean shown), with a shortened schedule (``--epochs``, TGP-T ``--tgpt-iters``)
-(CoCoOp: batch 4, a fifth of the epochs) so the whole table takes minutes on a 2-core CPU. Prints the paper-style tables with each method's
-wall time and, as the last stdout line, one JSON object; its ratios are against zero-shot CLIP
-measured in the same run (``gain_vs_zeroshot``: accuracy points above zero-shot).
+each over ``--seeds`` (mean shown), with a shortened schedule (``--epochs``, TGP-T ``--tgpt-iters``;
+CoCoOp: batch 4, a fifth of the epochs) so the whole table takes minutes on a 2-core CPU. Prints the
+paper-style tables with each method's wall time and, as the last stdout line, one JSON object; its
+ratios are against zero-shot CLIP measured in the same run (``gain_vs_zeroshot``: accuracy points
+above zero-shot). Linear probe and TGP-T have no base-to-novel row (their classifiers are tied to
+the training classes).
 
     python benchmarks/mini_benchmark.py [--dataset shapes-32] [--shots 1,2,4,8,16] [--seeds 1]
         [--methods zeroshot,coop,...] [--epochs 10] [--b2n-shots 16] [--threads 2]
