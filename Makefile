@@ -1,4 +1,5 @@
-# promptsweep: `make demo` runs an offline sweep on the tiny backbone, `make test` runs the test suite.
+# promptsweep: `make demo` pretrains the project's mini CLIP once (cached) and runs an offline sweep on it,
+# `make test` runs the test suite.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -7,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup pretrain demo test test-fast clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +19,12 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# the demo's backbone (promptsweep-mini, tag promptsweep): built once into the cache, minutes on a CPU
+pretrain: setup
+	$(PY) -m methods pretrain --eval
+
 demo: setup
+	$(PY) -m methods pretrain
 	RAY_AUTH_MODE=disabled $(PY) -m orchestrator.sweep search_spaces/demo.yaml
 
 test: setup

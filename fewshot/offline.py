@@ -114,21 +114,39 @@ def _save(img: Image.Image, path: Path) -> str:
     return str(path)
 
 
+def digits_split_indices() -> list[tuple[int, str, list[int], list[int], list[int]]]:
+    """``(label, class name, train, val, test)`` indices into ``sklearn.datasets.load_digits()`` per class:
+    the ``digits`` dataset's split (50 / 20 / 30 % under ``SPLIT_SEED``). The pretraining corpus
+    (``fewshot.corpus``) reads the train part only."""
+    from sklearn.datasets import load_digits
+
+    target = load_digits().target
+    rng = np.random.RandomState(SPLIT_SEED)
+    out = []
+    for label, cname in enumerate(DIGIT_NAMES):
+        idx = np.flatnonzero(target == label)
+        idx = idx[rng.permutation(len(idx))]
+        n_train, n_val = _split_counts(len(idx))
+        out.append((label, cname, [int(i) for i in idx[:n_train]], [int(i) for i in idx[n_train:n_train + n_val]],
+                    [int(i) for i in idx[n_train + n_val:]]))
+    return out
+
+
+def digit_image(pixels: np.ndarray, size: int = DIGITS_SIZE) -> Image.Image:
+    """One 8x8 ``load_digits`` image (values 0..16) as the ``digits`` dataset stores it: ``size`` px RGB."""
+    pix = (pixels * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(pix, mode="L").resize((size, size), Image.BICUBIC).convert("RGB")
+
+
 def _write_digits(images: Path):
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    rng = np.random.RandomState(SPLIT_SEED)
     train, val, test = [], [], []
-    for label, cname in enumerate(DIGIT_NAMES):
-        idx = np.flatnonzero(digits.target == label)
-        idx = idx[rng.permutation(len(idx))]
-        n_train, n_val = _split_counts(len(idx))
-        for pos, i in enumerate(idx):
-            pix = (digits.images[i] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-            img = Image.fromarray(pix, mode="L").resize((DIGITS_SIZE, DIGITS_SIZE), Image.BICUBIC).convert("RGB")
-            item = Item(_save(img, images / cname / f"{int(i):04d}.png"), label, cname)
-            (train if pos < n_train else val if pos < n_train + n_val else test).append(item)
+    for label, cname, *parts in digits_split_indices():
+        for part, out in zip(parts, (train, val, test)):
+            for i in part:
+                out.append(Item(_save(digit_image(digits.images[i]), images / cname / f"{i:04d}.png"), label, cname))
     return train, val, test
 
 
@@ -170,6 +188,14 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx, cy, r, rot, fill):
 
 def render_shape(colour: str, shape: str, rng: np.random.Generator, size: int = SHAPES_SIZE) -> Image.Image:
     """One image: noisy tinted background, the shape at a random place, size, rotation and shade."""
+    return render_shape_with_attributes(colour, shape, rng, size)[0]
+
+
+def render_shape_with_attributes(colour: str, shape: str, rng: np.random.Generator,
+                                 size: int = SHAPES_SIZE) -> tuple[Image.Image, dict]:
+    """``render_shape``'s image plus what it drew: ``radius`` and ``centre`` (fractions of the image
+    side) and ``background`` (mean grey level 0..255 of the tint). The generator is consumed exactly as
+    ``render_shape`` always did, so the offline datasets' images do not change."""
     scale = 4  # draw large, then downsample: anti-aliased edges
     big = size * scale
     bg = rng.integers(60, 190, size=3)
@@ -184,7 +210,8 @@ def render_shape(colour: str, shape: str, rng: np.random.Generator, size: int = 
     _draw_shape(draw, shape, cx, cy, r, rot, tuple(int(v) for v in shade))
     img = canvas.resize((size, size), Image.BOX)
     speckle = rng.normal(0, 8, size=(size, size, 3))
-    return Image.fromarray(np.clip(np.asarray(img, dtype=np.float64) + speckle, 0, 255).astype(np.uint8), mode="RGB")
+    out = Image.fromarray(np.clip(np.asarray(img, dtype=np.float64) + speckle, 0, 255).astype(np.uint8), mode="RGB")
+    return out, {"radius": r / big, "centre": (cx / big, cy / big), "background": float(bg.mean())}
 
 
 def _write_shapes(images: Path, n_classes: int):

@@ -1,11 +1,16 @@
-"""``python -m methods``: list the registered methods, or build one and print its parameter counts.
+"""``python -m methods``: list the registered methods, build one and print its parameter counts, or
+pretrain the project's own backbone.
 
     python -m methods list
     python -m methods info --method coop --arch ViT-B-16 --classes 10 [--dataset D] [--set n_ctx=4 ...] --json
+    python -m methods pretrain [--arch promptsweep-mini] [--eval] [--json]
 
 ``info`` builds the method on a random-init backbone of ``arch`` with ``C`` dummy class names (the
 method's defaults for the dataset, then ``--set`` overrides of its Config fields) and prints
-``{"trainable_params", "frozen_params", "breakdown"}``. User errors: ``error: ...`` on stderr, exit 2.
+``{"trainable_params", "frozen_params", "breakdown"}``. ``pretrain`` builds (or finds in the cache)
+the checkpoint of ``load_backbone(arch, "promptsweep")`` (``methods.pretrain``) and prints its path;
+``--eval`` adds the zero-shot accuracies on the offline test splits (``methods.zeroshot_eval``).
+User errors: ``error: ...`` on stderr, exit 2.
 """
 from __future__ import annotations
 
@@ -82,6 +87,30 @@ def _info(args) -> int:
     return 0
 
 
+def _pretrain(args) -> int:
+    import hashlib
+    import time
+
+    from methods.pretrain import pretrained_checkpoint
+
+    t0 = time.time()
+    path = pretrained_checkpoint(args.arch)
+    out = {"arch": args.arch, "checkpoint": str(path), "bytes": path.stat().st_size,
+           "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "seconds": round(time.time() - t0, 1)}
+    if args.eval:
+        from methods.backbone import load_backbone
+        from methods.zeroshot_eval import zero_shot_report
+
+        out["zero_shot"] = zero_shot_report(load_backbone(args.arch, "promptsweep"))
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{args.arch}: {path} ({out['bytes'] / 2**20:.1f} MiB, sha256 {out['sha256'][:16]}...)")
+        for name, r in out.get("zero_shot", {}).items():
+            print(f"  zero-shot {name:<18} {r['acc']:6.2f} %  (chance {r['chance']:.2f} %, {r['classes']} classes)")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m methods", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -95,9 +124,13 @@ def main(argv=None) -> int:
     info.add_argument("--protocol", default="fewshot")
     info.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     info.add_argument("--json", action="store_true")
+    pre = sub.add_parser("pretrain", help="pretrain the project's own backbone (cached; built once)")
+    pre.add_argument("--arch", default="promptsweep-mini")
+    pre.add_argument("--eval", action="store_true", help="also print zero-shot accuracies on the offline test splits")
+    pre.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     try:
-        return _list() if args.cmd == "list" else _info(args)
+        return {"list": lambda: _list(), "info": lambda: _info(args), "pretrain": lambda: _pretrain(args)}[args.cmd]()
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

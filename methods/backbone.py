@@ -2,8 +2,10 @@
 
 A backbone is named by ``arch`` (an open_clip model name, e.g. ``ViT-B-16``) and ``pretrained``
 (an open_clip tag such as ``openai``, a local checkpoint path, or ``None`` for random init).
-``promptsweep-tiny`` is a project-registered random-init config small enough for CPU tests and
-the offline demo. OpenAI weights were trained with QuickGELU, so ``pretrained='openai'`` forces it.
+``promptsweep-tiny`` is a project-registered random-init config small enough for CPU tests.
+``promptsweep-mini`` with ``pretrained='promptsweep'`` is the project's own pretrained CLIP
+(``methods.pretrain``): the tag resolves to a cached checkpoint file (trained on first use), which is
+then loaded exactly like a user's local checkpoint path. OpenAI weights were trained with QuickGELU, so ``pretrained='openai'`` forces it.
 
 Loaded backbones are cached per (arch, pretrained, device, precision) for the life of the
 process: a Ray worker that runs many trials loads its weights once. Every parameter is frozen
@@ -26,6 +28,9 @@ from torch import nn
 from fewshot.errors import CheckpointError, ConfigError
 
 TINY_ARCH = "promptsweep-tiny"
+MINI_ARCH = "promptsweep-mini"
+#: the pretrained tag of the project's own pretrained weights (``methods.pretrain``)
+PROJECT_TAG = "promptsweep"
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
 _lock = threading.Lock()
@@ -221,13 +226,19 @@ def load_backbone(
     """Load (or reuse) a frozen backbone. Raises ``ConfigError``/``CheckpointError`` with a fix.
 
     ``pretrained``: ``None`` = random init; an open_clip tag (``openai``) = open_clip's own
-    download/cache (unavailable offline: the error says how to provide a local file); or a path to
-    a checkpoint file (an open_clip state dict, loaded with ``weights_only=True``).
+    download/cache (unavailable offline: the error says how to provide a local file); a path to
+    a checkpoint file (an open_clip state dict, loaded with ``weights_only=True``); or
+    ``'promptsweep'``: the project-pretrained checkpoint of ``arch`` (``methods.pretrain``; built on
+    first use, then loaded as that local checkpoint path).
     """
     global LOAD_COUNT
     register_configs()
     import open_clip
 
+    if pretrained == PROJECT_TAG:
+        from methods.pretrain import pretrained_checkpoint
+
+        pretrained = str(pretrained_checkpoint(arch))  # from here on: a user's local checkpoint file
     device = torch.device(device)
     key = (arch, pretrained, str(device), precision)
     with _lock:

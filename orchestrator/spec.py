@@ -479,6 +479,7 @@ def _check_backbone(spec: SweepSpec) -> None:
 
 def validate(spec: SweepSpec) -> SweepSpec:
     """Semantic checks pydantic cannot express; raises ``ConfigError`` naming the key path."""
+    from fewshot.offline import is_offline
     from fewshot.registry import dataset_names
     from methods.registry import method_names
 
@@ -494,8 +495,8 @@ def validate(spec: SweepSpec) -> SweepSpec:
             raise ConfigError(f"methods[{i}]: unknown method '{m}' (valid: {', '.join(known_methods)})")
     for key in ("datasets", "targets"):
         for i, d in enumerate(getattr(spec, key)):
-            if d not in known_datasets:
-                raise ConfigError(f"{key}[{i}]: unknown dataset '{d}' (valid: {', '.join(known_datasets)})")
+            if d not in known_datasets and not is_offline(d):  # shapes-<N> variants are datasets too
+                raise ConfigError(f"{key}[{i}]: unknown dataset '{d}' (valid: {', '.join(known_datasets)}, shapes-<N>)")
     for i, s in enumerate(spec.shots):
         if s < 1:
             raise ConfigError(f"shots[{i}]: must be >= 1 (got {s})")

@@ -27,3 +27,13 @@ def tiny_backbone():
     from methods.backbone import load_backbone
 
     return load_backbone()
+
+
+@pytest.fixture(scope="session")
+def mini_backbone(_promptsweep_cache):
+    """The project-pretrained ``promptsweep-mini`` with its real settings (``methods.pretrain``): built
+    once per session into the session cache (a few minutes on 2 CPU cores), or found in
+    ``$PROMPTSWEEP_MODEL_CACHE`` when CI keeps that folder between runs (the file is content-keyed)."""
+    from methods.backbone import load_backbone
+
+    return load_backbone("promptsweep-mini", "promptsweep")

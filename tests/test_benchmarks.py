@@ -88,3 +88,13 @@ def test_imagenet_scale_benchmark_last_line_is_json(tmp_path):
     for key in ("load_cold", "load_again", "split_first", "split_cached", "split_cached_new_process", "check_shots",
                 "preflight", "ratio_load_cold_to_split_cached"):
         assert key in out, key
+
+
+@pytest.mark.slow
+def test_mini_benchmark_prints_both_tables_and_json(mini_backbone):
+    out = _run("mini_benchmark.py", "--methods", "zeroshot,coop", "--shots", "1,2", "--epochs", "1",
+               "--b2n-shots", "2", "--threads", "1")
+    assert out["benchmark"] == "mini_benchmark"
+    assert set(out["fewshot"]) == {"zeroshot", "coop"} and set(out["fewshot"]["coop"]) == {"1", "2"}
+    assert set(out["base2novel"]["coop"]) == {"base", "novel", "hm"}
+    assert set(out["gain_vs_zeroshot"]["coop"]) == {"1", "2"} and out["wall_s"]["coop"] > 0

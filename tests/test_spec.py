@@ -57,16 +57,21 @@ def test_cli_bad_flag_exit_2(tmp_path):
 
 
 def test_demo_spec_loads_and_is_offline():
+    from fewshot.offline import is_offline
+
     s = load_spec(ROOT / "search_spaces" / "demo.yaml")
-    assert s.backbone.arch == "promptsweep-tiny" and s.backbone.pretrained is None
-    assert {"zeroshot", "coop"} <= set(s.methods) and set(s.datasets) == {"digits", "shapes"}
-    assert len(s.shots) >= 2 and len(s.seeds) >= 2 and s.search["coop"].n_trials >= 1
+    assert s.backbone.arch == "promptsweep-mini" and s.backbone.pretrained == "promptsweep"  # project-pretrained
+    assert {"zeroshot", "coop"} <= set(s.methods) and all(is_offline(d) for d in s.datasets)
+    assert set(s.protocol) == {"fewshot", "base2novel"}
+    assert len(s.shots) >= 2 and s.search["coop"].n_trials >= 1
 
 
-def test_demo_runs_every_registered_method():
-    from methods.registry import method_names
+def test_demo_runs_every_method_that_supports_its_protocols():
+    from methods.registry import get_method, method_names
 
-    assert set(load_spec(ROOT / "search_spaces" / "demo.yaml").methods) == set(method_names())
+    s = load_spec(ROOT / "search_spaces" / "demo.yaml")
+    both = {m for m in method_names() if set(s.protocol) <= set(get_method(m).protocols)}
+    assert set(s.methods) == both
 
 
 def test_trials_per_gpu_packs_k_trials_per_device():
