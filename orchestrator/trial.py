@@ -11,7 +11,8 @@
    ``orchestrator.training``; after every epoch the val accuracy is measured, a checkpoint written
    (when ``output_dir`` is given) and ``report(metrics, checkpoint_dir)`` called; a NaN/inf loss stops
    at once (``TrainingError`` with ``error_class="nan_loss"``); ``selection: best_val`` evaluates the
-   best-val state. Methods with ``trains_by_gradient=False`` get one ``fit`` call and no epochs;
+   best-val state. Methods with ``trains_by_gradient=False`` get one ``fit`` call and no epochs, on the
+   training images through the evaluation transform (as CoOp's lpclip extracts its features);
 4. ``stage="final"`` then evaluates the test split(s): ``test_acc`` (fewshot), ``base_acc``/
    ``novel_acc``/``hm`` (base2novel), ``test_acc`` + ``acc_<target>`` + ``target_avg`` (cross_dataset,
    domain_generalization: each target's full test set with ``set_classnames(its names, target)``, so
@@ -287,7 +288,9 @@ def run_trial(req: TrialRequest, *, output_dir: Optional[Path] = None, report: O
     if not val_items:
         raise EmptySplitError(f"the {req.shots}-shot validation split of {req.dataset} (seed {req.seed}) is empty: the "
                               "dataset has no val images (check it with python -m fewshot check)")
-    train_ds = views.train(train_items)
+    # closed-form methods (the linear probe) fit on the training images as evaluated — centre crops, as CoOp's
+    # lpclip extracts its features — not on random augmentations; gradient methods train on augmented views
+    train_ds = views.train(train_items) if cls.trains_by_gradient else views.eval(train_items, "train")
     val_loader = training.eval_loader(views.eval(val_items, "val"), train_cfg)
 
     torch.manual_seed(req.seed)
