@@ -33,9 +33,6 @@ class ZeroShotCLIP(PromptMethod):
         super().__init__(backbone, classnames, dataset, cfg)
         self.set_classnames(classnames)
 
-    def templates(self) -> list[str]:
-        return self.hand_templates("ensemble" if self.cfg.ensemble else "coop")
-
     def set_classnames(self, classnames: list[str], dataset: Optional[str] = None) -> None:
         super().set_classnames(classnames, dataset)
         self.register_buffer("text_features", self.hand_text_features("ensemble" if self.cfg.ensemble else "coop"),
