@@ -17,6 +17,14 @@ telling a trial the journal already closed is skipped; the defaults are enqueued
 and, given the rows earlier drivers wrote (``set_ledger``), a (cell, stage, seed[, proposal]) that
 already has a row is counted as done from that row instead of being emitted again.
 
+The saved bookkeeping and Tune's saved trial list are uploaded separately, so either may be the
+newer one: the bookkeeping can hold a trial Tune's list lacks (it then never runs) or count work
+whose row was never written. Before it says it is finished or waits with nothing running, the
+searcher therefore accounts for every planned unit of work (each told proposal on each search seed,
+each final seed): it has a row (``set_ledger`` plus ``note_row`` as rows are written), or a trial
+of this driver runs it (``note_live``: suggested here or restored by Tune to run again); a trial the
+bookkeeping waits for that has a row is counted from it, and work with neither is emitted again.
+
 The searcher is plain Python driven by Tune's callbacks, so tests drive it with a fake objective.
 """
 from __future__ import annotations
@@ -72,18 +80,23 @@ class CellSearcher(Searcher):
         self._rr = 0
         self._studies: dict[str, optuna.Study] = {}
         self._ledger: dict[tuple, list[dict]] = {}  # rows earlier drivers wrote (set_ledger); never pickled
+        self._rows: dict[tuple, dict] = {}   # work key -> its row (ledger, note_row, finished here); never pickled
+        self._live: set[str] = set()         # trials this driver will see finish; never pickled
 
     # --- pickling: studies are reopened from the journal file -------------------------------
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_studies"] = {}
-        d.pop("_ledger", None)
+        for k in ("_ledger", "_rows", "_live"):
+            d.pop(k, None)
         return d
 
     def __setstate__(self, d):
         self.__dict__.update(d)
         self._studies = {}
         self.__dict__.setdefault("_ledger", {})  # restore() into a live searcher keeps its ledger
+        self.__dict__.setdefault("_rows", {})
+        self.__dict__.setdefault("_live", set())
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
@@ -107,6 +120,15 @@ class CellSearcher(Searcher):
         for r in rows:
             key = self._work_key(r["cell_id"], r["stage"], r["seed"], r.get("optuna_trial_number"))
             self._ledger.setdefault(key, []).append(r)
+            self._rows[key] = r
+
+    def note_row(self, row: dict) -> None:
+        """A row was written to ``trials.arrow`` (by the results callback of this driver)."""
+        self._rows[self._work_key(row["cell_id"], row["stage"], row["seed"], row.get("optuna_trial_number"))] = row
+
+    def note_live(self, trial_id: str) -> None:
+        """Tune restored ``trial_id`` to run again in this driver."""
+        self._live.add(trial_id)
 
     def ledger_result(self, row: dict) -> dict:
         """What ``on_trial_complete`` gets for a trial known only from its row."""
@@ -171,13 +193,19 @@ class CellSearcher(Searcher):
     # --- Tune Searcher API ----------------------------------------------------------------
     def suggest(self, trial_id: str) -> Optional[dict]:
         n = len(self.cells)
+        cfg = None
         for i in range(n):
             idx = (self._rr + i) % n
             cfg = self._next_new(self.cells[idx])
             if cfg is not None:
                 self._rr = idx + 1
-                self.trials[trial_id] = {k: cfg[k] for k in ("cell_id", "stage", "seed", "optuna_number")} | {"done": False}
-                return cfg
+                break
+        if cfg is None:
+            cfg = self._unaccounted_work()
+        if cfg is not None:
+            self.trials[trial_id] = {k: cfg[k] for k in ("cell_id", "stage", "seed", "optuna_number")} | {"done": False}
+            self._live.add(trial_id)
+            return cfg
         if all(self.state[c.cell_id]["final_emitted"] >= c.n_final_runs for c in self.cells):
             return Searcher.FINISHED
         return None
@@ -186,10 +214,15 @@ class CellSearcher(Searcher):
         pass
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        was_live = trial_id in self._live
+        self._live.discard(trial_id)
         info = self.trials.get(trial_id)
         if info is None or info["done"]:
             return
         info["done"] = True
+        if was_live:  # its row is written by this driver's results callback
+            self._rows.setdefault(self._work_key(info["cell_id"], info["stage"], info["seed"], info["optuna_number"]),
+                                  {"tune_trial_id": trial_id})
         cell = self._cell(info["cell_id"])
         st = self.state[cell.cell_id]
         if info["stage"] == "final":
@@ -296,6 +329,43 @@ class CellSearcher(Searcher):
             self.on_trial_complete(tid, self.ledger_result(row), error=row.get("status") == "ERROR")
             print(f"resume: {cfg['cell_id']} {cfg['stage']} seed {cfg['seed']} was finished by trial {tid}, which "
                   "Tune's saved state does not know; counted from its row, not run again", flush=True)
+
+    def _unaccounted_work(self) -> Optional[dict]:
+        """The config of planned work that has no row and no trial of this driver running it (see the
+        module docstring), or None; a waited-for trial that has a row is counted from it on the way."""
+        for tid, info in list(self.trials.items()):
+            if info["done"] or tid in self._live:
+                continue
+            key = self._work_key(info["cell_id"], info["stage"], info["seed"], info["optuna_number"])
+            row = self._rows.get(key)
+            if row is not None:
+                self.on_trial_complete(tid, self.ledger_result(row), error=row.get("status") == "ERROR")
+                print(f"resume: trial {tid} ({info['cell_id']} {info['stage']} seed {info['seed']}) has its row; "
+                      "counted from it", flush=True)
+                continue
+            del self.trials[tid]
+            return self._rerun(self._cell(info["cell_id"]), info["stage"], info["seed"], info["optuna_number"],
+                               f"trial {tid}, which Tune's saved state does not hold")
+        held = {self._work_key(i["cell_id"], i["stage"], i["seed"], i["optuna_number"])
+                for t, i in self.trials.items() if t in self._live}
+        for cell in self.cells:
+            st = self.state[cell.cell_id]
+            if st["stage"] != "final" or st["final_emitted"] < cell.n_final_runs:
+                continue
+            work = [("search", seed, num) for num in st["asked"] for seed in cell.search_seeds]
+            work += [("final", seed, None) for seed in cell.final_seeds[:cell.n_final_runs]]
+            for stage, seed, num in work:
+                key = self._work_key(cell.cell_id, stage, seed, num)
+                if key not in self._rows and key not in held:
+                    return self._rerun(cell, stage, seed, num, "a trial whose row was never written")
+        return None
+
+    def _rerun(self, cell: Cell, stage: str, seed: int, number: Optional[int], why: str) -> dict:
+        st = self.state[cell.cell_id]
+        print(f"resume: {cell.cell_id} {stage} seed {seed} was emitted as {why}; it runs again", flush=True)
+        if stage == "search":
+            return self._config(cell, "search", seed, number, st["params"][number])
+        return self._config(cell, "final", seed, st["best_number"], st["best_params"] or {})
 
     def _cell(self, cell_id: str) -> Cell:
         for c in self.cells:

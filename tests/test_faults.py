@@ -413,9 +413,13 @@ def _cell_searcher(tmp_path, n_trials=3, search_seeds=(1,), final_seeds=(1, 2), 
 
 
 def _restart(tmp_path, saved, **kw):
-    """A new driver's searcher: Tune's last saved bookkeeping loaded into a fresh one."""
+    """A new driver's searcher: Tune's last saved bookkeeping loaded into a fresh one, and the unfinished
+    trials of the same snapshot restored by Tune to run again (``LedgerScheduler.on_trial_add``)."""
     _, s = _cell_searcher(tmp_path, **kw)
     s.restore(str(saved))
+    for tid, info in s.trials.items():
+        if not info["done"]:
+            s.note_live(tid)
     return s
 
 

@@ -127,6 +127,9 @@ def test_save_restore_continues_without_duplicates(tmp_path):
     s.save(str(tmp_path / "searcher.pkl"))
     _, s2 = _searcher(tmp_path)
     s2.restore(str(tmp_path / "searcher.pkl"))
+    s2.set_ledger([_row(f"a{i}", c) for i, c in enumerate(first[:3])])  # trials.arrow of the first driver
+    for i in (3, 4):
+        s2.note_live(f"a{i}")  # Tune restores the two unfinished trials
     for i, c in enumerate(first[3:], start=3):
         s2.on_trial_complete(f"a{i}", {"val_acc": objective(c)})
     rest = drain(s2)
@@ -153,3 +156,79 @@ def test_median_pruner_compares_only_within_a_cell(tmp_path):
     s.on_trial_complete("c", {"val_acc": 1.0})
     states = {t.number: t.state for t in s.study(p.cell(c["cell_id"])).trials}
     assert states[c["optuna_number"]] == optuna.trial.TrialState.PRUNED
+
+
+def _row(tid, cfg, status="TERMINATED"):
+    """The fields of a ``trials.arrow`` row the searcher reads."""
+    return {"tune_trial_id": tid, "cell_id": cfg["cell_id"], "stage": cfg["stage"], "seed": cfg["seed"],
+            "optuna_trial_number": cfg["optuna_number"], "status": status, "val_acc": objective(cfg)}
+
+
+def _run_all_but(s, lost_if):
+    """Drain ``s``; the trials ``lost_if(cfg)`` picks never report (their driver died); returns (rows, lost)."""
+    rows, lost, i = [], [], 0
+    while True:
+        i += 1
+        cfg = s.suggest(f"t{i}")
+        if cfg is Searcher.FINISHED or cfg is None:
+            break
+        if lost_if(cfg) and not lost:
+            lost.append((f"t{i}", cfg))
+            continue
+        s.on_trial_complete(f"t{i}", {"val_acc": objective(cfg)})
+        rows.append(_row(f"t{i}", cfg))
+    return rows, lost
+
+
+def _restored(tmp_path, s, rows, live=()):
+    s.save(str(tmp_path / "searcher.pkl"))
+    p, s2 = _searcher(tmp_path, n_trials=2, search_seeds=(1,), final_seeds=(1, 2))
+    s2.restore(str(tmp_path / "searcher.pkl"))
+    s2.set_ledger(rows)
+    for tid in live:
+        s2.note_live(tid)
+    return p, s2
+
+
+def test_work_the_saved_bookkeeping_emitted_but_tune_lost_runs_again(tmp_path, capsys):
+    # the bookkeeping Tune restores is newer than its trial list: a final trial was emitted, never ran
+    p, s = _searcher(tmp_path, n_trials=2, search_seeds=(1,), final_seeds=(1, 2))
+    rows, lost = _run_all_but(s, lambda c: c["stage"] == "final" and c["cell_id"].startswith("fewshot.coop"))
+    _, s2 = _restored(tmp_path, s, rows)
+    again = s2.suggest("r1")
+    assert isinstance(again, dict)
+    assert {k: again[k] for k in ("cell_id", "stage", "seed")} == {k: lost[0][1][k] for k in ("cell_id", "stage", "seed")}
+    assert again["params"] == lost[0][1]["params"]
+    assert "runs again" in capsys.readouterr().out
+    assert s2.suggest("r2") is Searcher.FINISHED  # nothing else to emit (Tune waits for r1)
+    s2.on_trial_complete("r1", {"val_acc": objective(again)})
+    assert s2.suggest("r3") is Searcher.FINISHED
+
+
+def test_work_counted_done_without_a_row_runs_again(tmp_path):
+    # the bookkeeping counts a search trial as told, but its row was never written: it runs again
+    p, s = _searcher(tmp_path, n_trials=2, search_seeds=(1,), final_seeds=(1, 2))
+    rows, _ = _run_all_but(s, lambda c: False)
+    assert len(rows) == p.n_trials
+    gone = next(r for r in rows if r["stage"] == "search" and r["optuna_trial_number"] == 1)
+    _, s2 = _restored(tmp_path, s, [r for r in rows if r is not gone])
+    again = s2.suggest("r1")
+    assert (again["cell_id"], again["stage"], again["seed"], again["optuna_number"]) == \
+        (gone["cell_id"], "search", gone["seed"], 1)
+    s2.on_trial_complete("r1", {"val_acc": objective(again)})
+    assert s2.suggest("r2") is Searcher.FINISHED
+    assert len(s2.study(p.cell(gone["cell_id"])).trials) == 2  # no new proposal was asked
+
+
+def test_a_restored_sweep_with_every_row_or_a_live_trial_reruns_nothing(tmp_path, capsys):
+    p, s = _searcher(tmp_path, n_trials=2, search_seeds=(1,), final_seeds=(1, 2))
+    rows, lost = _run_all_but(s, lambda c: c["stage"] == "final")
+    # the unreported trial is either restored by Tune to run again, or finished with its row on file
+    _, s2 = _restored(tmp_path, s, rows, live=[lost[0][0]])
+    assert s2.suggest("r1") is Searcher.FINISHED
+    s2.on_trial_complete(lost[0][0], {"val_acc": 1.0})
+    assert s2.suggest("r2") is Searcher.FINISHED
+    _, s3 = _restored(tmp_path, s, rows + [_row(*lost[0])])
+    assert s3.suggest("r1") is Searcher.FINISHED
+    out = capsys.readouterr().out
+    assert "runs again" not in out and "has its row; counted from it" in out
