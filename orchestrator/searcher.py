@@ -21,9 +21,10 @@ The saved bookkeeping and Tune's saved trial list are uploaded separately, so ei
 newer one: the bookkeeping can hold a trial Tune's list lacks (it then never runs) or count work
 whose row was never written. Before it says it is finished or waits with nothing running, the
 searcher therefore accounts for every planned unit of work (each told proposal on each search seed,
-each final seed): it has a row (``set_ledger`` plus ``note_row`` as rows are written), or a trial
-of this driver runs it (``note_live``: suggested here or restored by Tune to run again); a trial the
-bookkeeping waits for that has a row is counted from it, and work with neither is emitted again.
+each final seed): an earlier driver's row (``set_ledger``), or a trial of this driver that runs or
+ran it (suggested here, or restored by Tune to run again: ``note_live``; this driver writes the row of
+each); a trial the bookkeeping waits for that has a row is counted from it, and work with neither is
+emitted again.
 
 The searcher is plain Python driven by Tune's callbacks, so tests drive it with a fake objective.
 """
@@ -80,14 +81,14 @@ class CellSearcher(Searcher):
         self._rr = 0
         self._studies: dict[str, optuna.Study] = {}
         self._ledger: dict[tuple, list[dict]] = {}  # rows earlier drivers wrote (set_ledger); never pickled
-        self._rows: dict[tuple, dict] = {}   # work key -> its row (ledger, note_row, finished here); never pickled
         self._live: set[str] = set()         # trials this driver will see finish; never pickled
+        self._finished_here: set[tuple] = set()  # work keys of trials that finished in this driver; never pickled
 
     # --- pickling: studies are reopened from the journal file -------------------------------
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_studies"] = {}
-        for k in ("_ledger", "_rows", "_live"):
+        for k in ("_ledger", "_live", "_finished_here"):
             d.pop(k, None)
         return d
 
@@ -95,8 +96,8 @@ class CellSearcher(Searcher):
         self.__dict__.update(d)
         self._studies = {}
         self.__dict__.setdefault("_ledger", {})  # restore() into a live searcher keeps its ledger
-        self.__dict__.setdefault("_rows", {})
         self.__dict__.setdefault("_live", set())
+        self.__dict__.setdefault("_finished_here", set())
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
@@ -114,17 +115,17 @@ class CellSearcher(Searcher):
     def _work_key(cell_id: str, stage: str, seed: int, number: Optional[int]) -> tuple:
         return (cell_id, stage, int(seed), number if stage == "search" else None)
 
+    @classmethod
+    def _key_of(cls, work: dict) -> tuple:
+        """The work key of a config or of a ``trials`` entry (both carry cell_id, stage, seed, optuna_number)."""
+        return cls._work_key(work["cell_id"], work["stage"], work["seed"], work["optuna_number"])
+
     def set_ledger(self, rows) -> None:
         """Rows (``trials.arrow`` dicts) of trials finished before this driver started; see the module docstring."""
         self._ledger = {}
         for r in rows:
             key = self._work_key(r["cell_id"], r["stage"], r["seed"], r.get("optuna_trial_number"))
             self._ledger.setdefault(key, []).append(r)
-            self._rows[key] = r
-
-    def note_row(self, row: dict) -> None:
-        """A row was written to ``trials.arrow`` (by the results callback of this driver)."""
-        self._rows[self._work_key(row["cell_id"], row["stage"], row["seed"], row.get("optuna_trial_number"))] = row
 
     def note_live(self, trial_id: str) -> None:
         """Tune restored ``trial_id`` to run again in this driver."""
@@ -141,8 +142,7 @@ class CellSearcher(Searcher):
 
     def _done_earlier(self, cfg: dict) -> Optional[dict]:
         """A ledger row of a trial that already did what ``cfg`` describes (and that this searcher does not track)."""
-        key = self._work_key(cfg["cell_id"], cfg["stage"], cfg["seed"], cfg["optuna_number"])
-        for r in self._ledger.get(key, []):
+        for r in self._ledger.get(self._key_of(cfg), []):
             if r["tune_trial_id"] not in self.trials:
                 return r
         return None
@@ -221,8 +221,7 @@ class CellSearcher(Searcher):
             return
         info["done"] = True
         if was_live:  # its row is written by this driver's results callback
-            self._rows.setdefault(self._work_key(info["cell_id"], info["stage"], info["seed"], info["optuna_number"]),
-                                  {"tune_trial_id": trial_id})
+            self._finished_here.add(self._key_of(info))
         cell = self._cell(info["cell_id"])
         st = self.state[cell.cell_id]
         if info["stage"] == "final":
@@ -336,9 +335,9 @@ class CellSearcher(Searcher):
         for tid, info in list(self.trials.items()):
             if info["done"] or tid in self._live:
                 continue
-            key = self._work_key(info["cell_id"], info["stage"], info["seed"], info["optuna_number"])
-            row = self._rows.get(key)
-            if row is not None:
+            rows = self._ledger.get(self._key_of(info))
+            if rows:
+                row = rows[-1]
                 self.on_trial_complete(tid, self.ledger_result(row), error=row.get("status") == "ERROR")
                 print(f"resume: trial {tid} ({info['cell_id']} {info['stage']} seed {info['seed']}) has its row; "
                       "counted from it", flush=True)
@@ -346,17 +345,16 @@ class CellSearcher(Searcher):
             del self.trials[tid]
             return self._rerun(self._cell(info["cell_id"]), info["stage"], info["seed"], info["optuna_number"],
                                f"trial {tid}, which Tune's saved state does not hold")
-        held = {self._work_key(i["cell_id"], i["stage"], i["seed"], i["optuna_number"])
-                for t, i in self.trials.items() if t in self._live}
+        accounted = self._finished_here | {self._key_of(i) for t, i in self.trials.items() if t in self._live}
         for cell in self.cells:
             st = self.state[cell.cell_id]
             if st["stage"] != "final" or st["final_emitted"] < cell.n_final_runs:
                 continue
             work = [("search", seed, num) for num in st["asked"] for seed in cell.search_seeds]
-            work += [("final", seed, None) for seed in cell.final_seeds[:cell.n_final_runs]]
+            work += [("final", seed, None) for seed in cell.final_seeds]
             for stage, seed, num in work:
                 key = self._work_key(cell.cell_id, stage, seed, num)
-                if key not in self._rows and key not in held:
+                if key not in self._ledger and key not in accounted:
                     return self._rerun(cell, stage, seed, num, "a trial whose row was never written")
         return None
 

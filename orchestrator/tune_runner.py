@@ -258,13 +258,9 @@ class ResultsCallback(Callback):
         if status == "ERROR" and not last.get("error_class"):
             err_cls, err_msg = "TrialError", (str(trial.error_file) if getattr(trial, "error_file", None) else "unknown error")
         run_id = self.tracker.trial_run_id(trial.trial_id) if self.tracker else None
-        row = trial_row(trial.config, last, status=status, tune_trial_id=trial.trial_id,
-                        error_class=err_cls, error_message=err_msg, mlflow_run_id=run_id)
-        self.rows[trial.trial_id] = row
+        self.rows[trial.trial_id] = trial_row(trial.config, last, status=status, tune_trial_id=trial.trial_id,
+                                              error_class=err_cls, error_message=err_msg, mlflow_run_id=run_id)
         self.flush()
-        searcher = getattr(self.scheduler, "searcher", None)
-        if hasattr(searcher, "note_row"):
-            searcher.note_row(row)
 
     def flush(self) -> None:
         write_results(self.out_dir, self.rows.values(), self.meta, self.cell_order)
@@ -431,8 +427,7 @@ class LedgerScheduler(CellPruningScheduler):
                 if new:
                     print(f"resume: trial {trial.trial_id} continues from {Path(new).name} (Tune's snapshot named "
                           f"{Path(old.path).name}, which it had already replaced)", flush=True)
-                if hasattr(self.searcher, "note_live"):
-                    self.searcher.note_live(trial.trial_id)
+                self.searcher.note_live(trial.trial_id)
                 return
             trial.set_status(Trial.TERMINATED)
             tune_controller.get_live_trials().discard(trial)

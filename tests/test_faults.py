@@ -506,7 +506,8 @@ def test_ledger_scheduler_does_not_rerun_a_restored_trial_that_has_a_row():
     from orchestrator.tune_runner import LedgerScheduler
 
     told = []
-    searcher = SimpleNamespace(ledger_result=lambda row: {"val_acc": row["val_acc"]})
+    noted_live = []
+    searcher = SimpleNamespace(ledger_result=lambda row: {"val_acc": row["val_acc"]}, note_live=noted_live.append)
     live: set = set()
     search_alg = SimpleNamespace(on_trial_complete=lambda tid, result: told.append((tid, result)))
     controller = SimpleNamespace(get_live_trials=lambda: live, search_alg=search_alg)
@@ -529,6 +530,7 @@ def test_ledger_scheduler_does_not_rerun_a_restored_trial_that_has_a_row():
     assert trials["done"].status == Trial.TERMINATED and told == [("done", {"val_acc": 40.0})]
     assert trials["failed"].status == Trial.PENDING and trials["new"].status == Trial.PENDING  # Tune runs these
     assert {t.trial_id for t in live} == {"failed", "new"}
+    assert noted_live == ["failed", "new"]  # the searcher learns which trials this driver runs
     assert LedgerScheduler(searcher).__getstate__()["ledger"] == {}
 
 
