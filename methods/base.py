@@ -32,7 +32,7 @@ from __future__ import annotations
 from typing import ClassVar, Iterable, Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.nn import functional as F
 
@@ -73,6 +73,9 @@ class TrainConfig(StrictModel):
     num_workers: int = Field(0, ge=0, description="DataLoader workers (sized to the trial's CPUs by the sweep)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU")
     drop_last: bool = True
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="area range (fractions of the image) of the "
+                                            "training augmentation's RandomResizedCrop; CoOp's (0.08, 1) for natural "
+                                            "images, narrower for the offline sets (methods/defaults/_datasets.yaml)")
     feature_cache: bool = Field(True, description="methods with frozen_image_features: evaluate on cached frozen image "
                                                   "features (exact; orchestrator.feature_cache)")
     train_feature_views: Optional[int] = Field(None, ge=1, description="train on k cached augmented views (epoch e uses "
@@ -84,6 +87,14 @@ class TrainConfig(StrictModel):
                           "NaN/inf, or a micro-batch larger than fault_oom_batch raises out-of-memory")
     fault_step: int = Field(1, ge=1, description="first optimizer step (1-based) at which the injected fault fires")
     fault_oom_batch: int = Field(0, ge=0, description="with fault: oom, micro-batches up to this size still fit")
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _crop_scale_is_a_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError(f"crop_scale must be [low, high] with 0 < low <= high <= 1 (fractions of the image "
+                             f"area), got {list(v)}")
+        return v
 
 
 class MethodConfig(StrictModel):

@@ -11,11 +11,17 @@ File format::
         train: {epochs: 50}
         method: {n_ctx: 4, ctx_init: "a photo of a"}
 
+``_datasets.yaml`` in the same folder holds the training settings that follow from a dataset, not a
+method (the offline sets' crop range), in the same format without ``method``: it is applied first, so a
+method's own file can still override them. A ``dataset`` value may be a shell-style pattern
+(``shapes-*``).
+
 ``resolve(method, dataset, shots, protocol)`` returns ``(train_dict, method_dict)``; later
 overrides win; user overrides (spec / ``--set``) are applied on top by the caller.
 """
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -26,6 +32,9 @@ from fewshot.errors import ConfigError
 
 DEFAULTS_DIR = Path(__file__).parent / "defaults"
 _WHEN_KEYS = {"dataset", "shots", "protocol"}
+
+
+DATASET_DEFAULTS = "_datasets"
 
 
 @lru_cache(maxsize=None)
@@ -50,19 +59,27 @@ def _load(method: str) -> dict:
 def _matches(when: dict, ctx: dict) -> bool:
     for key, allowed in when.items():
         allowed = allowed if isinstance(allowed, list) else [allowed]
-        if ctx.get(key) not in allowed:
+        value = ctx.get(key)
+        if not any(value == a or (key == "dataset" and isinstance(a, str) and fnmatchcase(value, a))
+                   for a in allowed):
             return False
     return True
 
 
-def resolve(method: str, dataset: str, shots: int, protocol: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Default (train, method) hyperparameter dicts for one cell."""
-    data = _load(method)
-    train = dict(data.get("train") or {})
-    meth = dict(data.get("method") or {})
-    ctx = {"dataset": dataset, "shots": shots, "protocol": protocol}
+def _apply(data: dict, ctx: dict, train: dict, meth: dict) -> None:
+    train.update(data.get("train") or {})
+    meth.update(data.get("method") or {})
     for ov in data.get("overrides") or []:
         if _matches(ov.get("when") or {}, ctx):
             train.update(ov.get("train") or {})
             meth.update(ov.get("method") or {})
+
+
+def resolve(method: str, dataset: str, shots: int, protocol: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Default (train, method) hyperparameter dicts for one cell: the dataset-wide settings, then the method's."""
+    train: dict[str, Any] = {}
+    meth: dict[str, Any] = {}
+    ctx = {"dataset": dataset, "shots": shots, "protocol": protocol}
+    _apply(_load(DATASET_DEFAULTS), ctx, train, meth)
+    _apply(_load(method), ctx, train, meth)
     return train, meth

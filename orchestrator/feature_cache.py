@@ -20,8 +20,9 @@ on the node wait for the first one and then memory-map its file. Readers ``np.lo
 Views:
 
 * ``eval``: the deterministic evaluation transform — exact: the same numbers as running the images.
-* ``train-<i>`` (``TrainConfig.train_feature_views = k``): k fixed augmented views of the training
-  split (view i drawn with the training transform under torch seed i); epoch e trains on view
+* ``train-<i>-crop<low>-<high>`` (``TrainConfig.train_feature_views = k``): k fixed augmented views of the
+  training split (view i drawn with the training transform, crop area range ``crop_scale``, under torch
+  seed i); epoch e trains on view
   ``e mod k``. This is an approximation of fresh augmentation and therefore an explicit option; the
   default (``None``) trains on fresh augmentations through the image tower, as the references do.
 """

@@ -227,7 +227,7 @@ class _Views:
         from fewshot.transforms import clip_transform
 
         self.bb, self.cls, self.cfg, self.device = bb, cls, cfg, device
-        self.train_tf = clip_transform(bb.image_size, train=True)
+        self.train_tf = clip_transform(bb.image_size, train=True, crop_scale=cfg.crop_scale)
         self.eval_tf = clip_transform(bb.image_size, train=False)
         self.cache = None
         if cls.frozen_image_features and cfg.feature_cache:
@@ -259,7 +259,9 @@ class _Views:
             return ImageDataset(items, self.train_tf, split="train")
         from orchestrator.feature_cache import FeatureDataset
 
-        views = [self._features(items, self.train_tf, f"train-{i}", "train", seed=1000 + i) for i in range(k)]
+        lo, hi = self.cfg.crop_scale  # part of a view's key: views drawn with another crop range are other views
+        views = [self._features(items, self.train_tf, f"train-{i}-crop{lo:g}-{hi:g}", "train", seed=1000 + i)
+                 for i in range(k)]
         return FeatureDataset(views, [it.label for it in items], "train")
 
 

@@ -76,3 +76,25 @@ def test_vit_b16_counts():
     assert m.frozen_param_count() == bb.num_params()
     m = CoOp(bb, [f"c{i}" for i in range(5)], "imagenet", CoOp.Config(n_ctx=4, csc=True))
     assert m.num_trainable() == 5 * 2048
+
+
+def test_offline_datasets_crop_no_smaller_than_half_the_image_for_every_method():
+    """methods/defaults/_datasets.yaml: the dataset-wide layer (a pattern matches shapes-<N>), under each
+    method's own file; natural-image datasets keep CoOp's (0.08, 1) — TrainConfig's default."""
+    from methods.registry import method_names
+
+    for method in method_names():
+        for dataset in ("digits", "shapes", "shapes-32", "shapes-64"):
+            assert resolve(method, dataset, 4, "fewshot")[0]["crop_scale"] == [0.5, 1.0], (method, dataset)
+        assert "crop_scale" not in resolve(method, "dtd", 4, "fewshot")[0]
+        assert "crop_scale" not in resolve(method, "shapes_extra", 4, "fewshot")[0]  # a pattern, not a prefix
+    assert TrainConfig().crop_scale == (0.08, 1.0)
+    assert resolve("coop", "shapes-32", 1, "fewshot")[0]["epochs"] == 50  # the method's own overrides still apply
+
+
+@pytest.mark.parametrize("bad", [(0.0, 1.0), (0.6, 0.5), (0.5, 1.5)])
+def test_crop_scale_outside_the_unit_range_is_refused(bad):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="crop_scale must be"):
+        TrainConfig(crop_scale=bad)

@@ -46,6 +46,7 @@ def test_transform_steps():
     ev = clip_transform(224, train=False).transforms
     assert [type(t) for t in ev] == [T.Resize, T.CenterCrop, T.ToTensor, T.Normalize]
     assert ev[0].interpolation == InterpolationMode.BICUBIC and ev[0].size == 224
+    assert clip_transform(48, train=True, crop_scale=(0.5, 1.0)).transforms[0].scale == (0.5, 1.0)
 
 
 def test_image_dataset_loads_rgb_and_counts_reads(tmp_path, items):
