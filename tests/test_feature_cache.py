@@ -160,7 +160,8 @@ def test_cached_training_views(tiny_backbone, cache):
     assert fc.STATS["computed"] - before["computed"] == 4  # 2 train views + val + test
     items = fewshot_split(load_dataset("digits"), 2, 1).train
     bb = tiny_backbone
-    train = [np.load(cache.path(fc.entry_key(bb.identity(), bb.image_size, "cpu", items, f"train-{i}")))
+    # digits trains with crop_scale [0.5, 1] (methods/defaults/_datasets.yaml): part of each view's key
+    train = [np.load(cache.path(fc.entry_key(bb.identity(), bb.image_size, "cpu", items, f"train-{i}-crop0.5-1")))
              for i in range(2)]
     assert train[0].shape == (20, bb.embed_dim) and not np.array_equal(train[0], train[1])  # two augmentations
     ds = fc.FeatureDataset(train, list(range(20)), "train")
@@ -172,3 +173,7 @@ def test_cached_training_views(tiny_backbone, cache):
     assert not torch.equal(a, b) and torch.equal(ds[0][0], a)
     again = run_trial(TrialRequest(method="coop", dataset="digits", shots=2, seed=1, device="cpu", overrides=over))
     assert (again["val_acc"], again["test_acc"]) == (out["val_acc"], out["test_acc"])  # deterministic views
+    before = dict(fc.STATS)
+    run_trial(TrialRequest(method="coop", dataset="digits", shots=2, seed=1, device="cpu",
+                           overrides={**over, "epochs": 1, "crop_scale": [0.08, 1.0]}))
+    assert fc.STATS["computed"] - before["computed"] == 2  # another crop range: new train views, same eval features
