@@ -92,8 +92,7 @@ class TrainConfig(StrictModel):
     @classmethod
     def _crop_scale_is_a_range(cls, v: tuple[float, float]) -> tuple[float, float]:
         if not 0 < v[0] <= v[1] <= 1:
-            raise ValueError(f"crop_scale must be [low, high] with 0 < low <= high <= 1 (fractions of the image "
-                             f"area), got {list(v)}")
+            raise ValueError("crop_scale must be [low, high] with 0 < low <= high <= 1 (fractions of the image area)")
         return v
 
 
