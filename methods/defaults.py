@@ -32,8 +32,7 @@ from fewshot.errors import ConfigError
 
 DEFAULTS_DIR = Path(__file__).parent / "defaults"
 _WHEN_KEYS = {"dataset", "shots", "protocol"}
-
-
+#: the file (without .yaml) of the settings every method takes from the dataset, applied before the method's
 DATASET_DEFAULTS = "_datasets"
 
 
