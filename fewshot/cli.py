@@ -13,9 +13,9 @@ import json
 import os
 import sys
 
-from fewshot.errors import DataError, MissingDataError, UserError
+from fewshot.errors import DataError, MissingDataError, UserError, error_line
 from fewshot.offline import is_offline, shapes_class_count
-from fewshot.paths import resolve_data_root
+from fewshot.paths import check_cache_writable, resolve_data_root
 from fewshot.registry import CATALOG, COUNT_TOLERANCE, dataset_names, load_dataset
 from fewshot.sampling import fewshot_split
 from fewshot.validate import SizeMismatchError, check_fewshot, check_files_exist, check_labels, check_sizes
@@ -80,6 +80,8 @@ def cmd_check(args) -> int:
     if any(n in CATALOG for n in names):
         root = resolve_data_root(args.data_root)
         print(f"data root: {root}")
+    if args.shots or any(is_offline(n) for n in names):
+        check_cache_writable()  # few-shot splits and offline datasets are written there
     ok = True
     width = max(len(n) for n in names)
     for name in names:
@@ -90,6 +92,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_split(args) -> int:
+    check_cache_writable()  # the split is cached there
     ds = load_dataset(args.dataset, args.data_root)
     split = fewshot_split(ds, args.shots, args.seed)
 
@@ -160,5 +163,5 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return exc.exit_code

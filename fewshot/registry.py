@@ -124,7 +124,10 @@ def _signature(folder: Path, depth: int) -> tuple:
     def walk(path: str, level: int) -> None:
         with os.scandir(path) as it:
             for e in sorted(it, key=lambda e: e.name):
-                st = e.stat()
+                try:
+                    st = e.stat()
+                except OSError:  # a dangling link: its own stamp (the readers name it if it is listed)
+                    st = e.stat(follow_symlinks=False)
                 out.append((e.path, st.st_mtime_ns, st.st_size if e.is_file() else -1))
                 if level < depth and e.is_dir():
                     walk(e.path, level + 1)

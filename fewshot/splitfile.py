@@ -3,7 +3,9 @@ dataset (the nine standard ones and the offline ``digits``/``shapes``).
 
 Format: a JSON object with exactly the keys ``train``, ``val``, ``test``; each a list of
 ``[relative_path, label, classname]`` with 0-based int labels. Paths are joined to ``image_dir``.
-Every label ``0..C-1`` has one class name and at least one ``train`` entry.
+Every label ``0..C-1`` has one class name and at least one ``train`` entry. Every path stays inside
+``image_dir`` once resolved (no ``..`` out of it, no NUL byte, no symbolic link pointing elsewhere:
+``fewshot.paths.first_escape``).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import os
 from pathlib import Path
 
 from fewshot.errors import DataError, MissingDataError
-from fewshot.paths import DOCS
+from fewshot.paths import DOCS, first_escape
 from fewshot.types import Item
 
 SPLITS = ("train", "val", "test")
@@ -33,7 +35,7 @@ def parse_entries(entries, image_dir: str, num_classes: int | None, where: str, 
             or not isinstance(entry[2], str)
         ):
             raise DataError(
-                f"{where}: '{part}' entry {i} is {json.dumps(entry)[:120]}, expected [path (str), label (int), classname (str)]"
+                f"{where}: '{part}' entry {i} is {_shown(entry)}, expected [path (str), label (int), classname (str)]"
             )
         path, label, classname = entry
         if not path.strip() or os.path.isabs(path):
@@ -43,7 +45,25 @@ def parse_entries(entries, image_dir: str, num_classes: int | None, where: str, 
             bound = f"0..{num_classes - 1}" if num_classes is not None else ">= 0"
             raise DataError(f"{where}: '{part}' entry {i} has label {label}, outside {bound}")
         items.append(Item(os.path.join(image_dir, path), label, classname))
+    check_inside(items, [e[0] for e in entries], image_dir, where, part)
     return items
+
+
+def check_inside(items: list[Item], listed: list[str], image_dir: str, where: str, part: str) -> None:
+    """DataError naming the first entry whose path has a NUL byte or resolves outside ``image_dir``."""
+    bad = first_escape(image_dir, [it.impath for it in items])
+    if bad is not None:
+        i, why = bad
+        raise DataError(f"{where}: '{part}' entry {i} has path {json.dumps(listed[i])}, which {why}: every image "
+                        f"must be a file inside {image_dir}; fix the entry (or re-download the split file, see {DOCS})")
+
+
+def _shown(value) -> str:
+    """A value as short JSON for a message (a deeply nested one is not expanded)."""
+    try:
+        return json.dumps(value)[:120]
+    except RecursionError:
+        return "a deeply nested value"
 
 
 def classnames_of(items_lists, num_classes: int | None, where: str) -> list[str]:
@@ -71,6 +91,9 @@ def read_split_file(split_file: Path, image_dir: Path, num_classes: int | None =
             data = json.load(fh)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"split file {split_file} is not valid JSON ({exc}): re-download it (see {DOCS})") from None
+    except RecursionError:  # [[[[...]]]] nested deeper than Python's recursion limit
+        raise DataError(f"split file {split_file} is not a split file (its JSON is nested too deeply): re-download "
+                        f"it (see {DOCS})") from None
     if not isinstance(data, dict):
         raise DataError(f"split file {split_file} must hold a JSON object with keys train/val/test, got {type(data).__name__}")
     missing = [k for k in SPLITS if k not in data]

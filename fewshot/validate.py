@@ -4,8 +4,8 @@ Owns ``check_labels`` (every label in ``0..C-1``, every class has training image
 ``check_sizes`` (no empty train/val/test part a protocol reads, and the image counts of a standard
 dataset within ``COUNT_TOLERANCE`` of the published split sizes), ``check_images`` (every listed
 image exists and decodes, checked in a thread pool), ``check_files_exist`` (every image of a list
-exists: a stat, no decode), ``check_fewshot`` (the images of the K-shot train/val splits a sweep will
-actually draw) and ``check_sweep_data`` (all of it for a sweep's datasets and targets; used by
+exists as a regular file: a stat, no open, so a FIFO cannot hang it), ``check_fewshot`` (the
+images of the K-shot train/val splits a sweep will actually draw) and ``check_sweep_data`` (all of it for a sweep's datasets and targets; used by
 ``orchestrator.sweep._preflight`` and ``python -m fewshot check``).
 
 Only the few-shot train/val images are decoded — a few per class and seed, so even ImageNet
@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Mapping, Optional
 
 from fewshot.errors import DataError, EmptySplitError
-from fewshot.images import MissingImageError, check_image
+from fewshot.images import MissingImageError, check_image, file_problem
 from fewshot.paths import DOCS
 from fewshot.registry import CATALOG, COUNT_TOLERANCE, load_dataset
 from fewshot.sampling import fewshot_split
@@ -84,17 +84,18 @@ def check_sizes(ds: DatasetSplits, needs_train: bool = True, tolerance: Optional
 
 
 def check_files_exist(items: Iterable[Item], what: str, workers: int | None = None) -> int:
-    """Every distinct image of ``items`` exists as a file (a stat, no decode; in a thread pool): a
-    MissingImageError naming the first missing one and how many are missing. Returns how many were checked."""
+    """Every distinct image of ``items`` exists as a regular file (a stat, no open, no decode; in a thread
+    pool): the DataError of the first missing one (a FIFO, device or directory in its place, or a NUL byte in
+    its path, is named as such) and how many are bad. Returns how many were checked."""
     paths = list(dict.fromkeys(it.impath for it in items))
     if not paths:
         return 0
     with ThreadPoolExecutor(_workers(len(paths), workers)) as pool:
-        present = list(pool.map(os.path.isfile, paths, chunksize=512))
-    missing = [p for p, ok in zip(paths, present) if not ok]
-    if missing:
-        raise MissingImageError(f"image file {missing[0]} is missing: re-download the dataset (see {DOCS}) "
-                                f"[{len(missing)} of the {len(paths)} images of {what} are missing]")
+        problems = [e for e in pool.map(file_problem, paths, chunksize=512) if e is not None]
+    if problems:
+        missing = all(isinstance(e, MissingImageError) for e in problems)
+        raise type(problems[0])(f"{problems[0]} [{len(problems)} of the {len(paths)} images of {what} are "
+                                f"{'missing' if missing else 'missing or not image files'}]")
     return len(paths)
 
 

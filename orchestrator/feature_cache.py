@@ -13,9 +13,13 @@ writing an entry over 1 GB prints one line naming its size, and ``feature_cache:
 Entries are keyed by a content hash of (backbone identity, image size, device type and precision,
 the split's items — path, size, mtime and label of every image —, the transform view and the output
 kind) and stored
-under ``<cache root>/features/<hash>.npy`` (``$PROMPTSWEEP_CACHE``, local disk). A writer computes
-into a temp file and ``os.replace``s it into place under an exclusive ``flock``; concurrent creators
-on the node wait for the first one and then memory-map its file. Readers ``np.load(mmap_mode="r")``.
+under ``<cache root>/features/<hash>.npy`` (``$PROMPTSWEEP_CACHE``, local disk), with the sha256 of the
+file's bytes beside it in ``<hash>.npy.sha256``. A writer computes into a temp file and ``os.replace``s it
+into place (the array, then its checksum) under an exclusive ``flock``; concurrent creators on the node
+wait for the first one and then memory-map its file. Readers verify the checksum on every lookup (one
+sequential read of the entry, which the trial then reads anyway) and ``np.load(mmap_mode="r")``; an entry
+that fails it (truncated, overwritten, its checksum missing) is never used: it is recomputed and replaced
+under the lock.
 
 Views:
 
@@ -41,11 +45,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fewshot.paths import atomic_open, cache_root
+from fewshot.paths import atomic_open, cache_root, check_cache_writable
 from fewshot.types import Item
 
 #: how many cache entries this process computed / memory-mapped (benchmarks and tests read them)
-STATS = {"computed": 0, "hits": 0}
+STATS = {"computed": 0, "hits": 0, "rejected": 0}
 #: an entry larger than this is announced on stderr when written (token maps of large splits)
 LARGE_ENTRY_BYTES = 2**30
 
@@ -61,7 +65,7 @@ def items_fingerprint(items: list[Item]) -> str:
         try:
             st = os.stat(it.impath)
             stamp = f"{st.st_size}:{st.st_mtime_ns}"
-        except OSError:
+        except (OSError, ValueError):  # missing, or a NUL byte in the path (the image load names it)
             stamp = "missing"
         h.update(f"{it.impath}\0{stamp}\0{it.label}\n".encode())
     return h.hexdigest()
@@ -103,6 +107,26 @@ class FeatureDataset(Dataset):
         return torch.from_numpy(np.array(self.views[self.view][index], dtype=np.float32)), self.labels[index]
 
 
+class _HashingWriter:
+    """A binary file wrapper that hashes what is written through it (``np.save`` writes in chunks)."""
+
+    def __init__(self, fh):
+        self.fh = fh
+        self.sha = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.fh.write(data)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 class FeatureCache:
     """Computes or memory-maps the features of one (backbone, split, view) (see the module docstring)."""
 
@@ -112,29 +136,62 @@ class FeatureCache:
     def path(self, key: str) -> Path:
         return self.root / f"{key}.npy"
 
-    def get(self, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
-        """The cached array for ``key``; ``compute()`` runs at most once per node for it."""
-        path = self.path(key)
-        if path.exists():
-            STATS["hits"] += 1
+    @staticmethod
+    def checksum_path(path: Path) -> Path:
+        return path.with_name(path.name + ".sha256")
+
+    def _load_verified(self, path: Path) -> Optional[np.ndarray]:
+        """The memory-mapped entry if it exists and matches its checksum; None otherwise (never a bad array)."""
+        try:
+            want = self.checksum_path(path).read_text(encoding="ascii").strip()
+            if _file_sha256(path) != want:
+                return None
             return np.load(path, mmap_mode="r")
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / f".{key}.lock", "w") as lock:
+        except (OSError, ValueError, UnicodeDecodeError):  # absent, checksum missing, unreadable header
+            return None
+
+    def get(self, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """The cached array for ``key``; ``compute()`` runs at most once per node for it (and again when
+        the stored entry fails its checksum)."""
+        path = self.path(key)
+        arr = self._load_verified(path) if path.exists() else None
+        if arr is not None:
+            STATS["hits"] += 1
+            return arr
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            lock = open(self.root / f".{key}.lock", "w")
+        except OSError:
+            check_cache_writable()  # the one clear error naming the folder and $PROMPTSWEEP_CACHE
+            raise
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent creators: the first computes, the rest wait
             try:
-                if path.exists():
+                existed = path.exists()
+                arr = self._load_verified(path) if existed else None
+                if arr is not None:
                     STATS["hits"] += 1
-                    return np.load(path, mmap_mode="r")
+                    return arr
+                if existed:
+                    STATS["rejected"] += 1
+                    print(f"[feature cache] entry {path} fails its checksum (damaged): recomputing it",
+                          file=sys.stderr, flush=True)
                 arr = np.ascontiguousarray(compute(), dtype=np.float32)
                 if arr.nbytes > LARGE_ENTRY_BYTES:
                     print(f"[feature cache] writing {arr.nbytes / 2**30:.1f} GB ({' x '.join(map(str, arr.shape))} "
                           f"floats) to {path}", file=sys.stderr, flush=True)
                 with atomic_open(path, "wb") as fh:
-                    np.save(fh, arr)
+                    writer = _HashingWriter(fh)
+                    np.save(writer, arr)
+                with atomic_open(self.checksum_path(path), "w", encoding="ascii") as fh:
+                    fh.write(writer.sha.hexdigest() + "\n")
                 STATS["computed"] += 1
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-        return np.load(path, mmap_mode="r")
+        out = self._load_verified(path)
+        if out is None:  # changed under us since it was written: serve what was computed, never a bad entry
+            return arr
+        return out
 
 
 @torch.no_grad()

@@ -177,3 +177,53 @@ def test_cached_training_views(tiny_backbone, cache):
     run_trial(TrialRequest(method="coop", dataset="digits", shots=2, seed=1, device="cpu",
                            overrides={**over, "epochs": 1, "crop_scale": [0.08, 1.0]}))
     assert fc.STATS["computed"] - before["computed"] == 2  # another crop range: new train views, same eval features
+
+
+def _damage(path: Path, how: str) -> None:
+    """Damage a stored entry for real: cut it short, overwrite its numbers keeping the size and the valid
+    .npy header (what np.load would serve without complaint), or lose its checksum file."""
+    data = path.read_bytes()
+    if how == "truncated":
+        os.truncate(path, len(data) // 2)
+    elif how == "garbage":
+        payload = np.load(path, mmap_mode="r").nbytes
+        with open(path, "r+b") as fh:
+            fh.seek(len(data) - payload)
+            fh.write(np.random.default_rng(0).standard_normal(payload // 4).astype(np.float32).tobytes())
+        assert path.stat().st_size == len(data)
+    else:
+        fc.FeatureCache.checksum_path(path).unlink()
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "checksum lost"])
+def test_a_damaged_entry_is_recomputed_never_used(tiny_backbone, cache, how):
+    from contextlib import nullcontext
+
+    items = _items(8)
+    tf = clip_transform(tiny_backbone.image_size, train=False)
+
+    def lookup():
+        return np.array(fc.cached_split(cache, tiny_backbone, items, tf, "eval", "test", 4, 0, nullcontext, "cpu"))
+
+    fresh = lookup()
+    (entry,) = cache.root.glob("*.npy")
+    _damage(entry, how)
+    before = dict(fc.STATS)
+    again = lookup()
+    assert fc.STATS["computed"] - before["computed"] == 1 and fc.STATS["rejected"] - before["rejected"] == 1
+    assert again.dtype == fresh.dtype and again.tobytes() == fresh.tobytes()  # bit-identical to a fresh compute
+    # the replaced entry is whole again: the next lookup memory-maps it without computing
+    hit = cache.get(entry.stem, lambda: pytest.fail("a sound entry was recomputed"))
+    assert isinstance(hit, np.memmap) and hit.tobytes() == fresh.tobytes()
+    assert not list(cache.root.glob(".*.tmp"))
+
+
+def test_unwritable_feature_cache_is_one_clear_error(tmp_path, monkeypatch):
+    """A cache root that is a file: the lookup names the folder and $PROMPTSWEEP_CACHE, not an OSError."""
+    from fewshot.errors import ConfigError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setenv("PROMPTSWEEP_CACHE", str(blocker))
+    with pytest.raises(ConfigError, match=r"\$PROMPTSWEEP_CACHE"):
+        fc.FeatureCache().get("k", lambda: np.zeros((1, 2), np.float32))

@@ -2,14 +2,14 @@
 
 ``variants.txt`` gives the class order (label = line index, classname = the variant string);
 ``images_variant_{train,val,test}.txt`` lines are ``<image_id> <variant with spaces>`` and the image
-is ``images/<image_id>.jpg``.
+is ``images/<image_id>.jpg``, which must resolve inside ``images/`` (``fewshot.paths.first_escape``).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from fewshot.errors import DataError, MissingDataError
-from fewshot.paths import DOCS
+from fewshot.paths import DOCS, first_escape
 from fewshot.types import DatasetSplits, Item
 
 
@@ -36,5 +36,9 @@ def read_aircraft(name: str, dataset_dir: Path, num_classes: int | None = None) 
             if variant not in label_of:
                 raise DataError(f"{list_file} line {lineno}: variant '{variant}' is not in variants.txt")
             items.append(Item(str(image_dir / f"{image_id}.jpg"), label_of[variant], variant))
+        bad = first_escape(image_dir, [it.impath for it in items])
+        if bad is not None:
+            raise DataError(f"{list_file} line {bad[0] + 1}: image {items[bad[0]].impath!r} {bad[1]}: every image must be "
+                            f"a file inside {image_dir}; fix the line (see {DOCS})")
         parts.append(items)
     return DatasetSplits(name, parts[0], parts[1], parts[2], classnames, image_root=str(image_dir))

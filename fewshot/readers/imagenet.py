@@ -14,6 +14,10 @@ The two ways an ImageNet download is commonly left half-prepared are named with 
 ``images/train`` that still holds the 1,000 per-class ``.tar`` archives (ILSVRC2012_img_train.tar
 extracted one level only), and an ``images/val`` left flat (the validation archive extracts to
 50,000 loose files; CoOp needs one folder per wnid).
+
+Every class folder and image must resolve (symbolic links included) inside the real path of the folder
+it is listed from (``images/train`` etc.; that folder itself may be a link): a link pointing elsewhere
+is refused, as for the split files (``fewshot.paths.first_escape``).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import os
 from pathlib import Path
 
 from fewshot.errors import DataError, MissingDataError
-from fewshot.paths import DOCS
+from fewshot.paths import DOCS, first_escape
 from fewshot.types import DatasetSplits, Item
 
 
@@ -84,11 +88,21 @@ def read_classnames_txt(path: Path) -> dict[str, str]:
 def _folder_items(root: Path, folders: list[str], label_of: dict[str, int], names: list[str]) -> list[Item]:
     items = []
     base = str(root)
+    _check_inside(root, [f"{base}{os.sep}{folder}" for folder in folders], "class folder")
     for folder in folders:
         label, name = label_of[folder], names[label_of[folder]]
         prefix = f"{base}{os.sep}{folder}{os.sep}"  # string joins: Path objects cost seconds over 1.28M files
-        items.extend(Item(prefix + fname, label, name) for fname in _files(root / folder))
+        files = [prefix + fname for fname in _files(root / folder)]
+        _check_inside(root, files, "image")
+        items.extend(Item(path, label, name) for path in files)
     return items
+
+
+def _check_inside(root: Path, paths: list[str], what: str) -> None:
+    bad = first_escape(root, paths)
+    if bad is not None:
+        raise DataError(f"{what} {paths[bad[0]]} {bad[1]}: every class folder and image must be inside {root}; "
+                        f"replace the link by the real folder/file, or link {root} itself (see {DOCS})")
 
 
 def _names_for(wnids: list[str], mapping: dict[str, str], source: Path) -> list[str]:
