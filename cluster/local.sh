@@ -4,7 +4,9 @@
 # A head node on 127.0.0.2 (no CPUs by default, so trials never land there; it runs the sweep driver and
 # the dashboard) plus N worker nodes on 127.0.0.3, 127.0.0.4, ... Each node is its own `ray start --block`
 # with its own raylet, resources and loopback address (Ray rewrites 127.0.0.1 to the outside address, so
-# 127.0.0.1 is never used). Token auth is off (RAY_AUTH_MODE=disabled); everything binds loopback.
+# 127.0.0.1 is never used). Token auth is off (RAY_AUTH_MODE=disabled). The dashboard, Ray Client and the
+# agents' HTTP bind loopback; Ray binds the nodes' gRPC servers and metrics exporters to all interfaces
+# (only a node address of exactly 127.0.0.1 keeps them on loopback): use it on a firewalled machine.
 #
 # `up` records the PIDs it started (with their start times) in the state dir and prints
 #   RAY_ADDRESS=<head>:<port>

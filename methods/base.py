@@ -45,16 +45,16 @@ PROTOCOLS = ("fewshot", "base2novel", "cross_dataset", "domain_generalization")
 class StrictModel(BaseModel):
     """Pydantic base for configuration: unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # no inf / NaN anywhere
 
 
 class TrainConfig(StrictModel):
     """Optimisation and schedule shared by all methods (defaults overridable by YAML / --set)."""
 
-    epochs: int = Field(10, ge=0, description="training epochs (ignored when max_iters is set)")
-    max_iters: Optional[int] = Field(None, ge=1, description="iteration-based schedule (TGP-T); overrides epochs")
-    batch_size: int = Field(32, ge=1)
-    eval_batch_size: int = Field(100, ge=1)
+    epochs: int = Field(10, ge=0, le=100_000, description="training epochs (ignored when max_iters is set)")
+    max_iters: Optional[int] = Field(None, ge=1, le=100_000_000, description="iteration-based schedule (TGP-T); overrides epochs")
+    batch_size: int = Field(32, ge=1, le=65_536)
+    eval_batch_size: int = Field(100, ge=1, le=65_536)
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = Field(0.002, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
@@ -70,7 +70,7 @@ class TrainConfig(StrictModel):
     grad_clip: Optional[float] = Field(None, gt=0)
     selection: Literal["last", "best_val"] = Field("last", description="final model: last step (CoOp family) or best on the few-shot val split (TGP-T)")
     eval_every_iters: Optional[int] = Field(None, ge=1, description="validation period in iterations for best_val selection (default: every epoch)")
-    num_workers: int = Field(0, ge=0, description="DataLoader workers (sized to the trial's CPUs by the sweep)")
+    num_workers: int = Field(0, ge=0, le=64, description="DataLoader workers (sized to the trial's CPUs by the sweep)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU")
     drop_last: bool = True
     crop_scale: tuple[float, float] = Field((0.08, 1.0), description="area range (fractions of the image) of the "
@@ -78,10 +78,13 @@ class TrainConfig(StrictModel):
                                             "images, narrower for the offline sets (methods/defaults/_datasets.yaml)")
     feature_cache: bool = Field(True, description="methods with frozen_image_features: evaluate on cached frozen image "
                                                   "features (exact; orchestrator.feature_cache)")
-    train_feature_views: Optional[int] = Field(None, ge=1, description="train on k cached augmented views (epoch e uses "
+    train_feature_views: Optional[int] = Field(None, ge=1, le=1000, description="train on k cached augmented views (epoch e uses "
                                                "view e mod k) instead of fresh augmentations (None, the exact default)")
     oom_retry: bool = Field(False, description="on out-of-memory, halve the micro-batch and accumulate gradients "
                                                "(same effective batch) instead of failing the trial with error class oom")
+    max_trial_s: Optional[float] = Field(None, gt=0, allow_inf_nan=False,
+                                         description="wall-time limit of one run of a trial in seconds (None: no "
+                                                     "limit); past it the trial fails with error class timeout")
     fault: Optional[Literal["nan_loss", "inf_loss", "oom"]] = Field(
         None, description="fault injection for reliability tests: from optimizer step fault_step on, the loss becomes "
                           "NaN/inf, or a micro-batch larger than fault_oom_batch raises out-of-memory")

@@ -34,6 +34,13 @@ it also stops the client printing a "View run" URL for every closed run).
 
 Tracking URI precedence: ``--tracking-uri`` > ``$MLFLOW_TRACKING_URI`` > spec ``tracking.uri`` >
 ``sqlite:///<abs cwd>/mlflow.db``. File stores (``file://``, bare paths) are refused.
+
+Credentials never leave the driver's environment: ``resolve_tracking_uri`` takes the user and password
+out of a URI (``http://user:pw@host``, ``split_credentials``), hands them to MLflow through its
+``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` variables and returns the URI without them,
+which is the only one used, stored (sweep.json, the pickled callback, the backlog) and shown; a spec's
+``tracking.uri`` with credentials is refused (the spec is stored with the sweep). Every message quotes
+URIs through ``mask_uri`` (userinfo and token-like query values as ``***``).
 """
 from __future__ import annotations
 
@@ -48,6 +55,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from ray.tune import Callback
 
@@ -68,11 +76,62 @@ _PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOU
 _CREATE_TAG = "promptsweep_create_id"
 
 
+#: query parameters whose values are masked in messages
+_SECRET_QUERY = re.compile(r"token|secret|password|passwd|pwd|key|auth|signature|credential|sig", re.I)
+CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def split_credentials(uri: str) -> tuple[str, Optional[str], Optional[str]]:
+    """``(uri without user:password@, user, password)`` (percent-decoded; None where absent)."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri, None, None
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, sep, password = userinfo.partition(":")
+    return urlunsplit(parts._replace(netloc=host)), unquote(user) or None, unquote(password) if sep else None
+
+
+def mask_uri(uri: str) -> str:
+    """``uri`` fit for a message: userinfo as ``user:***@`` and token-like query values as ``***``."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "<unparsable URI>"
+    if "@" in parts.netloc:  # (urlunsplit only where there is a host: it drops "//" of sqlite:////abs/path)
+        userinfo, _, host = parts.netloc.rpartition("@")
+        user, sep, _ = userinfo.partition(":")
+        uri = urlunsplit(parts._replace(netloc=f"{user}:***@{host}" if sep else f"***@{host}"))
+    if parts.query:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        query = urlencode([(k, "***" if _SECRET_QUERY.search(k) else v) for k, v in pairs], safe="*")
+        uri = uri.replace(f"?{parts.query}", f"?{query}", 1)
+    return uri
+
+
+def _use_credentials(user: Optional[str], password: Optional[str]) -> None:
+    """Hand a URI's credentials to this process's MLflow client (its documented environment variables)."""
+    if user is not None:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = user
+    if password is not None:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = password
+
+
 def resolve_tracking_uri(flag: Optional[str], spec_uri: Optional[str]) -> str:
+    """The sweep's tracking URI (precedence in the module docstring) without credentials; credentials in
+    ``--tracking-uri`` or ``$MLFLOW_TRACKING_URI`` go to MLflow's variables, in a spec's ``tracking.uri``
+    they are a ConfigError."""
+    if spec_uri and any(split_credentials(spec_uri)[1:]):
+        raise ConfigError(f"tracking.uri: '{mask_uri(spec_uri)}' holds credentials, which would be stored with the "
+                          "sweep's spec; remove them and set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, "
+                          "or pass the URI with --tracking-uri")
     uri = flag or os.environ.get("MLFLOW_TRACKING_URI") or spec_uri or f"sqlite:///{Path.cwd().resolve()}/mlflow.db"
     if uri.startswith("file:") or "://" not in uri:
-        raise ConfigError(f"tracking URI '{uri}' is a file store, which MLflow 3 refuses; "
+        raise ConfigError(f"tracking URI '{mask_uri(uri)}' is a file store, which MLflow 3 refuses; "
                           "use sqlite:///ABS/PATH/mlflow.db or http://host:port")
+    uri, user, password = split_credentials(uri)
+    _use_credentials(user, password)
+    if not flag and os.environ.get("MLFLOW_TRACKING_URI"):
+        os.environ["MLFLOW_TRACKING_URI"] = uri  # processes started from here (Ray) do not inherit the password in it
     return uri
 
 
@@ -82,8 +141,8 @@ def _is_http(uri: str) -> bool:
 
 def ui_command(uri: str) -> str:
     if _is_http(uri):
-        return f"open {uri} (the MLflow server already serves these runs)"
-    return f"mlflow ui --backend-store-uri {uri}"
+        return f"open {mask_uri(uri)} (the MLflow server already serves these runs)"
+    return f"mlflow ui --backend-store-uri {mask_uri(uri)}"
 
 
 def git_commit() -> str:
@@ -153,7 +212,7 @@ def check_tracking_server(uri: str) -> None:
     try:
         _client(uri).search_experiments(max_results=1)
     except Exception as e:
-        raise ConfigError(f"the MLflow tracking server {uri} is not reachable ({_reason(e)}); start the server "
+        raise ConfigError(f"the MLflow tracking server {mask_uri(uri)} is not reachable ({_reason(e)}); start the server "
                           "(mlflow server --host HOST --port PORT --backend-store-uri sqlite:///ABS/PATH/mlflow.db) "
                           "or pass --tracking-uri sqlite:///ABS/PATH/mlflow.db to track into a local file") from None
 
@@ -190,7 +249,9 @@ class MlflowTracking(Callback):
 
     def __init__(self, tracking_uri: str, experiment: str, sweep_name: str, spec_hash: str,
                  parent_run_id: Optional[str] = None, out_dir: Optional[Path] = None, background: bool = False):
-        self.tracking_uri = tracking_uri
+        uri, user, password = split_credentials(tracking_uri)  # nothing kept (pickled, saved) holds a password
+        _use_credentials(user, password)
+        self.tracking_uri = uri
         self.experiment = experiment
         self.sweep_name = sweep_name
         self.spec_hash = spec_hash
@@ -243,7 +304,7 @@ class MlflowTracking(Callback):
             try:
                 self._run(self._op(self._parent_op()))
             except Exception as e:
-                raise ConfigError(f"MLflow at {self.tracking_uri} did not create the sweep's run ({_reason(e)}); "
+                raise ConfigError(f"MLflow at {mask_uri(self.tracking_uri)} did not create the sweep's run ({_reason(e)}); "
                                   "check the server, or pass --tracking-uri sqlite:///ABS/PATH/mlflow.db") from None
         elif self.state["parent"] and "sweep" not in self.state["closed"]:
             self._submit({"op": "reopen", "key": "sweep"})  # a resumed sweep: an early exit (fail) may have ended it
@@ -418,11 +479,11 @@ class MlflowTracking(Callback):
                 pause = min(self.retry_interval_s * 2 ** (self._failures - 1), self.max_retry_interval_s)
                 self._retry_at = time.monotonic() + pause
                 if self._failures == 1:
-                    _warn(f"warning: MLflow tracking server {self.tracking_uri} is not answering ({_reason(e)}); "
+                    _warn(f"warning: MLflow tracking server {mask_uri(self.tracking_uri)} is not answering ({_reason(e)}); "
                           f"trials go on, tracking is queued ({len(pending)} operation(s)) and retried")
                 return False
             if self._failures:
-                _warn(f"MLflow tracking server {self.tracking_uri} is back: sending {len(pending)} queued operation(s)")
+                _warn(f"MLflow tracking server {mask_uri(self.tracking_uri)} is back: sending {len(pending)} queued operation(s)")
                 self._failures, self._retry_at = 0, 0.0
             with self._lock:
                 for j in reversed(take):
@@ -538,7 +599,7 @@ class MlflowTracking(Callback):
         """Write ``tracking_backlog.json`` when operations are left (else remove an old one); fill run ids."""
         if self.out_dir is None:
             if self.state["pending"]:
-                _warn(f"warning: {len(self.state['pending'])} MLflow operation(s) not logged to {self.tracking_uri}")
+                _warn(f"warning: {len(self.state['pending'])} MLflow operation(s) not logged to {mask_uri(self.tracking_uri)}")
             return None
         fill_run_ids(self.out_dir, self.state["trials"])
         p = self.backlog_path
@@ -555,7 +616,7 @@ class MlflowTracking(Callback):
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, p)
         if self.state["pending"]:
-            _warn(f"warning: MLflow tracking server {self.tracking_uri} did not take {len(self.state['pending'])} "
+            _warn(f"warning: MLflow tracking server {mask_uri(self.tracking_uri)} did not take {len(self.state['pending'])} "
                   f"operation(s) for {len(missing)} run(s), listed in {p}; rerun the same command when it is back "
                   "to log them")
         else:
@@ -565,9 +626,9 @@ class MlflowTracking(Callback):
     def _load_backlog(self) -> None:
         try:
             data = json.loads(self.backlog_path.read_text())
-            if data.get("tracking_uri") == self.tracking_uri:
+            if split_credentials(str(data.get("tracking_uri")))[0] == self.tracking_uri:
                 return self.set_state(data["state"])
-            why = f"holds operations for {data.get('tracking_uri')}, not {self.tracking_uri}"
+            why = f"holds operations for {mask_uri(str(data.get('tracking_uri')))}, not {mask_uri(self.tracking_uri)}"
         except (OSError, ValueError, KeyError, TypeError) as e:
             why = f"cannot be read ({e})"
         _warn(f"warning: {self.backlog_path} {why}; left as it is")
@@ -637,5 +698,5 @@ def replay_backlog(out_dir: Path) -> Optional[int]:
     tracker.write_backlog()
     left = len(tracker.state["pending"])
     if n and not left:
-        print(f"tracking: logged the {n} queued MLflow operation(s) from {p.name} to {tracker.tracking_uri}")
+        print(f"tracking: logged the {n} queued MLflow operation(s) from {p.name} to {mask_uri(tracker.tracking_uri)}")
     return left

@@ -11,7 +11,9 @@
    ``orchestrator.training``; after every epoch the val accuracy is measured, a checkpoint written
    (when ``output_dir`` is given) and ``report(metrics, checkpoint_dir)`` called; a NaN/inf loss stops
    at once (``TrainingError`` with ``error_class="nan_loss"``); ``selection: best_val`` evaluates the
-   best-val state. Methods with ``trains_by_gradient=False`` get one ``fit`` call and no epochs, on the
+   best-val state. With ``max_trial_s`` a run of the trial that passes that much wall time (checked before
+   every step and evaluation batch) stops with ``TrainingError`` (``error_class="timeout"``). Methods with
+   ``trains_by_gradient=False`` get one ``fit`` call and no epochs, on the
    training images through the evaluation transform (as CoOp's lpclip extracts its features);
 4. ``stage="final"`` then evaluates the test split(s): ``test_acc`` (fewshot), ``base_acc``/
    ``novel_acc``/``hm`` (base2novel), ``test_acc`` + ``acc_<target>`` + ``target_avg`` (cross_dataset,
@@ -42,7 +44,7 @@ import numpy as np
 import torch
 from pydantic import Field, ValidationError
 
-from fewshot.errors import CheckpointError, ConfigError, EmptySplitError, TrainingError, UserError
+from fewshot.errors import CheckpointError, ConfigError, EmptySplitError, TrainingError, UserError, error_line
 from methods.backbone import TINY_ARCH
 from methods.base import StrictModel, TrainConfig
 from orchestrator import checkpoint as ckpt
@@ -123,13 +125,31 @@ def _autocast(device: torch.device, cfg: TrainConfig):
     return nullcontext()
 
 
+class TimeLimit:
+    """``TrainConfig.max_trial_s`` for one run of a trial: ``check`` raises ``TrainingError`` (error class
+    ``timeout``) once that much wall time has passed since ``t0`` (checked per step and per evaluation batch)."""
+
+    def __init__(self, cfg: TrainConfig, t0: float):
+        self.limit_s = cfg.max_trial_s
+        self.t0 = t0
+
+    def check(self, where: str) -> None:
+        if self.limit_s is not None and time.time() - self.t0 > self.limit_s:
+            raise TrainingError(f"the trial ran past its time limit max_trial_s={self.limit_s:g} s ({where}); raise "
+                                "max_trial_s (train.defaults or --set max_trial_s=SECONDS) or remove it",
+                                error_class="timeout")
+
+
 @torch.no_grad()
-def evaluate(method, loader, device: torch.device, cfg: TrainConfig, what: str = "the evaluation split") -> float:
+def evaluate(method, loader, device: torch.device, cfg: TrainConfig, what: str = "the evaluation split",
+             limit: Optional[TimeLimit] = None) -> float:
     """Top-1 accuracy in percent over ``loader`` (micro average); ``EmptySplitError`` (error class
-    ``empty_split``) when it holds no image — an accuracy over nothing is not 0 %."""
+    ``empty_split``) when it holds no image — an accuracy over nothing is not 0 %. ``limit`` is checked per batch."""
     method.eval()
     correct = total = 0
     for images, labels in loader:
+        if limit is not None:
+            limit.check(f"evaluating {what}")
         with _autocast(device, cfg):
             logits = method(images.to(device))
         correct += int((logits.float().argmax(-1).cpu() == labels).sum())
@@ -280,6 +300,7 @@ def run_trial(req: TrialRequest, *, output_dir: Optional[Path] = None, report: O
     if req.protocol in ("cross_dataset", "domain_generalization") and not req.targets:
         raise ConfigError(f"protocol {req.protocol} needs targets: the datasets to evaluate on (e.g. --target imagenet_v2)")
     train_cfg, method_cfg = build_configs(req, cls)
+    limit = TimeLimit(train_cfg, t0)
     device = _device(req)
     state = ckpt.load(resume_from) if resume_from is not None else None
 
@@ -303,13 +324,14 @@ def run_trial(req: TrialRequest, *, output_dir: Optional[Path] = None, report: O
         raise EmptySplitError(f"the {req.shots}-shot training split of {req.dataset} is empty")
 
     def val_acc() -> float:
-        return evaluate(method, val_loader, device, train_cfg, f"the validation split of {req.dataset}")
+        return evaluate(method, val_loader, device, train_cfg, f"the validation split of {req.dataset}", limit)
 
     epochs_run, last_val = 0, None
     train_images, train_s = 0, 0.0  # examples stepped by this run and the time its training loops took
     if not cls.trains_by_gradient:
         method.prepare(loader)
         method.fit(loader, val_loader)
+        limit.check("after fitting")
         last_val = val_acc()
     else:
         method.prepare(loader)
@@ -342,6 +364,7 @@ def run_trial(req: TrialRequest, *, output_dir: Optional[Path] = None, report: O
             for images, labels in loader:
                 if step >= n_total:
                     break
+                limit.check(f"at epoch {epoch + 1} step {step + 1}")
                 images, labels = images.to(device), labels.to(device)
                 while True:
                     try:
@@ -403,7 +426,7 @@ def run_trial(req: TrialRequest, *, output_dir: Optional[Path] = None, report: O
     if cls.trains_by_gradient and stepper.micro is not None:
         final["micro_batch"] = stepper.micro  # out-of-memory retries shrank it (gradients accumulated)
     if req.stage == "final":
-        final.update(_test(req, method, views, test_sets, train_cfg, device))
+        final.update(_test(req, method, views, test_sets, train_cfg, device, limit))
         method.set_classnames(classnames, req.dataset)
     final.setdefault("test_images_read", 0)
     final["wall_time_s"] = time.time() - t0
@@ -411,7 +434,8 @@ def run_trial(req: TrialRequest, *, output_dir: Optional[Path] = None, report: O
     return final
 
 
-def _test(req: TrialRequest, method, views: "_Views", test_sets: list, cfg: TrainConfig, device: torch.device) -> dict:
+def _test(req: TrialRequest, method, views: "_Views", test_sets: list, cfg: TrainConfig, device: torch.device,
+          limit: Optional[TimeLimit] = None) -> dict:
     """Score every test set, each with its own dataset's class names and templates. The source (and base /
     novel) failing fails the trial; a transfer target that fails (unreadable, empty) is recorded as
     ``failed_targets`` / error class ``target_failed`` and the other targets' accuracies are kept (then no
@@ -424,10 +448,11 @@ def _test(req: TrialRequest, method, views: "_Views", test_sets: list, cfg: Trai
             names, items = load()
             method.set_classnames(names, dataset)
             data = views.eval(items, "test")
-            results[key] = evaluate(method, training.eval_loader(data, cfg), device, cfg, f"the test split of {dataset}")
+            results[key] = evaluate(method, training.eval_loader(data, cfg), device, cfg, f"the test split of {dataset}",
+                                    limit)
             read += data.images_read
         except UserError as exc:
-            if not key.startswith("acc_"):
+            if not key.startswith("acc_") or getattr(exc, "error_class", None) == "timeout":
                 raise
             failed[key[4:]] = f"{getattr(exc, 'error_class', type(exc).__name__)}: {exc}"
             print(f"[trial] target {key[4:]} failed: {exc}", file=sys.stderr, flush=True)
@@ -490,7 +515,7 @@ def main(argv=None) -> int:
         final = run_trial(req, output_dir=Path(args.output) if args.output else None,
                           resume_from=Path(args.resume) if args.resume else None)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 2
     print(json.dumps(final) if args.json else "\n".join(f"{k}: {v}" for k, v in final.items()))
     return 0

@@ -26,6 +26,7 @@ scheduler, and building or restoring the one ``Tuner`` that runs every trial.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -43,7 +44,8 @@ EXPERIMENT_NAME = "tune"
 # --- Ray -----------------------------------------------------------------------------------------
 
 def ensure_ray(address: Optional[str] = None) -> bool:
-    """Connect to ``address`` / $RAY_ADDRESS, else start a local loopback Ray. True when we started it."""
+    """Connect to ``address`` / $RAY_ADDRESS, else start a local Ray whose every listener binds loopback
+    (``LOCAL_NODE_IP``). True when we started it."""
     import logging
 
     import ray
@@ -57,9 +59,38 @@ def ensure_ray(address: Optional[str] = None) -> bool:
         leave_job_working_dir()
         ray.init(address=addr, runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=False)
         return False
-    ray.init(address="local", _node_ip_address="127.0.0.2", num_cpus=os.cpu_count(), include_dashboard=False,
-             runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=False)
+    with _loopback_node_address():
+        ray.init(address="local", _node_ip_address=LOCAL_NODE_IP, num_cpus=os.cpu_count(), include_dashboard=False,
+                 runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=False)
     return True
+
+
+#: the local Ray's node address. Ray binds every listener of a node (GCS, raylet, workers, driver, agents,
+#: metrics) to loopback only when the node address is exactly 127.0.0.1 (``is_localhost``); for any other
+#: address, 127.0.0.2 included, they bind all interfaces
+LOCAL_NODE_IP = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def _loopback_node_address():
+    """While starting the local Ray, keep its node on 127.0.0.1: ``ray.init`` rewrites 127.0.0.1 to this
+    machine's outside address unless cluster mode is off (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``; a worker
+    node's ``ray start`` refuses it, so it is for single-node Ray only). Ray reads the variable when it is
+    imported, so the constant it was read into is set too; both are restored afterwards (a later connection
+    to a cluster from this process resolves its address as usual)."""
+    from ray._private import ray_constants
+
+    old_env, old_const = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old_const
+        if old_env is None:
+            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        else:
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = old_env
 
 
 def leave_job_working_dir() -> None:

@@ -93,3 +93,62 @@ def test_sweep_goes_on_past_a_nan_cell_and_reports_it(tmp_path):
     assert report.count("| fewshot.coop.digits.1shot | final |") == 2 and "nan_loss" in report
     assert "| fewshot.coop.digits.1shot | 0/2 | 2 |" in report
     assert "fewshot.zeroshot.digits.1shot | 0/2" not in report
+
+
+def test_trial_past_max_trial_s_stops_with_error_class_timeout(tiny_backbone):
+    reports = []
+    with pytest.raises(TrainingError) as err:
+        run_trial(TrialRequest(**BASE, overrides={**TRAIN, "max_trial_s": 1e-6}),
+                  report=lambda m, d=None: reports.append(m))
+    assert err.value.error_class == "timeout"
+    assert "max_trial_s=1e-06 s (at epoch 1 step 1)" in str(err.value) and "raise max_trial_s" in str(err.value)
+    assert reports == []
+    final = run_trial(TrialRequest(**BASE, overrides={**TRAIN, "max_trial_s": 3600}))  # a limit not reached
+    assert final["epochs_run"] == 2
+
+
+def test_time_limit_also_stops_a_long_evaluation(tiny_backbone):
+    from methods.base import TrainConfig
+    from orchestrator.trial import TimeLimit, evaluate
+
+    limit = TimeLimit(TrainConfig(max_trial_s=5), t0=0.0)  # started long ago
+    loader = [(torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long))]
+    with pytest.raises(TrainingError) as err:
+        evaluate(torch.nn.Identity(), loader, torch.device("cpu"), TrainConfig(), "the test split of digits", limit)
+    assert err.value.error_class == "timeout" and "evaluating the test split of digits" in str(err.value)
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("inf"), float("nan")])
+def test_max_trial_s_must_be_positive_and_finite(bad):
+    from pydantic import ValidationError
+
+    from methods.base import TrainConfig
+
+    with pytest.raises(ValidationError):
+        TrainConfig(max_trial_s=bad)
+
+
+@pytest.mark.slow
+def test_sweep_records_a_timed_out_trial_and_goes_on(tmp_path):
+    spec = {
+        "name": "slow", "protocol": "fewshot", "methods": ["zeroshot", "coop"], "datasets": ["digits"],
+        "shots": [1], "seeds": [1], "backbone": {"arch": "promptsweep-tiny", "pretrained": None},
+        "train": {"defaults": {"epochs": 1, "batch_size": 4, "num_workers": 0},
+                  "methods": {"coop": {"max_trial_s": 1e-3}}},
+        "resources": {"cpu": 1, "gpu": 0}, "max_retries": 1, "tracking": {"experiment": "slow"},
+    }
+    p = tmp_path / "slow.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1")
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    r = subprocess.run([sys.executable, "-m", "orchestrator.sweep", str(p), "--output", str(tmp_path / "out"),
+                        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]  # finished, with a failure
+    assert "1 trial(s) failed" in r.stderr
+    with pa.memory_map(str(tmp_path / "out" / "slow" / "trials.arrow")) as src:
+        rows = {x["method"]: x for x in pa.ipc.open_file(src).read_all().to_pylist()}
+    assert rows["zeroshot"]["status"] == "TERMINATED"
+    assert (rows["coop"]["status"], rows["coop"]["error_class"]) == ("ERROR", "timeout")
+    assert "max_trial_s=0.001" in rows["coop"]["error_message"]
