@@ -6,6 +6,11 @@ line and exit with code 2 instead of showing a traceback.
 """
 from __future__ import annotations
 
+import re
+
+#: C0 and C1 control characters (ESC starts a terminal escape sequence; CR/LF would break the one line)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
 
 class UserError(Exception):
     """An error caused by the user's input; ``str(err)`` is the one-line message to print."""
@@ -42,3 +47,11 @@ class EmptySplitError(DataError):
 
 class MissingDataError(DataError):
     """A data root, dataset folder, split/list file or image that should exist does not."""
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line a CLI prints for a user error: ``error: <message>``, whitespace runs (line breaks
+    included) folded to one space and every other control character a user's input can carry (an ANSI
+    escape in a method name, a NUL) shown escaped as ``\\x1b``, never sent raw to the terminal."""
+    msg = " ".join(str(exc).split())
+    return "error: " + _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", msg)

@@ -20,7 +20,10 @@ import sys
 
 import yaml
 
-from fewshot.errors import ConfigError, UserError
+from fewshot.errors import ConfigError, UserError, error_line
+
+#: ``info --classes``: a model holds a text feature (and CoCoOp / CSC a prompt) per class
+MAX_INFO_CLASSES = 100_000
 
 
 def parse_sets(pairs: list[str]) -> dict:
@@ -59,8 +62,8 @@ def _info(args) -> int:
 
     torch.manual_seed(0)
     cls = get_method(args.method)
-    if args.classes < 1:
-        raise ConfigError(f"--classes must be >= 1 (got {args.classes})")
+    if not 1 <= args.classes <= MAX_INFO_CLASSES:
+        raise ConfigError(f"--classes must be in 1..{MAX_INFO_CLASSES} (got {args.classes})")
     _, meth = resolve(args.method, args.dataset, args.shots, args.protocol)
     sets = parse_sets(args.set)
     unknown = set(sets) - set(cls.Config.model_fields)
@@ -132,7 +135,7 @@ def main(argv=None) -> int:
     try:
         return {"list": lambda: _list(), "info": lambda: _info(args), "pretrain": lambda: _pretrain(args)}[args.cmd]()
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 2
 
 

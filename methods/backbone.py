@@ -74,6 +74,24 @@ def available_archs() -> list[str]:
     return sorted({p.stem for d in [*dirs, _CONFIG_DIR] if d.is_dir() for p in d.glob("*.json")})
 
 
+def text_context_length(arch: str) -> Optional[int]:
+    """The text encoder's context length (tokens) of ``arch`` from its model config file (no open_clip
+    import); None where the config cannot be found or read."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.find_spec("open_clip")
+    dirs = [Path(d) / "model_configs" for d in (spec.submodule_search_locations or [])] if spec else []
+    for d in [_CONFIG_DIR, *dirs]:
+        p = d / f"{arch}.json"
+        if p.is_file():
+            try:
+                return int(json.loads(p.read_text())["text_cfg"].get("context_length", 77))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                return None
+    return None
+
+
 @dataclass(eq=False)
 class Backbone:
     """A frozen open_clip CLIP model plus its tokenizer and the sizes methods need."""

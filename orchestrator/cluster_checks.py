@@ -84,3 +84,32 @@ def alive_nodes() -> list[dict]:
 def check_cluster_storage(output: Union[str, Path], extra_roots: Optional[Iterable[Union[str, Path]]] = None) -> None:
     """``check_shared_storage`` against the connected Ray cluster (call after ``ray.init``)."""
     check_shared_storage(output, alive_nodes(), extra_roots or ())
+
+
+#: how long the driver waits for a TCP answer from a Ray address before calling it unreachable
+ADDRESS_TIMEOUT_S = 5.0
+
+
+def check_ray_address(address: str, flag: str = "--address") -> None:
+    """Before ``ray.init`` connects: ``address`` must be ``auto``, ``host:port`` or ``ray://host:port`` with a
+    port in 1..65535, and a host:port must accept a TCP connection within ``ADDRESS_TIMEOUT_S`` (Ray itself
+    waits minutes for a GCS that is not there). ConfigError naming ``flag`` otherwise."""
+    import socket
+
+    addr = address.strip()
+    if addr == "auto":
+        return
+    hostport = addr[len("ray://"):] if addr.startswith("ray://") else addr
+    host, sep, port_text = hostport.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ConfigError(f"{flag}: '{address}' is not a Ray address; use HOST:PORT of the head's GCS (e.g. "
+                          "10.0.0.5:6379), ray://HOST:10001 for Ray Client, or auto for the cluster this machine "
+                          "runs")
+    try:
+        with socket.create_connection((host, int(port_text)), timeout=ADDRESS_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{flag}: no Ray cluster answers at {hostport} within {ADDRESS_TIMEOUT_S:g} s "
+                          f"({exc.strerror or type(exc).__name__}); start it (ray start --head) or fix the address"
+                          ) from None

@@ -132,7 +132,7 @@ def trials_table(rows: list[dict], meta: dict) -> pa.Table:
     arrays: dict[str, pa.Array] = {
         "cell_id": pa.array(col("cell_id"), pa.string()), "protocol": pa.array(col("protocol"), pa.string()),
         "method": pa.array(col("method"), pa.string()), "dataset": pa.array(col("dataset"), pa.string()),
-        "shots": pa.array(col("shots"), pa.int16()), "seed": pa.array(col("seed"), pa.int32()),
+        "shots": pa.array(col("shots"), pa.int16()), "seed": pa.array(col("seed"), pa.int64()),
         "stage": pa.array(col("stage"), pa.string()), "params_json": pa.array(col("params_json"), pa.string()),
     }
     for name in sorted({k for r in rows for k in r["params"]}):

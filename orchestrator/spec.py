@@ -69,6 +69,15 @@ Float = Annotated[float, Strict(), AllowInfNan(False)]
 Bool = StrictBool
 #: seeds go to numpy / Optuna, which take 0 .. 2**32 - 1
 SEED_MAX = 2**32 - 1
+#: shots per class: the results' ``shots`` column is an int16, and no split has more images per class
+SHOTS_MAX = 10_000
+#: Optuna proposals per cell (the results' ``optuna_trial_number`` column is an int32)
+N_TRIALS_MAX = 100_000
+#: values a spec document may hold once YAML aliases are expanded (a "billion laughs" document is refused)
+MAX_SPEC_VALUES = 100_000
+#: method settings that are a number of learned text tokens; a prompt holds them plus the start and end tokens
+#: and at least one class-name token, so each must be <= the text context length - 3
+PROMPT_LENGTH_KEYS = ("n_ctx", "n_ctx_text")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
@@ -102,7 +111,7 @@ class PrunerSpec(_Strict):
 
 
 class MethodSearch(_Strict):
-    n_trials: Int = Field(0, ge=0)
+    n_trials: Int = Field(0, ge=0, le=N_TRIALS_MAX)
     seeds: list[Int] = Field(default_factory=lambda: [1], min_length=1)
     metric: Literal["val_acc"] = "val_acc"
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
@@ -212,6 +221,44 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"duplicate key {key!r} (first given at line {first})", key_node.start_mark)
             seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
+
+
+def _refuse_set(loader, node):
+    raise yaml.constructor.ConstructorError(
+        None, None, "a set (!!set) is not allowed (its order differs between runs): write a list [a, b]",
+        node.start_mark)
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:set", _refuse_set)
+
+
+def _count_values(data: Any, limit: int) -> int:
+    """How many values ``data`` holds with YAML aliases expanded (a node shared through an alias counts each
+    time it is used), computed once per distinct node and capped at ``limit + 1``, so a document whose aliases
+    nest into billions of values is measured in a few steps. A node that contains itself (a recursive alias)
+    counts once: the field it sits in refuses it."""
+    sizes: dict[int, int] = {}
+
+    def size(node: Any) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        sizes[key] = 1  # while it is being measured: a reference back to it counts once
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+        total = 1
+        for child in children:
+            total = min(limit + 1, total + size(child))
+            if total > limit:
+                break
+        sizes[key] = total
+        return total
+
+    try:
+        return size(data)
+    except RecursionError:  # nested deeper than Python recurses: the model validation reports it
+        return 0
 
 
 _PLAIN_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
@@ -360,8 +407,8 @@ def _override_fields(method: str) -> Optional[dict]:
 
 @lru_cache(maxsize=None)
 def _field_adapter(model: type, key: str) -> TypeAdapter:
-    f = model.model_fields[key]
-    return TypeAdapter(Annotated[f.annotation, f])
+    f = model.model_fields[key]  # validated with the model's own float rule (the config models refuse inf / NaN)
+    return TypeAdapter(Annotated[f.annotation, f], config=ConfigDict(allow_inf_nan=model.model_config.get("allow_inf_nan", True)))
 
 
 def _value_problem(method: str, key: str, value: Any) -> Optional[str]:
@@ -460,7 +507,42 @@ def _check_param_values(path: str, method: str, name: str, p: ParamSpec) -> None
 def _check_seeds(path: str, seeds: list[int]) -> None:
     for i, s in enumerate(seeds):
         if not 0 <= s <= SEED_MAX:
-            raise ConfigError(f"{path}[{i}]: a seed must be in 0..{SEED_MAX} (got {s})")
+            raise ConfigError(f"{path}[{i}]: a seed must be in 0..{SEED_MAX} (got {_got_int(s)})")
+
+
+def _got_int(v: int) -> str:
+    """An integer for a message: a huge one is shown by its digit count, not in full."""
+    text = str(v)
+    return text if len(text) <= 24 else f"an integer of {len(text)} digits"
+
+
+def _check_prompt_lengths(spec: SweepSpec) -> None:
+    """Every prompt length a cell can train with (an override value, the largest value a search space can
+    propose) must fit the backbone's text context; the methods' own defaults are checked in the trial."""
+    from methods.backbone import text_context_length
+
+    ctx = text_context_length(spec.backbone.arch)
+    if ctx is None:
+        return
+    limit = ctx - 3
+    sections = [("train.defaults", spec.train.defaults),
+                *[(_sub("train.methods", m), v) for m, v in spec.train.methods.items()],
+                *[(_sub("train.datasets", d), v) for d, v in spec.train.datasets.items()]]
+    found = [(_sub(path, k), values[k]) for path, values in sections for k in PROMPT_LENGTH_KEYS if k in values]
+    for m, s in spec.search.items():
+        for k in PROMPT_LENGTH_KEYS:
+            p = s.space.get(k)
+            if p is None:
+                continue
+            if p.type == "categorical":
+                found += [(f"{_sub(_sub('search', m) + '.space', k)}.choices[{i}]", v) for i, v in enumerate(p.choices or [])]
+            elif p.high is not None:
+                found.append((f"{_sub(_sub('search', m) + '.space', k)}.high", p.high))
+    for path, v in found:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > limit:
+            raise ConfigError(f"{path}: {v:g} learned tokens do not fit the text context of {spec.backbone.arch} "
+                              f"({ctx} tokens, of which the start and end tokens and at least one class-name token "
+                              f"need 3): use at most {limit}")
 
 
 def _check_backbone(spec: SweepSpec) -> None:
@@ -475,6 +557,14 @@ def _check_backbone(spec: SweepSpec) -> None:
         close = difflib.get_close_matches(arch, archs, n=5)
         raise ConfigError(f"backbone.arch: unknown architecture '{arch}' (open_clip names such as ViT-B-16, "
                           f"ViT-B-32, promptsweep-tiny{'; similar: ' + ', '.join(close) if close else ''})")
+    from fewshot.errors import CheckpointError
+    from methods.backbone import PROJECT_TAG, _resolve_pretrained
+
+    if spec.backbone.pretrained != PROJECT_TAG:
+        try:  # a checkpoint path must name an existing file now, not fail every trial later
+            _resolve_pretrained(arch, spec.backbone.pretrained)
+        except CheckpointError as exc:
+            raise ConfigError(f"backbone.pretrained: {exc}") from None
 
 
 def validate(spec: SweepSpec) -> SweepSpec:
@@ -500,6 +590,8 @@ def validate(spec: SweepSpec) -> SweepSpec:
     for i, s in enumerate(spec.shots):
         if s < 1:
             raise ConfigError(f"shots[{i}]: must be >= 1 (got {s})")
+        if s > SHOTS_MAX:
+            raise ConfigError(f"shots[{i}]: must be <= {SHOTS_MAX} images per class (got {_got_int(s)})")
     _check_seeds("seeds", spec.seeds)
     transfer = [p for p in spec.protocol if p in TRANSFER_PROTOCOLS]
     if transfer and "targets" not in spec.model_fields_set:
@@ -511,6 +603,9 @@ def validate(spec: SweepSpec) -> SweepSpec:
         raise ConfigError("targets: only valid with protocol cross_dataset or domain_generalization (remove it)")
     if spec.resources.gpu > 1 and spec.resources.gpu != int(spec.resources.gpu):
         raise ConfigError(f"resources.gpu: fractions are only allowed below 1 (got {spec.resources.gpu})")
+    if spec.device == "cuda" and spec.resources.gpu == 0:
+        raise ConfigError("device: cuda needs a GPU per trial, but resources.gpu is 0 (set resources.gpu: 1, or "
+                          "trials_per_gpu, or device: auto / cpu)")
     uri = spec.tracking.uri
     if uri is not None and (uri.startswith("file:") or "://" not in uri):
         raise ConfigError(f"tracking.uri: '{uri}' is not supported; use sqlite:///ABS/PATH/mlflow.db or http://host:port")
@@ -523,6 +618,7 @@ def validate(spec: SweepSpec) -> SweepSpec:
                     raise ConfigError(f"methods[{i}]: method '{m}' does not support protocol '{p}' (it supports: "
                                       f"{', '.join(protos)}; see python -m methods list)")
     _check_backbone(spec)
+    _check_prompt_lengths(spec)
     for section in ("methods", "datasets"):
         names = known_methods if section == "methods" else known_datasets
         chosen = spec.methods if section == "methods" else spec.datasets + spec.targets
@@ -624,6 +720,9 @@ def load_spec(path: str | Path) -> SweepSpec:
         # PyYAML's constructors raise these for bad scalars such as `2020-13-01` or `!!int x`
         raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())[:120]} "
                           f"(quote the value if it is meant as a string)") from None
+    if _count_values(data, MAX_SPEC_VALUES) > MAX_SPEC_VALUES:
+        raise ConfigError(f"{path}: the spec holds more than {MAX_SPEC_VALUES} values once its YAML aliases (*name) "
+                          "are expanded; write the values out or use fewer aliases")
     if data is None:
         raise ConfigError(f"{ROOT}: the file '{path}' is empty (or only comments); it needs name, methods and datasets")
     return parse_spec(data)

@@ -25,9 +25,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from fewshot.errors import ConfigError, UserError
+from fewshot.errors import ConfigError, UserError, error_line
 
 STATE_FILE = "sweep.json"
+LOCK_FILE = ".sweep.lock"
 OPTUNA_FILE = "optuna.journal"
 RAY_STOP_GRACE_S = 10.0  # how long the driver waits for the Ray processes it started to exit before SIGKILL
 
@@ -58,12 +59,58 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     if uri is not None and (uri.startswith("file:") or "://" not in uri):
         raise ConfigError(f"--tracking-uri: '{uri}' is not supported (MLflow 3 refuses file stores); "
                           "use sqlite:///ABS/PATH/mlflow.db or http://host:port")
-    if args.output is not None and Path(args.output).expanduser().exists() and not Path(args.output).expanduser().is_dir():
-        raise ConfigError(f"--output: '{args.output}' exists and is not a directory (results go to <output>/<name>/)")
+    if args.output is not None:
+        check_output_root(Path(args.output), "--output")
     if args.data_root is not None and not Path(args.data_root).expanduser().is_dir():
         raise ConfigError(f"--data-root: '{args.data_root}' is not a directory (it should hold the datasets' folders, "
                           "see docs/data.md)")
     return args
+
+
+def check_output_root(root: Path, flag: str) -> None:
+    """``root`` (``--output`` or the spec's ``output``) must be, or be creatable as, a folder this process can
+    write: the nearest existing folder on its path is probed with a temporary file (read-only mounts, /proc,
+    a path under a file such as /dev/null). ConfigError naming ``flag`` otherwise; nothing is left behind."""
+    import tempfile
+
+    shown = str(root)
+    root = root.expanduser().absolute()
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "exists and is not a directory" if existing == root else f"is under {existing}, which is not a directory"
+        raise ConfigError(f"{flag}: '{shown}' {what} (results go to <output>/<name>/): choose a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".promptsweep-probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"{flag}: '{shown}' cannot be written ({exc.strerror or exc} in {existing}): choose a "
+                          "writable folder") from None
+
+
+def _lock_output(out_dir: Path):
+    """One sweep per output directory at a time: an exclusive ``flock`` on ``<out_dir>/.sweep.lock``, held until
+    the sweep returns (the kernel drops it when a killed driver dies, so a stale file never blocks). The file
+    names the holder (pid, host); a second command on the same directory exits with it."""
+    import fcntl
+    import socket
+
+    fh = open(out_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = " ".join(fh.read().split())[:200] or "another process"
+        fh.close()
+        raise ConfigError(f"sweep output {out_dir} is in use by a running sweep ({holder}): wait for it to end or "
+                          "stop it, then rerun to resume") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+    fh.flush()
+    return fh
 
 
 def _read_state(out_dir: Path) -> Optional[dict]:
@@ -87,10 +134,14 @@ def _preflight(spec, plan, data_root: Optional[str]) -> None:
     image counts as published (within ``spec.count_tolerance``); every image of the few-shot train/val
     splits the plan draws (dataset x shots x seed) must exist and decode, and every test image exist; a
     method tied to its training classes must find each target's class names among the source's."""
+    from fewshot.paths import check_cache_writable
     from fewshot.registry import load_dataset
     from fewshot.validate import check_sweep_data
+    from methods.pretrain import PROJECT_TAG, model_dir
 
     t0 = time.perf_counter()
+    # the caches every trial writes (splits, features; the model cache when the project backbone is built)
+    check_cache_writable([(model_dir(), "PROMPTSWEEP_MODEL_CACHE")] if spec.backbone.pretrained == PROJECT_TAG else [])
     needs: dict[str, set] = {}
     for c in plan.cells:
         needs.setdefault(c.dataset, set()).update((c.shots, s) for s in (*c.search_seeds, *c.final_seeds))
@@ -119,7 +170,12 @@ def _check_resources(spec, args, out_dir: Path) -> None:
     from orchestrator.tune_runner import check_trial_fits, ensure_ray, local_node_resources, max_concurrent_trials
 
     r = spec.resources
-    if not (args.address or os.environ.get("RAY_ADDRESS")):
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        from orchestrator.cluster_checks import check_ray_address
+
+        check_ray_address(address, "--address" if args.address else "$RAY_ADDRESS")
+    if not address:
         check_trial_fits(r.cpu, r.gpu, [local_node_resources()], "nothing on this machine (the local Ray)")
         return
     ensure_ray(args.address)
@@ -157,9 +213,11 @@ def _print_outputs(out_dir: Path, tracking_uri: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from orchestrator.planner import plan as make_plan
     from orchestrator.spec import load_spec
-    from orchestrator.tracking import check_tracking_server, replay_backlog, resolve_tracking_uri
+    from orchestrator.tracking import check_tracking_server, mask_uri, replay_backlog, resolve_tracking_uri
 
     spec = load_spec(args.spec)
+    if args.output is None:
+        check_output_root(Path(spec.output), "output")
     out_root = Path(args.output or spec.output).expanduser().resolve()
     out_dir = out_root / spec.name
     tracking_uri = resolve_tracking_uri(args.tracking_uri, spec.tracking.uri)
@@ -169,9 +227,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.dry_run:
         print(plan.describe())
-        print(f"output:   {out_dir}\nmlflow:   {tracking_uri} (experiment '{spec.tracking.experiment}')")
+        print(f"output:   {out_dir}\nmlflow:   {mask_uri(tracking_uri)} (experiment '{spec.tracking.experiment}')")
         return 0
 
+    if args.fresh and out_dir.exists() and not (out_dir / STATE_FILE).is_file():
+        raise ConfigError(f"--fresh: {out_dir} was not made by a sweep (it has no {STATE_FILE}), so it is not deleted; "
+                          "move it, or choose another --output or spec name")
     state = None if args.fresh else _read_state(out_dir)
     if state is not None:
         changes = _spec_changes(state.get("spec", {}), spec.normalized())
@@ -198,19 +259,33 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ConfigError(f"orchestrator.trial cannot be imported ({e}); reinstall the project (make setup)") from None
 
-    if args.fresh and out_dir.exists():
-        shutil.rmtree(out_dir)
     created = out_dir  # the outermost directory this run creates (removed again on a user error)
     while not created.parent.exists():
         created = created.parent
     created = None if out_dir.exists() else created
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
+        lock = _lock_output(out_dir)
+    except UserError:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    if args.fresh:  # every check has passed: now the earlier run's files go (the held lock file stays)
+        for p in out_dir.iterdir():
+            if p.name == LOCK_FILE:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+    try:
         return _run_sweep(spec, plan, out_dir, tracking_uri, state, args, data_root)
     except UserError:
         if created is not None and not (out_dir / "tune").exists():
             shutil.rmtree(created, ignore_errors=True)
         raise
+    finally:
+        lock.close()  # releases the flock
 
 
 @contextmanager
@@ -440,8 +515,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return run(parse_args(argv))
     except UserError as e:
-        msg = " ".join(str(e).split())
-        print(f"error: {msg}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
 
 

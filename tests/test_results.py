@@ -36,7 +36,7 @@ def test_trials_schema_and_metadata(tmp_path):
     t = R.read_table(tmp_path / R.TRIALS_FILE)
     assert t.num_rows == 6
     s = t.schema
-    assert s.field("shots").type == pa.int16() and s.field("seed").type == pa.int32()
+    assert s.field("shots").type == pa.int16() and s.field("seed").type == pa.int64()
     assert s.field("param_lr").type == pa.float64() and s.field("param_csc").type == pa.bool_()
     assert s.field("finished_at").type == pa.timestamp("ms", tz="UTC")
     for col in ("cell_id", "params_json", "val_acc", "test_acc", "status", "error_class", "error_message", "node_id",
@@ -47,6 +47,23 @@ def test_trials_schema_and_metadata(tmp_path):
     assert "pyarrow" in json.loads(md[b"package_versions"])
     err = [r for r in t.to_pylist() if r["status"] == "ERROR"][0]
     assert err["error_class"] == "nan_loss" and err["test_acc"] is None
+
+
+def test_the_largest_accepted_values_are_written_and_read_back(tmp_path):
+    """Every integer the spec and TrainConfig accept fits its column: a trial with the largest ones keeps its row."""
+    from methods.base import TrainConfig
+    from orchestrator.spec import N_TRIALS_MAX, SEED_MAX, SHOTS_MAX
+
+    cfg = _cfg(seed=SEED_MAX, number=N_TRIALS_MAX - 1)
+    cfg["request"]["shots"] = SHOTS_MAX
+    epochs = TrainConfig.model_fields["epochs"].metadata
+    max_epochs = next(m.le for m in epochs if getattr(m, "le", None) is not None)
+    row = R.trial_row(cfg, {"test_acc": 1.0, "epochs_run": max_epochs, "test_images_read": 1}, status="TERMINATED",
+                      tune_trial_id="big")
+    R.write_results(tmp_path, [row], {"spec_hash": "abc", "sweep": "t"})
+    back = R.read_table(tmp_path / R.TRIALS_FILE).to_pylist()[0]
+    assert (back["shots"], back["seed"], back["optuna_trial_number"], back["epochs_run"]) == (
+        SHOTS_MAX, SEED_MAX, N_TRIALS_MAX - 1, max_epochs)
 
 
 def test_cells_mean_std_over_successful_final_rows(tmp_path):

@@ -48,11 +48,26 @@ def _run_cli(argv, capsys, out: Path) -> str:
     assert rc == 2, captured
     assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
     assert "Traceback" not in captured.err
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", captured.err), f"raw control character: {captured.err!r}"
     progress = [ln for ln in captured.out.splitlines() if not (ln.startswith("checking data: ") or ln.startswith("  "))]
     assert progress == [], captured.out
     assert not out.exists(), f"{out} was left behind"
     assert not ray.is_initialized()
     return lines[0][len("error: "):]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.2", 0))
+        return sock.getsockname()[1]
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "my-notes.txt").write_text("a user's folder")
+    return path
 
 
 # --- the YAML corpus -------------------------------------------------------------------------------
@@ -113,6 +128,14 @@ CLI_CASES = [
     ("output_no_value", lambda t: [DEMO, "--output"], "--output: expected one argument"),
     ("output_empty", lambda t: [DEMO, "--output", ""], "--output: must not be empty"),
     ("output_is_a_file", lambda t: [DEMO, "--output", _write(t, "afile.txt", "x")], "--output: '"),
+    ("output_under_a_file", lambda t: [DEMO, "--output", "/dev/null/results"], "which is not a directory"),
+    ("output_under_proc", lambda t: [DEMO, "--output", "/proc/promptsweep-results"], "cannot be written"),
+    ("address_malformed", lambda t: [DEMO, "--address", "not an address"], "--address: 'not an address' is not a Ray address"),
+    ("address_port_out_of_range", lambda t: [DEMO, "--address", "127.0.0.2:99999"], "is not a Ray address"),
+    ("address_nothing_listens", lambda t: [DEMO, "--address", f"127.0.0.2:{_free_port()}"], "no Ray cluster answers"),
+    ("fresh_on_a_folder_no_sweep_made", lambda t: [_write(t, "s.yaml", "name: mine\nmethods: [zeroshot]\n"
+                                                             "datasets: [digits]\n"), "--fresh", "--output",
+                                                   _mkdir(t / "o" / "mine").parent], "was not made by a sweep"),
     ("tracking_uri_file_store", lambda t: [DEMO, "--tracking-uri", "file:///tmp/mlruns"], "--tracking-uri: 'file:///tmp/mlruns'"),
     ("tracking_uri_bare_path", lambda t: [DEMO, "--tracking-uri", "mlruns"], "--tracking-uri: 'mlruns'"),
     ("tracking_uri_empty", lambda t: [DEMO, "--tracking-uri", " "], "--tracking-uri: must not be empty"),
@@ -381,3 +404,63 @@ def test_fuzz_yaml_text(tmp_path, content):
             assert "\n" not in msg and (msg.startswith((str(path), "spec file", "spec:"))), msg
             return
     _check_outcome(data, lambda: load_spec(path))
+
+
+# --- values that would break later: refused where they are read ------------------------------------
+
+@pytest.mark.parametrize("setting", ["lr=inf", "lr=nan", "weight_decay=-inf", "num_workers=100000"])
+def test_trial_cli_refuses_values_that_break_later(setting, capsys):
+    from orchestrator.trial import main as trial_main
+
+    rc = trial_main(["--method", "coop", "--dataset", "digits", "--shots", "1", "--set", setting])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert setting.split("=")[0] in err[0]
+
+
+def test_error_line_escapes_control_characters_and_stays_one_line():
+    from fewshot.errors import error_line
+
+    line = error_line(ConfigError("methods[1]: unknown method '\x1b[31mcoop\x1b[0m'\r\nnext \x00 \x9b"))
+    assert line == "error: methods[1]: unknown method '\\x1b[31mcoop\\x1b[0m' next \\x00 \\x9b"
+
+
+def test_methods_info_refuses_a_huge_class_count(capsys):
+    from methods.__main__ import MAX_INFO_CLASSES, main as methods_main
+
+    rc = methods_main(["info", "--method", "coop", "--classes", str(10**12)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"error: --classes must be in 1..{MAX_INFO_CLASSES} (got {10**12})"]
+
+
+def test_an_alias_bomb_is_refused_quickly(tmp_path):
+    """Ten levels of ten aliases would expand to 10**10 seeds: refused after counting at most the bound."""
+    from orchestrator.spec import MAX_SPEC_VALUES
+
+    lines = ["name: bad", "methods: [zeroshot]", "datasets: [digits]", "l0: &l0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 10)] + ["seeds: *l9"]
+    p = tmp_path / "bomb.yaml"
+    p.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=f"more than {MAX_SPEC_VALUES} values"):
+        load_spec(p)
+
+
+def test_a_set_is_refused_so_the_spec_hash_is_stable(tmp_path):
+    p = tmp_path / "set.yaml"
+    p.write_text("name: s\nmethods: !!set {zeroshot, coop}\ndatasets: [digits]\n")
+    with pytest.raises(ConfigError, match="write a list"):
+        load_spec(p)
+
+
+def test_fresh_keeps_a_folder_no_sweep_made(tmp_path, capsys):
+    mine = _mkdir(tmp_path / "o" / "mine")
+    spec = _write(tmp_path, "s.yaml", "name: mine\nmethods: [zeroshot]\ndatasets: [digits]\n")
+    assert main([str(spec), "--fresh", "--output", str(mine.parent)]) == 2
+    assert "was not made by a sweep" in capsys.readouterr().err
+    assert (mine / "my-notes.txt").read_text() == "a user's folder"
+
+
+def test_spec_output_that_cannot_be_written_is_named_by_its_key(tmp_path, capsys):
+    spec = _write(tmp_path, "s.yaml", "name: s\nmethods: [zeroshot]\ndatasets: [digits]\noutput: /dev/null/results\n")
+    assert main([str(spec)]) == 2
+    assert capsys.readouterr().err.startswith("error: output: '/dev/null/results' is under /dev/null")
