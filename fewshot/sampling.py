@@ -145,6 +145,8 @@ def _read_cache(path: Path, ds: DatasetSplits, root: str, source: str) -> FewSho
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"few-shot split cache {path} is corrupt ({exc}): {fix}") from None
+    except RecursionError:  # nested too deeply for the parser: not a split this project wrote
+        raise DataError(f"few-shot split cache {path} is corrupt (nested too deeply): {fix}") from None
     if not isinstance(data, dict) or any(k not in data for k in ("source", "train", "val")):
         raise DataError(f"few-shot split cache {path} is corrupt (not an object with source/train/val): {fix}")
     if data["source"] != source:

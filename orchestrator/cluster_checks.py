@@ -93,12 +93,13 @@ ADDRESS_TIMEOUT_S = 5.0
 def check_ray_address(address: str, flag: str = "--address") -> None:
     """Before ``ray.init`` connects: ``address`` must be ``auto``, ``host:port`` or ``ray://host:port`` with a
     port in 1..65535, and a host:port must accept a TCP connection within ``ADDRESS_TIMEOUT_S`` (Ray itself
-    waits minutes for a GCS that is not there). ConfigError naming ``flag`` otherwise."""
+    waits minutes for a GCS that is not there); ``auto`` must find a cluster running on this machine.
+    ConfigError naming ``flag`` otherwise."""
     import socket
 
     addr = address.strip()
     if addr == "auto":
-        return
+        addr = _running_local_cluster(flag)
     hostport = addr[len("ray://"):] if addr.startswith("ray://") else addr
     host, sep, port_text = hostport.rpartition(":")
     host = host.strip("[]")
@@ -113,3 +114,16 @@ def check_ray_address(address: str, flag: str = "--address") -> None:
         raise ConfigError(f"{flag}: no Ray cluster answers at {hostport} within {ADDRESS_TIMEOUT_S:g} s "
                           f"({exc.strerror or type(exc).__name__}); start it (ray start --head) or fix the address"
                           ) from None
+
+
+def _running_local_cluster(flag: str) -> str:
+    """The GCS address ``auto`` stands for: the cluster ``ray start`` last started on this machine, else any
+    running GCS found among the local processes (as ``ray.init(address="auto")`` looks for it; $RAY_ADDRESS
+    is not consulted here, the caller passes it as the address itself)."""
+    from ray._private import services
+
+    found = services.find_bootstrap_address(None) or next(iter(services.find_gcs_addresses()), None)
+    if not found:
+        raise ConfigError(f"{flag}: auto finds no Ray cluster running on this machine; start one (ray start "
+                          "--head) or pass its address as HOST:PORT (or leave the flag out for a local Ray)")
+    return found

@@ -10,13 +10,18 @@ again resumes the sweep from ``<output>/<name>/``.
 
 Every user error prints one line ``error: <message>`` on stderr and exits 2, leaving no output
 directory behind; once the sweep's MLflow run exists, an early exit ends it FAILED with the reason.
+One sweep runs per output directory at a time (a ``flock``). A full disk or an output folder that turns
+unwritable mid-sweep is such an error too (rerun to resume). SIGTERM stops the sweep as Ctrl-C does
+(Tune saves its state, the MLflow run ends KILLED, Ray is stopped) and the command exits 143.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -31,6 +36,10 @@ STATE_FILE = "sweep.json"
 LOCK_FILE = ".sweep.lock"
 OPTUNA_FILE = "optuna.journal"
 RAY_STOP_GRACE_S = 10.0  # how long the driver waits for the Ray processes it started to exit before SIGKILL
+SIGTERM_EXIT = 128 + signal.SIGTERM  # the exit code of a sweep stopped by SIGTERM, as a shell reports a killed one
+#: errors writing the output directory the user fixes (full disk or quota, read-only mount, permissions, a size
+#: limit): the sweep stops with one line and resumes when rerun
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
 
 
 class _Parser(argparse.ArgumentParser):
@@ -137,11 +146,13 @@ def _preflight(spec, plan, data_root: Optional[str]) -> None:
     from fewshot.paths import check_cache_writable
     from fewshot.registry import load_dataset
     from fewshot.validate import check_sweep_data
-    from methods.pretrain import PROJECT_TAG, model_dir
+    from methods.pretrain import PROJECT_TAG, checkpoint_path, model_dir
 
     t0 = time.perf_counter()
-    # the caches every trial writes (splits, features; the model cache when the project backbone is built)
-    check_cache_writable([(model_dir(), "PROMPTSWEEP_MODEL_CACHE")] if spec.backbone.pretrained == PROJECT_TAG else [])
+    # the caches every trial writes (splits, features; the model cache when the project backbone is still to
+    # be built: one already there is only read, so a read-only model cache is fine then)
+    builds = spec.backbone.pretrained == PROJECT_TAG and not checkpoint_path(spec.backbone.arch).is_file()
+    check_cache_writable([(model_dir(), "PROMPTSWEEP_MODEL_CACHE")] if builds else [])
     needs: dict[str, set] = {}
     for c in plan.cells:
         needs.setdefault(c.dataset, set()).update((c.shots, s) for s in (*c.search_seeds, *c.final_seeds))
@@ -176,11 +187,22 @@ def _check_resources(spec, args, out_dir: Path) -> None:
 
         check_ray_address(address, "--address" if args.address else "$RAY_ADDRESS")
     if not address:
+        _check_local_cuda(spec)
         check_trial_fits(r.cpu, r.gpu, [local_node_resources()], "nothing on this machine (the local Ray)")
         return
-    ensure_ray(args.address)
+    with _sigterm_held():
+        ensure_ray(args.address)
     max_concurrent_trials(r.cpu, r.gpu, args.max_concurrent)
     check_cluster_storage(out_dir)
+
+
+def _check_local_cuda(spec) -> None:
+    """``device: cuda`` on a local run needs CUDA here (the spec already asks each trial for a GPU)."""
+    import torch
+
+    if spec.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda, but CUDA is not available on this machine (the local Ray): use device: "
+                          "auto or cpu (and resources.gpu: 0), or connect to a cluster with GPUs with --address")
 
 
 def results_table(out_dir: Path) -> str:
@@ -233,6 +255,23 @@ def run(args: argparse.Namespace) -> int:
     if args.fresh and out_dir.exists() and not (out_dir / STATE_FILE).is_file():
         raise ConfigError(f"--fresh: {out_dir} was not made by a sweep (it has no {STATE_FILE}), so it is not deleted; "
                           "move it, or choose another --output or spec name")
+    # a sweep's folder is locked before its state is read: a second command neither reads a state the running
+    # sweep is writing nor ends that sweep's MLflow run when one of its own checks fails (any other folder is
+    # locked once every check has passed, so that a refused command leaves no lock file in it)
+    lock = _lock_output(out_dir) if (out_dir / STATE_FILE).is_file() else None
+    try:
+        return _checked_run(spec, plan, args, out_dir, tracking_uri, data_root, lock)
+    finally:
+        if lock is not None:
+            lock.close()  # releases the flock
+
+
+def _checked_run(spec, plan, args, out_dir: Path, tracking_uri: str, data_root: Optional[str], lock) -> int:
+    """``run`` once a sweep's ``out_dir`` is locked (``lock``; None where it has no state yet): the resume and
+    spec-change checks, resources, data, tracking server; then the folder is made (and locked), ``--fresh``
+    clears the earlier run, and the sweep runs."""
+    from orchestrator.tracking import check_tracking_server, replay_backlog
+
     state = None if args.fresh else _read_state(out_dir)
     if state is not None:
         changes = _spec_changes(state.get("spec", {}), spec.normalized())
@@ -264,12 +303,8 @@ def run(args: argparse.Namespace) -> int:
         created = created.parent
     created = None if out_dir.exists() else created
     out_dir.mkdir(parents=True, exist_ok=True)
-    try:
+    if lock is None:  # when refused, the folder is the holder's (a sweep started at the same moment): left to it
         lock = _lock_output(out_dir)
-    except UserError:
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
-        raise
     if args.fresh:  # every check has passed: now the earlier run's files go (the held lock file stays)
         for p in out_dir.iterdir():
             if p.name == LOCK_FILE:
@@ -280,12 +315,12 @@ def run(args: argparse.Namespace) -> int:
                 p.unlink()
     try:
         return _run_sweep(spec, plan, out_dir, tracking_uri, state, args, data_root)
-    except UserError:
+    except (UserError, KeyboardInterrupt):  # stopped before Tune wrote anything: the folder goes again
         if created is not None and not (out_dir / "tune").exists():
             shutil.rmtree(created, ignore_errors=True)
         raise
     finally:
-        lock.close()  # releases the flock
+        lock.close()  # releases the flock (closing it twice is harmless)
 
 
 @contextmanager
@@ -431,6 +466,60 @@ def _failure_reason(error: BaseException) -> tuple[str, str]:
     return "FAILED", " ".join(f"{type(error).__name__}: {error}".split())[:2000]
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a preemption, ``kill``) outside Tune's run: it unwinds the sweep as Ctrl-C does (MLflow run
+    KILLED, Ray stopped); the command then exits ``SIGTERM_EXIT``."""
+
+
+_sigterm_seen = threading.Event()  # set by ``_on_sigterm``; ``main`` clears it
+
+
+def _on_sigterm(signum, frame) -> None:
+    """SIGTERM does what Ctrl-C does: the first one, while Tune runs, is passed to Tune's SIGINT handler (Tune
+    saves its state and ``fit`` returns); elsewhere, or a second time, ``Terminated`` is raised."""
+    first = not _sigterm_seen.is_set()
+    _sigterm_seen.set()
+    on_sigint = signal.getsignal(signal.SIGINT)
+    if first and callable(on_sigint) and on_sigint is not signal.default_int_handler:
+        on_sigint(signal.SIGINT, frame)
+        return
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_held():
+    """Around ``ray.init``: it replaces the SIGTERM handler with its own (``sys.exit``) and with Ray's native
+    failure handler, which prints a native stack dump and aborts the process (exit -6). SIGTERM is blocked in
+    this thread (and the threads it starts) meanwhile, the handler from before is put back, and a SIGTERM that
+    came in between is then delivered to it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.getsignal(signal.SIGTERM)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def _disk_error(error: BaseException, out_dir: Path) -> Optional[UserError]:
+    """The user error for an OSError writing the sweep's files that the user fixes (``DISK_ERRNOS``: a full
+    disk, a read-only or unwritable output folder), found in ``error`` or its causes (Tune wraps a
+    callback's error); None for any other error."""
+    seen: set[int] = set()
+    e: Optional[BaseException] = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+            where = e.filename if e.filename else f"the sweep output {out_dir}"
+            return UserError(f"cannot write {where}: {e.strerror or e}; free space / fix permissions and rerun the "
+                             "same command to resume")
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dict], args,
                data_root: Optional[str]) -> int:
     from orchestrator.progress import ProgressPrinter
@@ -445,13 +534,14 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
 
     r = spec.resources
     spec_hash = spec.spec_hash()
-    tracker = MlflowTracking(tracking_uri, spec.tracking.experiment, spec.name, spec_hash, background=True,
-                             parent_run_id=(state or {}).get("parent_run_id"), out_dir=out_dir)
-    if not (args.address or os.environ.get("RAY_ADDRESS")):
-        _adopt_orphans()  # before the local Ray starts: its processes stay the driver's descendants
-    with ThreadPoolExecutor(1) as pool:  # the tracking store's start-up (SQLite migrations: seconds) overlaps Ray's
-        parent_future = pool.submit(tracker.ensure_parent)
-        started_ray = ensure_ray(args.address)
+    with _sigterm_held():  # from before the threads that ray.init may outlive are started
+        tracker = MlflowTracking(tracking_uri, spec.tracking.experiment, spec.name, spec_hash, background=True,
+                                 parent_run_id=(state or {}).get("parent_run_id"), out_dir=out_dir)
+        if not (args.address or os.environ.get("RAY_ADDRESS")):
+            _adopt_orphans()  # before the local Ray starts: its processes stay the driver's descendants
+        with ThreadPoolExecutor(1) as pool:  # the tracking store's start-up (SQLite migrations: seconds) overlaps Ray's
+            parent_future = pool.submit(tracker.ensure_parent)
+            started_ray = ensure_ray(args.address)
     try:
         parent = parent_future.result()
         n = max_concurrent_trials(r.cpu, r.gpu, args.max_concurrent)  # ConfigError if no node fits a trial
@@ -476,10 +566,15 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
                             spec.max_retries, use_pruning)
         with _driver_gc():
             tuner.fit()
+        if signal.getsignal(signal.SIGTERM) is _on_sigterm:  # from here a SIGTERM only marks the sweep stopped
+            signal.signal(signal.SIGTERM, lambda signum, frame: _sigterm_seen.set())
     except BaseException as e:
-        _keep_tracking(tracker, e)
+        error = _disk_error(e, out_dir) or e
+        _keep_tracking(tracker, error)
         _shutdown_ray(started_ray)
-        raise
+        if error is e:
+            raise
+        raise error from None
     # Ray's shutdown (stopping its processes: ~1.4 s) overlaps the final writes, which need no Ray
     stopping = threading.Thread(target=_shutdown_ray, args=(started_ray,), name="ray-shutdown")
     stopping.start()
@@ -488,14 +583,28 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
         failed = sum(1 for row in results_cb.rows.values() if row["status"] == "ERROR")
         lost_targets = sum(1 for row in results_cb.rows.values() if row.get("error_class") == "target_failed")
         complete = len(results_cb.rows) >= plan.n_trials
-        tracker.finish("FINISHED" if complete and not failed else "FAILED")
+        terminated = _sigterm_seen.is_set() and not complete
+        if terminated:  # Tune stopped on SIGTERM: the run is KILLED as on Ctrl-C and reopened by the rerun
+            tracker.fail(_failure_reason(Terminated()))
+        else:
+            tracker.finish("FINISHED" if complete and not failed else "FAILED")
         write_report(out_dir)
         state.update(status="finished" if complete else "incomplete", finished=datetime.now(timezone.utc).isoformat())
         _write_state(out_dir, state)
+    except OSError as e:
+        error = _disk_error(e, out_dir)
+        if error is None:
+            raise
+        _keep_tracking(tracker, error)
+        raise error from None
     finally:
         stopping.join()
     print()
     _print_outputs(out_dir, tracking_uri)
+    if terminated:
+        print(f"\nsweep stopped by SIGTERM ({len(results_cb.rows)}/{plan.n_trials} trials finished); rerun the same "
+              "command to resume", file=sys.stderr)
+        return SIGTERM_EXIT
     if failed:
         print(f"\n{failed} trial(s) failed: see the status/error_class/error_message columns of trials.arrow",
               file=sys.stderr)
@@ -512,11 +621,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     # MLflow 3's client sends usage telemetry to the internet and, where none is reachable (clusters,
     # this CI), spends ~2.6 s retrying at exit; a sweep driver does not, unless the user says so
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    _sigterm_seen.clear()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         return run(parse_args(argv))
     except UserError as e:
         print(error_line(e), file=sys.stderr)
         return 2
+    except Terminated:
+        print("sweep stopped by SIGTERM; rerun the same command to resume", file=sys.stderr)
+        return SIGTERM_EXIT
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def exit_without_teardown(code: int) -> None:

@@ -512,6 +512,9 @@ def main(argv=None) -> int:
         get_method(req.method)
         if req.dataset not in dataset_names():
             raise ConfigError(f"unknown dataset '{req.dataset}' (valid: {', '.join(dataset_names())})")
+        from fewshot.paths import check_cache_writable
+
+        check_cache_writable()  # the split and feature caches are written there
         final = run_trial(req, output_dir=Path(args.output) if args.output else None,
                           resume_from=Path(args.resume) if args.resume else None)
     except UserError as exc:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -302,6 +304,72 @@ def test_read_only_populated_cache_is_one_error_up_front(tmp_path, capsys):
     finally:
         for f in folders:
             f.chmod(0o755)
+
+
+@contextmanager
+def _read_only(folder: Path):
+    """``folder`` made read-only: a read-only bind mount as root (root writes through permission bits),
+    mode 0o555 otherwise; skipped where neither is possible."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    if subprocess.run(["mount", "--bind", "-o", "ro", str(folder), str(folder)], capture_output=True).returncode:
+        pytest.skip("a read-only bind mount is not permitted here")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_read_only_model_cache_holding_the_checkpoint_is_fine(tmp_path, monkeypatch, capsys):
+    """The model cache is only read when the project checkpoint is already in it: read-only is then fine (the
+    sweep goes on to its next check, here a missing image); without the checkpoint it is refused by name."""
+    from methods.pretrain import checkpoint_path
+
+    models = tmp_path / "models"
+    models.mkdir()
+    monkeypatch.setenv("PROMPTSWEEP_MODEL_CACHE", str(models))
+    data = tmp_path / "data"
+    image_dir, _ = write_eurosat(data)
+    (image_dir / "C0" / "test_0.png").unlink()
+    spec = _sweep_spec(tmp_path, data, backbone={"arch": "promptsweep-mini", "pretrained": "promptsweep"})
+    with _read_only(models):
+        _sweep_refuses(tmp_path, capsys, spec, "PROMPTSWEEP_MODEL_CACHE")
+    checkpoint_path("promptsweep-mini").write_bytes(b"stands for the built checkpoint: only its presence is checked")
+    with _read_only(models):
+        assert "test_0.png" in _sweep_refuses(tmp_path, capsys, spec, "test_0.png")
+
+
+def test_split_cache_nested_too_deeply_is_a_data_error(tmp_path):
+    from fewshot.sampling import split_cache_path
+
+    data = tmp_path / "data"
+    write_eurosat(data)
+    ds = load_dataset("eurosat", data)
+    fewshot_split(ds, 1, 1)
+    cached = split_cache_path("eurosat", 1, 1)
+    cached.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match="nested too deeply"):
+        fewshot_split(ds, 1, 1)
+
+
+def test_trial_cli_checks_the_cache_folder_first(tmp_path, monkeypatch, capsys):
+    from orchestrator import trial
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("PROMPTSWEEP_CACHE", str(blocker))
+    data = tmp_path / "data"
+    write_eurosat(data)
+    rc = trial.main(["--method", "zeroshot", "--dataset", "eurosat", "--shots", "1", "--seed", "1",
+                     "--data-root", str(data)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: cache folder") and "PROMPTSWEEP_CACHE" in err, err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_dangling_link_in_a_dataset_folder_is_no_traceback(tmp_path, capsys):
