@@ -23,6 +23,10 @@ scheduler, and building or restoring the one ``Tuner`` that runs every trial.
   ``orchestrator.searcher``). To keep what Tune saves close to what happened, the scheduler also has
   Tune save its experiment snapshot whenever a trial is added or starts (Tune itself saves one after
   every trial checkpoint, as ``num_to_keep=1``). Resume events print one ``resume:`` line each.
+  Tune writes its state files in place, so a write cut short (a full disk) leaves one unreadable, and
+  Tune, failing to restore, would quietly start a one-trial run: ``set_aside_damaged_state`` finds such
+  a file first, renames the state files of that save ``*.damaged``, and the sweep continues from the
+  ledger on a fresh Tuner in the same folder.
 """
 from __future__ import annotations
 
@@ -366,6 +370,51 @@ def _snapshot_soon(tune_controller) -> None:
         manager._should_force_sync_up = True
 
 
+#: the state files Tune saves together (``<stem>-<timestamp>.<ext>``), and ``tuner.pkl``
+_STATE_STEMS = ("experiment_state", "search_gen_state", "searcher-state", "callback-states")
+DAMAGED_SUFFIX = ".damaged"
+
+
+def _unreadable(path: Path) -> Optional[str]:
+    """Why Tune could not load ``path`` (a truncated or garbled write), or None: JSON for the experiment
+    state, pickle for the rest (read only, never unpickled into objects: the load is done with a pickle
+    disassembly that stops at the first bad opcode)."""
+    import json
+    import pickletools
+
+    try:
+        data = path.read_bytes()
+        if path.suffix == ".json" and path.name.startswith("experiment_state"):
+            json.loads(data)
+        else:
+            for _ in pickletools.genops(data):
+                pass
+            if not data.rstrip().endswith(b"."):  # every complete pickle ends with STOP
+                return "it ends before the pickle's end"
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
+        return f"{type(exc).__name__}: {exc}"[:200]
+    return None
+
+
+def set_aside_damaged_state(path: Path) -> Optional[str]:
+    """If the newest save of Tune's state in the experiment folder ``path`` (or ``tuner.pkl``) cannot be read,
+    rename that save's files (and ``tuner.pkl``) with ``DAMAGED_SUFFIX`` and return one line saying so;
+    None when everything reads. Tune names each driver's files by its start time, so the newest is the
+    lexically largest ``experiment_state-*.json``."""
+    states = sorted(path.glob("experiment_state-*.json"))
+    stamp = states[-1].name[len("experiment_state-"):-len(".json")] if states else None
+    files = [p for p in (path / "tuner.pkl", *(q for stem in _STATE_STEMS for q in path.glob(f"{stem}-{stamp}.*")))
+             if stamp is not None or p.name == "tuner.pkl"]
+    bad = next(((p, why) for p in files if p.is_file() and (why := _unreadable(p))), None)
+    if bad is None:
+        return None
+    for p in files:
+        if p.is_file():
+            p.rename(p.with_name(p.name + DAMAGED_SUFFIX))
+    return (f"resume: Tune's saved state {bad[0].name} cannot be read ({bad[1]}), as after a write cut short by a "
+            f"full disk; its files are kept as *{DAMAGED_SUFFIX} and the sweep continues from trials.arrow")
+
+
 def _restorable_checkpoint(trial) -> Optional[str]:
     """Point a restored trial whose checkpoint is gone at the next one that is there; returns its path.
 
@@ -490,6 +539,9 @@ def build_tuner(out_dir: Path, searcher, callbacks: list, cpu: float, gpu: float
     path = experiment_path(out_dir)
     results_cb = next((cb for cb in callbacks if isinstance(cb, ResultsCallback)), None)
     ledger = dict(results_cb.ledger) if results_cb is not None else {}
+    damaged = set_aside_damaged_state(path) if path.is_dir() else None
+    if damaged:
+        print(damaged, flush=True)
     if tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
         # the restored run config carries pickled copies of our callbacks; use the live ones
