@@ -126,16 +126,45 @@ class Corpus:
         return len(self.captions)
 
 
-def iter_raw(cfg: CorpusConfig):
-    """``(PIL image, caption, kind, augment)`` of every corpus example, in order (deterministic);
-    ``augment``: view it through the training transform (its caption then names no size or position)."""
+def _shape_example(cfg: CorpusConfig, pairs: list[tuple[str, str]], i: int) -> tuple[Image.Image, str, bool]:
+    """Shape example ``i``: ``(image, caption, augment)``, from its own generator (so any process can draw it)."""
+    rng = np.random.default_rng([CORPUS_STREAM, cfg.seed, i])
+    colour, shape = pairs[int(rng.integers(len(pairs)))]
+    img, attrs = render_shape_with_attributes(colour, shape, rng, SHAPES_SIZE)
+    augment = bool(rng.random() < cfg.augmented_fraction)
+    return img, shape_caption(colour, shape, attrs, rng, plain=augment), augment
+
+
+def _shape_chunk(cfg: CorpusConfig, start: int, stop: int) -> list[tuple[Image.Image, str, bool]]:
     pairs = shape_pairs(cfg)
-    for i in range(cfg.shape_images):
-        rng = np.random.default_rng([CORPUS_STREAM, cfg.seed, i])
-        colour, shape = pairs[int(rng.integers(len(pairs)))]
-        img, attrs = render_shape_with_attributes(colour, shape, rng, SHAPES_SIZE)
-        augment = bool(rng.random() < cfg.augmented_fraction)
-        yield img, shape_caption(colour, shape, attrs, rng, plain=augment), "shape", augment
+    return [_shape_example(cfg, pairs, i) for i in range(start, stop)]
+
+
+def _shape_examples(cfg: CorpusConfig, workers: int):
+    """Every shape example in order; rendered by ``workers`` processes when more than one (the images are
+    the same either way: each comes from its own generator)."""
+    chunk = 500
+    bounds = [(a, min(a + chunk, cfg.shape_images)) for a in range(0, cfg.shape_images, chunk)]
+    if workers <= 1 or len(bounds) <= 1:
+        for a, b in bounds:
+            yield from _shape_chunk(cfg, a, b)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # fork: a spawned child would re-run the caller's main script (any script calling load_backbone). The
+    # children only run numpy and PIL code, never torch's thread pool, which a forked child could hang on.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        for part in pool.map(_shape_chunk, [cfg] * len(bounds), *zip(*bounds)):
+            yield from part
+
+
+def iter_raw(cfg: CorpusConfig, workers: int = 1):
+    """``(PIL image, caption, kind, augment)`` of every corpus example, in order (deterministic, whatever
+    ``workers``: the processes that render the shapes); ``augment``: view it through the training
+    transform (its caption then names no size or position)."""
+    for img, caption, augment in _shape_examples(cfg, workers):
+        yield img, caption, "shape", augment
     if cfg.digit_views:
         from sklearn.datasets import load_digits
 
@@ -159,9 +188,10 @@ def corpus_size(cfg: CorpusConfig) -> int:
     return cfg.shape_images + cfg.digit_views * sum(len(t) for _, _, t, _, _ in digits_split_indices())
 
 
-def build_corpus(cfg: CorpusConfig, image_size: int, progress=None) -> Corpus:
+def build_corpus(cfg: CorpusConfig, image_size: int, progress=None, workers: int = 1) -> Corpus:
     """The corpus' images (CLIP evaluation transform for ``image_size``, or for the ``augment`` ones the
-    few-shot training transform under a fixed torch seed) and captions."""
+    few-shot training transform under a fixed torch seed, applied here in order) and captions; ``workers``
+    processes render the shapes (the result does not depend on it)."""
     from fewshot.transforms import clip_transform
 
     eval_tf, train_tf = clip_transform(image_size, train=False), clip_transform(image_size, train=True)
@@ -170,7 +200,7 @@ def build_corpus(cfg: CorpusConfig, image_size: int, progress=None) -> Corpus:
     captions, kinds = [], []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(CORPUS_STREAM + cfg.seed)  # the random crops and flips
-        for n, (img, cap, kind, augment) in enumerate(iter_raw(cfg)):
+        for n, (img, cap, kind, augment) in enumerate(iter_raw(cfg, workers)):
             images[n] = (train_tf if augment else eval_tf)(img)
             captions.append(cap)
             kinds.append(kind)

@@ -165,7 +165,7 @@ def pretrain(arch: str, cfg: PretrainConfig, progress: bool = False) -> dict:
             size = int(size[0] if isinstance(size, (tuple, list)) else size)
             with tqdm(total=corpus_size(cfg.corpus), desc=f"{arch}: corpus", unit="img", disable=not progress, file=sys.stderr,
                       mininterval=1.0) as bar:
-                corpus = build_corpus(cfg.corpus, size, progress=bar.update)
+                corpus = build_corpus(cfg.corpus, size, progress=bar.update, workers=cfg.threads)
             ids = tokenizer(corpus.captions)
             decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
             no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]

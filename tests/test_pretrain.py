@@ -44,6 +44,18 @@ def test_corpus_holds_no_val_or_test_image():
     assert not (seen & held_out), f"{len(seen & held_out)} corpus images are val/test images"
 
 
+def test_corpus_is_the_same_rendered_by_two_processes():
+    """``workers`` only spreads the rendering: the corpus (images after the transforms, captions) is the same."""
+    import torch
+
+    from fewshot.corpus import build_corpus
+
+    cfg = CorpusConfig(shape_images=1100, digit_views=1)  # three chunks of shapes, crops included
+    one, two = build_corpus(cfg, 32, workers=1), build_corpus(cfg, 32, workers=2)
+    assert one.captions == two.captions and one.kinds == two.kinds
+    assert torch.equal(one.images, two.images)
+
+
 def test_corpus_never_pairs_the_novel_classes():
     cfg = CorpusConfig(shape_images=400, digit_views=0)
     pairs = {f"{c} {s}" for c, s in shape_pairs(cfg)}
