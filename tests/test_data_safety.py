@@ -278,12 +278,18 @@ def test_cache_that_is_not_a_folder_is_one_error_up_front(tmp_path, monkeypatch,
     _sweep_refuses(tmp_path, capsys, _sweep_spec(tmp_path, data), "PROMPTSWEEP_CACHE")
 
 
-def test_model_cache_is_checked_for_the_project_backbone(tmp_path, monkeypatch, capsys):
-    blocker = tmp_path / "models"
+def _data_with_a_file_for_cache(tmp_path: Path, monkeypatch, env: str) -> Path:
+    """A small EuroSAT under ``tmp_path/data`` and ``$env`` pointing at a file where a cache folder should be."""
+    blocker = tmp_path / f"blocker-{env}"
     blocker.write_text("not a folder")
-    monkeypatch.setenv("PROMPTSWEEP_MODEL_CACHE", str(blocker))
+    monkeypatch.setenv(env, str(blocker))
     data = tmp_path / "data"
     write_eurosat(data)
+    return data
+
+
+def test_model_cache_is_checked_for_the_project_backbone(tmp_path, monkeypatch, capsys):
+    data = _data_with_a_file_for_cache(tmp_path, monkeypatch, "PROMPTSWEEP_MODEL_CACHE")
     spec = _sweep_spec(tmp_path, data, backbone={"arch": "promptsweep-mini", "pretrained": "promptsweep"})
     _sweep_refuses(tmp_path, capsys, spec, "PROMPTSWEEP_MODEL_CACHE")
 
@@ -360,11 +366,7 @@ def test_split_cache_nested_too_deeply_is_a_data_error(tmp_path):
 def test_trial_cli_checks_the_cache_folder_first(tmp_path, monkeypatch, capsys):
     from orchestrator import trial
 
-    blocker = tmp_path / "blocker"
-    blocker.write_text("not a folder")
-    monkeypatch.setenv("PROMPTSWEEP_CACHE", str(blocker))
-    data = tmp_path / "data"
-    write_eurosat(data)
+    data = _data_with_a_file_for_cache(tmp_path, monkeypatch, "PROMPTSWEEP_CACHE")
     rc = trial.main(["--method", "zeroshot", "--dataset", "eurosat", "--shots", "1", "--seed", "1",
                      "--data-root", str(data)])
     err = capsys.readouterr().err
