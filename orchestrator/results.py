@@ -3,9 +3,11 @@
 Owns the row layout, the schema metadata (schema version, spec hash, package versions), the
 per-cell aggregation (n, mean, std of each metric; base2novel HM from the seed-mean base and
 novel accuracies) and atomic writes (temp file in the same directory, flushed to disk, then
-``os.replace``; the file gets the usual ``0666 & ~umask`` mode, not ``mkstemp``'s 0600). Files are
-Arrow IPC (Feather v2), readable by pyarrow, pandas (``read_feather``), polars (``read_ipc``) and
-DuckDB. Only the driver writes them. ``read_rows`` turns ``trials.arrow`` back into rows (the
+``os.replace``; the file gets the usual ``0666 & ~umask`` mode, not ``mkstemp``'s 0600). Each table is
+written twice, the same rows and schema metadata: Arrow IPC (Feather v2: ``trials.arrow``, the ledger a
+resumed sweep reads; pyarrow, pandas ``read_feather``, polars ``read_ipc``) and Parquet
+(``trials.parquet``, which DuckDB reads without an extension; pandas / polars ``read_parquet``). Only
+the driver writes them. ``read_rows`` turns ``trials.arrow`` back into rows (the
 ledger a restarted driver resumes from); ``remove_stale_temps`` deletes the temp files a killed
 writer left behind.
 
@@ -28,11 +30,13 @@ from typing import Any, Iterable, Optional
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
 
 from fewshot.paths import atomic_open
 
 SCHEMA_VERSION = "1"
 TRIALS_FILE, CELLS_FILE = "trials.arrow", "cells.arrow"
+PARQUET_SUFFIX = ".parquet"  # each Arrow file's Parquet twin: trials.parquet, cells.parquet
 #: metrics every row has a column for (others, e.g. acc_<target>, are added when present)
 CORE_METRICS = ("val_acc", "test_acc", "base_acc", "novel_acc", "hm", "target_avg")
 KEY_COLUMNS = ("cell_id", "protocol", "method", "dataset", "shots")
@@ -209,10 +213,23 @@ def _fault_hook() -> None:
 
 
 def write_atomic(table: pa.Table, path: Path) -> None:
-    """Write an Arrow IPC file so readers only ever see a complete file (``fewshot.paths.atomic_open``)."""
-    with atomic_open(Path(path), "wb", before_replace=_fault_hook) as f:
-        with ipc.new_file(f, table.schema) as w:
-            w.write_table(table)
+    """Write an Arrow IPC file (a Parquet file when ``path`` ends in ``.parquet``) so readers only ever see
+    a complete file (``fewshot.paths.atomic_open``)."""
+    path = Path(path)
+    with atomic_open(path, "wb", before_replace=_fault_hook) as f:
+        if path.suffix == PARQUET_SUFFIX:
+            pq.write_table(table, f)
+        else:
+            with ipc.new_file(f, table.schema) as w:
+                w.write_table(table)
+
+
+def write_tables(out_dir: Path, tables: dict[str, pa.Table]) -> None:
+    """``{arrow file name: table}`` into ``out_dir``: every Arrow file first, in order, then their Parquet twins."""
+    for name, table in tables.items():
+        write_atomic(table, Path(out_dir) / name)
+    for name, table in tables.items():
+        write_atomic(table, (Path(out_dir) / name).with_suffix(PARQUET_SUFFIX))
 
 
 def remove_stale_temps(out_dir: Path) -> list[Path]:
@@ -220,7 +237,8 @@ def remove_stale_temps(out_dir: Path) -> list[Path]:
 
     Only call this where no other process writes results into ``out_dir`` (the driver, at start)."""
     gone = []
-    for name in (TRIALS_FILE, CELLS_FILE):
+    names = [n for f in (TRIALS_FILE, CELLS_FILE) for n in (f, str(Path(f).with_suffix(PARQUET_SUFFIX)))]
+    for name in names:
         for p in Path(out_dir).glob(f".{name}.*.tmp"):
             try:
                 p.unlink()
@@ -232,8 +250,7 @@ def remove_stale_temps(out_dir: Path) -> list[Path]:
 
 def write_results(out_dir: Path, rows: Iterable[dict], meta: dict, cell_order: Optional[list[str]] = None) -> None:
     rows = list(rows)
-    write_atomic(trials_table(rows, meta), Path(out_dir) / TRIALS_FILE)
-    write_atomic(cells_table(rows, meta, cell_order), Path(out_dir) / CELLS_FILE)
+    write_tables(out_dir, {TRIALS_FILE: trials_table(rows, meta), CELLS_FILE: cells_table(rows, meta, cell_order)})
 
 
 def read_table(path: Path) -> pa.Table:

@@ -226,7 +226,8 @@ def _print_outputs(out_dir: Path, tracking_uri: str) -> None:
     from orchestrator.tracking import ui_command
 
     print(results_table(out_dir))
-    print(f"\nresults:  {out_dir / 'trials.arrow'}\n          {out_dir / 'cells.arrow'}\n          {out_dir / 'report.md'}")
+    print(f"\nresults:  {out_dir / 'trials.arrow'}\n          {out_dir / 'cells.arrow'}  (and .parquet twins)"
+          f"\n          {out_dir / 'report.md'}")
     if (out_dir / OPTUNA_FILE).exists():
         print(f"optuna:   optuna-dashboard {out_dir / OPTUNA_FILE}")
     print(f"mlflow:   {ui_command(tracking_uri)}")

@@ -221,7 +221,7 @@ def fill_run_ids(out_dir: Path, trial_runs: dict[str, Optional[str]]) -> int:
     """Fill empty ``mlflow_run_id`` cells of trials.arrow from ``trial_runs``; the number filled."""
     import pyarrow as pa
 
-    from orchestrator.results import TRIALS_FILE, read_table, write_atomic
+    from orchestrator.results import TRIALS_FILE, read_table, write_tables
 
     p = Path(out_dir) / TRIALS_FILE
     if not p.exists():
@@ -232,7 +232,7 @@ def fill_run_ids(out_dir: Path, trial_runs: dict[str, Optional[str]]) -> int:
     n = sum(1 for a, b in zip(old, new) if a != b)
     if n:
         i = t.schema.get_field_index("mlflow_run_id")
-        write_atomic(t.set_column(i, t.schema.field(i), pa.array(new, pa.string())), p)
+        write_tables(out_dir, {TRIALS_FILE: t.set_column(i, t.schema.field(i), pa.array(new, pa.string()))})
     return n
 
 

@@ -252,7 +252,7 @@ def trial_trainable(config: dict) -> None:
 # --- driver-side results ledger ---------------------------------------------------------------------
 
 class ResultsCallback(Callback):
-    """One row per finished trial; rewrites trials.arrow / cells.arrow after each (atomic).
+    """One row per finished trial; rewrites trials.arrow / cells.arrow (and their Parquet twins) after each (atomic).
 
     Starts from the rows of an existing ``trials.arrow`` (keyed by Tune trial id): they are the ledger
     a resumed sweep continues from (and what ``build_tuner`` hands the scheduler and the searcher).

@@ -111,8 +111,36 @@ def test_files_open_in_pandas_polars_duckdb(tmp_path):
     import polars as pl
 
     R.write_results(tmp_path, _rows(), {"spec_hash": "abc"})
-    p = tmp_path / R.TRIALS_FILE
-    assert len(pd.read_feather(p)) == 6
-    assert pl.read_ipc(p).height == 6
-    t = R.read_table(p)  # noqa: F841 (DuckDB scans the Arrow table by name)
-    assert duckdb.sql("select count(*) from t where stage = 'final'").fetchall()[0][0] == 4
+    p, q = tmp_path / R.TRIALS_FILE, tmp_path / "trials.parquet"
+    assert len(pd.read_feather(p)) == len(pd.read_parquet(q)) == 6
+    assert pl.read_ipc(p).height == pl.read_parquet(q).height == 6
+    assert pd.read_parquet(q).equals(pd.read_feather(p))
+    assert pl.read_parquet(tmp_path / "cells.parquet").equals(pl.read_ipc(tmp_path / R.CELLS_FILE))
+    path = str(q).replace("'", "''")
+    assert duckdb.sql(f"select count(*) from '{path}' where stage = 'final'").fetchall()[0][0] == 4
+    assert pq_metadata(q)[b"spec_hash"] == b"abc"
+
+
+def pq_metadata(path) -> dict:
+    import pyarrow.parquet as pq
+
+    return pq.read_schema(path).metadata
+
+
+def test_the_readme_lines_run_as_written(tmp_path, monkeypatch, capsys):
+    """The README's pandas / polars / DuckDB block, executed verbatim in a folder holding results/demo/."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "duckdb" in b]
+    assert len(blocks) == 1, "the README has one Python block reading the results"
+    R.write_results(tmp_path / "results" / "demo", _rows(), {"spec_hash": "abc"})
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), scope)
+    assert len(scope["trials"]) == 6 and scope["cells"].height == 1
+    printed = capsys.readouterr().out
+    assert "coop" in printed and "70.0" in printed  # the final seeds' mean of the one cell
+
+
