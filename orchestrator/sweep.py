@@ -12,7 +12,7 @@ Every user error prints one line ``error: <message>`` on stderr and exits 2, lea
 directory behind; once the sweep's MLflow run exists, an early exit ends it FAILED with the reason.
 One sweep runs per output directory at a time (a ``flock``). A full disk or an output folder that turns
 unwritable mid-sweep is such an error too (rerun to resume). SIGTERM stops the sweep as Ctrl-C does
-(Tune saves its state, the MLflow run ends KILLED, Ray is stopped) and the command exits 143.
+(Tune saves its state, the MLflow run ends KILLED, Ray is stopped) and the command exits 143 (Ctrl-C: 130).
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ LOCK_FILE = ".sweep.lock"
 OPTUNA_FILE = "optuna.journal"
 RAY_STOP_GRACE_S = 10.0  # how long the driver waits for the Ray processes it started to exit before SIGKILL
 SIGTERM_EXIT = 128 + signal.SIGTERM  # the exit code of a sweep stopped by SIGTERM, as a shell reports a killed one
+SIGINT_EXIT = 128 + signal.SIGINT  # ... and by Ctrl-C (130)
 #: errors writing the output directory the user fixes (full disk or quota, read-only mount, permissions, a size
 #: limit): the sweep stops with one line and resumes when rerun
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
@@ -505,6 +506,19 @@ def _sigterm_held():
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
+def _tune_was_interrupted(before) -> bool:
+    """Whether Tune's run just returned because of a SIGINT (Ctrl-C, or the SIGTERM ``_on_sigterm`` passed on).
+    ``tune.run`` installs its own SIGINT handler in the main thread and puts ``before`` back only when that
+    signal arrives, so after ``fit``: ``before`` back means interrupted; Tune's handler still there means not
+    (and it is replaced by ``before`` here, so that a Ctrl-C during the final writes is not swallowed)."""
+    now = signal.getsignal(signal.SIGINT)
+    if now is not before:
+        signal.signal(signal.SIGINT, before if before is not None else signal.default_int_handler)
+        return False
+    tune_catches = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0").strip() in ("", "0")
+    return tune_catches and threading.current_thread() is threading.main_thread()
+
+
 def _disk_error(error: BaseException, out_dir: Path) -> Optional[UserError]:
     """The user error for an OSError writing the sweep's files that the user fixes (``DISK_ERRNOS``: a full
     disk, a read-only or unwritable output folder), found in ``error`` or its causes (Tune wraps a
@@ -565,8 +579,10 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
         print(plan.describe().splitlines()[0] + f"; {n} at a time", flush=True)
         tuner = build_tuner(out_dir, searcher, [tracker, results_cb, progress], r.cpu, r.gpu, n,
                             spec.max_retries, use_pruning)
+        sigint_before = signal.getsignal(signal.SIGINT)
         with _driver_gc():
             tuner.fit()
+        interrupted = _tune_was_interrupted(sigint_before)
         if signal.getsignal(signal.SIGTERM) is _on_sigterm:  # from here a SIGTERM only marks the sweep stopped
             signal.signal(signal.SIGTERM, lambda signum, frame: _sigterm_seen.set())
     except BaseException as e:
@@ -585,8 +601,9 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
         lost_targets = sum(1 for row in results_cb.rows.values() if row.get("error_class") == "target_failed")
         complete = len(results_cb.rows) >= plan.n_trials
         terminated = _sigterm_seen.is_set() and not complete
-        if terminated:  # Tune stopped on SIGTERM: the run is KILLED as on Ctrl-C and reopened by the rerun
-            tracker.fail(_failure_reason(Terminated()))
+        interrupted = interrupted and not terminated and not complete
+        if terminated or interrupted:  # Tune stopped on SIGTERM / Ctrl-C: the run is KILLED, reopened by the rerun
+            tracker.fail(_failure_reason(Terminated() if terminated else KeyboardInterrupt()))
         else:
             tracker.finish("FINISHED" if complete and not failed else "FAILED")
         write_report(out_dir)
@@ -606,6 +623,10 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
         print(f"\nsweep stopped by SIGTERM ({len(results_cb.rows)}/{plan.n_trials} trials finished); rerun the same "
               "command to resume", file=sys.stderr)
         return SIGTERM_EXIT
+    if interrupted:
+        print(f"\nsweep interrupted ({len(results_cb.rows)}/{plan.n_trials} trials finished); rerun the same "
+              "command to resume", file=sys.stderr)
+        return SIGINT_EXIT
     if failed:
         print(f"\n{failed} trial(s) failed: see the status/error_class/error_message columns of trials.arrow",
               file=sys.stderr)
@@ -633,6 +654,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Terminated:
         print("sweep stopped by SIGTERM; rerun the same command to resume", file=sys.stderr)
         return SIGTERM_EXIT
+    except KeyboardInterrupt:  # Ctrl-C outside Tune's run (the checks, Ray's start): nothing half-done is kept
+        print("\nsweep interrupted; rerun the same command to resume", file=sys.stderr)
+        return SIGINT_EXIT
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

@@ -187,6 +187,14 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
     out, err = proc.communicate(timeout=300)
     state = json.loads((tmp_path / "out" / "e2e" / "sweep.json").read_text())
     assert state["status"] == "incomplete", out[-2000:] + err[-2000:]
+    assert proc.returncode == 130 and "sweep interrupted (" in err and "rerun the same command" in err, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(uri)
+    sweep_runs = [x for x in c.search_runs([c.get_experiment_by_name("e2e").experiment_id], max_results=1000)
+                  if x.data.tags.get("level") == "sweep"]
+    assert [x.info.status for x in sweep_runs] == ["KILLED"]
     first = {r["tune_trial_id"]: r for r in feather.read_table(rows).to_pylist()}
     assert 0 < len(first) < 4
 
@@ -197,12 +205,10 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
     for tid, row in first.items():  # rows finished before the interrupt are kept, not re-run
         again = [x for x in final if x["tune_trial_id"] == tid]
         assert len(again) == 1 and again[0]["finished_at"] == row["finished_at"]
-    from mlflow.tracking import MlflowClient
-
-    c = MlflowClient(uri)
     runs = c.search_runs([c.get_experiment_by_name("e2e").experiment_id], max_results=1000)
     trial_runs = [x for x in runs if x.data.tags.get("level") == "trial"]
     assert len(trial_runs) == 4 and len([x for x in runs if x.data.tags.get("level") == "sweep"]) == 1
+    assert [x.info.status for x in runs if x.data.tags.get("level") == "sweep"] == ["FINISHED"]  # reopened, ended
     assert {x["mlflow_run_id"] for x in final} == {x.info.run_id for x in trial_runs}
 
 
