@@ -83,12 +83,13 @@ class CellSearcher(Searcher):
         self._ledger: dict[tuple, list[dict]] = {}  # rows earlier drivers wrote (set_ledger); never pickled
         self._live: set[str] = set()         # trials this driver will see finish; never pickled
         self._finished_here: set[tuple] = set()  # work keys of trials that finished in this driver; never pickled
+        self._handles: dict[tuple, optuna.trial.Trial] = {}  # (cell id, number) -> the open trial asked here; never pickled
 
     # --- pickling: studies are reopened from the journal file -------------------------------
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_studies"] = {}
-        for k in ("_ledger", "_live", "_finished_here"):
+        for k in ("_ledger", "_live", "_finished_here", "_handles"):
             d.pop(k, None)
         return d
 
@@ -98,6 +99,7 @@ class CellSearcher(Searcher):
         self.__dict__.setdefault("_ledger", {})  # restore() into a live searcher keeps its ledger
         self.__dict__.setdefault("_live", set())
         self.__dict__.setdefault("_finished_here", set())
+        self.__dict__.setdefault("_handles", {})
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
@@ -163,6 +165,7 @@ class CellSearcher(Searcher):
             st = optuna.create_study(study_name=cell.cell_id, storage=storage, direction="maximize",
                                      sampler=self._sampler(cell, idx * 100_003 + done),
                                      pruner=self._pruner(cell), load_if_exists=True)
+            self._describe(st, cell)
             state = self.state[cell.cell_id]
             if not state["initialized"]:
                 defaults = cell.defaults_in_space()
@@ -233,6 +236,10 @@ class CellSearcher(Searcher):
         value = None if (error or not result) else result.get(self.metric)
         if value is None or result.get("trial_failed"):
             st["failed"].add((num, info["seed"]))
+            why = (result or {}).get("error_class") or ("the trial errored" if error else f"no {self.metric} reported")
+            message = (result or {}).get("error_message")
+            st.setdefault("fail_reasons", {}).setdefault(
+                num, f"seed {info['seed']}: {why}" + (f": {message}"[:500] if message else ""))
         else:
             st["values"].setdefault(num, {})[info["seed"]] = float(value)
         got = len(st["values"].get(num, {})) + sum(1 for (n_, _s) in st["failed"] if n_ == num)
@@ -296,11 +303,29 @@ class CellSearcher(Searcher):
         t = self._frozen(study, number)
         return t is not None and t.state.is_finished()
 
+    def _describe(self, study: optuna.Study, cell: Cell) -> None:
+        """What optuna-dashboard shows about a study: the metric's name and the cell it searches (written once)."""
+        if study.metric_names != [cell.search.metric]:
+            study.set_metric_names([cell.search.metric])
+        backbone = self.request_base.get("backbone") or {}
+        attrs = {"protocol": cell.protocol, "method": cell.method, "dataset": cell.dataset, "shots": cell.shots,
+                 "search_seeds": list(cell.search_seeds),
+                 "backbone": f"{backbone.get('arch')}/{backbone.get('pretrained') or 'random init'}"}
+        known = study.user_attrs
+        for key, value in attrs.items():
+            if known.get(key) != value:
+                study.set_user_attr(key, value)
+
     def _tell(self, cell: Cell, number: int, value: Optional[float] = None, state=None) -> None:
-        """``study.tell`` unless the journal has the trial closed already (told by a driver that was killed)."""
+        """``study.tell`` unless the journal has the trial closed already (told by a driver that was killed); a
+        failed proposal first gets its reason as the user attribute ``fail_reason`` (when this driver asked it)."""
         study = self.study(cell)
         if self._finished(study, number):
             return
+        reason = self.state[cell.cell_id].get("fail_reasons", {}).get(number)
+        handle = self._handles.get((cell.cell_id, number))
+        if state == optuna.trial.TrialState.FAIL and reason and handle is not None:
+            handle.set_user_attr("fail_reason", reason)
         study.tell(number, value, state=state)
 
     def _orphan(self, cell: Cell):
@@ -406,6 +431,8 @@ class CellSearcher(Searcher):
                     print(f"resume: {cell.cell_id} proposal {trial.number} was asked after Tune's last snapshot; "
                           "it is taken up again instead of asking a new one", flush=True)
                 trial = trial or self.study(cell).ask()
+                if isinstance(trial, optuna.trial.Trial):  # asked here: its attributes can still be set
+                    self._handles[(cell.cell_id, trial.number)] = trial
                 params = sample_space(trial, cell.space)
                 st["asked"].append(trial.number)
                 st["optuna_ids"][trial.number] = trial._trial_id

@@ -232,3 +232,32 @@ def test_a_restored_sweep_with_every_row_or_a_live_trial_reruns_nothing(tmp_path
     assert s3.suggest("r1") is Searcher.FINISHED
     out = capsys.readouterr().out
     assert "runs again" not in out and "has its row; counted from it" in out
+
+
+def test_studies_name_their_metric_and_cell_and_a_failed_proposal_its_reason(tmp_path):
+    """What optuna-dashboard shows, read back from the journal file by a fresh Optuna."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    p, s = _searcher(tmp_path, n_trials=2, search_seeds=(1, 2), final_seeds=(1,))
+    i = 0
+    while True:
+        i += 1
+        cfg = s.suggest(f"t{i}")
+        if cfg is Searcher.FINISHED:
+            break
+        if cfg["stage"] == "search" and cfg["optuna_number"] == 0 and cfg["seed"] == 2:
+            s.on_trial_complete(f"t{i}", {"trial_failed": 1, "error_class": "nan_loss",
+                                          "error_message": "loss is NaN at step 3"})
+        else:
+            s.on_trial_complete(f"t{i}", {"val_acc": objective(cfg)})
+    cell = p.cell("fewshot.coop.digits.2shot")
+    study = optuna.load_study(study_name=cell.cell_id,
+                              storage=JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal"))))
+    assert study.metric_names == ["val_acc"]
+    assert study.user_attrs == {"protocol": "fewshot", "method": "coop", "dataset": "digits", "shots": 2,
+                                "search_seeds": [1, 2], "backbone": "promptsweep-tiny/random init"}
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert [t.number for t in failed] == [0]
+    assert failed[0].user_attrs["fail_reason"] == "seed 2: nan_loss: loss is NaN at step 3"
+    assert all("fail_reason" not in t.user_attrs for t in study.trials if t.number != 0)
