@@ -43,6 +43,18 @@ SIGINT_EXIT = 128 + signal.SIGINT  # ... and by Ctrl-C (130)
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
 
 
+DEFAULT_DASHBOARD = "127.0.0.1:8265"
+
+
+def _dashboard_address(value: str) -> tuple[str, int]:
+    """``--dashboard``'s ``[HOST:]PORT`` as (host, port); the host defaults to loopback."""
+    host, _, port = value.strip().rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"--dashboard: '{value}' is not [HOST:]PORT with a port in 1..65535 (e.g. {DEFAULT_DASHBOARD})")
+    return host, int(port)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one-line user error instead of usage + exit 2 from argparse
         raise ConfigError(f"{message} (see python -m orchestrator.sweep --help)")
@@ -59,7 +71,14 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                                         "else $PROMPTSWEEP_DATA)")
     ap.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, spec, sqlite:///<cwd>/mlflow.db)")
     ap.add_argument("--max-concurrent", type=int, help="trials running at once (default: what the cluster fits)")
+    ap.add_argument("--dashboard", nargs="?", const=DEFAULT_DASHBOARD, metavar="[HOST:]PORT",
+                    help=f"start the local Ray's dashboard (bare flag: {DEFAULT_DASHBOARD}, this machine only; "
+                         "0.0.0.0:PORT opens it to the network); a cluster has its own")
     args = ap.parse_args(argv)
+    args.dashboard = None if args.dashboard is None else _dashboard_address(args.dashboard)
+    if args.dashboard is not None and (args.address or os.environ.get("RAY_ADDRESS")):
+        raise ConfigError("--dashboard: only for the local Ray; a cluster's dashboard is started with the cluster "
+                          "(ray start --head --dashboard-host ...)")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent: must be >= 1 (got {args.max_concurrent})")
     for flag in ("output", "address", "tracking_uri", "data_root"):
@@ -556,7 +575,7 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
             _adopt_orphans()  # before the local Ray starts: its processes stay the driver's descendants
         with ThreadPoolExecutor(1) as pool:  # the tracking store's start-up (SQLite migrations: seconds) overlaps Ray's
             parent_future = pool.submit(tracker.ensure_parent)
-            started_ray = ensure_ray(args.address)
+            started_ray = ensure_ray(args.address, dashboard=getattr(args, "dashboard", None))
     try:
         parent = parent_future.result()
         n = max_concurrent_trials(r.cpu, r.gpu, args.max_concurrent)  # ConfigError if no node fits a trial

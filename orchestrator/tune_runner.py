@@ -47,9 +47,10 @@ EXPERIMENT_NAME = "tune"
 
 # --- Ray -----------------------------------------------------------------------------------------
 
-def ensure_ray(address: Optional[str] = None) -> bool:
+def ensure_ray(address: Optional[str] = None, dashboard: Optional[tuple[str, int]] = None) -> bool:
     """Connect to ``address`` / $RAY_ADDRESS, else start a local Ray whose every listener binds loopback
-    (``LOCAL_NODE_IP``). True when we started it."""
+    (``LOCAL_NODE_IP``), with its dashboard on ``dashboard`` = (host, port) when given (its URL printed).
+    True when we started it."""
     import logging
 
     import ray
@@ -63,9 +64,13 @@ def ensure_ray(address: Optional[str] = None) -> bool:
         leave_job_working_dir()
         ray.init(address=addr, runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=False)
         return False
+    board = {"dashboard_host": dashboard[0], "dashboard_port": dashboard[1]} if dashboard else {}
     with _loopback_node_address():
-        ray.init(address="local", _node_ip_address=LOCAL_NODE_IP, num_cpus=os.cpu_count(), include_dashboard=False,
-                 runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=False)
+        ctx = ray.init(address="local", _node_ip_address=LOCAL_NODE_IP, num_cpus=os.cpu_count(),
+                       include_dashboard=dashboard is not None, **board, runtime_env=runtime_env,
+                       logging_level=logging.WARNING, log_to_driver=False)
+    if dashboard:
+        print(f"ray dashboard: http://{ctx.dashboard_url or '%s:%d' % dashboard}", flush=True)
     return True
 
 

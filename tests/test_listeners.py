@@ -43,7 +43,8 @@ def listeners(pids) -> list[tuple[str, str, str, int]]:
 LOCAL_RAY = textwrap.dedent("""
     import json, os, psutil, ray
     from orchestrator.tune_runner import ensure_ray
-    assert ensure_ray()
+    port = int(os.environ.get("DASHBOARD_PORT", "0"))
+    assert ensure_ray(dashboard=("127.0.0.1", port) if port else None)
     @ray.remote
     def pid():
         return os.getpid()
@@ -54,20 +55,49 @@ LOCAL_RAY = textwrap.dedent("""
 """)
 
 
-def test_local_ray_of_ensure_ray_listens_on_loopback_only():
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("dashboard", [False, True], ids=["no-dashboard", "dashboard"])
+def test_local_ray_of_ensure_ray_listens_on_loopback_only(dashboard):
+    """With ``--dashboard`` (bare: loopback) the dashboard answers on its URL and binds loopback too."""
     import json
+    import time
+    import urllib.request
 
     env = env_with_venv(RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
+    port = _free_port() if dashboard else 0
+    env["DASHBOARD_PORT"] = str(port)
     proc = subprocess.Popen([sys.executable, "-c", LOCAL_RAY], cwd=REPO, env=env, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        pids = json.loads(proc.stdout.readline() or "null") or []
+        first = proc.stdout.readline()
+        if dashboard:
+            assert first.strip() == f"ray dashboard: http://127.0.0.1:{port}", first
+            first = proc.stdout.readline()
+        pids = json.loads(first or "null") or []
         assert pids, proc.stderr.read()[-3000:] if proc.poll() is not None else "no pids"
+        if dashboard:
+            deadline, answer = time.time() + 60, None
+            while answer is None and time.time() < deadline:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=5) as r:
+                        answer = json.loads(r.read())
+                except OSError:
+                    time.sleep(1)
+            assert answer and "ray_version" in answer, answer
         found = listeners(pids)
         names = {n for n, _, _, _ in found}
         assert {"gcs_server", "raylet", "ray::DashboardAgent"} <= names, found  # the sockets were really read
         assert any(n.startswith("ray::") and "Agent" not in n for n in names), found  # a worker's too
+        if dashboard:
+            assert any(p == port for _, _, _, p in found), found
         assert [x for x in found if not is_loopback(x[2])] == []
     finally:
         proc.communicate("\n", timeout=120)

@@ -131,6 +131,9 @@ CLI_CASES = [
     ("output_under_a_file", lambda t: [DEMO, "--output", "/dev/null/results"], "which is not a directory"),
     ("output_under_proc", lambda t: [DEMO, "--output", "/proc/promptsweep-results"], "cannot be written"),
     ("address_malformed", lambda t: [DEMO, "--address", "not an address"], "--address: 'not an address' is not a Ray address"),
+    ("dashboard_port_out_of_range", lambda t: [DEMO, "--dashboard", "99999"], "--dashboard: '99999' is not [HOST:]PORT"),
+    ("dashboard_with_a_cluster", lambda t: [DEMO, "--dashboard", "--address", "127.0.0.2:6379"],
+     "--dashboard: only for the local Ray"),
     ("address_port_out_of_range", lambda t: [DEMO, "--address", "127.0.0.2:99999"], "is not a Ray address"),
     ("address_nothing_listens", lambda t: [DEMO, "--address", f"127.0.0.2:{_free_port()}"], "no Ray cluster answers"),
     ("fresh_on_a_folder_no_sweep_made", lambda t: [_write(t, "s.yaml", "name: mine\nmethods: [zeroshot]\n"
