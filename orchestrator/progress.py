@@ -1,20 +1,38 @@
-"""Compact live progress of a sweep: one line printed whenever the counts change.
+"""Live progress of a sweep, replacing Tune's verbose tables (the Tuner runs with ``verbose=0``).
 
-``cells 3/8 done | trials 2 running, 17/40 finished, 1 failed | best val: coop.digits.1shot 61.2, ...``
-replaces Tune's verbose tables (the Tuner runs with ``verbose=0``).
+The state is one line: ``cells 3/8 done | trials 2 running, 17/40 finished, 1 failed | 4m10s elapsed,
+ETA 6m | best val: fewshot.coop.digits.1shot 61.2, ...`` (cell ids in full, so cells of two protocols
+never print the same name; the ETA is the remaining trials at the rate this driver has finished them).
+
+* On a terminal, a ``tqdm`` bar over the planned trials carries that state and updates in place.
+* Elsewhere (CI logs, ``ray job`` logs, pipes), plain lines: one whenever the finished / failed counts
+  change, at most one per ``PLAIN_INTERVAL_S`` (the latest state is printed when the sweep ends).
+
+``already`` (trials a resumed sweep finds recorded) starts the counts and is left out of the rate.
 """
 from __future__ import annotations
 
 import sys
+import time
 from typing import Optional
 
 from ray.tune import Callback
 
 from orchestrator.planner import Plan
 
+PLAIN_INTERVAL_S = 10.0  # the fewest seconds between two plain lines
 
-def summary_line(plan: Plan, rows: dict[str, dict], running: set[str], max_best: int = 4) -> str:
-    finished = [r for r in rows.values()]
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    h, rest = divmod(s, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def summary_line(plan: Plan, rows: dict[str, dict], running: int, elapsed: Optional[float] = None,
+                 eta: Optional[float] = None, max_best: int = 4) -> str:
+    finished = list(rows.values())
     failed = sum(1 for r in finished if r["status"] not in ("TERMINATED", "PRUNED"))
     done_cells = 0
     best: dict[str, float] = {}
@@ -25,33 +43,92 @@ def summary_line(plan: Plan, rows: dict[str, dict], running: set[str], max_best:
         vals = [r["val_acc"] for r in rs if r["stage"] == "search" and r["val_acc"] is not None]
         if vals:
             best[c.cell_id] = max(vals)
-    line = (f"cells {done_cells}/{len(plan.cells)} done | trials {len(running)} running, "
+    line = (f"cells {done_cells}/{len(plan.cells)} done | trials {running} running, "
             f"{len(finished)}/{plan.n_trials} finished, {failed} failed")
+    if elapsed is not None:
+        line += f" | {_duration(elapsed)} elapsed" + (f", ETA {_duration(eta)}" if eta is not None else "")
     if best:
         shown = sorted(best.items())[:max_best]
         more = f" (+{len(best) - max_best} cells)" if len(best) > max_best else ""
-        line += " | best val: " + ", ".join(f"{k.split('.', 1)[1]} {v:.1f}" for k, v in shown) + more
+        line += " | best val: " + ", ".join(f"{k} {v:.1f}" for k, v in shown) + more
     return line
 
 
 class ProgressPrinter(Callback):
-    """Prints ``summary_line`` on every change; rows come from the results callback (``.rows``)."""
+    """Shows ``summary_line`` (see the module docstring); rows come from the results callback (``.rows``)."""
 
-    def __init__(self, plan: Plan, results_callback, stream=None):
+    def __init__(self, plan: Plan, results_callback, stream=None, already: int = 0,
+                 clock=time.monotonic, interactive: Optional[bool] = None):
         self.plan = plan
         self.results_callback = results_callback
         self.running: set[str] = set()
-        self._last: Optional[str] = None
+        self.already = already
+        self._clock = clock
+        self._start = clock()
         self._stream = stream
+        self._interactive = interactive
+        self._bar = None
+        self._last_key: Optional[tuple] = None
+        self._last_print = float("-inf")
+        self._pending: Optional[str] = None
 
-    def _emit(self):
+    # --- the state -----------------------------------------------------------------------------
+    def _eta(self, finished: int, elapsed: float) -> Optional[float]:
+        here = finished - self.already
+        if here <= 0:
+            return None
+        return max(0.0, (self.plan.n_trials - finished) * elapsed / here)
+
+    def line(self) -> str:
         rows = self.results_callback.rows
-        line = summary_line(self.plan, rows, self.running)
-        key = summary_line(self.plan, rows, set())
-        if key != self._last:
-            print(line, file=self._stream or sys.stdout, flush=True)
-            self._last = key
+        elapsed = self._clock() - self._start
+        return summary_line(self.plan, rows, len(self.running), elapsed, self._eta(len(rows), elapsed))
 
+    # --- output ---------------------------------------------------------------------------------
+    def _out(self):
+        return self._stream or sys.stdout
+
+    def _is_interactive(self) -> bool:
+        if self._interactive is None:
+            isatty = getattr(self._out(), "isatty", None)
+            self._interactive = bool(isatty and isatty())
+        return self._interactive
+
+    def _emit(self) -> None:
+        rows = self.results_callback.rows
+        line = self.line()
+        if self._is_interactive():
+            from tqdm import tqdm
+
+            if self._bar is None:
+                self._bar = tqdm(total=self.plan.n_trials, initial=self.already, file=self._out(), unit="trial",
+                                 dynamic_ncols=True, bar_format="{n_fmt}/{total_fmt} {bar:20} {desc}")
+            self._bar.n = len(rows)
+            self._bar.set_description_str(line)  # refreshes the bar
+            return
+        key = (len(rows), sum(1 for r in rows.values() if r["status"] not in ("TERMINATED", "PRUNED")))
+        if key == self._last_key:
+            return
+        now = self._clock()
+        if now - self._last_print < PLAIN_INTERVAL_S:
+            self._pending = line  # printed by the next allowed update or by close()
+            return
+        self._print(line, key, now)
+
+    def _print(self, line: str, key: tuple, now: float) -> None:
+        print(line, file=self._out(), flush=True)
+        self._last_key, self._last_print, self._pending = key, now, None
+
+    def close(self) -> None:
+        """End the display: the bar stays with its last state; a plain line held back by the rate is printed."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        elif self._pending is not None:
+            rows = self.results_callback.rows
+            self._print(self.line(), (len(rows), None), self._clock())
+
+    # --- Tune's hooks ---------------------------------------------------------------------------
     def on_trial_start(self, iteration, trials, trial, **info):
         self.running.add(trial.trial_id)
         self._emit()
@@ -66,5 +143,6 @@ class ProgressPrinter(Callback):
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        d["_stream"] = None
+        d["_stream"] = d["_bar"] = None
+        d["_clock"] = time.monotonic
         return d

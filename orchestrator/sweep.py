@@ -576,6 +576,7 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
         with ThreadPoolExecutor(1) as pool:  # the tracking store's start-up (SQLite migrations: seconds) overlaps Ray's
             parent_future = pool.submit(tracker.ensure_parent)
             started_ray = ensure_ray(args.address, dashboard=getattr(args, "dashboard", None))
+    progress = None
     try:
         parent = parent_future.result()
         n = max_concurrent_trials(r.cpu, r.gpu, args.max_concurrent)  # ConfigError if no node fits a trial
@@ -588,7 +589,9 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
                 "package_versions": package_versions(),
                 "planned_final_runs": {c.cell_id: c.n_final_runs for c in plan.cells}}
         results_cb = ResultsCallback(out_dir, meta, [c.cell_id for c in plan.cells], tracker)
-        progress = ProgressPrinter(plan, results_cb)
+        progress = ProgressPrinter(plan, results_cb, already=len(results_cb.rows))
+        if results_cb.rows:
+            print(f"resuming: {len(results_cb.rows)} of {plan.n_trials} trials already recorded", flush=True)
         request_base = {"backbone": {"arch": spec.backbone.arch, "pretrained": spec.backbone.pretrained},
                         "data_root": data_root,
                         "device": spec.device}
@@ -602,9 +605,12 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
         with _driver_gc():
             tuner.fit()
         interrupted = _tune_was_interrupted(sigint_before)
+        progress.close()
         if signal.getsignal(signal.SIGTERM) is _on_sigterm:  # from here a SIGTERM only marks the sweep stopped
             signal.signal(signal.SIGTERM, lambda signum, frame: _sigterm_seen.set())
     except BaseException as e:
+        if progress is not None:
+            progress.close()
         error = _disk_error(e, out_dir) or e
         _keep_tracking(tracker, error)
         _shutdown_ray(started_ray)

@@ -200,6 +200,7 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
 
     r = _cli([str(spec), "--output", str(tmp_path / "out"), "--tracking-uri", uri], tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"resuming: {len(first)} of 4 trials already recorded" in r.stdout, r.stdout[-2000:]
     final = feather.read_table(rows).to_pylist()
     assert len(final) == 4 and sorted(x["seed"] for x in final) == [1, 2, 3, 4]
     for tid, row in first.items():  # rows finished before the interrupt are kept, not re-run
