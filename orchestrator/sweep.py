@@ -525,6 +525,15 @@ def _sigterm_held():
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
+def _cell_summaries(out_dir: Path, plan) -> dict[str, dict]:
+    """Each cell's figures for its MLflow run, from the cells.arrow just written (``tracking.cell_summary``)."""
+    from orchestrator.results import CELLS_FILE, read_table
+    from orchestrator.tracking import cell_summary
+
+    planned = {c.cell_id: c.n_final_runs for c in plan.cells}
+    return {r["cell_id"]: cell_summary(r, planned.get(r["cell_id"], 0)) for r in read_table(out_dir / CELLS_FILE).to_pylist()}
+
+
 def _tune_was_interrupted(before) -> bool:
     """Whether Tune's run just returned because of a SIGINT (Ctrl-C, or the SIGTERM ``_on_sigterm`` passed on).
     ``tune.run`` installs its own SIGINT handler in the main thread and puts ``before`` back only when that
@@ -566,6 +575,7 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
 
     from concurrent.futures import ThreadPoolExecutor
 
+    t_driver = time.monotonic()
     r = spec.resources
     spec_hash = spec.spec_hash()
     with _sigterm_held():  # from before the threads that ray.init may outlive are started
@@ -630,7 +640,9 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
         if terminated or interrupted:  # Tune stopped on SIGTERM / Ctrl-C: the run is KILLED, reopened by the rerun
             tracker.fail(_failure_reason(Terminated() if terminated else KeyboardInterrupt()))
         else:
-            tracker.finish("FINISHED" if complete and not failed else "FAILED")
+            tracker.finish("FINISHED" if complete and not failed else "FAILED", cells=_cell_summaries(out_dir, plan),
+                           metrics={"trials_planned": plan.n_trials, "trials_finished": len(results_cb.rows),
+                                    "trials_failed": failed, "driver_wall_time_s": time.monotonic() - t_driver})
         write_report(out_dir)
         state.update(status="finished" if complete else "incomplete", finished=datetime.now(timezone.utc).isoformat())
         _write_state(out_dir, state)

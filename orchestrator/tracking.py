@@ -63,7 +63,8 @@ from fewshot.errors import ConfigError
 
 #: Tune bookkeeping keys that are not worth a metric
 _TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "time_since_restore",
-              "iterations_since_restore", "done", "trial_failed", "final", "reported_at"}
+              "iterations_since_restore", "done", "trial_failed", "final", "reported_at",
+              "epoch", "step"}  # the step of each point, not series of their own
 
 BACKLOG_FILE = "tracking_backlog.json"
 #: MLflow client settings for the driver (only set where the variable is not set already)
@@ -234,6 +235,23 @@ def fill_run_ids(out_dir: Path, trial_runs: dict[str, Optional[str]]) -> int:
         i = t.schema.get_field_index("mlflow_run_id")
         write_tables(out_dir, {TRIALS_FILE: t.set_column(i, t.schema.field(i), pa.array(new, pa.string()))})
     return n
+
+
+def _error_tags(error_class: Optional[str], message: Optional[str]) -> dict[str, str]:
+    """The tags of a failed trial's run: ``error_class`` (as in trials.arrow) and ``error_message``."""
+    return {"error_class": str(error_class or "error"), "error_message": " ".join(str(message or "").split())[:5000]}
+
+
+def cell_summary(cell_row: dict, planned_final_runs: int) -> dict:
+    """What a cell's MLflow run holds at the end, from its ``cells.arrow`` row: n / n_failed and the mean and
+    std of every final metric (Base / Novel / HM included) as metrics, the chosen hyperparameters as params
+    (``hp.<name>``), and its status: FINISHED when its planned final runs all succeeded, else FAILED."""
+    metrics = {k: v for k, v in cell_row.items() if (k.endswith("_mean") or k.endswith("_std") or
+                                                      k in ("n", "n_failed", "search_trials", "search_best_val"))
+               and isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")}
+    params = _flat_params(json.loads(cell_row.get("params_json") or "{}"), "hp.")
+    status = "FINISHED" if (cell_row.get("n") or 0) >= planned_final_runs else "FAILED"
+    return {"status": status, "metrics": metrics, "params": {k: v[:6000] for k, v in params.items()}}
 
 
 def _warn(msg: str) -> None:
@@ -533,31 +551,47 @@ class MlflowTracking(Callback):
             self._submit({"op": "end", "key": key, "status": status, "end_time": int(time.time() * 1000)})
             self.state["closed"].append(key)
 
-    def _close(self, trial, status: str, error: Optional[str] = None):
+    def _close(self, trial, status: str, error_tags: Optional[dict[str, str]] = None):
         key = f"trial:{trial.trial_id}"
         if trial.trial_id not in self.state["trials"] or key in self.state["closed"]:
             return
-        if error:
-            self._submit({"op": "log", "key": key, "tags": {"error": error[:5000]}})
+        if error_tags:
+            self._submit({"op": "log", "key": key, "tags": error_tags})
         self._end(key, status)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        failed = bool((trial.last_result or {}).get("trial_failed"))
-        self._close(trial, "FAILED" if failed else "FINISHED")
+        last = trial.last_result or {}
+        failed = bool(last.get("trial_failed"))
+        self._close(trial, "FAILED" if failed else "FINISHED",
+                    _error_tags(last.get("error_class"), last.get("error_message")) if failed else None)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
-        self._close(trial, "FAILED", f"{last.get('error_class', 'error')}: {last.get('error_message', '')}")
+        self._close(trial, "FAILED", _error_tags(last.get("error_class") or "TrialError",
+                                                 last.get("error_message") or str(getattr(trial, "error_file", "") or "")))
 
     def on_step_end(self, iteration, trials, **info):
         if not self.background:
             self.flush()  # catch up while the sweep runs, even between trial events
 
-    def finish(self, status: str = "FINISHED") -> Optional[Path]:
-        """Close the cell runs and the parent run, send what is queued, and write what is left (its path)."""
+    def finish(self, status: str = "FINISHED", cells: Optional[dict[str, dict]] = None,
+               metrics: Optional[dict[str, float]] = None) -> Optional[Path]:
+        """Close the cell runs and the parent run, send what is queued, and write what is left (its path).
+
+        ``cells``: ``{cell id: cell_summary(...)}``: each cell run logs its metrics and chosen
+        hyperparameters and ends with its own status (the others end with ``status``); ``metrics`` are
+        logged on the sweep's run."""
         self.stop_sender()
+        now = int(time.time() * 1000)
         for cid in list(self.state["cells"]):
-            self._end(f"cell:{cid}", status)
+            summary = (cells or {}).get(cid)
+            key = f"cell:{cid}"
+            if summary is not None and key not in self.state["closed"]:
+                self._submit({"op": "log", "key": key, "params": summary["params"],
+                              "metrics": [[k, float(v), now, 0] for k, v in summary["metrics"].items()]})
+            self._end(key, summary["status"] if summary is not None else status)
+        if metrics and (self.state["parent"] or self._queued("sweep")) and "sweep" not in self.state["closed"]:
+            self._submit({"op": "log", "key": "sweep", "metrics": [[k, float(v), now, 0] for k, v in metrics.items()]})
         if self.state["parent"] or self._queued("sweep"):
             self._end("sweep", status)
         self.flush(force=True)

@@ -90,6 +90,15 @@ def test_plan_rows_and_mlflow_runs_agree(sweep):
     assert {r["mlflow_run_id"] for r in t} == {r.info.run_id for r in by_level["trial"]}
     assert all(r.info.status == "FINISHED" for r in runs)
     assert "mlflow ui --backend-store-uri " + sweep["uri"] in sweep["stdout"]
+    # what a researcher browses: each cell run holds its figures and its chosen hyperparameters; the sweep run
+    # its counts; trial runs have per-epoch series without an `epoch` series of their own
+    for cell in by_level["cell"]:
+        assert cell.data.metrics["n"] == 2 and "test_acc_mean" in cell.data.metrics and "test_acc_std" in cell.data.metrics
+    coop = next(r for r in by_level["cell"] if r.data.tags["method"] == "coop")
+    assert set(coop.data.params) == {"hp.lr"} and coop.data.metrics["search_trials"] == 2
+    sweep_metrics = by_level["sweep"][0].data.metrics
+    assert sweep_metrics["trials_finished"] == n and sweep_metrics["trials_failed"] == 0
+    assert all("epoch" not in r.data.metrics and "val_acc" in r.data.metrics for r in by_level["trial"])
 
 
 @pytest.mark.slow

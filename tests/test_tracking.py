@@ -47,8 +47,38 @@ def test_runs_nested_tagged_and_closed(tmp_path, background):
     assert [(m.step, m.value) for m in sorted(hist, key=lambda m: m.step)] == [(0, 10.0), (1, 11.0)]
     assert "pid" not in r1.data.metrics
     assert r1.info.status == "FINISHED" and r2.info.status == "FAILED"
-    assert "nan_loss" in r2.data.tags["error"]
+    assert r2.data.tags["error_class"] == "nan_loss" and r2.data.tags["error_message"] == "NaN"
+    assert "epoch" not in r1.data.metrics  # the step of each point, not a series
     assert c.get_run(cb.state["parent"]).info.status == "FINISHED"
+
+
+def test_cell_runs_hold_their_figures_hyperparameters_and_own_status(tmp_path):
+    from orchestrator.tracking import cell_summary
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cb = MlflowTracking(uri, "exp", "t", "h")
+    cb.on_trial_start(0, [], _trial("a", stage="final"))
+    other = _trial("b", stage="final")
+    other.config = dict(other.config, cell_id="fewshot.coop.shapes.2shot")
+    cb.on_trial_start(0, [], other)
+    rows = {"fewshot.coop.digits.2shot": {"cell_id": "fewshot.coop.digits.2shot", "n": 3, "n_failed": 0,
+                                          "params_json": '{"lr": 0.01, "n_ctx": 4}', "test_acc_mean": 61.5,
+                                          "test_acc_std": 1.25, "hm_mean": None, "search_trials": 4,
+                                          "search_best_val": 70.0},
+            "fewshot.coop.shapes.2shot": {"cell_id": "fewshot.coop.shapes.2shot", "n": 1, "n_failed": 2,
+                                          "params_json": None, "test_acc_mean": 40.0, "test_acc_std": None}}
+    cb.finish("FAILED", cells={cid: cell_summary(r, 3) for cid, r in rows.items()},
+              metrics={"trials_finished": 6, "trials_failed": 2})
+    c = MlflowClient(uri)
+    good = c.get_run(cb.state["cells"]["fewshot.coop.digits.2shot"])
+    assert good.info.status == "FINISHED"  # its own status, not the sweep's FAILED
+    assert good.data.metrics == {"n": 3, "n_failed": 0, "test_acc_mean": 61.5, "test_acc_std": 1.25,
+                                 "search_trials": 4, "search_best_val": 70.0}
+    assert good.data.params == {"hp.lr": "0.01", "hp.n_ctx": "4"}
+    bad = c.get_run(cb.state["cells"]["fewshot.coop.shapes.2shot"])
+    assert bad.info.status == "FAILED" and bad.data.metrics["n_failed"] == 2
+    sweep = c.get_run(cb.state["parent"])
+    assert sweep.info.status == "FAILED" and sweep.data.metrics == {"trials_finished": 6, "trials_failed": 2}
 
 
 def test_restored_state_reuses_runs(tmp_path):
