@@ -237,6 +237,27 @@ def fill_run_ids(out_dir: Path, trial_runs: dict[str, Optional[str]]) -> int:
     return n
 
 
+MLFLOW_MAX_PARAMS = 100
+
+
+def resolved_params(request: dict) -> dict[str, str]:
+    """The configuration a trial runs with, as MLflow params: ``train.<field>`` and ``method.<field>`` after
+    the defaults (per method, dataset, shots, protocol) and the trial's overrides. Empty when the request
+    does not resolve (the trial then fails with the reason, which its run records)."""
+    from fewshot.errors import UserError
+    from methods.registry import get_method
+    from orchestrator.trial import build_configs
+    from orchestrator.tune_runner import build_request
+
+    try:
+        req = build_request(request)
+        train_cfg, method_cfg = build_configs(req, get_method(req.method))
+    except (UserError, ValueError):
+        return {}
+    return {**_flat_params(train_cfg.model_dump(mode="json"), "train."),
+            **_flat_params(method_cfg.model_dump(mode="json"), "method.")}
+
+
 def _error_tags(error_class: Optional[str], message: Optional[str]) -> dict[str, str]:
     """The tags of a failed trial's run: ``error_class`` (as in trials.arrow) and ``error_message``."""
     return {"error_class": str(error_class or "error"), "error_message": " ".join(str(message or "").split())[:5000]}
@@ -527,13 +548,16 @@ class MlflowTracking(Callback):
             name += f".p{cfg.get('optuna_number')}"
         params = _flat_params({k: v for k, v in req.items() if k != "overrides"})
         params.update(_flat_params(req.get("overrides") or {}, "hp."))
+        params.update(resolved_params(req))
         key = f"trial:{trial.trial_id}"
         self.state["trials"][trial.trial_id] = None
         op = self._create_op(key, name, tags, cell)
         if self._restored:  # the driver may have died after creating this run but before Tune saved our state
             op["lookup"] = ["tune_trial_id", trial.trial_id]
         self._submit(op)
-        self._submit({"op": "log", "key": key, "params": {k: v[:6000] for k, v in params.items()}})
+        items = sorted((k, v[:6000]) for k, v in params.items())
+        for i in range(0, len(items), MLFLOW_MAX_PARAMS):  # MLflow takes at most 100 params per batch
+            self._submit({"op": "log", "key": key, "params": dict(items[i:i + MLFLOW_MAX_PARAMS])})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if trial.trial_id not in self.state["trials"]:

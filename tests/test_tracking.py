@@ -43,6 +43,9 @@ def test_runs_nested_tagged_and_closed(tmp_path, background):
         assert r1.data.tags[k] == v
     assert "config_hash" in r1.data.tags and "git_commit" in r1.data.tags
     assert r1.data.params["hp.lr"] == "0.01"
+    # the full configuration the trial runs with: defaults for its cell, then its overrides
+    assert r1.data.params["train.lr"] == "0.01" and r1.data.params["train.epochs"] == "1"
+    assert r1.data.params["method.n_ctx"] == "16" and r1.data.params["train.batch_size"] == "32"
     hist = c.get_metric_history(r1.info.run_id, "val_acc")
     assert [(m.step, m.value) for m in sorted(hist, key=lambda m: m.step)] == [(0, 10.0), (1, 11.0)]
     assert "pid" not in r1.data.metrics
