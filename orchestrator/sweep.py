@@ -525,6 +525,15 @@ def _sigterm_held():
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
+def _sweep_artifacts(out_dir: Path) -> tuple[tuple[Path, Optional[str]], ...]:
+    """What the sweep's MLflow run keeps: the report and its plots, and the result tables (Parquet)."""
+    from orchestrator.results import CELLS_FILE, PARQUET_SUFFIX, TRIALS_FILE
+
+    files = [(out_dir / "report.md", None), *((p, "plots") for p in sorted(out_dir.glob("*.png")))]
+    files += [((out_dir / f).with_suffix(PARQUET_SUFFIX), "results") for f in (TRIALS_FILE, CELLS_FILE)]
+    return tuple((p, d) for p, d in files if p.is_file())
+
+
 def _cell_summaries(out_dir: Path, plan) -> dict[str, dict]:
     """Each cell's figures for its MLflow run, from the cells.arrow just written (``tracking.cell_summary``)."""
     from orchestrator.results import CELLS_FILE, read_table
@@ -637,13 +646,14 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
         complete = len(results_cb.rows) >= plan.n_trials
         terminated = _sigterm_seen.is_set() and not complete
         interrupted = interrupted and not terminated and not complete
+        write_report(out_dir)
         if terminated or interrupted:  # Tune stopped on SIGTERM / Ctrl-C: the run is KILLED, reopened by the rerun
             tracker.fail(_failure_reason(Terminated() if terminated else KeyboardInterrupt()))
         else:
             tracker.finish("FINISHED" if complete and not failed else "FAILED", cells=_cell_summaries(out_dir, plan),
                            metrics={"trials_planned": plan.n_trials, "trials_finished": len(results_cb.rows),
-                                    "trials_failed": failed, "driver_wall_time_s": time.monotonic() - t_driver})
-        write_report(out_dir)
+                                    "trials_failed": failed, "driver_wall_time_s": time.monotonic() - t_driver},
+                           spec=spec.normalized(), artifacts=_sweep_artifacts(out_dir))
         state.update(status="finished" if complete else "incomplete", finished=datetime.now(timezone.utc).isoformat())
         _write_state(out_dir, state)
     except OSError as e:

@@ -240,6 +240,15 @@ def fill_run_ids(out_dir: Path, trial_runs: dict[str, Optional[str]]) -> int:
 MLFLOW_MAX_PARAMS = 100
 
 
+def artifact_location(uri: str) -> Optional[str]:
+    """Where a new experiment keeps its artifacts: for a SQLite store, ``mlartifacts/`` beside the database
+    file (as ``mlflow server`` does; MLflow's own default is ``./mlruns`` under whatever folder the driver
+    runs in); for a server, None (the server decides)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///"):]).expanduser().absolute().parent / "mlartifacts").as_uri()
+
+
 def resolved_params(request: dict) -> dict[str, str]:
     """The configuration a trial runs with, as MLflow params: ``train.<field>`` and ``method.<field>`` after
     the defaults (per method, dataset, shots, protocol) and the trial's overrides. Empty when the request
@@ -318,7 +327,8 @@ class MlflowTracking(Callback):
     def experiment_id(self) -> str:
         if not self.state.get("experiment_id"):
             exp = self.client.get_experiment_by_name(self.experiment)
-            self.state["experiment_id"] = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+            self.state["experiment_id"] = exp.experiment_id if exp else self.client.create_experiment(
+                self.experiment, artifact_location=artifact_location(self.tracking_uri))
         return self.state["experiment_id"]
 
     def _get(self, key: str) -> Optional[str]:
@@ -460,6 +470,11 @@ class MlflowTracking(Callback):
                                   tags=[RunTag(k, v) for k, v in op.get("tags", {}).items()])
         elif op["op"] == "end":
             self.client.set_terminated(run_id, op["status"], end_time=op["end_time"])
+        elif op["op"] == "artifact":  # re-sending overwrites the same artifact path: idempotent
+            if Path(op["path"]).is_file():
+                self.client.log_artifact(run_id, op["path"], artifact_path=op.get("dir"))
+        elif op["op"] == "dict":
+            self.client.log_dict(run_id, op["data"], op["file"])
         elif op["op"] == "reopen":
             self.client.update_run(run_id, status="RUNNING")
 
@@ -599,13 +614,20 @@ class MlflowTracking(Callback):
             self.flush()  # catch up while the sweep runs, even between trial events
 
     def finish(self, status: str = "FINISHED", cells: Optional[dict[str, dict]] = None,
-               metrics: Optional[dict[str, float]] = None) -> Optional[Path]:
+               metrics: Optional[dict[str, float]] = None, spec: Optional[dict] = None,
+               artifacts: tuple[tuple[Path, Optional[str]], ...] = ()) -> Optional[Path]:
         """Close the cell runs and the parent run, send what is queued, and write what is left (its path).
 
         ``cells``: ``{cell id: cell_summary(...)}``: each cell run logs its metrics and chosen
-        hyperparameters and ends with its own status (the others end with ``status``); ``metrics`` are
-        logged on the sweep's run."""
+        hyperparameters and ends with its own status (the others end with ``status``); ``metrics``, the
+        ``spec`` (as ``spec.json``) and the ``artifacts`` (``(file, folder in the run or None)``: report,
+        plots, result files) go to the sweep's run."""
         self.stop_sender()
+        if (self.state["parent"] or self._queued("sweep")) and "sweep" not in self.state["closed"]:
+            if spec is not None:
+                self._submit({"op": "dict", "key": "sweep", "data": spec, "file": "spec.json"})
+            for path, folder in artifacts:
+                self._submit({"op": "artifact", "key": "sweep", "path": str(path), "dir": folder})
         now = int(time.time() * 1000)
         for cid in list(self.state["cells"]):
             summary = (cells or {}).get(cid)
@@ -649,8 +671,12 @@ class MlflowTracking(Callback):
             if op["op"] == "log":
                 what = [f"{len(op[f])} {f}" for f in ("params", "metrics", "tags") if op.get(f)]
                 rec["ops"].append("log " + ", ".join(what))
+            elif op["op"] == "end":
+                rec["ops"].append(f"end {op['status']}")
+            elif op["op"] in ("artifact", "dict"):
+                rec["ops"].append(f"artifact {Path(op.get('path') or op.get('file')).name}")
             else:
-                rec["ops"].append(op["op"] if op["op"] in ("create", "reopen") else f"end {op['status']}")
+                rec["ops"].append(op["op"])
         return list(out.values())
 
     def write_backlog(self) -> Optional[Path]:

@@ -59,6 +59,15 @@ def test_sweep_runs_land_on_the_mlflow_server(tmp_path):
         cells = by_level.get("cell", [])
         assert [c.data.tags["cell_id"] for c in cells] == ["fewshot.zeroshot.digits.1shot"]
         assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {cells[0].info.run_id}
+        # the same browsing content as with a SQLite file: cell figures, the trial's configuration, and the
+        # sweep's spec, report and tables as artifacts (proxied by the server into its artifacts folder)
+        assert cells[0].data.metrics["n"] == 2 and "test_acc_mean" in cells[0].data.metrics
+        assert all("train.batch_size" in t.data.params for t in trials)
+        sweep_run = by_level["sweep"][0]
+        assert sweep_run.data.metrics["trials_finished"] == 2
+        top = {a.path for a in client.list_artifacts(sweep_run.info.run_id)}
+        assert {"spec.json", "report.md", "results"} <= top, top
+        assert list((tmp_path / "mlflow" / "artifacts").rglob("trials.parquet"))
         # the sweep's own results point at the same runs
         import pyarrow as pa
         with pa.memory_map(str(tmp_path / "out" / "mlflowserver" / "trials.arrow")) as src:

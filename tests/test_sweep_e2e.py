@@ -99,6 +99,17 @@ def test_plan_rows_and_mlflow_runs_agree(sweep):
     sweep_metrics = by_level["sweep"][0].data.metrics
     assert sweep_metrics["trials_finished"] == n and sweep_metrics["trials_failed"] == 0
     assert all("epoch" not in r.data.metrics and "val_acc" in r.data.metrics for r in by_level["trial"])
+    assert all("train.lr" in r.data.params and "method.n_ctx" in r.data.params
+               for r in by_level["trial"] if r.data.tags["method"] == "coop")
+    # the sweep run keeps the spec, the report, its plots and the result tables, beside the SQLite file
+    top = {a.path for a in client.list_artifacts(parent)}
+    assert {"spec.json", "report.md", "results"} <= top, top
+    assert {a.path for a in client.list_artifacts(parent, "results")} == {"results/trials.parquet", "results/cells.parquet"}
+    import mlflow
+
+    spec_logged = mlflow.artifacts.load_dict(f"{by_level['sweep'][0].info.artifact_uri}/spec.json")
+    assert spec_logged["name"] == "e2e" and spec_logged["methods"] == ["zeroshot", "coop"]
+    assert by_level["sweep"][0].info.artifact_uri.startswith(Path(sweep["uri"][len("sqlite:///"):]).parent.as_uri())
 
 
 @pytest.mark.slow
