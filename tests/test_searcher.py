@@ -46,6 +46,20 @@ def drain(s, max_steps=1000):
     return emitted
 
 
+def run_one_at_a_time(s, outcome) -> dict[str, dict]:
+    """Suggest until finished, completing each trial at once with ``outcome(cfg) = (result, errored)``."""
+    emitted, i = {}, 0
+    while True:
+        i += 1
+        cfg = s.suggest(f"t{i}")
+        if cfg is Searcher.FINISHED:
+            return emitted
+        assert cfg is not None
+        emitted[f"t{i}"] = cfg
+        result, error = outcome(cfg)
+        s.on_trial_complete(f"t{i}", result, error=error)
+
+
 def test_counts_stages_and_round_robin(tmp_path):
     p, s = _searcher(tmp_path)
     emitted = drain(s)
@@ -92,19 +106,9 @@ def test_defaults_are_the_first_proposal_and_empty_space_uses_defaults(tmp_path)
 
 def test_failed_seed_fails_the_proposal_and_is_never_best(tmp_path):
     p, s = _searcher(tmp_path, n_trials=2, search_seeds=(1,), final_seeds=(1,))
-    cells = {}
-    i = 0
-    while True:
-        i += 1
-        cfg = s.suggest(f"t{i}")
-        if cfg is Searcher.FINISHED:
-            break
-        assert cfg is not None
-        cells[f"t{i}"] = cfg
-        if cfg["stage"] == "search" and cfg["optuna_number"] == 0:
-            s.on_trial_complete(f"t{i}", {"val_acc": 99.0}, error=True)  # best-looking value, but errored
-        else:
-            s.on_trial_complete(f"t{i}", {"val_acc": objective(cfg)})
+    errored = lambda cfg: cfg["stage"] == "search" and cfg["optuna_number"] == 0  # noqa: E731
+    cells = run_one_at_a_time(s, lambda cfg: ({"val_acc": 99.0}, True) if errored(cfg)  # best-looking, but errored
+                              else ({"val_acc": objective(cfg)}, False))
     cell = p.cell("fewshot.coop.digits.2shot")
     states = {t.number: t.state for t in s.study(cell).trials}
     assert states[0] == optuna.trial.TrialState.FAIL and states[1] == optuna.trial.TrialState.COMPLETE
@@ -240,17 +244,9 @@ def test_studies_name_their_metric_and_cell_and_a_failed_proposal_its_reason(tmp
     from optuna.storages.journal import JournalFileBackend
 
     p, s = _searcher(tmp_path, n_trials=2, search_seeds=(1, 2), final_seeds=(1,))
-    i = 0
-    while True:
-        i += 1
-        cfg = s.suggest(f"t{i}")
-        if cfg is Searcher.FINISHED:
-            break
-        if cfg["stage"] == "search" and cfg["optuna_number"] == 0 and cfg["seed"] == 2:
-            s.on_trial_complete(f"t{i}", {"trial_failed": 1, "error_class": "nan_loss",
-                                          "error_message": "loss is NaN at step 3"})
-        else:
-            s.on_trial_complete(f"t{i}", {"val_acc": objective(cfg)})
+    nan = {"trial_failed": 1, "error_class": "nan_loss", "error_message": "loss is NaN at step 3"}
+    run_one_at_a_time(s, lambda cfg: (nan if cfg["stage"] == "search" and cfg["optuna_number"] == 0
+                                      and cfg["seed"] == 2 else {"val_acc": objective(cfg)}, False))
     cell = p.cell("fewshot.coop.digits.2shot")
     study = optuna.load_study(study_name=cell.cell_id,
                               storage=JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal"))))
