@@ -64,7 +64,10 @@ def test_servers_bind_loopback_by_default():
     assert 'DASH_HOST="${PROMPTSWEEP_DASHBOARD_HOST:-127.0.0.2}"' in local
     assert "0.0.0.0" not in local
     runner = (ROOT / "orchestrator" / "tune_runner.py").read_text()
-    assert "_node_ip_address=LOCAL_NODE_IP" in runner and "include_dashboard=False" in runner
+    assert "_node_ip_address=LOCAL_NODE_IP" in runner
+    assert "include_dashboard=dashboard is not None" in runner  # no dashboard unless --dashboard asks
+    from orchestrator.sweep import _dashboard_address
+    assert _dashboard_address("8265") == ("127.0.0.1", 8265)  # and then on loopback unless a host is named
     from orchestrator.tune_runner import LOCAL_NODE_IP
     assert LOCAL_NODE_IP == "127.0.0.1"  # the one node address for which Ray binds all its listeners to loopback
     # (tests/test_listeners.py checks the sockets themselves)
