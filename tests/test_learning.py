@@ -24,7 +24,8 @@ each test compares a method with its own start on the same seed, never with a fi
 
 ``KNOWN_NOT_LEARNING``: CoCoOp at these CPU schedules stays within ±2 points of its start (16 shots,
 3 epochs at batch 4, lr 0.01: −0.3 / +1.8 from "a photo of a", −1.3 / +0.5 from a random context), so
-its test is a non-strict xfail that still reports its figures.
+it is left out of the learning test (a test that could only be an expected failure asserts nothing, and
+cost ~33 s of CI); ``tests/test_cocoop.py`` covers its meta-net and prompt path on the tiny backbone.
 
 Base-to-novel runs on ``shapes-64`` (base = its first 32 classes): on ``shapes-32``'s 16 base classes
 zero-shot (85.9 %) is already above the 16-shot linear probe (83.9 %) — the image features, not the prompt,
@@ -78,9 +79,7 @@ def test_every_gradient_method_has_a_schedule():
     assert set(SCHEDULE) == set(GRADIENT)
 
 
-@pytest.mark.parametrize("method", [
-    pytest.param(m, marks=pytest.mark.xfail(strict=False, reason=KNOWN_NOT_LEARNING[m])) if m in KNOWN_NOT_LEARNING
-    else m for m in GRADIENT])
+@pytest.mark.parametrize("method", [m for m in GRADIENT if m not in KNOWN_NOT_LEARNING])
 def test_training_ends_above_the_untrained_start(method, mini_backbone):
     margin = SEP_MARGIN if method == "sep" else MARGIN
     start = trial(method, **untrained(method))["test_acc"]
