@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: setup pretrain-deps pretrain demo test test-fast clean
+.PHONY: setup pretrain demo test test-fast clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,14 +18,6 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
-
-# only what `python -m methods pretrain` imports (torch, open_clip and the corpus' packages, pinned as in
-# pyproject.toml), so CI can pretrain the demo backbone while `setup` installs the rest of the stack
-pretrain-deps:
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q $$($(PY) -c 'import re, tomllib; print(*[r for r in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"] if re.match(r"(open_clip_torch|pydantic|pyyaml|scikit-learn|pillow|numpy|tqdm)\b", r)])')
 
 # the demo's backbone (promptsweep-mini, tag promptsweep): built once into the cache, minutes on a CPU
 pretrain: setup

@@ -19,6 +19,7 @@ from typing import Optional
 from ray.tune import Callback
 
 from orchestrator.planner import Plan
+from orchestrator.results import OK_STATUS, PRUNED_STATUS
 
 PLAIN_INTERVAL_S = 10.0  # the fewest seconds between two plain lines
 
@@ -33,7 +34,7 @@ def _duration(seconds: float) -> str:
 def summary_line(plan: Plan, rows: dict[str, dict], running: int, elapsed: Optional[float] = None,
                  eta: Optional[float] = None, max_best: int = 4) -> str:
     finished = list(rows.values())
-    failed = sum(1 for r in finished if r["status"] not in ("TERMINATED", "PRUNED"))
+    failed = sum(1 for r in finished if r["status"] not in (OK_STATUS, PRUNED_STATUS))
     done_cells = 0
     best: dict[str, float] = {}
     for c in plan.cells:
@@ -106,7 +107,7 @@ class ProgressPrinter(Callback):
             self._bar.n = len(rows)
             self._bar.set_description_str(line)  # refreshes the bar
             return
-        key = (len(rows), sum(1 for r in rows.values() if r["status"] not in ("TERMINATED", "PRUNED")))
+        key = (len(rows), sum(1 for r in rows.values() if r["status"] not in (OK_STATUS, PRUNED_STATUS)))
         if key == self._last_key:
             return
         now = self._clock()

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from fewshot.errors import UserError
-from orchestrator.results import CELLS_FILE, TRIALS_FILE, harmonic_mean, read_table
+from orchestrator.results import CELLS_FILE, ERROR_STATUS, TRIALS_FILE, harmonic_mean, read_table
 
 REPORT_FILE = "report.md"
 
@@ -189,7 +189,7 @@ def plot_base2novel(cells: list[dict], out_dir: Path) -> list[Path]:
 
 def render_failures(trials: list[dict], cells: list[dict], planned: dict[str, int]) -> str:
     """The failure ledger: every trial that did not finish, and every cell short of its final runs."""
-    failed = [t for t in trials if t["status"] == "ERROR" or t.get("error_class") == "target_failed"]
+    failed = [t for t in trials if t["status"] == ERROR_STATUS or t.get("error_class") == "target_failed"]
     short = []
     for c in cells:
         want = planned.get(c["cell_id"])

@@ -1,6 +1,9 @@
-"""The sweep's Arrow results: ``trials.arrow`` (one row per trial) and ``cells.arrow`` (per cell over final seeds).
+"""The sweep's Arrow results: ``trials.arrow`` (one row per trial), ``cells.arrow`` (per cell over final seeds)
+and ``epochs.arrow`` (one row per trial x epoch).
 
-Owns the row layout, the schema metadata (schema version, spec hash, package versions), the
+Owns the column tables (``TRIAL_HEAD`` / ``TRIAL_TAIL``, ``CELL_HEAD`` / ``CELL_TAIL``, ``EPOCH_COLUMNS``:
+name, Arrow type, description and unit — the schemas, the field metadata and the row readers all come
+from them; accuracies are percent), the schema metadata (schema version, spec hash, package versions), the
 per-cell aggregation (n, mean, std of each metric; base2novel HM from the seed-mean base and
 novel accuracies) and atomic writes (temp file in the same directory, flushed to disk, then
 ``os.replace``; the file gets the usual ``0666 & ~umask`` mode, not ``mkstemp``'s 0600). Each table is
@@ -24,6 +27,7 @@ import math
 import os
 import signal
 import statistics
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -34,15 +38,109 @@ import pyarrow.parquet as pq
 
 from fewshot.paths import atomic_open
 
-SCHEMA_VERSION = "1"
-TRIALS_FILE, CELLS_FILE = "trials.arrow", "cells.arrow"
-PARQUET_SUFFIX = ".parquet"  # each Arrow file's Parquet twin: trials.parquet, cells.parquet
+SCHEMA_VERSION = "2"
+TRIALS_FILE, CELLS_FILE, EPOCHS_FILE = "trials.arrow", "cells.arrow", "epochs.arrow"
+RESULT_FILES = (TRIALS_FILE, CELLS_FILE, EPOCHS_FILE)
+PARQUET_SUFFIX = ".parquet"  # each Arrow file's Parquet twin: trials.parquet, cells.parquet, epochs.parquet
 #: metrics every row has a column for (others, e.g. acc_<target>, are added when present)
 CORE_METRICS = ("val_acc", "test_acc", "base_acc", "novel_acc", "hm", "target_avg")
 KEY_COLUMNS = ("cell_id", "protocol", "method", "dataset", "shots")
-OK_STATUS = "TERMINATED"
+#: a trial's ``status``: it ran to its final metrics / its cell's pruner stopped it early / it failed
+OK_STATUS, PRUNED_STATUS, ERROR_STATUS = "FINISHED", "PRUNED", "ERROR"
+_LEGACY_STATUS = {"TERMINATED": OK_STATUS}  # schema 1 wrote Tune's name for a finished trial
 FAULT_KILL_IN_WRITE_ENV = "PROMPTSWEEP_FAULT_KILL_IN_WRITE"
 _writes = 0  # atomic writes by this process (for the fault-injection hook)
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a results table: its Arrow type, and the description and unit stored in the field's
+    metadata (``schema.field(name).metadata``: ``b"description"``, ``b"unit"``)."""
+
+    name: str
+    type: pa.DataType
+    description: str
+    unit: str = ""
+
+    def field(self) -> pa.Field:
+        meta = {"description": self.description, **({"unit": self.unit} if self.unit else {})}
+        return pa.field(self.name, self.type, metadata=meta)
+
+
+_METRIC_TEXT = {"val_acc": "validation accuracy (the searched objective; few-shot val split)",
+                "test_acc": "test accuracy", "base_acc": "test accuracy on the base classes (base2novel)",
+                "novel_acc": "test accuracy on the novel classes (base2novel)",
+                "hm": "harmonic mean of base_acc and novel_acc (base2novel)",
+                "target_avg": "mean test accuracy over the target datasets (cross_dataset, domain_generalization)"}
+
+
+def metric_column(name: str) -> Column:
+    if name.startswith("acc_"):
+        return Column(name, pa.float64(), f"test accuracy on target dataset {name[4:]}", "%")
+    return Column(name, pa.float64(), _METRIC_TEXT[name], "%")
+
+
+def param_column(name: str, type_: pa.DataType) -> Column:
+    return Column(f"param_{name}", type_, f"hyperparameter {name} of the trial (searched by Optuna or fixed by the spec)")
+
+
+#: the columns every results table starts with (``sweep`` and ``backbone`` are the same in every row of a sweep)
+_ID_COLUMNS = (
+    Column("sweep", pa.string(), "sweep name (the spec's name)"),
+    Column("backbone", pa.string(), "CLIP backbone as arch:pretrained (pretrained 'random-init' when none)"),
+    Column("cell_id", pa.string(), "cell: protocol.method.dataset.<shots>shot"),
+    Column("protocol", pa.string(), "evaluation protocol: fewshot, base2novel, cross_dataset, domain_generalization"),
+    Column("method", pa.string(), "prompt-tuning method (python -m methods list)"),
+    Column("dataset", pa.string(), "training dataset"),
+    Column("shots", pa.int16(), "training images per class (K of the K-shot split)", "images"),
+)
+TRIAL_HEAD = _ID_COLUMNS + (
+    Column("seed", pa.int64(), "seed of the few-shot split and of training"),
+    Column("stage", pa.string(), "search (an Optuna trial, scored on val) or final (chosen parameters, one per seed)"),
+    Column("params_json", pa.string(), "the trial's hyperparameters as a JSON object"),
+)
+TRIAL_TAIL = (
+    Column("epochs_run", pa.int32(), "training epochs completed", "epochs"),
+    Column("wall_time_s", pa.float64(), "wall time of the trial", "s"),
+    Column("test_images_read", pa.int64(), "test images the trial read (0 for search trials: they never see test)",
+           "images"),
+    Column("status", pa.string(), "FINISHED (ran to its final metrics), PRUNED (stopped early by its cell's pruner) "
+                                  "or ERROR"),
+    Column("error_class", pa.string(), "kind of failure (status ERROR), e.g. nan_loss, data_error"),
+    Column("error_message", pa.string(), "the failure's one-line message (status ERROR)"),
+    Column("node_id", pa.string(), "address of the Ray node that ran the trial"),
+    Column("tune_trial_id", pa.string(), "Ray Tune trial id (its folder under tune/)"),
+    Column("optuna_trial_number", pa.int32(), "number of the Optuna trial in the cell's study"),
+    Column("mlflow_run_id", pa.string(), "MLflow run of the trial"),
+    Column("config_hash", pa.string(), "hash of everything that defines the trial's training"),
+    Column("finished_at", pa.timestamp("ms", tz="UTC"), "when the driver recorded the trial"),
+)
+CELL_HEAD = _ID_COLUMNS + (
+    Column("n", pa.int32(), "final runs (seeds) that finished", "runs"),
+    Column("n_failed", pa.int32(), "final runs that did not finish", "runs"),
+    Column("params_json", pa.string(), "the cell's chosen hyperparameters as a JSON object"),
+)
+CELL_TAIL = (
+    Column("search_trials", pa.int32(), "Optuna search trials run for the cell", "trials"),
+    Column("search_best_val", pa.float64(), "best validation accuracy among the search trials", "%"),
+)
+EPOCH_COLUMNS = _ID_COLUMNS + (
+    Column("seed", pa.int64(), "seed of the few-shot split and of training"),
+    Column("stage", pa.string(), "search or final"),
+    Column("tune_trial_id", pa.string(), "Ray Tune trial id (the trial's row in trials.arrow)"),
+    Column("epoch", pa.int32(), "epoch number, from 1", "epochs"),
+    Column("train_loss", pa.float64(), "mean training loss over the epoch"),
+    Column("val_acc", pa.float64(), "validation accuracy after the epoch", "%"),
+    Column("lr", pa.float64(), "learning rate at the end of the epoch"),
+    Column("wall_time_s", pa.float64(), "wall time since the trial started, at the end of the epoch", "s"),
+)
+
+
+def backbone_label(backbone: Optional[dict]) -> Optional[str]:
+    """``arch:pretrained`` of a trial request's backbone (``random-init`` when it has no pretrained weights)."""
+    if not backbone:
+        return None
+    return f"{backbone.get('arch')}:{backbone.get('pretrained') or 'random-init'}"
 
 
 def config_hash(request: dict) -> str:
@@ -92,13 +190,13 @@ def trial_row(config: dict, result: Optional[dict], *, status: str, tune_trial_i
     result = result or {}
     req = config["request"]
     row: dict[str, Any] = {
-        "cell_id": config["cell_id"], "protocol": req["protocol"], "method": req["method"],
+        "backbone": backbone_label(req.get("backbone")), "cell_id": config["cell_id"], "protocol": req["protocol"], "method": req["method"],
         "dataset": req["dataset"], "shots": int(req["shots"]), "seed": int(config["seed"]),
         "stage": config["stage"], "params_json": json.dumps(config.get("params") or {}, sort_keys=True),
         "params": dict(config.get("params") or {}),
         "epochs_run": result.get("epochs_run"), "wall_time_s": _num(result.get("wall_time_s")),
         "test_images_read": result.get("test_images_read"),
-        "status": status, "error_class": error_class or result.get("error_class"),
+        "status": _LEGACY_STATUS.get(status, status), "error_class": error_class or result.get("error_class"),
         "error_message": error_message or result.get("error_message"),
         "node_id": node_id or result.get("node_ip"), "tune_trial_id": tune_trial_id,
         "optuna_trial_number": config.get("optuna_number"), "mlflow_run_id": mlflow_run_id,
@@ -129,35 +227,27 @@ def _metadata(meta: dict) -> dict[bytes, bytes]:
     return out
 
 
+def _table(columns: list[Column], records: list[dict], meta: dict) -> pa.Table:
+    schema = pa.schema([c.field() for c in columns], metadata=_metadata(meta))
+    return pa.Table.from_pylist([{**r, "sweep": meta.get("sweep")} for r in records], schema=schema)
+
+
 def trials_table(rows: list[dict], meta: dict) -> pa.Table:
+    """``trials.arrow``: ``TRIAL_HEAD``, a ``param_<name>`` column per hyperparameter, the metrics, ``TRIAL_TAIL``."""
     rows = sorted(rows, key=lambda r: (r["cell_id"], r["stage"] != "search", r["optuna_trial_number"] or 0, r["seed"],
                                        r["tune_trial_id"]))
-    col = lambda k: [r.get(k) for r in rows]  # noqa: E731
-    arrays: dict[str, pa.Array] = {
-        "cell_id": pa.array(col("cell_id"), pa.string()), "protocol": pa.array(col("protocol"), pa.string()),
-        "method": pa.array(col("method"), pa.string()), "dataset": pa.array(col("dataset"), pa.string()),
-        "shots": pa.array(col("shots"), pa.int16()), "seed": pa.array(col("seed"), pa.int64()),
-        "stage": pa.array(col("stage"), pa.string()), "params_json": pa.array(col("params_json"), pa.string()),
-    }
-    for name in sorted({k for r in rows for k in r["params"]}):
-        arrays[f"param_{name}"] = _param_array([r["params"].get(name) for r in rows])
-    for m in CORE_METRICS:
-        arrays[m] = pa.array(col(m), pa.float64())
-    for name in sorted({k for r in rows for k in r["extra_metrics"]}):
-        arrays[name] = pa.array([r["extra_metrics"].get(name) for r in rows], pa.float64())
-    arrays |= {
-        "epochs_run": pa.array(col("epochs_run"), pa.int32()), "wall_time_s": pa.array(col("wall_time_s"), pa.float64()),
-        "test_images_read": pa.array(col("test_images_read"), pa.int64()),
-        "status": pa.array(col("status"), pa.string()), "error_class": pa.array(col("error_class"), pa.string()),
-        "error_message": pa.array(col("error_message"), pa.string()), "node_id": pa.array(col("node_id"), pa.string()),
-        "tune_trial_id": pa.array(col("tune_trial_id"), pa.string()),
-        "optuna_trial_number": pa.array(col("optuna_trial_number"), pa.int32()),
-        "mlflow_run_id": pa.array(col("mlflow_run_id"), pa.string()),
-        "config_hash": pa.array(col("config_hash"), pa.string()),
-        "finished_at": pa.array(col("finished_at"), pa.timestamp("ms", tz="UTC")),
-    }
-    table = pa.table(arrays)
-    return table.replace_schema_metadata(_metadata(meta))
+    params = sorted({k for r in rows for k in r["params"]})
+    param_cols = [param_column(n, _param_array([r["params"].get(n) for r in rows]).type) for n in params]
+    extra = sorted({k for r in rows for k in r["extra_metrics"]})
+    columns = [*TRIAL_HEAD, *param_cols, *(metric_column(m) for m in (*CORE_METRICS, *extra)), *TRIAL_TAIL]
+    records = []
+    for r in rows:
+        rec = {**r, **r["extra_metrics"]}
+        for n, c in zip(params, param_cols):
+            v = r["params"].get(n)
+            rec[c.name] = v if v is None or not pa.types.is_string(c.type) or isinstance(v, str) else json.dumps(v)
+        records.append(rec)
+    return _table(columns, records, meta)
 
 
 def _mean_std(values: list[float]) -> tuple[Optional[float], Optional[float]]:
@@ -171,7 +261,7 @@ def cells_table(rows: list[dict], meta: dict, cell_order: Optional[list[str]] = 
     by_cell: dict[str, list[dict]] = {}
     keys: dict[str, dict] = {}
     for r in rows:
-        keys.setdefault(r["cell_id"], {k: r[k] for k in KEY_COLUMNS})
+        keys.setdefault(r["cell_id"], {k: r.get(k) for k in ("backbone", *KEY_COLUMNS)})
         by_cell.setdefault(r["cell_id"], [])
         if r["stage"] == "final":
             by_cell[r["cell_id"]].append(r)
@@ -193,14 +283,29 @@ def cells_table(rows: list[dict], meta: dict, cell_order: Optional[list[str]] = 
         rec["search_trials"] = sum(1 for r in rows if r["cell_id"] == cid and r["stage"] == "search")
         rec["search_best_val"] = max(searched) if searched else None
         out.append(rec)
-    schema = [pa.field("cell_id", pa.string()), pa.field("protocol", pa.string()), pa.field("method", pa.string()),
-              pa.field("dataset", pa.string()), pa.field("shots", pa.int16()), pa.field("n", pa.int32()),
-              pa.field("n_failed", pa.int32()), pa.field("params_json", pa.string())]
-    for m in list(CORE_METRICS) + extra:
-        schema += [pa.field(f"{m}_mean", pa.float64()), pa.field(f"{m}_std", pa.float64())]
-    schema += [pa.field("search_trials", pa.int32()), pa.field("search_best_val", pa.float64())]
-    sch = pa.schema(schema, metadata=_metadata(meta))
-    return pa.Table.from_pylist(out, schema=sch)
+    stats = [Column(f"{m}_{k}", pa.float64(), f"{what} over the cell's finished final runs of: "
+                    + metric_column(m).description, "%")
+             for m in (*CORE_METRICS, *extra) for k, what in (("mean", "mean"), ("std", "sample standard deviation"))]
+    return _table([*CELL_HEAD, *stats, *CELL_TAIL], out, meta)
+
+
+def epochs_table(epochs: Iterable[dict], meta: dict) -> pa.Table:
+    """``epochs.arrow``: one row per trial x epoch (``EPOCH_COLUMNS``), ordered by cell, trial, epoch."""
+    rows = sorted(epochs, key=lambda r: (r["cell_id"], r["stage"] != "search", r["seed"], r["tune_trial_id"], r["epoch"]))
+    return _table(list(EPOCH_COLUMNS), rows, meta)
+
+
+def epoch_row(config: dict, result: dict, tune_trial_id: str) -> Optional[dict]:
+    """The ``epochs.arrow`` row of one per-epoch report of a trial (None for reports that are not an epoch's)."""
+    if result.get("final") or result.get("epoch") is None:
+        return None
+    req = config["request"]
+    return {"backbone": backbone_label(req.get("backbone")), "cell_id": config["cell_id"],
+            "protocol": req["protocol"], "method": req["method"], "dataset": req["dataset"], "shots": int(req["shots"]),
+            "seed": int(config["seed"]), "stage": config["stage"], "tune_trial_id": tune_trial_id,
+            "epoch": int(result["epoch"]), "train_loss": _num(result.get("train_loss")),
+            "val_acc": _num(result.get("val_acc")), "lr": _num(result.get("lr")),
+            "wall_time_s": _num(result.get("time_total_s"))}
 
 
 def _fault_hook() -> None:
@@ -237,7 +342,7 @@ def remove_stale_temps(out_dir: Path) -> list[Path]:
 
     Only call this where no other process writes results into ``out_dir`` (the driver, at start)."""
     gone = []
-    names = [n for f in (TRIALS_FILE, CELLS_FILE) for n in (f, str(Path(f).with_suffix(PARQUET_SUFFIX)))]
+    names = [n for f in RESULT_FILES for n in (f, str(Path(f).with_suffix(PARQUET_SUFFIX)))]
     for name in names:
         for p in Path(out_dir).glob(f".{name}.*.tmp"):
             try:
@@ -248,9 +353,14 @@ def remove_stale_temps(out_dir: Path) -> list[Path]:
     return gone
 
 
-def write_results(out_dir: Path, rows: Iterable[dict], meta: dict, cell_order: Optional[list[str]] = None) -> None:
+def write_results(out_dir: Path, rows: Iterable[dict], meta: dict, cell_order: Optional[list[str]] = None,
+                  epochs: Optional[Iterable[dict]] = None) -> None:
+    """trials, cells (and, when ``epochs`` is given, epochs) tables with their Parquet twins into ``out_dir``."""
     rows = list(rows)
-    write_tables(out_dir, {TRIALS_FILE: trials_table(rows, meta), CELLS_FILE: cells_table(rows, meta, cell_order)})
+    tables = {TRIALS_FILE: trials_table(rows, meta), CELLS_FILE: cells_table(rows, meta, cell_order)}
+    if epochs is not None:
+        tables[EPOCHS_FILE] = epochs_table(epochs, meta)
+    write_tables(out_dir, tables)
 
 
 def read_table(path: Path) -> pa.Table:
@@ -258,17 +368,23 @@ def read_table(path: Path) -> pa.Table:
         return ipc.open_file(src).read_all()
 
 
-_ROW_COLUMNS = {"cell_id", "protocol", "method", "dataset", "shots", "seed", "stage", "params_json", *CORE_METRICS,
-                "epochs_run", "wall_time_s", "test_images_read", "status", "error_class", "error_message", "node_id",
-                "tune_trial_id", "optuna_trial_number", "mlflow_run_id", "config_hash", "finished_at"}
+_ROW_COLUMNS = tuple(c.name for c in (*TRIAL_HEAD, *TRIAL_TAIL) if c.name != "sweep") + CORE_METRICS
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The rows of a ``trials.arrow`` as ``trial_row`` dicts (the inverse of ``trials_table``)."""
+    """The rows of a ``trials.arrow`` as ``trial_row`` dicts (the inverse of ``trials_table``; a schema-1 file,
+    without ``backbone`` and with Tune's ``TERMINATED``, reads as its schema-2 rows)."""
     rows = []
     for rec in read_table(path).to_pylist():
         row = {k: rec.get(k) for k in _ROW_COLUMNS}
+        row["status"] = _LEGACY_STATUS.get(row["status"], row["status"])
         row["params"] = json.loads(rec["params_json"] or "{}")
         row["extra_metrics"] = {k: v for k, v in rec.items() if k.startswith("acc_") and v is not None}
         rows.append(row)
     return rows
+
+
+def read_epochs(path: Path) -> list[dict]:
+    """The rows of an ``epochs.arrow`` (what a resumed sweep keeps of the epochs recorded before it)."""
+    names = [c.name for c in EPOCH_COLUMNS if c.name != "sweep"]
+    return [{k: rec.get(k) for k in names} for rec in read_table(path).to_pylist()]

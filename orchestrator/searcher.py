@@ -39,6 +39,7 @@ import optuna
 from ray.tune.search import Searcher
 
 from orchestrator.planner import Cell
+from orchestrator.results import ERROR_STATUS
 from orchestrator.spec import ParamSpec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -138,7 +139,7 @@ class CellSearcher(Searcher):
         res = {"ledger_status": row.get("status")}
         if row.get(self.metric) is not None:
             res[self.metric] = row[self.metric]
-        if row.get("status") == "ERROR":
+        if row.get("status") == ERROR_STATUS:
             res["trial_failed"] = 1
         return res
 
@@ -350,7 +351,7 @@ class CellSearcher(Searcher):
                 return cfg
             tid = row["tune_trial_id"]
             self.trials[tid] = {k: cfg[k] for k in ("cell_id", "stage", "seed", "optuna_number")} | {"done": False}
-            self.on_trial_complete(tid, self.ledger_result(row), error=row.get("status") == "ERROR")
+            self.on_trial_complete(tid, self.ledger_result(row), error=row.get("status") == ERROR_STATUS)
             print(f"resume: {cfg['cell_id']} {cfg['stage']} seed {cfg['seed']} was finished by trial {tid}, which "
                   "Tune's saved state does not know; counted from its row, not run again", flush=True)
 
@@ -363,7 +364,7 @@ class CellSearcher(Searcher):
             rows = self._ledger.get(self._key_of(info))
             if rows:
                 row = rows[-1]
-                self.on_trial_complete(tid, self.ledger_result(row), error=row.get("status") == "ERROR")
+                self.on_trial_complete(tid, self.ledger_result(row), error=row.get("status") == ERROR_STATUS)
                 print(f"resume: trial {tid} ({info['cell_id']} {info['stage']} seed {info['seed']}) has its row; "
                       "counted from it", flush=True)
                 continue

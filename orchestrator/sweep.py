@@ -527,10 +527,10 @@ def _sigterm_held():
 
 def _sweep_artifacts(out_dir: Path) -> tuple[tuple[Path, Optional[str]], ...]:
     """What the sweep's MLflow run keeps: the report and its plots, and the result tables (Parquet)."""
-    from orchestrator.results import CELLS_FILE, PARQUET_SUFFIX, TRIALS_FILE
+    from orchestrator.results import PARQUET_SUFFIX, RESULT_FILES
 
     files = [(out_dir / "report.md", None), *((p, "plots") for p in sorted(out_dir.glob("*.png")))]
-    files += [((out_dir / f).with_suffix(PARQUET_SUFFIX), "results") for f in (TRIALS_FILE, CELLS_FILE)]
+    files += [((out_dir / f).with_suffix(PARQUET_SUFFIX), "results") for f in RESULT_FILES]
     return tuple((p, d) for p, d in files if p.is_file())
 
 
@@ -576,7 +576,7 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
                data_root: Optional[str]) -> int:
     from orchestrator.progress import ProgressPrinter
     from orchestrator.report import write_report
-    from orchestrator.results import package_versions
+    from orchestrator.results import ERROR_STATUS, package_versions
     from orchestrator.searcher import CellSearcher
     from orchestrator.tracking import MlflowTracking
     from orchestrator.tune_runner import (ResultsCallback, build_tuner, ensure_ray, max_concurrent_trials,
@@ -641,7 +641,7 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
     stopping.start()
     try:
         results_cb.flush()
-        failed = sum(1 for row in results_cb.rows.values() if row["status"] == "ERROR")
+        failed = sum(1 for row in results_cb.rows.values() if row["status"] == ERROR_STATUS)
         lost_targets = sum(1 for row in results_cb.rows.values() if row.get("error_class") == "target_failed")
         complete = len(results_cb.rows) >= plan.n_trials
         terminated = _sigterm_seen.is_set() and not complete

@@ -40,7 +40,7 @@ from ray import tune
 from ray.tune import Callback
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from orchestrator.results import trial_row, write_results
+from orchestrator.results import ERROR_STATUS, OK_STATUS, PRUNED_STATUS, epoch_row, trial_row, write_results
 
 EXPERIMENT_NAME = "tune"
 
@@ -268,7 +268,7 @@ class ResultsCallback(Callback):
     def __init__(self, out_dir: Path, meta: dict, cell_order: list[str], tracker=None):
         import sys
 
-        from orchestrator.results import TRIALS_FILE, read_rows, remove_stale_temps
+        from orchestrator.results import EPOCHS_FILE, TRIALS_FILE, read_epochs, read_rows, remove_stale_temps
 
         self.out_dir = Path(out_dir)
         self.meta = dict(meta)
@@ -286,16 +286,24 @@ class ResultsCallback(Callback):
                 print(f"warning: {path} is unreadable ({type(e).__name__}: {e}; moved to {kept.name}); continuing "
                       "from the rows in Tune's experiment state", file=sys.stderr, flush=True)
         self.ledger: dict[str, dict] = dict(self.rows)  # rows finished before this driver started
+        self.epochs: dict[tuple[str, int], dict] = {}
+        try:
+            self.epochs = {(r["tune_trial_id"], r["epoch"]): r for r in read_epochs(self.out_dir / EPOCHS_FILE)}
+        except FileNotFoundError:
+            pass
+        except Exception as e:  # noqa: BLE001 - damaged from outside: the trials' rows matter, the curves are extra
+            print(f"warning: {self.out_dir / EPOCHS_FILE} is unreadable ({type(e).__name__}: {e}); the epochs "
+                  "recorded before this run are left out of the new one", file=sys.stderr, flush=True)
         self.scheduler = None
 
     def _record(self, trial, status: str) -> None:
         last = dict(trial.last_result or {})
         if last.get("trial_failed"):
-            status = "ERROR"
-        elif status == "TERMINATED" and not last.get("final"):
-            status = "PRUNED"  # stopped by the cell's pruner before its final metrics
+            status = ERROR_STATUS
+        elif status == OK_STATUS and not last.get("final"):
+            status = PRUNED_STATUS  # stopped by the cell's pruner before its final metrics
         err_cls = err_msg = None
-        if status == "ERROR" and not last.get("error_class"):
+        if status == ERROR_STATUS and not last.get("error_class"):
             err_cls, err_msg = "TrialError", (str(trial.error_file) if getattr(trial, "error_file", None) else "unknown error")
         run_id = self.tracker.trial_run_id(trial.trial_id) if self.tracker else None
         self.rows[trial.trial_id] = trial_row(trial.config, last, status=status, tune_trial_id=trial.trial_id,
@@ -303,13 +311,18 @@ class ResultsCallback(Callback):
         self.flush()
 
     def flush(self) -> None:
-        write_results(self.out_dir, self.rows.values(), self.meta, self.cell_order)
+        write_results(self.out_dir, self.rows.values(), self.meta, self.cell_order, epochs=self.epochs.values())
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        row = epoch_row(trial.config, result, trial.trial_id)
+        if row is not None:  # kept until the next write (a trial's end): a retried epoch replaces its earlier row
+            self.epochs[(trial.trial_id, row["epoch"])] = row
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._record(trial, "TERMINATED")
+        self._record(trial, OK_STATUS)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._record(trial, "ERROR")
+        self._record(trial, ERROR_STATUS)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         if self.scheduler is not None:
@@ -506,7 +519,7 @@ class LedgerScheduler(CellPruningScheduler):
             return
         row = self.ledger.get(trial.trial_id)
         try:  # never raise here: Tune would drop the whole restored state and start the experiment over
-            if row is None or row.get("status") == "ERROR":
+            if row is None or row.get("status") == ERROR_STATUS:
                 old = trial.checkpoint
                 new = _restorable_checkpoint(trial)
                 if new:

@@ -33,8 +33,7 @@ def tiny_backbone():
 def mini_backbone(_promptsweep_cache):
     """The project-pretrained ``promptsweep-mini`` with its real settings (``methods.pretrain``): built
     once per session into the session cache (a few minutes on 2 CPU cores), or found in
-    ``$PROMPTSWEEP_MODEL_CACHE`` (``.ci/run`` builds it there in the background while it installs the
-    stack; the file is content-keyed, and a build still running is waited for on its lock)."""
+    ``$PROMPTSWEEP_MODEL_CACHE`` when CI keeps that folder between runs (the file is content-keyed)."""
     from methods.backbone import load_backbone
 
     return load_backbone("promptsweep-mini", "promptsweep")

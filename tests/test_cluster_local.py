@@ -75,7 +75,7 @@ def test_sweep_through_ray_address_places_trials_on_two_worker_nodes(cluster, tm
                         "--max-concurrent", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = _trials(tmp_path / "out" / "multinode")
-    assert len(rows) == 4 and {r["status"] for r in rows} == {"TERMINATED"}
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"FINISHED"}
     nodes = {r["node_id"] for r in rows}
     assert nodes <= WORKER_IPS and len(nodes) == 2, nodes  # never the 0-CPU head, both workers used
 
@@ -95,7 +95,7 @@ def test_ray_job_submit_writes_results_to_the_absolute_output(cluster, tmp_path)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
     assert "succeeded" in p.stdout + p.stderr
     rows = _trials(out / "viajob")  # where the README says: <absolute --output>/<sweep name>/
-    assert len(rows) == 4 and {r["status"] for r in rows} == {"TERMINATED"}
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"FINISHED"}
     assert {r["node_id"] for r in rows} <= WORKER_IPS
     assert (out / "viajob" / "cells.arrow").exists() and (out / "viajob" / "report.md").exists()
 

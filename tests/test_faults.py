@@ -230,7 +230,7 @@ def test_killed_trial_process_is_retried_from_its_checkpoint(tmp_path):
         rows = _rows(out / "trials.arrow")
         assert len(rows) == 2 and sorted(r["seed"] for r in rows) == [1, 2]
         assert [r["tune_trial_id"] for r in rows].count(victim) == 1
-        assert all(r["status"] == "TERMINATED" and r["epochs_run"] == epochs for r in rows), rows
+        assert all(r["status"] == "FINISHED" and r["epochs_run"] == epochs for r in rows), rows
 
         # the retry (another process) resumed from the last checkpoint Tune registered: Tune fetches a function
         # trainable's checkpoint with a separate call after logging its result, so the epoch whose checkpoint
@@ -342,7 +342,7 @@ def test_killed_driver_resumes_without_losing_or_rerunning_trials(tmp_path):
 
         rows = _rows(out / "trials.arrow")
         assert len(rows) == the_plan.n_trials == 6, [(r["cell_id"], r["stage"], r["seed"]) for r in rows]
-        assert all(r["status"] == "TERMINATED" for r in rows), [(r["status"], r["error_message"]) for r in rows]
+        assert all(r["status"] == "FINISHED" for r in rows), [(r["status"], r["error_message"]) for r in rows]
         tids = [r["tune_trial_id"] for r in rows]
         assert len(set(tids)) == len(tids)
         work = [(r["cell_id"], r["stage"], r["seed"], r["optuna_trial_number"] if r["stage"] == "search" else None)
@@ -483,7 +483,7 @@ def test_searcher_counts_work_from_the_ledger_instead_of_emitting_it(tmp_path):
         cfg = s.suggest(f"g{i}")
         if i < 2:
             s.on_trial_complete(f"g{i}", {"val_acc": _value(cfg)})
-            rows.append(trial_row(cfg, {"val_acc": _value(cfg), "test_images_read": 0}, status="TERMINATED",
+            rows.append(trial_row(cfg, {"val_acc": _value(cfg), "test_images_read": 0}, status="FINISHED",
                                   tune_trial_id=f"g{i}"))
     s2 = _restart(tmp_path, tmp_path / "snap.pkl")
     s2.set_ledger(rows)
@@ -511,7 +511,7 @@ def test_ledger_scheduler_does_not_rerun_a_restored_trial_that_has_a_row():
     live: set = set()
     search_alg = SimpleNamespace(on_trial_complete=lambda tid, result: told.append((tid, result)))
     controller = SimpleNamespace(get_live_trials=lambda: live, search_alg=search_alg)
-    ledger = {"done": {"status": "TERMINATED", "val_acc": 40.0}, "failed": {"status": "ERROR", "val_acc": None}}
+    ledger = {"done": {"status": "FINISHED", "val_acc": 40.0}, "failed": {"status": "ERROR", "val_acc": None}}
     sched = LedgerScheduler(searcher, prune=False, ledger=ledger)
 
     class FakeTrial:
@@ -544,7 +544,7 @@ def test_rows_read_back_and_the_write_hook_kills_between_temp_and_replace(tmp_pa
                                                     "protocol": "fewshot", "stage": "final", "overrides": {"lr": 0.01}}}
 
     rows = [R.trial_row(cfg(s), {"val_acc": 50.0 + s, "test_acc": 40.0, "acc_x": 1.0, "epochs_run": 2},
-                        status="TERMINATED", tune_trial_id=f"t{s}") for s in (1, 2)]
+                        status="FINISHED", tune_trial_id=f"t{s}") for s in (1, 2)]
     R.write_results(tmp_path, rows, {"sweep": "t"})
     assert (os.stat(tmp_path / R.TRIALS_FILE).st_mode & 0o777) == FILE_MODE
     back = {r["tune_trial_id"]: r for r in R.read_rows(tmp_path / R.TRIALS_FILE)}

@@ -182,7 +182,7 @@ def test_callback_rides_out_a_server_crash_and_a_driver_restart(tmp_path):
 
         assert kill_server(server) == []
         _lifecycle(cb2, trials["t5"])
-        rows = [trial_row(t.config, t.last_result, status="TERMINATED", tune_trial_id=tid,
+        rows = [trial_row(t.config, t.last_result, status="FINISHED", tune_trial_id=tid,
                           mlflow_run_id=cb2.trial_run_id(tid)) for tid, t in trials.items()]
         write_results(out, rows, {"sweep": "unit"})
         t0 = time.perf_counter()
@@ -262,7 +262,7 @@ def _kill_after_first_trial(proc: subprocess.Popen, server: MlflowServer, out_di
 def _check_complete(out_dir: Path, uri: str) -> None:
     rows = _rows(out_dir)
     assert len(rows) == N_TRIALS and len({r["tune_trial_id"] for r in rows}) == N_TRIALS
-    assert {r["status"] for r in rows} == {"TERMINATED"}
+    assert {r["status"] for r in rows} == {"FINISHED"}
     _, runs = _trial_runs(uri, "outage")
     got = {}
     for r in runs["trial"]:
@@ -314,7 +314,7 @@ def test_server_down_until_the_end_leaves_an_exact_backlog_that_a_rerun_logs(tmp
         warning = [ln for ln in stderr.splitlines() if str(backlog_file) in ln]
         assert len(warning) == 1 and warning[0].startswith("warning: "), stderr[-3000:]
         rows = _rows(out_dir)
-        assert len(rows) == N_TRIALS and {r["status"] for r in rows} == {"TERMINATED"}  # results complete anyway
+        assert len(rows) == N_TRIALS and {r["status"] for r in rows} == {"FINISHED"}  # results complete anyway
         backlog = json.loads(backlog_file.read_text())
 
         server.start()

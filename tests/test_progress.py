@@ -36,7 +36,7 @@ def _plan():
     return make_plan(spec)
 
 
-def _row(cell, stage="final", status="TERMINATED", val=None):
+def _row(cell, stage="final", status="FINISHED", val=None):
     return {"cell_id": cell, "stage": stage, "status": status, "val_acc": val}
 
 

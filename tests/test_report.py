@@ -47,7 +47,7 @@ def test_regenerates_from_arrow_files_via_cli(tmp_path):
                 cfg = {"cell_id": f"fewshot.coop.{ds}.{shots}shot", "stage": "final", "seed": seed, "optuna_number": None,
                        "params": {}, "request": {"method": "coop", "dataset": ds, "shots": shots, "seed": seed,
                                                  "protocol": "fewshot", "stage": "final", "overrides": {}}}
-                rows.append(R.trial_row(cfg, {"test_acc": 10.0 * shots + seed}, status="TERMINATED",
+                rows.append(R.trial_row(cfg, {"test_acc": 10.0 * shots + seed}, status="FINISHED",
                                         tune_trial_id=f"{ds}{shots}{seed}"))
     R.write_results(tmp_path, rows, {})
     r = subprocess.run([sys.executable, "-m", "orchestrator.report", str(tmp_path)], capture_output=True, text=True)
@@ -72,7 +72,7 @@ def test_transfer_columns_follow_the_spec_then_the_papers_order_and_lost_targets
         if seed == 2:
             result.pop("acc_imagenet_r")
             result.update(error_class="target_failed", error_message="imagenet_r: MissingImageError: image file x")
-        rows.append(R.trial_row(cfg, result, status="TERMINATED", tune_trial_id=f"t{seed}"))
+        rows.append(R.trial_row(cfg, result, status="FINISHED", tune_trial_id=f"t{seed}"))
     R.write_results(tmp_path, rows, {})
     md = Rep.write_report(tmp_path).read_text()
     header = next(ln for ln in md.splitlines() if ln.startswith("| method | source"))

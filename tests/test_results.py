@@ -14,18 +14,19 @@ def _cfg(cell="fewshot.coop.digits.2shot", stage="final", seed=1, params=None, p
     method, dataset = cell.split(".")[1:3]
     return {"cell_id": cell, "stage": stage, "seed": seed, "optuna_number": number, "params": params or {},
             "request": {"method": method, "dataset": dataset, "shots": 2, "seed": seed, "protocol": protocol,
-                        "stage": stage, "overrides": params or {}}}
+                        "stage": stage, "overrides": params or {},
+                        "backbone": {"arch": "promptsweep-mini", "pretrained": "promptsweep"}}}
 
 
 def _rows():
     rows = [R.trial_row(_cfg(stage="search", seed=1, params={"lr": 0.01, "csc": True}), {"val_acc": 40.0, "test_images_read": 0},
-                        status="TERMINATED", tune_trial_id="s1"),
+                        status="FINISHED", tune_trial_id="s1"),
             R.trial_row(_cfg(stage="search", seed=1, params={"lr": 0.1, "csc": False}, number=1), {"val_acc": 50.0, "test_images_read": 0},
-                        status="TERMINATED", tune_trial_id="s2")]
+                        status="FINISHED", tune_trial_id="s2")]
     for seed, acc in ((1, 60.0), (2, 70.0), (3, 80.0)):
         rows.append(R.trial_row(_cfg(seed=seed, params={"lr": 0.1, "csc": False}, number=1),
                                 {"val_acc": 55.0, "test_acc": acc, "epochs_run": 2, "test_images_read": 100},
-                                status="TERMINATED", tune_trial_id=f"f{seed}", mlflow_run_id=f"r{seed}"))
+                                status="FINISHED", tune_trial_id=f"f{seed}", mlflow_run_id=f"r{seed}"))
     rows.append(R.trial_row(_cfg(seed=4), {"error_class": "nan_loss", "error_message": "loss is NaN"},
                             status="ERROR", tune_trial_id="f4"))
     return rows
@@ -43,7 +44,14 @@ def test_trials_schema_and_metadata(tmp_path):
                 "tune_trial_id", "optuna_trial_number", "mlflow_run_id", "config_hash", "epochs_run", "wall_time_s"):
         assert col in s.names
     md = s.metadata
-    assert md[b"schema_version"] == b"1" and md[b"spec_hash"] == b"abc"
+    assert md[b"schema_version"] == b"2" and md[b"spec_hash"] == b"abc"
+    rows = t.to_pylist()
+    assert {r["sweep"] for r in rows} == {"t"} and {r["backbone"] for r in rows} == {"promptsweep-mini:promptsweep"}
+    assert {r["status"] for r in rows} == {"FINISHED", "ERROR"}
+    for name in s.names:  # every column says what it is; accuracies say they are percent
+        assert s.field(name).metadata[b"description"], name
+    assert s.field("test_acc").metadata[b"unit"] == b"%" and s.field("wall_time_s").metadata[b"unit"] == b"s"
+    assert b"hyperparameter lr" in s.field("param_lr").metadata[b"description"]
     assert "pyarrow" in json.loads(md[b"package_versions"])
     err = [r for r in t.to_pylist() if r["status"] == "ERROR"][0]
     assert err["error_class"] == "nan_loss" and err["test_acc"] is None
@@ -58,7 +66,7 @@ def test_the_largest_accepted_values_are_written_and_read_back(tmp_path):
     cfg["request"]["shots"] = SHOTS_MAX
     epochs = TrainConfig.model_fields["epochs"].metadata
     max_epochs = next(m.le for m in epochs if getattr(m, "le", None) is not None)
-    row = R.trial_row(cfg, {"test_acc": 1.0, "epochs_run": max_epochs, "test_images_read": 1}, status="TERMINATED",
+    row = R.trial_row(cfg, {"test_acc": 1.0, "epochs_run": max_epochs, "test_images_read": 1}, status="FINISHED",
                       tune_trial_id="big")
     R.write_results(tmp_path, [row], {"spec_hash": "abc", "sweep": "t"})
     back = R.read_table(tmp_path / R.TRIALS_FILE).to_pylist()[0]
@@ -82,7 +90,7 @@ def test_base2novel_hm_is_from_seed_means(tmp_path):
     for seed, (b, n) in enumerate(((80.0, 40.0), (60.0, 80.0)), start=1):
         rows.append(R.trial_row(_cfg(cell="base2novel.coop.digits.2shot", seed=seed, protocol="base2novel"),
                                 {"base_acc": b, "novel_acc": n, "hm": R.harmonic_mean(b, n)},
-                                status="TERMINATED", tune_trial_id=str(seed)))
+                                status="FINISHED", tune_trial_id=str(seed)))
     c = R.cells_table(rows, {}).to_pylist()[0]
     assert c["hm_mean"] == pytest.approx(R.harmonic_mean(70.0, 60.0))
     assert c["hm_mean"] != pytest.approx((R.harmonic_mean(80, 40) + R.harmonic_mean(60, 80)) / 2)
@@ -135,12 +143,42 @@ def test_the_readme_lines_run_as_written(tmp_path, monkeypatch, capsys):
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "duckdb" in b]
     assert len(blocks) == 1, "the README has one Python block reading the results"
-    R.write_results(tmp_path / "results" / "demo", _rows(), {"spec_hash": "abc"})
+    epochs = [R.epoch_row(_cfg(seed=1), {"epoch": 1, "train_loss": 1.0, "time_total_s": 2.0}, "f1")]
+    R.write_results(tmp_path / "results" / "demo", _rows(), {"spec_hash": "abc"}, epochs=epochs)
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile(blocks[0], "README.md", "exec"), scope)
     assert len(scope["trials"]) == 6 and scope["cells"].height == 1
     printed = capsys.readouterr().out
     assert "coop" in printed and "70.0" in printed  # the final seeds' mean of the one cell
+    assert len(scope["epochs"]) == 1 and "test accuracy" in printed and "b'%'" in printed
 
 
+def test_a_schema_1_ledger_reads_as_schema_2_rows(tmp_path):
+    """A sweep started before schema 2 (Tune's TERMINATED, no backbone column) resumes from its trials.arrow."""
+    import pyarrow.feather as feather
+
+    R.write_results(tmp_path, _rows(), {"spec_hash": "abc", "sweep": "t"})
+    t = R.read_table(tmp_path / R.TRIALS_FILE)
+    old = t.drop_columns(["sweep", "backbone"]).set_column(
+        t.schema.get_field_index("status") - 2, "status",
+        pa.array(["TERMINATED" if s == "FINISHED" else s for s in t.column("status").to_pylist()]))
+    feather.write_feather(old, tmp_path / "old.arrow")
+    rows = R.read_rows(tmp_path / "old.arrow")
+    assert sorted(r["status"] for r in rows) == ["ERROR"] + ["FINISHED"] * 5
+    assert R.cells_table(rows, {}).to_pylist()[0]["n"] == 3
+
+
+def test_epochs_table_one_row_per_trial_and_epoch(tmp_path):
+    cfg = _cfg(seed=2)
+    epochs = [R.epoch_row(cfg, {"epoch": e, "train_loss": 2.0 / e, "val_acc": 10.0 * e, "lr": 0.002,
+                                "time_total_s": 1.5 * e}, "f2") for e in (2, 1)]
+    assert R.epoch_row(cfg, {"final": True, "epoch": 2, "test_acc": 50.0}, "f2") is None
+    R.write_results(tmp_path, _rows(), {"spec_hash": "abc", "sweep": "t"}, epochs=epochs)
+    import pandas as pd
+
+    df = pd.read_parquet(tmp_path / "epochs.parquet")
+    assert df["epoch"].tolist() == [1, 2] and df["wall_time_s"].tolist() == [1.5, 3.0]
+    assert set(df["sweep"]) == {"t"} and set(df["tune_trial_id"]) == {"f2"}
+    assert R.read_epochs(tmp_path / R.EPOCHS_FILE)[1]["val_acc"] == 20.0
+    assert R.read_table(tmp_path / R.EPOCHS_FILE).schema.field("val_acc").metadata[b"unit"] == b"%"

@@ -162,7 +162,7 @@ def test_median_pruner_compares_only_within_a_cell(tmp_path):
     assert states[c["optuna_number"]] == optuna.trial.TrialState.PRUNED
 
 
-def _row(tid, cfg, status="TERMINATED"):
+def _row(tid, cfg, status="FINISHED"):
     """The fields of a ``trials.arrow`` row the searcher reads."""
     return {"tune_trial_id": tid, "cell_id": cfg["cell_id"], "stage": cfg["stage"], "seed": cfg["seed"],
             "optuna_trial_number": cfg["optuna_number"], "status": status, "val_acc": objective(cfg)}

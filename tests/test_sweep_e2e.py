@@ -79,7 +79,13 @@ def test_plan_rows_and_mlflow_runs_agree(sweep):
     n = plan(load_spec(sweep["spec"])).n_trials
     t = feather.read_table(sweep["out"] / "trials.arrow").to_pylist()
     assert len(t) == n == 6
-    assert all(r["status"] == "TERMINATED" for r in t), [(r["status"], r["error_message"]) for r in t]
+    assert all(r["status"] == "FINISHED" for r in t), [(r["status"], r["error_message"]) for r in t]
+    assert {r["sweep"] for r in t} == {"e2e"} and {r["backbone"] for r in t} == {"promptsweep-tiny:random-init"}
+    # epochs.parquet: one row per CoOp trial x epoch (1 epoch each); zero-shot trials train no epoch
+    epochs = feather.read_table(sweep["out"] / "epochs.arrow").to_pylist()
+    coop_ids = {r["tune_trial_id"] for r in t if r["method"] == "coop"}
+    assert sorted((r["tune_trial_id"], r["epoch"]) for r in epochs) == sorted((i, 1) for i in coop_ids)
+    assert all(r["train_loss"] > 0 and r["wall_time_s"] > 0 and r["lr"] >= 0 for r in epochs), epochs  # cosine ends at 0
     client, runs = _runs(sweep["uri"])
     by_level = {lvl: [r for r in runs if r.data.tags.get("level") == lvl] for lvl in ("sweep", "cell", "trial")}
     assert len(by_level["sweep"]) == 1 and len(by_level["cell"]) == 2 and len(by_level["trial"]) == n
@@ -104,7 +110,8 @@ def test_plan_rows_and_mlflow_runs_agree(sweep):
     # the sweep run keeps the spec, the report, its plots and the result tables, beside the SQLite file
     top = {a.path for a in client.list_artifacts(parent)}
     assert {"spec.json", "report.md", "results"} <= top, top
-    assert {a.path for a in client.list_artifacts(parent, "results")} == {"results/trials.parquet", "results/cells.parquet"}
+    assert {a.path for a in client.list_artifacts(parent, "results")} == {
+        "results/trials.parquet", "results/cells.parquet", "results/epochs.parquet"}
     import mlflow
 
     spec_logged = mlflow.artifacts.load_dict(f"{by_level['sweep'][0].info.artifact_uri}/spec.json")

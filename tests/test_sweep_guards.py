@@ -275,7 +275,7 @@ def test_a_disk_that_fills_mid_sweep_is_one_line_and_keeps_what_was_recorded(tmp
     assert again.returncode == 0 and "Traceback" not in stderr, stdout[-2000:] + stderr[-2000:]
     final = feather.read_table(rows).to_pylist()
     assert {r["tune_trial_id"]: r["finished_at"] for r in final if r["tune_trial_id"] in first} == first
-    assert sorted(r["seed"] for r in final) == [1, 2, 3, 4] and {r["status"] for r in final} == {"TERMINATED"}
+    assert sorted(r["seed"] for r in final) == [1, 2, 3, 4] and {r["status"] for r in final} == {"FINISHED"}
 
 
 def test_an_unwritable_file_behind_tunes_error_is_one_line_naming_it(tmp_path):

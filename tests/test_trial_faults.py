@@ -85,7 +85,7 @@ def test_sweep_goes_on_past_a_nan_cell_and_reports_it(tmp_path):
         rows = pa.ipc.open_file(src).read_all().to_pylist()
     by_method = {m: [x for x in rows if x["method"] == m] for m in ("zeroshot", "coop")}
     assert len(rows) == 4
-    assert {x["status"] for x in by_method["zeroshot"]} == {"TERMINATED"}
+    assert {x["status"] for x in by_method["zeroshot"]} == {"FINISHED"}
     assert {(x["status"], x["error_class"]) for x in by_method["coop"]} == {("ERROR", "nan_loss")}
     assert all("loss became nan" in x["error_message"] for x in by_method["coop"])
     report = (out / "report.md").read_text()
@@ -149,6 +149,6 @@ def test_sweep_records_a_timed_out_trial_and_goes_on(tmp_path):
     assert "1 trial(s) failed" in r.stderr
     with pa.memory_map(str(tmp_path / "out" / "slow" / "trials.arrow")) as src:
         rows = {x["method"]: x for x in pa.ipc.open_file(src).read_all().to_pylist()}
-    assert rows["zeroshot"]["status"] == "TERMINATED"
+    assert rows["zeroshot"]["status"] == "FINISHED"
     assert (rows["coop"]["status"], rows["coop"]["error_class"]) == ("ERROR", "timeout")
     assert "max_trial_s=0.001" in rows["coop"]["error_message"]
