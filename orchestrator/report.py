@@ -1,12 +1,17 @@
-"""Paper-style report from the Arrow results alone: ``report.md`` plus PNG plots.
+"""Paper-style report from the Arrow results alone: ``report.md``, plots (300 dpi PNG + PDF) and every
+table as LaTeX (``tables/<name>.tex``, booktabs).
 
-Tables: rows = datasets plus an Average row, columns = methods (mean ± std over final seeds).
+The report opens with its provenance (sweep, backbone, git commit, spec hash, date, package versions,
+from cells.arrow) and ends with each cell's chosen hyperparameters.
+Tables: rows = datasets plus an Average row, columns = methods (mean ± std over final seeds), the best
+of each row in bold.
 Base-to-novel gets Base, Novel and HM tables where the Average HM is the HM of the averaged Base
 and Novel (as in the CoCoOp/MaPLe papers), not the mean of per-dataset HMs. Cross-dataset and
 domain generalization: rows = methods, columns = source and each target (in the spec's order, which
 travels in cells.arrow's schema metadata; else the catalogue's, the papers' order) plus the target
 average.
-Plots (matplotlib Agg): few-shot accuracy vs shots per dataset and averaged; Base/Novel/HM bars.
+Plots (matplotlib Agg): few-shot accuracy vs shots per dataset and averaged (± std bands, shared y-axis,
+legend outside); Base/Novel/HM bars.
 The failure ledger lists every failed trial (from ``trials.arrow``), every trial whose transfer
 target failed (error class ``target_failed``, its other targets kept) and every cell with fewer
 successful final runs than planned (the plan's counts travel in cells.arrow's schema metadata).
@@ -24,6 +29,7 @@ from fewshot.errors import UserError
 from orchestrator.results import CELLS_FILE, ERROR_STATUS, TRIALS_FILE, harmonic_mean, read_table
 
 REPORT_FILE = "report.md"
+TABLES_DIR = "tables"  # one <name>.tex per report table
 
 
 def _fmt(mean: Optional[float], std: Optional[float] = None) -> str:
@@ -41,6 +47,62 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return out + [""]
+
+
+class Tables:
+    """The report's result tables, kept as data so that each renders both as Markdown and as LaTeX.
+
+    A cell string wrapped in ``**`` is the best of its row (bold in both renderings)."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, list[str], list[list[str]]]] = []
+
+    def add(self, name: str, header: list[str], rows: list[list[str]]) -> list[str]:
+        self.items.append((name, header, rows))
+        return _table(header, rows)
+
+    def write_latex(self, folder: Path) -> list[Path]:
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for name, header, rows in self.items:
+            body = [" & ".join(_latex(h) for h in header) + r" \\", r"\midrule"]
+            for r in rows:
+                if r and r[0] == "**Average**":
+                    body.append(r"\midrule")
+                body.append(" & ".join(_latex(c) for c in r) + r" \\")
+            tex = "\n".join([r"\begin{tabular}{l" + "c" * (len(header) - 1) + "}", r"\toprule", *body, r"\bottomrule",
+                             r"\end{tabular}", ""])
+            p = folder / f"{name}.tex"
+            _write_text(p, tex)
+            paths.append(p)
+        return paths
+
+
+_LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def _latex(text: str) -> str:
+    bold = text.startswith("**") and text.endswith("**") and len(text) > 4
+    core = text[2:-2] if bold else text
+    core = "".join(_LATEX_ESCAPES.get(ch, ch) for ch in core).replace("±", r"$\pm$").replace("—", "--")
+    return rf"\textbf{{{core}}}" if bold else core
+
+
+def _bold_best(values: list[Optional[float]], texts: list[str]) -> list[str]:
+    """``texts`` with the entries of the highest value (ties included) wrapped in ``**``."""
+    present = [v for v in values if v is not None]
+    if len(present) < 2:
+        return texts
+    best = max(present)
+    return [f"**{t}**" if v is not None and abs(v - best) < 1e-9 else t for v, t in zip(values, texts)]
+
+
+def _write_text(path: Path, text: str) -> None:
+    from fewshot.paths import atomic_open
+
+    with atomic_open(path, "w") as fh:
+        fh.write(text)
 
 
 def _ordered(values) -> list:
@@ -66,21 +128,22 @@ def average_row(cells: list[dict], methods: list[str], datasets: list[str], metr
     return out
 
 
-def _metric_table(cells: list[dict], metric: str, title: str) -> list[str]:
+def _metric_table(cells: list[dict], metric: str, title: str, tables: Tables, name: str) -> list[str]:
     methods = _ordered(c["method"] for c in cells)
     datasets = _ordered(c["dataset"] for c in cells)
     by = {(c["method"], c["dataset"]): c for c in cells}
     rows = []
     for d in datasets:
-        row = [d]
+        means, texts = [], []
         for m in methods:
-            c = by.get((m, d))
-            std = None if metric == "hm" else (c or {}).get(f"{metric}_std")
-            row.append(_fmt((c or {}).get(f"{metric}_mean"), std))
-        rows.append(row)
+            c = by.get((m, d)) or {}
+            std = None if metric == "hm" else c.get(f"{metric}_std")
+            means.append(c.get(f"{metric}_mean"))
+            texts.append(_fmt(c.get(f"{metric}_mean"), std))
+        rows.append([d] + _bold_best(means, texts))
     avg = average_row(cells, methods, datasets, metric)
-    rows.append(["**Average**"] + [_fmt(avg[m]) for m in methods])
-    return [f"#### {title}", ""] + _table(["dataset"] + methods, rows)
+    rows.append(["**Average**"] + _bold_best([avg[m] for m in methods], [_fmt(avg[m]) for m in methods]))
+    return [f"#### {title}", ""] + tables.add(name, ["dataset"] + methods, rows)
 
 
 def _target_order(found: set[str], spec_order: list[str]) -> list[str]:
@@ -93,38 +156,103 @@ def _target_order(found: set[str], spec_order: list[str]) -> list[str]:
     return sorted(found, key=lambda n: (rank.get(n, len(rank)), n))
 
 
-def _transfer_table(cells: list[dict], spec_targets: list[str]) -> list[str]:
+def _transfer_table(cells: list[dict], spec_targets: list[str], tables: Tables, name: str) -> list[str]:
     found = {k[4:-5] for c in cells for k, v in c.items() if k.startswith("acc_") and k.endswith("_mean") and v is not None}
     targets = _target_order(found, spec_targets)
     header = ["method", "source (dataset)", "source acc"] + targets + ["target average"]
-    rows = []
-    for c in cells:
-        rows.append([c["method"], c["dataset"], _fmt(c.get("test_acc_mean"))]
-                    + [_fmt(c.get(f"acc_{t}_mean")) for t in targets] + [_fmt(c.get("target_avg_mean"))])
-    return _table(header, rows)
+    keys = ["test_acc", *(f"acc_{t}" for t in targets), "target_avg"]
+    columns = [_bold_best([c.get(f"{k}_mean") for c in cells], [_fmt(c.get(f"{k}_mean")) for c in cells]) for k in keys]
+    rows = [[c["method"], c["dataset"], *(col[i] for col in columns)] for i, c in enumerate(cells)]
+    return tables.add(name, header, rows)
 
 
-def render_markdown(cells: list[dict], title: str = "promptsweep results", targets: Optional[list[str]] = None) -> str:
-    lines = [f"# {title}", "", "Accuracy in %, mean ± std over the final seeds (n per cell in cells.arrow).", ""]
+def _hyperparameter_tables(cells: list[dict], tables: Tables) -> list[str]:
+    """Per method, each cell's chosen hyperparameters (from the cell's ``params_json``)."""
+    import json
+
+    lines: list[str] = []
+    for method in _ordered(c["method"] for c in cells):
+        mc = [c for c in cells if c["method"] == method and c.get("params_json")]
+        params = [json.loads(c["params_json"]) for c in mc]
+        names = sorted({k for p in params for k in p})
+        if not names:
+            continue
+        rows = [[c["cell_id"], *(_fmt_param(p.get(n)) for n in names)] for c, p in zip(mc, params)]
+        lines += [f"#### {method}", ""] + tables.add(f"hyperparameters_{method}", ["cell", *names], rows)
+    return (["## Chosen hyperparameters", "", "Per cell, the values its final runs used (searched by Optuna on "
+             "the validation split, or fixed by the spec).", ""] + lines) if lines else []
+
+
+def _fmt_param(v) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def render_markdown(cells: list[dict], title: str = "promptsweep results", targets: Optional[list[str]] = None,
+                    tables: Optional[Tables] = None, provenance: Optional[list[str]] = None) -> str:
+    tables = tables if tables is not None else Tables()
+    lines = [f"# {title}", "", *(provenance or []),
+             "Accuracy in %, mean ± std over the final seeds (n per cell in cells.arrow); the best of each row in bold.",
+             ""]
     for protocol in _ordered(c["protocol"] for c in cells):
         pc = [c for c in cells if c["protocol"] == protocol]
         lines += [f"## {protocol}", ""]
         if protocol in ("cross_dataset", "domain_generalization"):
-            lines += _transfer_table(pc, targets or [])
+            lines += _transfer_table(pc, targets or [], tables, protocol)
             continue
         for shots in sorted({c["shots"] for c in pc}):
             sc = [c for c in pc if c["shots"] == shots]
             lines += [f"### {shots}-shot", ""]
             if protocol == "base2novel":
-                lines += _metric_table(sc, "base_acc", "Base")
-                lines += _metric_table(sc, "novel_acc", "Novel")
-                lines += _metric_table(sc, "hm", "HM (Average = HM of the averaged Base and Novel)")
+                lines += _metric_table(sc, "base_acc", "Base", tables, f"{protocol}_{shots}shot_base")
+                lines += _metric_table(sc, "novel_acc", "Novel", tables, f"{protocol}_{shots}shot_novel")
+                lines += _metric_table(sc, "hm", "HM (Average = HM of the averaged Base and Novel)", tables,
+                                       f"{protocol}_{shots}shot_hm")
             else:
-                lines += _metric_table(sc, "test_acc", "Test accuracy")
+                lines += _metric_table(sc, "test_acc", "Test accuracy", tables, f"{protocol}_{shots}shot")
+    lines += _hyperparameter_tables(cells, tables)
     return "\n".join(lines)
 
 
+def provenance_lines(cells_path: Path, cells: list[dict]) -> list[str]:
+    """Where the numbers come from: sweep, backbone, git commit, spec hash, date, package versions
+    (from cells.arrow's schema metadata and columns)."""
+    from datetime import datetime, timezone
+
+    versions = _schema_meta(cells_path, "package_versions", {})
+    backbones = ", ".join(b for b in _ordered(c.get("backbone") for c in cells) if b) or "—"
+    rows = [["sweep", _schema_meta(cells_path, "sweep", None) or (cells[0].get("sweep") if cells else None) or "—"],
+            ["backbone", backbones],
+            ["git commit", _schema_meta(cells_path, "git_commit", None) or "—"],
+            ["spec hash", _schema_meta(cells_path, "spec_hash", None) or "—"],
+            ["report written", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")],
+            ["packages", ", ".join(f"{k} {v}" for k, v in versions.items()) or "—"]]
+    return _table(["", ""], rows)
+
+
+#: print-ready figures: 300 dpi PNG for the report and a vector PDF beside each
+PLOT_DPI = 300
+_STYLES = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("P", "--"), ("X", "-."), ("*", ":"),
+           ("<", "-"), (">", "--")]
+
+
+def _save(fig, path: Path) -> Path:
+    """``path`` (PNG, ``PLOT_DPI``) and its PDF twin, each written atomically."""
+    from fewshot.paths import atomic_open
+
+    for target, fmt in ((path, "png"), (path.with_suffix(".pdf"), "pdf")):
+        with atomic_open(target, "wb") as fh:
+            fig.savefig(fh, format=fmt, dpi=PLOT_DPI, bbox_inches="tight")
+    return path
+
+
 def plot_fewshot_curves(cells: list[dict], path: Path) -> Optional[Path]:
+    """Test accuracy vs shots: one panel per dataset plus the Average (shared y-axis), mean over seeds with a
+    ± std band (dataset panels; the Average has no per-seed spread to show), a marker and line style per
+    method, the legend outside the panels."""
     fs = [c for c in cells if c["protocol"] == "fewshot" and c.get("test_acc_mean") is not None]
     if not fs:
         return None
@@ -137,23 +265,37 @@ def plot_fewshot_curves(cells: list[dict], path: Path) -> Optional[Path]:
     methods = _ordered(c["method"] for c in fs)
     shots = sorted({c["shots"] for c in fs})
     panels = datasets + ["Average"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3), squeeze=False, sharey=True)
     for ax, d in zip(axes[0], panels):
-        for m in methods:
-            ys = []
+        for i, m in enumerate(methods):
+            marker, style = _STYLES[i % len(_STYLES)]
+            ys, sd = [], []
             for k in shots:
                 k_cells = [c for c in fs if c["shots"] == k]
-                ys.append(average_row(k_cells, [m], datasets, "test_acc")[m] if d == "Average" else
-                          next((c["test_acc_mean"] for c in k_cells if c["method"] == m and c["dataset"] == d), None))
-            ax.plot(shots, [float("nan") if y is None else y for y in ys], marker="o", label=m)
+                if d == "Average":
+                    ys.append(average_row(k_cells, [m], datasets, "test_acc")[m])
+                    sd.append(None)
+                else:
+                    c = next((c for c in k_cells if c["method"] == m and c["dataset"] == d), {})
+                    ys.append(c.get("test_acc_mean"))
+                    sd.append(c.get("test_acc_std"))
+            y = [float("nan") if v is None else v for v in ys]
+            line, = ax.plot(shots, y, marker=marker, linestyle=style, markersize=4, label=m)
+            if any(s for s in sd):
+                lo = [float("nan") if v is None or s is None else v - s for v, s in zip(ys, sd)]
+                hi = [float("nan") if v is None or s is None else v + s for v, s in zip(ys, sd)]
+                ax.fill_between(shots, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
         ax.set_title(d)
         ax.set_xlabel("shots per class")
         ax.set_xscale("log", base=2)
         ax.set_xticks(shots, [str(s) for s in shots])
+        ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy (%)")
-    axes[0][-1].legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    fig.suptitle("Few-shot test accuracy (mean ± std over seeds)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -175,15 +317,15 @@ def plot_base2novel(cells: list[dict], out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(methods), 3))
         w = 0.27
         for i, (k, label) in enumerate((("base_acc", "Base"), ("novel_acc", "Novel"), ("hm", "HM"))):
-            ax.bar([j + (i - 1) * w for j in range(len(methods))], [vals[k][m] or 0 for m in methods], w, label=label)
+            ax.bar([j + (i - 1) * w for j in range(len(methods))], [vals[k][m] or 0 for m in methods], w, label=label,
+                   hatch=("", "//", "..")[i], edgecolor="black", linewidth=0.5)
         ax.set_xticks(range(len(methods)), methods)
-        ax.set_ylabel("accuracy (%), average over datasets")
-        ax.legend(fontsize=8)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"Base-to-novel, {shots}-shot: average over {len(datasets)} dataset(s)", fontsize=10)
+        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
         fig.tight_layout()
-        p = out_dir / f"base2novel_{shots}shot.png"
-        fig.savefig(p, dpi=100)
+        paths.append(_save(fig, out_dir / f"base2novel_{shots}shot.png"))
         plt.close(fig)
-        paths.append(p)
     return paths
 
 
@@ -230,7 +372,12 @@ def _schema_meta(cells_path: Path, key: str, default):
     with pa.memory_map(str(cells_path)) as src:
         meta = ipc.open_file(src).schema.metadata or {}
     raw = meta.get(key.encode())
-    return json.loads(raw) if raw else default
+    if not raw:
+        return default
+    try:
+        return json.loads(raw)
+    except ValueError:  # a plain string value (results._metadata stores strings as they are)
+        return raw.decode()
 
 
 def _planned_final_runs(cells_path: Path) -> dict[str, int]:
@@ -244,8 +391,10 @@ def write_report(results_dir: Path) -> Path:
     if not cells_path.is_file():
         raise UserError(f"{cells_path} does not exist (pass the sweep's results directory, e.g. results/demo)")
     cells = read_table(cells_path).to_pylist()
-    md = render_markdown(cells, title=f"promptsweep results: {results_dir.name}",
-                         targets=_schema_meta(cells_path, "targets", []))
+    sweep = _schema_meta(cells_path, "sweep", None) or results_dir.name
+    tables = Tables()
+    md = render_markdown(cells, title=f"promptsweep results: {sweep}", targets=_schema_meta(cells_path, "targets", []),
+                         tables=tables, provenance=provenance_lines(cells_path, cells))
     trials_path = results_dir / TRIALS_FILE
     trials = read_table(trials_path).to_pylist() if trials_path.is_file() else []
     ledger = render_failures(trials, cells, _planned_final_runs(cells_path))
@@ -257,11 +406,12 @@ def write_report(results_dir: Path) -> Path:
         plots.append(p)
     plots += plot_base2novel(cells, results_dir)
     if plots:
-        md += "\n## Plots\n\n" + "\n".join(f"![{q.stem}]({q.name})" for q in plots) + "\n"
+        md += ("\n## Plots\n\n" + "\n".join(f"![{q.stem}]({q.name})" for q in plots)
+               + "\n\nEach plot is also a PDF beside it (same name).\n")
+    tables.write_latex(results_dir / TABLES_DIR)
+    md += f"\nEvery table above is also LaTeX (booktabs) in `{TABLES_DIR}/`.\n"
     out = results_dir / REPORT_FILE
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text(md)
-    tmp.replace(out)
+    _write_text(out, md)
     return out
 
 

@@ -526,10 +526,12 @@ def _sigterm_held():
 
 
 def _sweep_artifacts(out_dir: Path) -> tuple[tuple[Path, Optional[str]], ...]:
-    """What the sweep's MLflow run keeps: the report and its plots, and the result tables (Parquet)."""
+    """What the sweep's MLflow run keeps: the report, its plots (PNG, PDF) and LaTeX tables, and the result
+    tables (Parquet)."""
     from orchestrator.results import PARQUET_SUFFIX, RESULT_FILES
 
-    files = [(out_dir / "report.md", None), *((p, "plots") for p in sorted(out_dir.glob("*.png")))]
+    files = [(out_dir / "report.md", None), *((p, "plots") for p in sorted([*out_dir.glob("*.png"), *out_dir.glob("*.pdf")]))]
+    files += [(p, "tables") for p in sorted((out_dir / "tables").glob("*.tex"))]
     files += [((out_dir / f).with_suffix(PARQUET_SUFFIX), "results") for f in RESULT_FILES]
     return tuple((p, d) for p, d in files if p.is_file())
 

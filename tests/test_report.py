@@ -26,7 +26,7 @@ def test_average_hm_is_hm_of_averages():
     mean_of_hms = (R.harmonic_mean(90, 30) + R.harmonic_mean(50, 70)) / 2
     assert avg["coop"] != pytest.approx(mean_of_hms)
     md = Rep.render_markdown(cells)
-    assert f"| **Average** | {R.harmonic_mean(70.0, 50.0):.2f} | {R.harmonic_mean(50.0, 70.0):.2f} |" in md
+    assert f"| **Average** | **{R.harmonic_mean(70.0, 50.0):.2f}** | **{R.harmonic_mean(50.0, 70.0):.2f}** |" in md  # a tie: both
 
 
 def test_fewshot_table_and_missing_dataset_gives_no_average():
@@ -35,8 +35,8 @@ def test_fewshot_table_and_missing_dataset_gives_no_average():
     cells.append({"protocol": "fewshot", "method": "zeroshot", "dataset": "digits", "shots": 2, "test_acc_mean": 10.0,
                   "test_acc_std": 0.0})
     md = Rep.render_markdown(cells)
-    assert "| digits | 80.00 ± 0.50 | 10.00 ± 0.00 |" in md
-    assert "| **Average** | 70.00 | — |" in md
+    assert "| digits | **80.00 ± 0.50** | 10.00 ± 0.00 |" in md  # the best of the row in bold
+    assert "| **Average** | 70.00 | — |" in md  # nothing to compare with: no mark
 
 
 def test_regenerates_from_arrow_files_via_cli(tmp_path):
@@ -55,6 +55,12 @@ def test_regenerates_from_arrow_files_via_cli(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "### 2-shot" in md and "| **Average** | 21.50 |" in md
     assert (tmp_path / "fewshot_curves.png").stat().st_size > 1000
+    from PIL import Image
+
+    assert Image.open(tmp_path / "fewshot_curves.png").info["dpi"][0] >= 299  # print resolution
+    assert (tmp_path / "fewshot_curves.pdf").read_bytes().startswith(b"%PDF")
+    tex = (tmp_path / "tables" / "fewshot_2shot.tex").read_text()
+    assert r"\begin{tabular}" in tex and r"\textbf{Average} & 21.50 \\" in tex and "digits & 21.50 $\\pm$ 0.71" in tex
     bad = subprocess.run([sys.executable, "-m", "orchestrator.report", str(tmp_path / "nope")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
 
@@ -82,3 +88,26 @@ def test_transfer_columns_follow_the_spec_then_the_papers_order_and_lost_targets
     R.write_results(tmp_path, rows, {"targets": ["imagenet_r", "imagenet_a", "imagenet_sketch", "imagenet_v2"]})
     md = Rep.write_report(tmp_path).read_text()
     assert "| source acc | imagenet_r | imagenet_a | imagenet_sketch | imagenet_v2 |" in md
+
+
+def test_report_opens_with_provenance_and_ends_with_the_chosen_hyperparameters(tmp_path):
+    rows = []
+    for method, acc in (("coop", 60.0), ("kgcoop", 65.0)):
+        for seed in (1, 2):
+            cfg = {"cell_id": f"fewshot.{method}.digits.4shot", "stage": "final", "seed": seed, "optuna_number": 3,
+                   "params": {"lr": 0.0125, "n_ctx": 8}, "request": {
+                       "method": method, "dataset": "digits", "shots": 4, "seed": seed, "protocol": "fewshot",
+                       "stage": "final", "overrides": {}, "backbone": {"arch": "promptsweep-mini", "pretrained": "promptsweep"}}}
+            rows.append(R.trial_row(cfg, {"test_acc": acc + seed}, status="FINISHED", tune_trial_id=f"{method}{seed}"))
+    R.write_results(tmp_path / "x", rows, {"sweep": "paper", "spec_hash": "feed", "git_commit": "abc1234"})
+    md = Rep.write_report(tmp_path / "x").read_text()
+    assert md.startswith("# promptsweep results: paper\n")  # the sweep's name, not the folder's
+    for line in ("| sweep | paper |", "| backbone | promptsweep-mini:promptsweep |", "| git commit | abc1234 |",
+                 "| spec hash | feed |"):
+        assert line in md, line
+    assert "torch " in md and "pyarrow " in md  # package versions
+    assert "| digits | 61.50 ± 0.71 | **66.50 ± 0.71** |" in md
+    assert "## Chosen hyperparameters" in md and "| cell | lr | n_ctx |" in md
+    assert "| fewshot.kgcoop.digits.4shot | 0.0125 | 8 |" in md
+    tex = (tmp_path / "x" / "tables" / "hyperparameters_kgcoop.tex").read_text()
+    assert r"fewshot.kgcoop.digits.4shot & 0.0125 & 8 \\" in tex and r"lr & n\_ctx" in tex
