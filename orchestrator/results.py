@@ -94,8 +94,9 @@ _ID_COLUMNS = (
     Column("dataset", pa.string(), "training dataset"),
     Column("shots", pa.int16(), "training images per class (K of the K-shot split)", "images"),
 )
+_SEED = Column("seed", pa.int64(), "seed of the few-shot split and of training")
 TRIAL_HEAD = _ID_COLUMNS + (
-    Column("seed", pa.int64(), "seed of the few-shot split and of training"),
+    _SEED,
     Column("stage", pa.string(), "search (an Optuna trial, scored on val) or final (chosen parameters, one per seed)"),
     Column("params_json", pa.string(), "the trial's hyperparameters as a JSON object"),
 )
@@ -125,7 +126,7 @@ CELL_TAIL = (
     Column("search_best_val", pa.float64(), "best validation accuracy among the search trials", "%"),
 )
 EPOCH_COLUMNS = _ID_COLUMNS + (
-    Column("seed", pa.int64(), "seed of the few-shot split and of training"),
+    _SEED,
     Column("stage", pa.string(), "search or final"),
     Column("tune_trial_id", pa.string(), "Ray Tune trial id (the trial's row in trials.arrow)"),
     Column("epoch", pa.int32(), "epoch number, from 1", "epochs"),
@@ -141,6 +142,21 @@ def backbone_label(backbone: Optional[dict]) -> Optional[str]:
     if not backbone:
         return None
     return f"{backbone.get('arch')}:{backbone.get('pretrained') or 'random-init'}"
+
+
+def _trial_identity(config: dict) -> dict[str, Any]:
+    """The columns a trial's row and its epochs' rows share (from the searcher's trial config)."""
+    req = config["request"]
+    return {"backbone": backbone_label(req.get("backbone")), "cell_id": config["cell_id"], "protocol": req["protocol"],
+            "method": req["method"], "dataset": req["dataset"], "shots": int(req["shots"]), "seed": int(config["seed"]),
+            "stage": config["stage"]}
+
+
+def upgrade_row(row: dict) -> dict:
+    """A trial row recorded by a schema-1 driver (``trials.arrow`` or Tune's saved callback state) in schema 2:
+    Tune's ``TERMINATED`` reads ``FINISHED``."""
+    row["status"] = _LEGACY_STATUS.get(row["status"], row["status"])
+    return row
 
 
 def config_hash(request: dict) -> str:
@@ -190,13 +206,11 @@ def trial_row(config: dict, result: Optional[dict], *, status: str, tune_trial_i
     result = result or {}
     req = config["request"]
     row: dict[str, Any] = {
-        "backbone": backbone_label(req.get("backbone")), "cell_id": config["cell_id"], "protocol": req["protocol"], "method": req["method"],
-        "dataset": req["dataset"], "shots": int(req["shots"]), "seed": int(config["seed"]),
-        "stage": config["stage"], "params_json": json.dumps(config.get("params") or {}, sort_keys=True),
+        **_trial_identity(config), "params_json": json.dumps(config.get("params") or {}, sort_keys=True),
         "params": dict(config.get("params") or {}),
         "epochs_run": result.get("epochs_run"), "wall_time_s": _num(result.get("wall_time_s")),
         "test_images_read": result.get("test_images_read"),
-        "status": _LEGACY_STATUS.get(status, status), "error_class": error_class or result.get("error_class"),
+        "status": status, "error_class": error_class or result.get("error_class"),
         "error_message": error_message or result.get("error_message"),
         "node_id": node_id or result.get("node_ip"), "tune_trial_id": tune_trial_id,
         "optuna_trial_number": config.get("optuna_number"), "mlflow_run_id": mlflow_run_id,
@@ -299,11 +313,7 @@ def epoch_row(config: dict, result: dict, tune_trial_id: str) -> Optional[dict]:
     """The ``epochs.arrow`` row of one per-epoch report of a trial (None for reports that are not an epoch's)."""
     if result.get("final") or result.get("epoch") is None:
         return None
-    req = config["request"]
-    return {"backbone": backbone_label(req.get("backbone")), "cell_id": config["cell_id"],
-            "protocol": req["protocol"], "method": req["method"], "dataset": req["dataset"], "shots": int(req["shots"]),
-            "seed": int(config["seed"]), "stage": config["stage"], "tune_trial_id": tune_trial_id,
-            "epoch": int(result["epoch"]), "train_loss": _num(result.get("train_loss")),
+    return {**_trial_identity(config), "tune_trial_id": tune_trial_id, "epoch": int(result["epoch"]), "train_loss": _num(result.get("train_loss")),
             "val_acc": _num(result.get("val_acc")), "lr": _num(result.get("lr")),
             "wall_time_s": _num(result.get("time_total_s"))}
 
@@ -376,8 +386,7 @@ def read_rows(path: Path) -> list[dict]:
     without ``backbone`` and with Tune's ``TERMINATED``, reads as its schema-2 rows)."""
     rows = []
     for rec in read_table(path).to_pylist():
-        row = {k: rec.get(k) for k in _ROW_COLUMNS}
-        row["status"] = _LEGACY_STATUS.get(row["status"], row["status"])
+        row = upgrade_row({k: rec.get(k) for k in _ROW_COLUMNS})
         row["params"] = json.loads(rec["params_json"] or "{}")
         row["extra_metrics"] = {k: v for k, v in rec.items() if k.startswith("acc_") and v is not None}
         rows.append(row)

@@ -40,7 +40,7 @@ from ray import tune
 from ray.tune import Callback
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from orchestrator.results import ERROR_STATUS, OK_STATUS, PRUNED_STATUS, epoch_row, trial_row, write_results
+from orchestrator.results import ERROR_STATUS, OK_STATUS, PRUNED_STATUS, epoch_row, trial_row, upgrade_row, write_results
 
 EXPERIMENT_NAME = "tune"
 
@@ -334,7 +334,7 @@ class ResultsCallback(Callback):
     def set_state(self, state: dict) -> None:
         # Tune's snapshot is older than trials.arrow: it only fills in rows the file lacks
         for tid, row in state.get("rows", {}).items():
-            self.rows.setdefault(tid, row)
+            self.rows.setdefault(tid, upgrade_row(row))
 
     def __getstate__(self):
         d = dict(self.__dict__)

@@ -182,3 +182,13 @@ def test_epochs_table_one_row_per_trial_and_epoch(tmp_path):
     assert set(df["sweep"]) == {"t"} and set(df["tune_trial_id"]) == {"f2"}
     assert R.read_epochs(tmp_path / R.EPOCHS_FILE)[1]["val_acc"] == 20.0
     assert R.read_table(tmp_path / R.EPOCHS_FILE).schema.field("val_acc").metadata[b"unit"] == b"%"
+
+
+def test_rows_from_a_schema_1_tune_state_are_upgraded_too(tmp_path):
+    """Rows in Tune's saved callback state (a driver of schema 1) fill the ledger as schema-2 rows."""
+    from orchestrator.tune_runner import ResultsCallback
+
+    old = dict(_rows()[2], status="TERMINATED")
+    cb = ResultsCallback(tmp_path, {"sweep": "t"}, [])
+    cb.set_state({"rows": {old["tune_trial_id"]: old}})
+    assert cb.rows[old["tune_trial_id"]]["status"] == "FINISHED"
