@@ -178,15 +178,16 @@ def check_evaluable(cells: list[Cell]) -> None:
 
 
 def plan(spec: SweepSpec) -> Plan:
-    """Cells in a stable order: protocol, method, dataset, shots (the spec's order); ConfigError for a cell
+    """Cells in a stable order: protocol, method, dataset, shots (the spec's order; a protocol's datasets and
+    shots are its ``by_protocol`` entry's where it has one); ConfigError for a cell
     that cannot be evaluated (``check_evaluable``)."""
     cells = []
-    for protocol, method, dataset, shots in itertools.product(spec.protocol, spec.methods, spec.datasets, spec.shots):
-        cells.append(Cell(
-            protocol=protocol, method=method, dataset=dataset, shots=shots,
-            targets=tuple(spec.targets) if protocol in ("cross_dataset", "domain_generalization") else (),
+    for protocol in spec.protocol:
+        axes = itertools.product(spec.methods, spec.datasets_for(protocol), spec.shots_for(protocol))
+        cells += [Cell(
+            protocol=protocol, method=method, dataset=dataset, shots=shots, targets=tuple(spec.targets_for(protocol)),
             search=spec.search_for(method), final_seeds=tuple(spec.seeds),
             overrides=spec.train_overrides(method, dataset),
-        ))
+        ) for method, dataset, shots in axes]
     check_evaluable(cells)
     return Plan(spec=spec, cells=cells)

@@ -15,6 +15,8 @@ Format (all keys optional unless marked)::
     datasets: [digits, shapes]                   # required; the *source* datasets for cross_dataset / DG
     targets: []                                  # evaluation datasets (required for cross_dataset / DG only)
     shots: [1, 2]
+    by_protocol:                                 # a protocol's own datasets / shots / targets (else the lists above)
+      base2novel: {datasets: [shapes-64], shots: [16]}
     seeds: [1, 2]                                # final-stage seeds
     backbone: {arch: promptsweep-tiny, pretrained: null}
     data_root: null                              # else --data-root / $PROMPTSWEEP_DATA inside the trial
@@ -149,6 +151,16 @@ class ResourcesSpec(_Strict):
         return self
 
 
+class ProtocolAxes(_Strict):
+    """A protocol's own axes, used instead of the spec's top-level ``datasets`` / ``shots`` / ``targets`` for
+    that protocol's cells: the field runs few-shot at 1-16 shots but base-to-novel and the transfer protocols
+    at 16 shots only, and cross-dataset and domain generalization have different targets."""
+
+    datasets: Optional[list[str]] = Field(None, min_length=1)
+    shots: Optional[list[Int]] = Field(None, min_length=1)
+    targets: Optional[list[str]] = Field(None, min_length=1)
+
+
 class TrackingSpec(_Strict):
     uri: Optional[str] = None
     experiment: str = Field("promptsweep", min_length=1)
@@ -162,6 +174,8 @@ class SweepSpec(_Strict):
     datasets: list[str] = Field(min_length=1)
     targets: list[str] = Field(default_factory=list)
     shots: list[Int] = Field(default_factory=lambda: [16], min_length=1)
+    by_protocol: dict[Literal["fewshot", "base2novel", "cross_dataset", "domain_generalization"], ProtocolAxes] = Field(
+        default_factory=dict)
     seeds: list[Int] = Field(default_factory=lambda: [1, 2, 3], min_length=1)
     backbone: BackboneSpec = Field(default_factory=BackboneSpec)
     data_root: Optional[str] = Field(None, min_length=1)
@@ -186,6 +200,30 @@ class SweepSpec(_Strict):
 
     def spec_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.normalized(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def _axis(self, protocol: str, key: str) -> list:
+        own = self.by_protocol.get(protocol)
+        value = getattr(own, key) if own is not None else None
+        return list(value) if value is not None else list(getattr(self, key))
+
+    def datasets_for(self, protocol: str) -> list[str]:
+        """The (source) datasets of ``protocol``'s cells: its ``by_protocol`` entry, else ``datasets``."""
+        return self._axis(protocol, "datasets")
+
+    def shots_for(self, protocol: str) -> list[int]:
+        return self._axis(protocol, "shots")
+
+    def targets_for(self, protocol: str) -> list[str]:
+        """Evaluation targets of a transfer protocol (empty for the others)."""
+        return self._axis(protocol, "targets") if protocol in TRANSFER_PROTOCOLS else []
+
+    def all_datasets(self) -> list[str]:
+        """Every source dataset of the sweep, in first-use order."""
+        return list(dict.fromkeys(d for p in self.protocol for d in self.datasets_for(p)))
+
+    def all_targets(self) -> list[str]:
+        """Every transfer target of the sweep, in first-use order."""
+        return list(dict.fromkeys(t for p in self.protocol for t in self.targets_for(p)))
 
     def search_for(self, method: str) -> MethodSearch:
         return self.search.get(method) or MethodSearch()
@@ -567,6 +605,14 @@ def _check_backbone(spec: SweepSpec) -> None:
             raise ConfigError(f"backbone.pretrained: {exc}") from None
 
 
+def _check_shots(path: str, shots: list[int]) -> None:
+    for i, s in enumerate(shots):
+        if s < 1:
+            raise ConfigError(f"{path}[{i}]: must be >= 1 (got {s})")
+        if s > SHOTS_MAX:
+            raise ConfigError(f"{path}[{i}]: must be <= {SHOTS_MAX} images per class (got {_got_int(s)})")
+
+
 def validate(spec: SweepSpec) -> SweepSpec:
     """Semantic checks pydantic cannot express; raises ``ConfigError`` naming the key path."""
     from fewshot.offline import is_offline
@@ -587,20 +633,37 @@ def validate(spec: SweepSpec) -> SweepSpec:
         for i, d in enumerate(getattr(spec, key)):
             if d not in known_datasets and not is_offline(d):  # shapes-<N> variants are datasets too
                 raise ConfigError(f"{key}[{i}]: unknown dataset '{d}' (valid: {', '.join(known_datasets)}, shapes-<N>)")
-    for i, s in enumerate(spec.shots):
-        if s < 1:
-            raise ConfigError(f"shots[{i}]: must be >= 1 (got {s})")
-        if s > SHOTS_MAX:
-            raise ConfigError(f"shots[{i}]: must be <= {SHOTS_MAX} images per class (got {_got_int(s)})")
+    _check_shots("shots", spec.shots)
     _check_seeds("seeds", spec.seeds)
+    for p, axes in spec.by_protocol.items():
+        where = _sub("by_protocol", p)
+        if p not in spec.protocol:
+            raise ConfigError(f"{where}: protocol '{p}' is not in protocol {spec.protocol} (remove it or add the protocol)")
+        if axes.targets is not None and p not in TRANSFER_PROTOCOLS:
+            raise ConfigError(f"{where}.targets: only valid for cross_dataset or domain_generalization (remove it)")
+        for key in ("datasets", "shots", "targets"):
+            d = _dupes(getattr(axes, key) or [])
+            if d:
+                raise ConfigError(f"{where}.{key}: duplicate entries {d}")
+        for key in ("datasets", "targets"):
+            for i, d in enumerate(getattr(axes, key) or []):
+                if d not in known_datasets and not is_offline(d):
+                    raise ConfigError(f"{where}.{key}[{i}]: unknown dataset '{d}' (valid: {', '.join(known_datasets)}, "
+                                      "shapes-<N>)")
+        if axes.shots is not None:
+            _check_shots(f"{where}.shots", axes.shots)
     transfer = [p for p in spec.protocol if p in TRANSFER_PROTOCOLS]
-    if transfer and "targets" not in spec.model_fields_set:
-        raise ConfigError(f"targets: required key is missing (protocol {transfer[0]} needs a list of target "
-                          "datasets to evaluate on)")
-    if transfer and not spec.targets:
-        raise ConfigError(f"targets: protocol {transfer[0]} needs a non-empty list of target datasets to evaluate on")
-    if spec.targets and not transfer:
-        raise ConfigError("targets: only valid with protocol cross_dataset or domain_generalization (remove it)")
+    # transfer protocols without targets of their own take the top-level list
+    shared = [p for p in transfer if (spec.by_protocol.get(p) or ProtocolAxes()).targets is None]
+    if shared and "targets" not in spec.model_fields_set:
+        raise ConfigError(f"targets: required key is missing (protocol {shared[0]} needs a list of target "
+                          f"datasets to evaluate on, here or as by_protocol.{shared[0]}.targets)")
+    if shared and not spec.targets:
+        raise ConfigError(f"targets: protocol {shared[0]} needs a non-empty list of target datasets to evaluate on")
+    if spec.targets and not shared:
+        why = ("every transfer protocol has by_protocol targets of its own" if transfer
+               else "only valid with protocol cross_dataset or domain_generalization")
+        raise ConfigError(f"targets: {why} (remove it)")
     if spec.resources.gpu > 1 and spec.resources.gpu != int(spec.resources.gpu):
         raise ConfigError(f"resources.gpu: fractions are only allowed below 1 (got {spec.resources.gpu})")
     if spec.device == "cuda" and spec.resources.gpu == 0:
@@ -621,9 +684,9 @@ def validate(spec: SweepSpec) -> SweepSpec:
     _check_prompt_lengths(spec)
     for section in ("methods", "datasets"):
         names = known_methods if section == "methods" else known_datasets
-        chosen = spec.methods if section == "methods" else spec.datasets + spec.targets
+        chosen = spec.methods if section == "methods" else spec.all_datasets() + spec.all_targets()
         for name in getattr(spec.train, section):
-            if name not in names:
+            if name not in names and not (section == "datasets" and is_offline(name)):
                 raise ConfigError(f"{_sub('train.' + section, name)}: unknown {section[:-1]} (valid: {', '.join(names)})")
             if name not in chosen:
                 raise ConfigError(f"{_sub('train.' + section, name)}: '{name}' is not in the sweep's {section} (remove it or add it)")

@@ -176,9 +176,9 @@ def _preflight(spec, plan, data_root: Optional[str]) -> None:
     needs: dict[str, set] = {}
     for c in plan.cells:
         needs.setdefault(c.dataset, set()).update((c.shots, s) for s in (*c.search_seeds, *c.final_seeds))
-    targets = [t for t in spec.targets if t not in needs]
+    targets = [t for t in spec.all_targets() if t not in needs]
     print(f"checking data: {len(needs)} dataset(s)" + (f" and {len(targets)} target(s)" if targets else ""), flush=True)
-    check_sweep_data(needs, data_root, targets=spec.targets, tolerance=spec.count_tolerance,
+    check_sweep_data(needs, data_root, targets=spec.all_targets(), tolerance=spec.count_tolerance,
                      progress=lambda line: print(line, flush=True))  # DataError naming the bad file
     for c in plan.cells:
         if c.targets and c.tied_to_training_classes():
@@ -606,7 +606,7 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
         state.update(status="running", tracking_uri=tracking_uri, parent_run_id=parent, n_trials=plan.n_trials)
         _write_state(out_dir, state)
 
-        meta = {"spec_hash": spec_hash, "sweep": spec.name, "git_commit": tracker.commit, "targets": spec.targets,
+        meta = {"spec_hash": spec_hash, "sweep": spec.name, "git_commit": tracker.commit, "targets": spec.all_targets(),
                 "package_versions": package_versions(),
                 "planned_final_runs": {c.cell_id: c.n_final_runs for c in plan.cells}}
         results_cb = ResultsCallback(out_dir, meta, [c.cell_id for c in plan.cells], tracker)

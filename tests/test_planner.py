@@ -52,3 +52,30 @@ def test_defaults_enqueued_only_when_inside_space():
     assert inside.defaults_in_space() == {"lr": 0.01}
     outside = plan(_spec(train={"defaults": {"lr": 0.5}})).cell("fewshot.coop.digits.1shot")
     assert outside.defaults_in_space() is None
+
+
+def test_by_protocol_gives_a_protocol_its_own_datasets_shots_and_targets():
+    """Few-shot at 1 and 4 shots on two datasets; base-to-novel at 16 shots on one; cross-dataset and domain
+    generalization each with their own targets (the top-level lists serve the protocols without an entry)."""
+    p = plan(_spec(protocol=["fewshot", "base2novel", "cross_dataset", "domain_generalization"],
+                   methods=["zeroshot"], search={}, targets=["shapes-32"],
+                   by_protocol={"base2novel": {"datasets": ["shapes-64"], "shots": [16]},
+                                "domain_generalization": {"targets": ["shapes", "shapes-16"], "shots": [16]}}))
+    ids = [c.cell_id for c in p.cells]
+    assert ids == ["fewshot.zeroshot.digits.1shot", "fewshot.zeroshot.digits.4shot",
+                   "fewshot.zeroshot.shapes.1shot", "fewshot.zeroshot.shapes.4shot",
+                   "base2novel.zeroshot.shapes-64.16shot",
+                   "cross_dataset.zeroshot.digits.1shot", "cross_dataset.zeroshot.digits.4shot",
+                   "cross_dataset.zeroshot.shapes.1shot", "cross_dataset.zeroshot.shapes.4shot",
+                   "domain_generalization.zeroshot.digits.16shot", "domain_generalization.zeroshot.shapes.16shot"]
+    assert {c.targets for c in p.cells if c.protocol == "cross_dataset"} == {("shapes-32",)}
+    assert {c.targets for c in p.cells if c.protocol == "domain_generalization"} == {("shapes", "shapes-16")}
+    assert {c.targets for c in p.cells if c.protocol in ("fewshot", "base2novel")} == {()}
+    assert p.spec.all_datasets() == ["digits", "shapes", "shapes-64"]
+    assert p.spec.all_targets() == ["shapes-32", "shapes", "shapes-16"]
+
+
+def test_by_protocol_datasets_may_carry_train_overrides():
+    s = _spec(protocol=["fewshot", "base2novel"], by_protocol={"base2novel": {"datasets": ["shapes-64"]}},
+              train={"datasets": {"shapes-64": {"epochs": 3}}})
+    assert plan(s).cell("base2novel.coop.shapes-64.1shot").overrides == {"epochs": 3}
