@@ -41,7 +41,7 @@ MINI_ARCH = "promptsweep-mini"
 #: the pretrained tag that names the project-trained weights of an arch with a ``.pretrain.yaml``
 PROJECT_TAG = "promptsweep"
 #: bump when the training code changes what a given config produces
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 
 
