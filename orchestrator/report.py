@@ -2,7 +2,7 @@
 table as LaTeX (``tables/<name>.tex``, booktabs).
 
 The report opens with its provenance (sweep, backbone, git commit, spec hash, date, package versions,
-from cells.arrow) and ends with each cell's chosen hyperparameters.
+from cells.arrow); the result tables are followed by each cell's chosen hyperparameters.
 Tables: rows = datasets plus an Average row, columns = methods (mean ± std over final seeds), the best
 of each row in bold.
 Base-to-novel gets Base, Novel and HM tables where the Average HM is the HM of the averaged Base
@@ -15,8 +15,13 @@ legend outside); Base/Novel/HM bars.
 The failure ledger lists every failed trial (from ``trials.arrow``), every trial whose transfer
 target failed (error class ``target_failed``, its other targets kept) and every cell with fewer
 successful final runs than planned (the plan's counts travel in cells.arrow's schema metadata).
+Between the hyperparameters and the ledger come the sections a reviewer asks for, rendered by
+``report_stats`` (paired comparison with the baseline from comparisons.arrow, whose significant
+differences this module marks ↑ / ↓ in the result tables; unstable seeds; per-cell statistics),
+``report_cost`` (cost, accuracy vs GPU-hours) and ``report_search`` (importances from optuna.journal).
 
-``python -m orchestrator.report <results dir>`` regenerates everything from ``cells.arrow``.
+``python -m orchestrator.report <results dir>`` regenerates everything from ``cells.arrow`` (and the other
+tables and the Optuna journal beside it).
 """
 from __future__ import annotations
 
@@ -265,13 +270,25 @@ _STYLES = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("P", "
            ("<", "-"), (">", "--")]
 
 
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _save(fig, path: Path) -> Path:
-    """``path`` (PNG, ``PLOT_DPI``) and its PDF twin, each written atomically."""
+    """Lay ``fig`` out, write it to ``path`` (PNG, ``PLOT_DPI``) and its PDF twin, each atomically, and close it."""
     from fewshot.paths import atomic_open
 
+    fig.tight_layout()
     for target, fmt in ((path, "png"), (path.with_suffix(".pdf"), "pdf")):
         with atomic_open(target, "wb") as fh:
             fig.savefig(fh, format=fmt, dpi=PLOT_DPI, bbox_inches="tight")
+    _pyplot().close(fig)
     return path
 
 
@@ -282,10 +299,7 @@ def plot_fewshot_curves(cells: list[dict], path: Path) -> Optional[Path]:
     fs = [c for c in cells if c["protocol"] == "fewshot" and c.get("test_acc_mean") is not None]
     if not fs:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     datasets = _ordered(c["dataset"] for c in fs)
     methods = _ordered(c["method"] for c in fs)
@@ -320,20 +334,14 @@ def plot_fewshot_curves(cells: list[dict], path: Path) -> Optional[Path]:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     fig.suptitle("Few-shot test accuracy (mean ± std over seeds)", fontsize=10)
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_base2novel(cells: list[dict], out_dir: Path) -> list[Path]:
     bn = [c for c in cells if c["protocol"] == "base2novel" and c.get("base_acc_mean") is not None]
     if not bn:
         return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     paths = []
     for shots in sorted({c["shots"] for c in bn}):
@@ -349,9 +357,7 @@ def plot_base2novel(cells: list[dict], out_dir: Path) -> list[Path]:
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"Base-to-novel, {shots}-shot: average over {len(datasets)} dataset(s)", fontsize=10)
         ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
-        fig.tight_layout()
         paths.append(_save(fig, out_dir / f"base2novel_{shots}shot.png"))
-        plt.close(fig)
     return paths
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from orchestrator.report import _STYLES, Tables, _ordered, _save
+from orchestrator.report import _STYLES, Tables, _ordered, _pyplot, _save
 from orchestrator.results import harmonic_mean
 from orchestrator.spec import TRANSFER_PROTOCOLS
 from orchestrator.statistics import pareto_front
@@ -101,13 +101,9 @@ def plot_cost(cells: list[dict], out_dir: Path) -> list[Path]:
         pts = points(cells, protocol, key)
         if not pts:
             continue
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
         import matplotlib.ticker
 
-        fig, ax = plt.subplots(figsize=(4.5, 3.2))
+        fig, ax = _pyplot().subplots(figsize=(4.5, 3.2))
         for i, (m, x, y, best) in enumerate(pts):
             color = f"C{i % 10}"
             ax.scatter([x], [y], marker=_STYLES[i % len(_STYLES)][0], s=36, label=m, edgecolors=color,
@@ -123,7 +119,5 @@ def plot_cost(cells: list[dict], out_dir: Path) -> list[Path]:
         ax.set_title(f"{protocol}: accuracy (mean over {what}) vs cost", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
-        fig.tight_layout()
         paths.append(_save(fig, out_dir / f"cost_{protocol}.png"))
-        plt.close(fig)
     return paths

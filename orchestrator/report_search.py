@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from orchestrator.importance import MIN_TRIALS, CellImportance, ParamSummary, summarize
-from orchestrator.report import Tables, _fmt, _fmt_param, _ordered, _save
+from orchestrator.report import Tables, _fmt, _fmt_param, _ordered, _pyplot, _save
 
 
 def _spread(best: list[tuple[dict, Any]]) -> str:
@@ -77,12 +77,7 @@ def plot_importances(results: list[CellImportance], path: Path) -> Optional[Path
     summary = {m: ps for m, ps in summary.items() if ps}
     if not summary:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(summary), figsize=(3.4 * len(summary), 0.4 + 0.45 * max(map(len, summary.values()))
+    fig, axes = _pyplot().subplots(1, len(summary), figsize=(3.4 * len(summary), 0.4 + 0.45 * max(map(len, summary.values()))
                                                       + 1.2), squeeze=False)
     for ax, (method, params) in zip(axes[0], summary.items()):
         names = list(params)[::-1]  # the most important on top
@@ -95,7 +90,4 @@ def plot_importances(results: list[CellImportance], path: Path) -> Optional[Path
         ax.set_title(method, fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle("What mattered in the search (mean over cells, range as whiskers)", fontsize=9)
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
