@@ -175,19 +175,22 @@ def unstable_section(cells: list[dict], trials: list[dict], unstable, tables: Ta
     seed_rows, cell_rows = [], []
     for c in cells:
         for m in reported_metrics(c):
-            values = {s: v for s, v in zip(c["seeds"] or [], c[f"{m}_values"] or []) if v is not None}
+            values = {s: v for s, v in zip(c.get("seeds") or [], c.get(f"{m}_values") or []) if v is not None}
             far = S.outlier_seeds(values, unstable.mads, unstable.min_spread)
             median = float(np.median(list(values.values()))) if values else None
             seed_rows += [[c["cell_id"], metric_name(m), str(s), f"{values[s]:.2f}", _fmt(median), f"{d:.1f}",
                            runs.get((c["cell_id"], s), "—")] for s, d in far.items()]
             if m in (c.get("high_std_metrics") or []):
-                cell_rows.append([c["cell_id"], metric_name(m), _fmt(c[f"{m}_std"]), _seed_values(c, m),
+                cell_rows.append([c["cell_id"], metric_name(m), _fmt(c.get(f"{m}_std")), _seed_values(c, m),
                                   ", ".join(f"{s}: {runs.get((c['cell_id'], s), '—')}" for s in values)])
     lines = ["## Unstable seeds", "",
              f"A seed is listed when its value lies more than {unstable.mads:g} scaled MADs from its cell's median "
              f"(scale = max(1.4826 × MAD, {unstable.min_spread:g} points); cells with 3 or more seeds: with 2 seeds "
              f"which one is off cannot be told), a cell when its std exceeds {unstable.max_std:g} points. "
              "Open the run in MLflow to see what that seed did.", ""]
+    if not any("seeds" in c for c in cells):
+        return lines + ["These results hold no per-seed values (cells.arrow was written before it had them); rerun "
+                        "the sweep command to rewrite the tables.", ""]
     if not seed_rows and not cell_rows:
         return lines + ["None: every cell's seeds agree within these limits.", ""]
     if seed_rows:
