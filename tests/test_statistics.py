@@ -38,6 +38,19 @@ def test_bootstrap_of_hm_with_two_seeds_spans_the_seeds_own_hms():
     assert S.bootstrap([[]], S.hm_of_means) == (None, (None, None))
 
 
+def test_bootstrap_interval_is_the_95_percent_one_of_all_resamples():
+    """Five seeds 0, 1, 2, 4, 8: all 5**5 resamples enumerated give the exact distribution of the resampled mean;
+    its 2.5 % and 97.5 % points are 0.8 and 5.6 (a 90 % interval would be 1.0 to 5.2, a 98 % one 0.6 to 6.0)."""
+    import itertools
+
+    import numpy as np
+
+    seeds = [0.0, 1.0, 2.0, 4.0, 8.0]
+    exact = [sum(r) / 5 for r in itertools.product(seeds, repeat=5)]
+    assert tuple(np.percentile(exact, [2.5, 97.5])) == pytest.approx((0.8, 5.6))
+    assert S.bootstrap([seeds], S.mean_of_means) == (pytest.approx(3.0), pytest.approx((0.8, 5.6)))
+
+
 def test_bootstrap_of_the_average_resamples_within_each_dataset():
     """Datasets A (10, 20) and B (30, 50): the Average of means is 27.5; its extremes (10+30)/2 = 20 and
     (20+50)/2 = 35 each have probability 1/16 > 2.5 %, so they are the interval."""
@@ -122,6 +135,7 @@ def test_the_unstable_seed_rule():
     assert S.outlier_seeds({1: 50.0, 2: 50.0, 3: 50.1}, 3.5, 0.0) == {3: math.inf}  # no floor: any departure
     # two seeds, or one: which one is off cannot be told
     assert S.outlier_seeds({1: 10.0, 2: 90.0}, 3.5, 2.0) == {} and S.outlier_seeds({1: 10.0}, 3.5, 2.0) == {}
+    assert S.outlier_seeds({1: 10.0, 2: 90.0}, 0.5, 0.0) == {}  # each is 1 / 1.4826 = 0.67 scales out: not both
     # the MAD, not the std, sets the scale: one wild seed among five does not hide itself
     assert list(S.outlier_seeds({1: 60.0, 2: 61.0, 3: 59.0, 4: 60.5, 5: 20.0}, 3.5, 0.5)) == [5]
 
