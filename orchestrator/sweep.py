@@ -481,8 +481,12 @@ def _reread_results(out_dir: Path, spec, state: dict) -> None:
     """A finished sweep rerun with other ``report`` settings: its statistics tables and report are rewritten
     from trials.arrow (no trial runs)."""
     from orchestrator.report import write_report
-    from orchestrator.results import rewrite_summaries
+    from orchestrator.results import CELLS_FILE, TRIALS_FILE, rewrite_summaries
 
+    if not ((out_dir / TRIALS_FILE).is_file() and (out_dir / CELLS_FILE).is_file()):
+        print(f"warning: report settings changed, but {out_dir} has no {TRIALS_FILE} / {CELLS_FILE} to reread",
+              file=sys.stderr)
+        return
     rewrite_summaries(out_dir, spec.normalized()["report"])
     write_report(out_dir)
     _write_state(out_dir, state)
