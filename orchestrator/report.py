@@ -2,7 +2,7 @@
 table as LaTeX (``tables/<name>.tex``, booktabs).
 
 The report opens with its provenance (sweep, backbone, git commit, spec hash, date, package versions,
-from cells.arrow) and ends with each cell's chosen hyperparameters.
+from cells.arrow); the result tables are followed by each cell's chosen hyperparameters.
 Tables: rows = datasets plus an Average row, columns = methods (mean ± std over final seeds), the best
 of each row in bold.
 Base-to-novel gets Base, Novel and HM tables where the Average HM is the HM of the averaged Base
@@ -15,8 +15,13 @@ legend outside); Base/Novel/HM bars.
 The failure ledger lists every failed trial (from ``trials.arrow``), every trial whose transfer
 target failed (error class ``target_failed``, its other targets kept) and every cell with fewer
 successful final runs than planned (the plan's counts travel in cells.arrow's schema metadata).
+Between the hyperparameters and the ledger come the sections a reviewer asks for, rendered by
+``report_stats`` (paired comparison with the baseline from comparisons.arrow, whose significant
+differences this module marks ↑ / ↓ in the result tables; unstable seeds; per-cell statistics),
+``report_cost`` (cost, accuracy vs GPU-hours) and ``report_search`` (importances from optuna.journal).
 
-``python -m orchestrator.report <results dir>`` regenerates everything from ``cells.arrow``.
+``python -m orchestrator.report <results dir>`` regenerates everything from ``cells.arrow`` (and the other
+tables and the Optuna journal beside it).
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ from pathlib import Path
 from typing import Optional
 
 from fewshot.errors import UserError
-from orchestrator.results import CELLS_FILE, ERROR_STATUS, TRIALS_FILE, harmonic_mean, read_table
+from orchestrator.results import (CELLS_FILE, COMPARISONS_FILE, ERROR_STATUS, TRIALS_FILE, harmonic_mean, read_meta,
+                                  read_table, report_settings)
 
 REPORT_FILE = "report.md"
 TABLES_DIR = "tables"  # one <name>.tex per report table
@@ -79,7 +85,8 @@ class Tables:
 
 
 _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "<": r"$<$", ">": r"$>$", "↑": r"$\uparrow$", "↓": r"$\downarrow$", "−": r"$-$", "×": r"$\times$"}
 
 
 def _latex(text: str) -> str:
@@ -128,10 +135,20 @@ def average_row(cells: list[dict], methods: list[str], datasets: list[str], metr
     return out
 
 
-def _metric_table(cells: list[dict], metric: str, title: str, tables: Tables, name: str) -> list[str]:
+Marks = dict[tuple, str]  # (protocol, shots, dataset or "Average", method, metric) -> ↑ / ↓ (report_stats.marks)
+
+
+def _marked(text: str, marks: Marks, key: tuple) -> str:
+    mark = marks.get(key)
+    return f"{text} {mark}" if mark and text != "—" else text
+
+
+def _metric_table(cells: list[dict], metric: str, title: str, tables: Tables, name: str,
+                  marks: Optional[Marks] = None) -> list[str]:
     methods = _ordered(c["method"] for c in cells)
     datasets = _ordered(c["dataset"] for c in cells)
     by = {(c["method"], c["dataset"]): c for c in cells}
+    marks, where = marks or {}, ((cells[0]["protocol"], cells[0]["shots"]) if cells else ())
     rows = []
     for d in datasets:
         means, texts = [], []
@@ -139,10 +156,12 @@ def _metric_table(cells: list[dict], metric: str, title: str, tables: Tables, na
             c = by.get((m, d)) or {}
             std = None if metric == "hm" else c.get(f"{metric}_std")
             means.append(c.get(f"{metric}_mean"))
-            texts.append(_fmt(c.get(f"{metric}_mean"), std))
+            texts.append(_marked(_fmt(c.get(f"{metric}_mean"), std), marks, (*where, d, m, metric)))
         rows.append([d] + _bold_best(means, texts))
     avg = average_row(cells, methods, datasets, metric)
-    rows.append(["**Average**"] + _bold_best([avg[m] for m in methods], [_fmt(avg[m]) for m in methods]))
+    rows.append(["**Average**"] + _bold_best([avg[m] for m in methods],
+                                             [_marked(_fmt(avg[m]), marks, (*where, "Average", m, metric))
+                                              for m in methods]))
     return [f"#### {title}", ""] + tables.add(name, ["dataset"] + methods, rows)
 
 
@@ -156,12 +175,16 @@ def _target_order(found: set[str], spec_order: list[str]) -> list[str]:
     return sorted(found, key=lambda n: (rank.get(n, len(rank)), n))
 
 
-def _transfer_table(cells: list[dict], spec_targets: list[str], tables: Tables, name: str) -> list[str]:
+def _transfer_table(cells: list[dict], spec_targets: list[str], tables: Tables, name: str,
+                    marks: Optional[Marks] = None) -> list[str]:
     found = {k[4:-5] for c in cells for k, v in c.items() if k.startswith("acc_") and k.endswith("_mean") and v is not None}
     targets = _target_order(found, spec_targets)
     header = ["method", "source (dataset)", "source acc"] + targets + ["target average"]
     keys = ["test_acc", *(f"acc_{t}" for t in targets), "target_avg"]
-    columns = [_bold_best([c.get(f"{k}_mean") for c in cells], [_fmt(c.get(f"{k}_mean")) for c in cells]) for k in keys]
+    marks = marks or {}
+    columns = [_bold_best([c.get(f"{k}_mean") for c in cells],
+                          [_marked(_fmt(c.get(f"{k}_mean")), marks, (c["protocol"], c["shots"], c["dataset"], c["method"], k))
+                           for c in cells]) for k in keys]
     rows = [[c["method"], c["dataset"], *(col[i] for col in columns)] for i, c in enumerate(cells)]
     return tables.add(name, header, rows)
 
@@ -192,27 +215,35 @@ def _fmt_param(v) -> str:
 
 
 def render_markdown(cells: list[dict], title: str = "promptsweep results", targets: Optional[list[str]] = None,
-                    tables: Optional[Tables] = None, provenance: Optional[list[str]] = None) -> str:
+                    tables: Optional[Tables] = None, provenance: Optional[list[str]] = None,
+                    marks: Optional[Marks] = None, baselines: Optional[dict[str, str]] = None) -> str:
+    """The result tables (``marks``: the ↑ / ↓ of entries that differ from their protocol's baseline, named
+    in ``baselines``) and the chosen hyperparameters."""
     tables = tables if tables is not None else Tables()
     lines = [f"# {title}", "", *(provenance or []),
              "Accuracy in %, mean ± std over the final seeds (n per cell in cells.arrow); the best of each row in bold.",
              ""]
+    if baselines:
+        named = next(iter(baselines.values())) if len(set(baselines.values())) == 1 else ", ".join(
+            f"{m} ({p})" for p, m in baselines.items())
+        lines += [f"↑ / ↓: better / worse than the baseline, {named}: the 95 % interval of the paired difference "
+                  "excludes 0 (see the paired comparison below).", ""]
     for protocol in _ordered(c["protocol"] for c in cells):
         pc = [c for c in cells if c["protocol"] == protocol]
         lines += [f"## {protocol}", ""]
         if protocol in ("cross_dataset", "domain_generalization"):
-            lines += _transfer_table(pc, targets or [], tables, protocol)
+            lines += _transfer_table(pc, targets or [], tables, protocol, marks)
             continue
         for shots in sorted({c["shots"] for c in pc}):
             sc = [c for c in pc if c["shots"] == shots]
             lines += [f"### {shots}-shot", ""]
             if protocol == "base2novel":
-                lines += _metric_table(sc, "base_acc", "Base", tables, f"{protocol}_{shots}shot_base")
-                lines += _metric_table(sc, "novel_acc", "Novel", tables, f"{protocol}_{shots}shot_novel")
+                lines += _metric_table(sc, "base_acc", "Base", tables, f"{protocol}_{shots}shot_base", marks)
+                lines += _metric_table(sc, "novel_acc", "Novel", tables, f"{protocol}_{shots}shot_novel", marks)
                 lines += _metric_table(sc, "hm", "HM (Average = HM of the averaged Base and Novel)", tables,
-                                       f"{protocol}_{shots}shot_hm")
+                                       f"{protocol}_{shots}shot_hm", marks)
             else:
-                lines += _metric_table(sc, "test_acc", "Test accuracy", tables, f"{protocol}_{shots}shot")
+                lines += _metric_table(sc, "test_acc", "Test accuracy", tables, f"{protocol}_{shots}shot", marks)
     lines += _hyperparameter_tables(cells, tables)
     return "\n".join(lines)
 
@@ -239,13 +270,25 @@ _STYLES = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("P", "
            ("<", "-"), (">", "--")]
 
 
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _save(fig, path: Path) -> Path:
-    """``path`` (PNG, ``PLOT_DPI``) and its PDF twin, each written atomically."""
+    """Lay ``fig`` out, write it to ``path`` (PNG, ``PLOT_DPI``) and its PDF twin, each atomically, and close it."""
     from fewshot.paths import atomic_open
 
+    fig.tight_layout()
     for target, fmt in ((path, "png"), (path.with_suffix(".pdf"), "pdf")):
         with atomic_open(target, "wb") as fh:
             fig.savefig(fh, format=fmt, dpi=PLOT_DPI, bbox_inches="tight")
+    _pyplot().close(fig)
     return path
 
 
@@ -256,10 +299,7 @@ def plot_fewshot_curves(cells: list[dict], path: Path) -> Optional[Path]:
     fs = [c for c in cells if c["protocol"] == "fewshot" and c.get("test_acc_mean") is not None]
     if not fs:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     datasets = _ordered(c["dataset"] for c in fs)
     methods = _ordered(c["method"] for c in fs)
@@ -294,20 +334,14 @@ def plot_fewshot_curves(cells: list[dict], path: Path) -> Optional[Path]:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     fig.suptitle("Few-shot test accuracy (mean ± std over seeds)", fontsize=10)
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_base2novel(cells: list[dict], out_dir: Path) -> list[Path]:
     bn = [c for c in cells if c["protocol"] == "base2novel" and c.get("base_acc_mean") is not None]
     if not bn:
         return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     paths = []
     for shots in sorted({c["shots"] for c in bn}):
@@ -323,9 +357,7 @@ def plot_base2novel(cells: list[dict], out_dir: Path) -> list[Path]:
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"Base-to-novel, {shots}-shot: average over {len(datasets)} dataset(s)", fontsize=10)
         ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
-        fig.tight_layout()
         paths.append(_save(fig, out_dir / f"base2novel_{shots}shot.png"))
-        plt.close(fig)
     return paths
 
 
@@ -364,20 +396,13 @@ def render_failures(trials: list[dict], cells: list[dict], planned: dict[str, in
 
 def _schema_meta(cells_path: Path, key: str, default):
     """One JSON value of cells.arrow's schema metadata (``default`` when absent)."""
-    import json
+    value = read_meta(cells_path).get(key)
+    return default if value in (None, "") else value
 
-    import pyarrow.ipc as ipc
-    import pyarrow as pa
 
-    with pa.memory_map(str(cells_path)) as src:
-        meta = ipc.open_file(src).schema.metadata or {}
-    raw = meta.get(key.encode())
-    if not raw:
-        return default
-    try:
-        return json.loads(raw)
-    except ValueError:  # a plain string value (results._metadata stores strings as they are)
-        return raw.decode()
+def _rows(path: Path) -> list[dict]:
+    """The rows of a results table, none when the file is absent (results written before it existed)."""
+    return read_table(path).to_pylist() if path.is_file() else []
 
 
 def _planned_final_runs(cells_path: Path) -> dict[str, int]:
@@ -390,13 +415,28 @@ def write_report(results_dir: Path) -> Path:
     cells_path = results_dir / CELLS_FILE
     if not cells_path.is_file():
         raise UserError(f"{cells_path} does not exist (pass the sweep's results directory, e.g. results/demo)")
+    from orchestrator import report_cost, report_search, report_stats
+    from orchestrator.importance import cell_importances
+    from orchestrator.sweep import OPTUNA_FILE
+
     cells = read_table(cells_path).to_pylist()
     sweep = _schema_meta(cells_path, "sweep", None) or results_dir.name
+    settings = report_settings(read_meta(cells_path))
+    trials, comparisons = (_rows(results_dir / name) for name in (TRIALS_FILE, COMPARISONS_FILE))
+    baselines = {p: b for p in _ordered(c["protocol"] for c in cells) if (b := settings.baseline_for(p))}
     tables = Tables()
     md = render_markdown(cells, title=f"promptsweep results: {sweep}", targets=_schema_meta(cells_path, "targets", []),
-                         tables=tables, provenance=provenance_lines(cells_path, cells))
-    trials_path = results_dir / TRIALS_FILE
-    trials = read_table(trials_path).to_pylist() if trials_path.is_file() else []
+                         tables=tables, provenance=provenance_lines(cells_path, cells),
+                         marks=report_stats.marks(comparisons), baselines=baselines)
+    no_baseline = ("No baseline is named: add `report: {baseline: <method>}` to the spec (or one per protocol, "
+                   "`{fewshot: coop, base2novel: zeroshot}`) and rerun the same command: only the tables and this "
+                   "report are rewritten.")
+    importances = cell_importances(results_dir / OPTUNA_FILE, cells)
+    sections = [report_stats.comparisons_section(comparisons, no_baseline, tables),
+                report_stats.unstable_section(cells, trials, settings.unstable, tables),
+                report_cost.cost_section(cells, trials, tables), report_search.search_section(importances, tables),
+                report_stats.statistics_section(cells, tables)]
+    md += "\n" + "\n".join(line for section in sections for line in section)
     ledger = render_failures(trials, cells, _planned_final_runs(cells_path))
     if ledger:
         md += "\n" + ledger
@@ -405,6 +445,10 @@ def write_report(results_dir: Path) -> Path:
     if p:
         plots.append(p)
     plots += plot_base2novel(cells, results_dir)
+    plots += report_cost.plot_cost(cells, results_dir)
+    p = report_search.plot_importances(importances, results_dir / "importances.png")
+    if p:
+        plots.append(p)
     if plots:
         md += ("\n## Plots\n\n" + "\n".join(f"![{q.stem}]({q.name})" for q in plots)
                + "\n\nEach plot is also a PDF beside it (same name).\n")

@@ -1,11 +1,14 @@
-"""The sweep's Arrow results: ``trials.arrow`` (one row per trial), ``cells.arrow`` (per cell over final seeds)
-and ``epochs.arrow`` (one row per trial x epoch).
+"""The sweep's Arrow results: ``trials.arrow`` (one row per trial), ``cells.arrow`` (per cell over final seeds),
+``comparisons.arrow`` (each method against the spec's baseline, per dataset and on the Average) and
+``epochs.arrow`` (one row per trial x epoch).
 
-Owns the column tables (``TRIAL_HEAD`` / ``TRIAL_TAIL``, ``CELL_HEAD`` / ``CELL_TAIL``, ``EPOCH_COLUMNS``:
-name, Arrow type, description and unit — the schemas, the field metadata and the row readers all come
-from them; accuracies are percent), the schema metadata (schema version, spec hash, package versions), the
-per-cell aggregation (n, mean, std of each metric; base2novel HM from the seed-mean base and
-novel accuracies) and atomic writes (temp file in the same directory, flushed to disk, then
+Owns the column tables (``TRIAL_HEAD`` / ``TRIAL_TAIL``, ``CELL_HEAD`` / ``CELL_TAIL``, ``COMPARISON_COLUMNS``,
+``EPOCH_COLUMNS``: name, Arrow type, description and unit — the schemas, the field metadata and the row
+readers all come from them; accuracies are percent, differences percentage points), the schema metadata
+(schema version, spec hash, package versions, the spec's ``report`` settings), the per-cell aggregation (n,
+mean, std, 95 % interval and per-seed values of each metric, base2novel HM from the seed-mean base and
+novel accuracies, unstable seeds, summed cost), the paired comparisons (numbers from
+``orchestrator.statistics``) and atomic writes (temp file in the same directory, flushed to disk, then
 ``os.replace``; the file gets the usual ``0666 & ~umask`` mode, not ``mkstemp``'s 0600). Each table is
 written twice, the same rows and schema metadata: Arrow IPC (Feather v2: ``trials.arrow``, the ledger a
 resumed sweep reads; pyarrow, pandas ``read_feather``, polars ``read_ipc``) and Parquet
@@ -40,8 +43,9 @@ from fewshot.paths import atomic_open
 
 SCHEMA_VERSION = "2"
 TRIALS_FILE, CELLS_FILE, EPOCHS_FILE = "trials.arrow", "cells.arrow", "epochs.arrow"
-RESULT_FILES = (TRIALS_FILE, CELLS_FILE, EPOCHS_FILE)
-PARQUET_SUFFIX = ".parquet"  # each Arrow file's Parquet twin: trials.parquet, cells.parquet, epochs.parquet
+COMPARISONS_FILE = "comparisons.arrow"
+RESULT_FILES = (TRIALS_FILE, CELLS_FILE, COMPARISONS_FILE, EPOCHS_FILE)
+PARQUET_SUFFIX = ".parquet"  # each Arrow file's Parquet twin: trials.parquet, cells.parquet, ...
 #: metrics every row has a column for (others, e.g. acc_<target>, are added when present)
 CORE_METRICS = ("val_acc", "test_acc", "base_acc", "novel_acc", "hm", "target_avg")
 KEY_COLUMNS = ("cell_id", "protocol", "method", "dataset", "shots")
@@ -105,6 +109,15 @@ TRIAL_TAIL = (
     Column("wall_time_s", pa.float64(), "wall time of the trial", "s"),
     Column("test_images_read", pa.int64(), "test images the trial read (0 for search trials: they never see test)",
            "images"),
+    Column("images_trained", pa.int64(), "training images the trial stepped through (every epoch; a closed-form "
+                                         "method its training split once; the run that finished the trial)", "images"),
+    Column("images_evaluated", pa.int64(), "images the trial scored: its validation split after every evaluation, "
+                                           "plus the test images", "images"),
+    Column("cpus", pa.float64(), "CPUs Ray reserved for the trial", "CPUs"),
+    Column("gpu_fraction", pa.float64(), "share of a GPU Ray reserved for the trial (0 without a GPU)", "GPUs"),
+    Column("cpu_seconds", pa.float64(), "cpus x wall_time_s (reserved, not measured; a trial without wall_time_s, "
+                                        "pruned or failed, Tune's time_total_s at its last report)", "CPU-s"),
+    Column("gpu_seconds", pa.float64(), "gpu_fraction x the same time as cpu_seconds", "GPU-s"),
     Column("status", pa.string(), "FINISHED (ran to its final metrics), PRUNED (stopped early by its cell's pruner) "
                                   "or ERROR"),
     Column("error_class", pa.string(), "kind of failure (status ERROR), e.g. nan_loss, data_error"),
@@ -119,11 +132,59 @@ TRIAL_TAIL = (
 CELL_HEAD = _ID_COLUMNS + (
     Column("n", pa.int32(), "final runs (seeds) that finished", "runs"),
     Column("n_failed", pa.int32(), "final runs that did not finish", "runs"),
+    Column("seeds", pa.list_(pa.int64()), "seeds of the finished final runs, ascending (the order of every "
+                                          "<metric>_values list)"),
+    Column("failed_seeds", pa.list_(pa.int64()), "seeds of the final runs that did not finish"),
     Column("params_json", pa.string(), "the cell's chosen hyperparameters as a JSON object"),
 )
+#: per metric of a cell: (column suffix, what it is over the cell's finished final runs)
+CELL_STATS = (("mean", "mean"), ("std", "sample standard deviation"),
+              ("ci_low", "lower end of the 95 % confidence interval of the mean (Student t; hm: bootstrap)"),
+              ("ci_high", "upper end of the 95 % confidence interval of the mean (Student t; hm: bootstrap)"),
+              ("values", "per-seed values, in the order of seeds (null where a seed lacks the metric)"))
 CELL_TAIL = (
+    Column("unstable_seeds", pa.list_(pa.int64()), "seeds whose value of a reported metric lies more than "
+                                                   "report.unstable.mads scaled MADs from the cell's median"),
+    Column("high_std_metrics", pa.list_(pa.string()), "reported metrics whose std exceeds report.unstable.max_std"),
     Column("search_trials", pa.int32(), "Optuna search trials run for the cell", "trials"),
     Column("search_best_val", pa.float64(), "best validation accuracy among the search trials", "%"),
+    Column("images_trained", pa.int64(), "sum of images_trained over the cell's trials (search and final)", "images"),
+    Column("images_evaluated", pa.int64(), "sum of images_evaluated over the cell's trials", "images"),
+    Column("cpu_seconds", pa.float64(), "sum of cpu_seconds over the cell's trials (every status)", "CPU-s"),
+    Column("gpu_seconds", pa.float64(), "sum of gpu_seconds over the cell's trials (every status)", "GPU-s"),
+)
+COST_COLUMNS = ("images_trained", "images_evaluated", "cpu_seconds", "gpu_seconds")
+#: the name of the comparisons' row over all datasets of a (protocol, shots) (no dataset is called so)
+AVERAGE = "Average"
+_PP = "pp"  # percentage points: a difference of two accuracies in %
+COMPARISON_COLUMNS = (
+    Column("sweep", pa.string(), "sweep name (the spec's name)"),
+    Column("backbone", pa.string(), "CLIP backbone as arch:pretrained"),
+    Column("protocol", pa.string(), "evaluation protocol"),
+    Column("shots", pa.int16(), "training images per class", "images"),
+    Column("dataset", pa.string(), f"training dataset, or '{AVERAGE}': the mean over the datasets compared (base2novel "
+                                   "hm: the HM of the averaged base and novel)"),
+    Column("metric", pa.string(), "the compared metric (a column of cells.arrow without _mean)"),
+    Column("method", pa.string(), "the compared method"),
+    Column("baseline", pa.string(), "the baseline method (the spec's report.baseline)"),
+    Column("cell_id", pa.string(), "the method's cell (null on Average rows)"),
+    Column("baseline_cell_id", pa.string(), "the baseline's cell (null on Average rows)"),
+    Column("seeds", pa.list_(pa.int64()), "seeds both cells finished, the pairs compared (same seed = same few-shot "
+                                          "split); empty on Average rows"),
+    Column("n_pairs", pa.int32(), "number of seeds compared (Average rows: the datasets compared)", "runs"),
+    Column("method_mean", pa.float64(), "the method's mean over the compared seeds", "%"),
+    Column("baseline_mean", pa.float64(), "the baseline's mean over the compared seeds", "%"),
+    Column("diff_mean", pa.float64(), "method_mean - baseline_mean", _PP),
+    Column("diff_ci_low", pa.float64(), "lower end of the 95 % confidence interval of diff_mean", _PP),
+    Column("diff_ci_high", pa.float64(), "upper end of the 95 % confidence interval of diff_mean", _PP),
+    Column("ci_method", pa.string(), "t: Student t over the per-seed differences; bootstrap: paired percentile "
+                                     "bootstrap of the seeds (hm, Average rows); null: too few seeds"),
+    Column("ci_excludes_zero", pa.bool_(), "the interval lies entirely above or below 0"),
+    Column("p_ttest", pa.float64(), "two-sided paired t-test p-value (Average rows: over the per-dataset differences; "
+                                    "hm: on per-seed HMs); null with fewer than 2 pairs or identical differences"),
+    Column("p_wilcoxon", pa.float64(), "two-sided Wilcoxon signed-rank p-value, from 6 pairs on (else null)"),
+    Column("datasets_better", pa.int32(), "Average rows: datasets where diff_mean > 0", "datasets"),
+    Column("datasets_worse", pa.int32(), "Average rows: datasets where diff_mean < 0", "datasets"),
 )
 EPOCH_COLUMNS = _ID_COLUMNS + (
     _SEED,
@@ -199,17 +260,32 @@ def _num(v: Any) -> Optional[float]:
     return f if math.isfinite(f) else None
 
 
+def _cost(result: dict, resources: Optional[dict]) -> dict[str, Any]:
+    """The cost columns of a trial row: reserved CPUs / GPU share (Ray's resources, ``{"CPU": .., "GPU": ..}``;
+    a resource it does not name is 0) times the trial's wall time (else Tune's ``time_total_s``: a pruned or
+    failed trial reports no wall time)."""
+    cpus, gpus = (None, None) if resources is None else (_num(resources.get(k, 0.0)) for k in ("CPU", "GPU"))
+    busy = _num(result.get("wall_time_s"))
+    busy = busy if busy is not None else _num(result.get("time_total_s"))
+    return {"images_trained": result.get("images_trained"), "images_evaluated": result.get("images_evaluated"),
+            "cpus": cpus, "gpu_fraction": gpus,
+            "cpu_seconds": None if cpus is None or busy is None else cpus * busy,
+            "gpu_seconds": None if gpus is None or busy is None else gpus * busy}
+
+
 def trial_row(config: dict, result: Optional[dict], *, status: str, tune_trial_id: str,
               error_class: Optional[str] = None, error_message: Optional[str] = None,
-              node_id: Optional[str] = None, mlflow_run_id: Optional[str] = None) -> dict:
-    """One ``trials.arrow`` row from a trial's config (from the searcher) and its last result."""
+              node_id: Optional[str] = None, mlflow_run_id: Optional[str] = None,
+              resources: Optional[dict] = None) -> dict:
+    """One ``trials.arrow`` row from a trial's config (from the searcher), its last result and the resources
+    Ray reserved for it."""
     result = result or {}
     req = config["request"]
     row: dict[str, Any] = {
         **_trial_identity(config), "params_json": json.dumps(config.get("params") or {}, sort_keys=True),
         "params": dict(config.get("params") or {}),
         "epochs_run": result.get("epochs_run"), "wall_time_s": _num(result.get("wall_time_s")),
-        "test_images_read": result.get("test_images_read"),
+        "test_images_read": result.get("test_images_read"), **_cost(result, resources),
         "status": status, "error_class": error_class or result.get("error_class"),
         "error_message": error_message or result.get("error_message"),
         "node_id": node_id or result.get("node_ip"), "tune_trial_id": tune_trial_id,
@@ -270,8 +346,60 @@ def _mean_std(values: list[float]) -> tuple[Optional[float], Optional[float]]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _metric_stats(rec: dict, metric: str, seeds: list[int], by_seed: dict[int, float]) -> None:
+    """``<metric>_{mean,std,ci_low,ci_high,values}`` of a cell record from its per-seed values."""
+    from orchestrator.statistics import t_interval
+
+    values = [by_seed[s] for s in seeds if s in by_seed]
+    rec[f"{metric}_mean"], rec[f"{metric}_std"] = _mean_std(values)
+    rec[f"{metric}_ci_low"], rec[f"{metric}_ci_high"] = t_interval(values)
+    rec[f"{metric}_values"] = [by_seed.get(s) for s in seeds]
+
+
+def _hm_stats(rec: dict, seeds: list[int], base: dict[int, float], novel: dict[int, float]) -> None:
+    """base2novel: HM of the seed means, with the bootstrap interval over the seeds (Base and Novel together)."""
+    from orchestrator.statistics import bootstrap, hm_of_means
+
+    pairs = [(base[s], novel[s]) for s in seeds if s in base and s in novel]
+    if pairs:
+        rec["hm_mean"] = harmonic_mean(rec["base_acc_mean"], rec["novel_acc_mean"])  # HM of the seed means
+        rec["hm_ci_low"], rec["hm_ci_high"] = bootstrap([pairs], hm_of_means)[1]
+
+
+def reported_metrics(rec: dict) -> list[str]:
+    """The metrics a cell record has values of, without val_acc (the selection split, not a result)."""
+    return [k[:-len("_mean")] for k, v in rec.items() if k.endswith("_mean") and v is not None and k != "val_acc_mean"]
+
+
+def _instability(rec: dict, unstable) -> None:
+    """``unstable_seeds`` / ``high_std_metrics`` of a cell record (``spec.UnstableSpec`` settings)."""
+    from orchestrator.statistics import outlier_seeds
+
+    flagged: set[int] = set()
+    high = []
+    for m in reported_metrics(rec):
+        values = {s: v for s, v in zip(rec["seeds"], rec[f"{m}_values"]) if v is not None}
+        flagged |= set(outlier_seeds(values, unstable.mads, unstable.min_spread))
+        if (rec[f"{m}_std"] or 0.0) > unstable.max_std:
+            high.append(m)
+    rec["unstable_seeds"], rec["high_std_metrics"] = sorted(flagged), high
+
+
+def _sum(values: Iterable) -> Optional[float]:
+    present = [v for v in values if v is not None]
+    return sum(present) if present else None
+
+
+def report_settings(meta: dict):
+    """The spec's ``report`` section (``spec.ReportSpec``) that travels in the tables' metadata."""
+    from orchestrator.spec import ReportSpec
+
+    return ReportSpec.model_validate(meta.get("report") or {})
+
+
 def cells_table(rows: list[dict], meta: dict, cell_order: Optional[list[str]] = None) -> pa.Table:
-    """Per cell over its successful final-stage rows: n, mean and std of each metric."""
+    """Per cell over its successful final-stage rows: n, seeds, mean, std, 95 % interval and per-seed values of
+    each metric, the unstable seeds; the cost summed over all its trials."""
     by_cell: dict[str, list[dict]] = {}
     keys: dict[str, dict] = {}
     for r in rows:
@@ -281,26 +409,40 @@ def cells_table(rows: list[dict], meta: dict, cell_order: Optional[list[str]] = 
             by_cell[r["cell_id"]].append(r)
     order = [c for c in (cell_order or []) if c in by_cell] + sorted(c for c in by_cell if c not in (cell_order or []))
     extra = sorted({k for r in rows if r["stage"] == "final" for k in r["extra_metrics"]})
+    unstable = report_settings(meta).unstable
     out: list[dict] = []
     for cid in order:
         finals = by_cell[cid]
-        ok = [r for r in finals if r["status"] == OK_STATUS]
-        rec: dict[str, Any] = dict(keys[cid], n=len(ok), n_failed=len(finals) - len(ok),
+        ok = sorted((r for r in finals if r["status"] == OK_STATUS), key=lambda r: r["seed"])
+        seeds = [r["seed"] for r in ok]
+        rec: dict[str, Any] = dict(keys[cid], n=len(ok), n_failed=len(finals) - len(ok), seeds=seeds,
+                                   failed_seeds=sorted(r["seed"] for r in finals if r["status"] != OK_STATUS),
                                    params_json=ok[0]["params_json"] if ok else None)
-        for m in CORE_METRICS:
-            rec[f"{m}_mean"], rec[f"{m}_std"] = _mean_std([r[m] for r in ok if r[m] is not None])
-        for m in extra:
-            rec[f"{m}_mean"], rec[f"{m}_std"] = _mean_std([r["extra_metrics"][m] for r in ok if m in r["extra_metrics"]])
-        if rec["base_acc_mean"] is not None and rec["novel_acc_mean"] is not None:
-            rec["hm_mean"] = harmonic_mean(rec["base_acc_mean"], rec["novel_acc_mean"])  # HM of the seed means
-        searched = [r["val_acc"] for r in rows if r["cell_id"] == cid and r["stage"] == "search" and r["val_acc"] is not None]
-        rec["search_trials"] = sum(1 for r in rows if r["cell_id"] == cid and r["stage"] == "search")
+        by_metric = {m: {r["seed"]: r[m] for r in ok if r[m] is not None} for m in CORE_METRICS}
+        by_metric.update({m: {r["seed"]: r["extra_metrics"][m] for r in ok if m in r["extra_metrics"]} for m in extra})
+        for m, by_seed in by_metric.items():
+            _metric_stats(rec, m, seeds, by_seed)
+        _hm_stats(rec, seeds, by_metric["base_acc"], by_metric["novel_acc"])
+        _instability(rec, unstable)
+        mine = [r for r in rows if r["cell_id"] == cid]
+        searched = [r["val_acc"] for r in mine if r["stage"] == "search" and r["val_acc"] is not None]
+        rec["search_trials"] = sum(1 for r in mine if r["stage"] == "search")
         rec["search_best_val"] = max(searched) if searched else None
+        rec.update({k: _sum(r.get(k) for r in mine) for k in COST_COLUMNS})
         out.append(rec)
-    stats = [Column(f"{m}_{k}", pa.float64(), f"{what} over the cell's finished final runs of: "
-                    + metric_column(m).description, "%")
-             for m in (*CORE_METRICS, *extra) for k, what in (("mean", "mean"), ("std", "sample standard deviation"))]
+    stats = [Column(f"{m}_{k}", pa.list_(pa.float64()) if k == "values" else pa.float64(),
+                    f"{what} over the cell's finished final runs of: " + metric_column(m).description, "%")
+             for m in (*CORE_METRICS, *extra) for k, what in CELL_STATS]
     return _table([*CELL_HEAD, *stats, *CELL_TAIL], out, meta)
+
+
+def comparisons_table(cells: list[dict], meta: dict) -> pa.Table:
+    """``comparisons.arrow``: every method against its protocol's baseline (the spec's ``report.baseline``) on
+    every metric and dataset both have, paired over the seeds both finished (``orchestrator.statistics``); no
+    rows without a baseline."""
+    from orchestrator.comparisons import comparison_records
+
+    return _table(list(COMPARISON_COLUMNS), comparison_records(cells, report_settings(meta)), meta)
 
 
 def epochs_table(epochs: Iterable[dict], meta: dict) -> pa.Table:
@@ -365,9 +507,12 @@ def remove_stale_temps(out_dir: Path) -> list[Path]:
 
 def write_results(out_dir: Path, rows: Iterable[dict], meta: dict, cell_order: Optional[list[str]] = None,
                   epochs: Optional[Iterable[dict]] = None) -> None:
-    """trials, cells (and, when ``epochs`` is given, epochs) tables with their Parquet twins into ``out_dir``."""
+    """trials, cells, comparisons (and, when ``epochs`` is given, epochs) tables with their Parquet twins into
+    ``out_dir``."""
     rows = list(rows)
-    tables = {TRIALS_FILE: trials_table(rows, meta), CELLS_FILE: cells_table(rows, meta, cell_order)}
+    cells = cells_table(rows, meta, cell_order)
+    tables = {TRIALS_FILE: trials_table(rows, meta), CELLS_FILE: cells,
+              COMPARISONS_FILE: comparisons_table(cells.to_pylist(), meta)}
     if epochs is not None:
         tables[EPOCHS_FILE] = epochs_table(epochs, meta)
     write_tables(out_dir, tables)
@@ -376,6 +521,28 @@ def write_results(out_dir: Path, rows: Iterable[dict], meta: dict, cell_order: O
 def read_table(path: Path) -> pa.Table:
     with pa.memory_map(str(path)) as src:
         return ipc.open_file(src).read_all()
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """The schema metadata of an Arrow results file, each value JSON-decoded (a plain string stays a string)."""
+    with pa.memory_map(str(path)) as src:
+        raw = ipc.open_file(src).schema.metadata or {}
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        try:
+            out[k.decode()] = json.loads(v)
+        except ValueError:  # ``_metadata`` stores strings as they are
+            out[k.decode()] = v.decode()
+    return out
+
+
+def rewrite_summaries(out_dir: Path, report: dict) -> None:
+    """Rewrite the tables of ``out_dir`` from its trials.arrow with other ``report`` settings (the spec's
+    ``report`` section; the other metadata as cells.arrow has it). epochs.arrow is left as it is."""
+    out_dir = Path(out_dir)
+    meta = {k: v for k, v in read_meta(out_dir / CELLS_FILE).items() if k not in ("schema_version", "producer")}
+    meta["report"] = report
+    write_results(out_dir, read_rows(out_dir / TRIALS_FILE), meta, list(meta.get("planned_final_runs") or {}))
 
 
 _ROW_COLUMNS = tuple(c.name for c in (*TRIAL_HEAD, *TRIAL_TAIL) if c.name != "sweep") + CORE_METRICS

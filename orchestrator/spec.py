@@ -42,6 +42,12 @@ Format (all keys optional unless marked)::
     max_retries: 1                               # a crashed trial is retried from its checkpoint
     tracking: {uri: null, experiment: promptsweep}
     output: results
+    report:                                      # how report.md / comparisons.arrow read the results (no trial)
+      baseline: coop                             # or per protocol: {fewshot: coop, base2novel: zeroshot}
+      unstable: {mads: 3.5, min_spread: 2.0, max_std: 5.0}
+
+``report`` changes no trial: it is left out of the spec hash and of the changed-spec check, and a
+rerun with another ``report`` section rewrites the statistics tables and the report only.
 """
 from __future__ import annotations
 
@@ -64,6 +70,7 @@ from fewshot.registry import COUNT_TOLERANCE
 
 PROTOCOLS = ("fewshot", "base2novel", "cross_dataset", "domain_generalization")
 TRANSFER_PROTOCOLS = ("cross_dataset", "domain_generalization")
+Protocol = Literal["fewshot", "base2novel", "cross_dataset", "domain_generalization"]
 Scalar = bool | int | float | str | None
 #: YAML gives native types, so no coercion: ``shots: [true]`` or ``cpu: "2"`` are errors, not 1 and 2.0
 Int = Annotated[int, Strict()]
@@ -81,6 +88,8 @@ MAX_SPEC_VALUES = 100_000
 #: and at least one class-name token, so each must be <= the text context length - 3
 PROMPT_LENGTH_KEYS = ("n_ctx", "n_ctx_text")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+#: top-level keys that change how results are read, never a trial: out of the spec hash and the changed-spec check
+PRESENTATION_KEYS = ("report",)
 
 
 class _Strict(BaseModel):
@@ -161,6 +170,30 @@ class ProtocolAxes(_Strict):
     targets: Optional[list[str]] = Field(None, min_length=1)
 
 
+class UnstableSpec(_Strict):
+    """When the report lists a seed or a cell as unstable (``orchestrator.statistics.outlier_seeds``): a seed
+    more than ``mads`` scaled MADs (1.4826 x MAD, at least ``min_spread`` accuracy points) from its cell's
+    median, or a cell whose std over its seeds exceeds ``max_std`` accuracy points."""
+
+    mads: Float = Field(3.5, gt=0)
+    min_spread: Float = Field(2.0, ge=0)
+    max_std: Float = Field(5.0, gt=0)
+
+
+class ReportSpec(_Strict):
+    """How the results are read (report.md, comparisons.arrow); no trial depends on it."""
+
+    #: the method every other one is compared with: a method name for all protocols, or ``{protocol: method}``
+    #: (its shape is checked by ``_check_baseline``, so that each error names its key)
+    baseline: Any = None
+    unstable: UnstableSpec = Field(default_factory=UnstableSpec)
+
+    def baseline_for(self, protocol: str) -> Optional[str]:
+        if isinstance(self.baseline, dict):
+            return self.baseline.get(protocol)
+        return self.baseline
+
+
 class TrackingSpec(_Strict):
     uri: Optional[str] = None
     experiment: str = Field("promptsweep", min_length=1)
@@ -168,14 +201,12 @@ class TrackingSpec(_Strict):
 
 class SweepSpec(_Strict):
     name: str = Field(pattern=NAME_PATTERN, max_length=100)
-    protocol: list[Literal["fewshot", "base2novel", "cross_dataset", "domain_generalization"]] = Field(
-        default_factory=lambda: ["fewshot"], min_length=1)
+    protocol: list[Protocol] = Field(default_factory=lambda: ["fewshot"], min_length=1)
     methods: list[str] = Field(min_length=1)
     datasets: list[str] = Field(min_length=1)
     targets: list[str] = Field(default_factory=list)
     shots: list[Int] = Field(default_factory=lambda: [16], min_length=1)
-    by_protocol: dict[Literal["fewshot", "base2novel", "cross_dataset", "domain_generalization"], ProtocolAxes] = Field(
-        default_factory=dict)
+    by_protocol: dict[Protocol, ProtocolAxes] = Field(default_factory=dict)
     seeds: list[Int] = Field(default_factory=lambda: [1, 2, 3], min_length=1)
     backbone: BackboneSpec = Field(default_factory=BackboneSpec)
     data_root: Optional[str] = Field(None, min_length=1)
@@ -187,6 +218,7 @@ class SweepSpec(_Strict):
     max_retries: Int = Field(1, ge=0)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     output: str = Field("results", min_length=1)
+    report: ReportSpec = Field(default_factory=ReportSpec)
 
     @field_validator("protocol", mode="before")
     @classmethod
@@ -199,7 +231,9 @@ class SweepSpec(_Strict):
         return json.loads(self.model_dump_json())
 
     def spec_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.normalized(), sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of what the trials are: the normalized spec less ``PRESENTATION_KEYS``."""
+        trials = {k: v for k, v in self.normalized().items() if k not in PRESENTATION_KEYS}
+        return hashlib.sha256(json.dumps(trials, sort_keys=True).encode()).hexdigest()[:16]
 
     def _axis(self, protocol: str, key: str) -> list:
         own = self.by_protocol.get(protocol)
@@ -732,7 +766,35 @@ def validate(spec: SweepSpec) -> SweepSpec:
         check_keys(f"{sp}.space", list(s.space), [m])
         for name, p in s.space.items():
             _check_param_values(_sub(f"{sp}.space", name), m, name, p)
+    _check_baseline(spec, known_methods)
     return spec
+
+
+def _check_baseline(spec: SweepSpec, known_methods: list[str]) -> None:
+    """``report.baseline``: a method of the sweep, for all protocols or per protocol of the sweep."""
+    given = spec.report.baseline
+    if given is None:
+        return
+    if isinstance(given, str):
+        named = [("report.baseline", given)]
+    elif isinstance(given, dict) and given:
+        named = [(_sub("report.baseline", p), m) for p, m in given.items()]
+        for protocol, (path, _) in zip(given, named):
+            if protocol not in PROTOCOLS:
+                raise ConfigError(f"{path}: not a protocol (valid keys here: {', '.join(PROTOCOLS)})")
+            if protocol not in spec.protocol:
+                raise ConfigError(f"{path}: protocol '{protocol}' is not in protocol {spec.protocol} (remove it or "
+                                  "add the protocol)")
+    else:
+        raise ConfigError(f"report.baseline: must be a method name or a mapping {{protocol: method}} (got {_got(given)})")
+    for path, method in named:
+        if not isinstance(method, str):
+            raise ConfigError(f"{path}: must be a method name (got {_got(method)})")
+        if method not in known_methods:
+            raise ConfigError(f"{path}: unknown method '{method}' (valid: {', '.join(known_methods)})")
+        if method not in spec.methods:
+            raise ConfigError(f"{path}: '{method}' is not in methods {spec.methods} (the baseline must be one of the "
+                              "sweep's methods: add it or name another)")
 
 
 def parse_spec(data: Any) -> SweepSpec:

@@ -291,17 +291,23 @@ def _checked_run(spec, plan, args, out_dir: Path, tracking_uri: str, data_root: 
     """``run`` once a sweep's ``out_dir`` is locked (``lock``; None where it has no state yet): the resume and
     spec-change checks, resources, data, tracking server; then the folder is made (and locked), ``--fresh``
     clears the earlier run, and the sweep runs."""
+    from orchestrator.spec import PRESENTATION_KEYS
     from orchestrator.tracking import check_tracking_server, replay_backlog
 
     state = None if args.fresh else _read_state(out_dir)
     if state is not None:
-        changes = _spec_changes(state.get("spec", {}), spec.normalized())
+        new = spec.normalized()
+        changes = _spec_changes(state.get("spec", {}), new)
         if changes:
             shown = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
             raise ConfigError(f"the spec changed since sweep '{spec.name}' started in {out_dir} ({shown}); "
                               "rerun with --fresh to start over or restore the old spec")
+        read_before = {k: state.get("spec", {}).get(k) for k in PRESENTATION_KEYS}
+        state.setdefault("spec", {}).update({k: new[k] for k in PRESENTATION_KEYS})  # a resumed sweep reads by the new
         if state.get("status") == "finished":
             print(f"sweep '{spec.name}' already finished: {out_dir}")
+            if read_before != {k: new[k] for k in PRESENTATION_KEYS}:
+                _reread_results(out_dir, spec, state)
             replay_backlog(out_dir)  # MLflow operations a server outage left behind, if any
             _print_outputs(out_dir, state.get("tracking_uri", tracking_uri))
             return 0
@@ -460,13 +466,31 @@ def _keep_tracking(tracker, error: BaseException) -> None:
 
 def _spec_changes(old: dict, new: dict) -> list[str]:
     """``diff_normalized``, less the top-level keys an older spec lacks and that hold their default now
-    (settings added by an upgrade do not change what a finished trial means)."""
-    from orchestrator.spec import SweepSpec, diff_normalized
+    (settings added by an upgrade do not change what a finished trial means), and less ``PRESENTATION_KEYS``
+    (they change how the results are read, not the trials)."""
+    from orchestrator.spec import PRESENTATION_KEYS, SweepSpec, diff_normalized
 
     defaults = {k: f.get_default(call_default_factory=True) for k, f in SweepSpec.model_fields.items()
                 if not f.is_required()}
     added = {k for k in new if k not in old and k in defaults and new[k] == defaults[k]}
-    return diff_normalized(old, {k: v for k, v in new.items() if k not in added})
+    return diff_normalized({k: v for k, v in old.items() if k not in PRESENTATION_KEYS},
+                           {k: v for k, v in new.items() if k not in added and k not in PRESENTATION_KEYS})
+
+
+def _reread_results(out_dir: Path, spec, state: dict) -> None:
+    """A finished sweep rerun with other ``report`` settings: its statistics tables and report are rewritten
+    from trials.arrow (no trial runs)."""
+    from orchestrator.report import write_report
+    from orchestrator.results import CELLS_FILE, TRIALS_FILE, rewrite_summaries
+
+    if not ((out_dir / TRIALS_FILE).is_file() and (out_dir / CELLS_FILE).is_file()):
+        print(f"warning: report settings changed, but {out_dir} has no {TRIALS_FILE} / {CELLS_FILE} to reread",
+              file=sys.stderr)
+        return
+    rewrite_summaries(out_dir, spec.normalized()["report"])
+    write_report(out_dir)
+    _write_state(out_dir, state)
+    print(f"report settings changed: comparisons and {out_dir / 'report.md'} rewritten")
 
 
 def _end_recorded_parent(state: Optional[dict], tracking_uri: str, spec, out_dir: Path, error: BaseException) -> None:
@@ -607,7 +631,7 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
         _write_state(out_dir, state)
 
         meta = {"spec_hash": spec_hash, "sweep": spec.name, "git_commit": tracker.commit, "targets": spec.all_targets(),
-                "package_versions": package_versions(),
+                "package_versions": package_versions(), "report": spec.normalized()["report"],
                 "planned_final_runs": {c.cell_id: c.n_final_runs for c in plan.cells}}
         results_cb = ResultsCallback(out_dir, meta, [c.cell_id for c in plan.cells], tracker)
         progress = ProgressPrinter(plan, results_cb, already=len(results_cb.rows))

@@ -46,7 +46,7 @@ from pydantic import Field, ValidationError
 
 from fewshot.errors import CheckpointError, ConfigError, EmptySplitError, TrainingError, UserError, error_line
 from methods.backbone import TINY_ARCH
-from methods.base import StrictModel, TrainConfig
+from methods.base import PromptMethod, StrictModel, TrainConfig
 from orchestrator import checkpoint as ckpt
 from orchestrator import training
 
@@ -323,14 +323,21 @@ def run_trial(req: TrialRequest, *, output_dir: Optional[Path] = None, report: O
     if len(train_ds) == 0:
         raise EmptySplitError(f"the {req.shots}-shot training split of {req.dataset} is empty")
 
+    val_images = 0  # validation images scored by this run (part of its cost: images_evaluated)
+
     def val_acc() -> float:
-        return evaluate(method, val_loader, device, train_cfg, f"the validation split of {req.dataset}", limit)
+        nonlocal val_images
+        acc = evaluate(method, val_loader, device, train_cfg, f"the validation split of {req.dataset}", limit)
+        val_images += len(val_loader.dataset)
+        return acc
 
     epochs_run, last_val = 0, None
     train_images, train_s = 0, 0.0  # examples stepped by this run and the time its training loops took
     if not cls.trains_by_gradient:
         method.prepare(loader)
         method.fit(loader, val_loader)
+        if type(method).fit is not PromptMethod.fit:  # a closed-form fit reads the training split once
+            train_images = len(train_ds)
         limit.check("after fitting")
         last_val = val_acc()
     else:
@@ -420,8 +427,8 @@ def run_trial(req: TrialRequest, *, output_dir: Optional[Path] = None, report: O
             method.load_trainable_state_dict(best["state"])
             last_val = best["val"]
 
-    final: dict[str, Any] = {"val_acc": last_val, "epochs_run": epochs_run}
-    if train_images:  # training throughput of this run (data loading included; validation not)
+    final: dict[str, Any] = {"val_acc": last_val, "epochs_run": epochs_run, "images_trained": train_images}
+    if train_images and cls.trains_by_gradient:  # training throughput of this run (data loading included; validation not)
         final.update(train_images=train_images, train_images_per_s=train_images / max(train_s, 1e-9))
     if cls.trains_by_gradient and stepper.micro is not None:
         final["micro_batch"] = stepper.micro  # out-of-memory retries shrank it (gradients accumulated)
@@ -429,6 +436,7 @@ def run_trial(req: TrialRequest, *, output_dir: Optional[Path] = None, report: O
         final.update(_test(req, method, views, test_sets, train_cfg, device, limit))
         method.set_classnames(classnames, req.dataset)
     final.setdefault("test_images_read", 0)
+    final["images_evaluated"] = val_images + final["test_images_read"]
     final["wall_time_s"] = time.time() - t0
     report(final, None)
     return final

@@ -111,3 +111,44 @@ def test_report_opens_with_provenance_and_ends_with_the_chosen_hyperparameters(t
     assert "| fewshot.kgcoop.digits.4shot | 0.0125 | 8 |" in md
     tex = (tmp_path / "x" / "tables" / "hyperparameters_kgcoop.tex").read_text()
     assert r"fewshot.kgcoop.digits.4shot & 0.0125 & 8 \\" in tex and r"lr & n\_ctx" in tex
+
+
+def test_report_renders_the_reviewers_sections(tmp_path):
+    """Comparisons (with the marks in the result table), the unstable seed with its MLflow run, the cost with its
+    plot, the per-seed statistics; each also as LaTeX."""
+    from result_rows import reviewer_rows
+
+    rows = [dict(r, cpu_seconds=3600.0, gpu_seconds=1800.0) if r["method"] == "kgcoop" else r for r in reviewer_rows()]
+    R.write_results(tmp_path, rows, {"report": {"baseline": "coop"}})
+    md = Rep.write_report(tmp_path).read_text()
+    assert "| dtd | 30.20 ± 28.80 | **65.00 ± 7.07 ↑** | **65.00 ± 0.00** |" in md  # kgcoop: its interval excludes 0
+    assert "↑ / ↓: better / worse than the baseline, coop: the 95 % interval" in md
+    section = md[md.index("## Paired comparison with the baseline"):]
+    assert "### fewshot, 2-shot: test accuracy (method − coop)" in section
+    assert "| dtd | +51.40 [8.20, 94.60] ↑ (p 0.042) | +53.00 — (—) |" in section
+    assert "| **Average** | +26.70 [25.00, 28.40] ↑ (p 0.475) | — (only 1 of 2 datasets) |" in section
+    assert "| better / worse | better on 2 of 2, worse on 0 | better on 1 of 1, worse on 0 |" in section
+    unstable = md[md.index("## Unstable seeds"):md.index("## Cost")]
+    assert "| fewshot.coop.dtd.2shot | test accuracy | 3 | 63.40 | 15.20 | 10.2 | run-coop-dtd-3 |" in unstable
+    assert "| fewshot.kgcoop.dtd.2shot | test accuracy | 7.07 | 1: 60.00, 2: 70.00 | 1: run-kgcoop-dtd-1, 2: " in unstable
+    cost = md[md.index("## Cost"):]
+    assert "The sweep took 2.500 GPU-hours (5.000 CPU-hours) over 15 trials" in cost  # kgcoop: 5 x 1800 GPU-s
+    assert "| kgcoop | 5 | 2.500 | 5.000 |" in cost and "| coop | 9 | 0.000 | 0.000 |" in cost
+    assert "fewshot: coop, kgcoop." in cost  # maple lacks eurosat: no accuracy to place it by
+    assert (tmp_path / "cost_fewshot.png").stat().st_size > 1000 and "![cost_fewshot](cost_fewshot.png)" in md
+    stats = md[md.index("## Statistics over the seeds"):]
+    assert "| dtd | 2 | coop | test accuracy | 3 | 30.20 | 28.80 | [-41.33, 101.73] | 1: 12.00, 2: 15.20, 3: 63.40, 4: failed |" \
+        in stats
+    assert "| coop | 51.10 [" in stats and "| maple | — |" in stats  # the Average over dtd and eurosat
+    tex = (tmp_path / "tables" / "comparison_fewshot_2shot_test_acc.tex").read_text()
+    assert r"+51.40 [8.20, 94.60] $\uparrow$ (p 0.042)" in tex
+    assert "What mattered in the search" not in md  # nothing was searched
+
+
+def test_report_without_a_baseline_says_how_to_name_one(tmp_path):
+    from result_rows import reviewer_rows
+
+    R.write_results(tmp_path, reviewer_rows(), {})
+    md = Rep.write_report(tmp_path).read_text()
+    assert "No baseline is named: add `report: {baseline: <method>}`" in md and "↑" not in md
+    assert "## Unstable seeds" in md and "These results record no cost" in md and not list(tmp_path.glob("cost_*"))

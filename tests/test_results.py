@@ -2,20 +2,15 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 
 import pyarrow as pa
 import pytest
 
 from orchestrator import results as R
-
-
-def _cfg(cell="fewshot.coop.digits.2shot", stage="final", seed=1, params=None, protocol="fewshot", number=0):
-    method, dataset = cell.split(".")[1:3]
-    return {"cell_id": cell, "stage": stage, "seed": seed, "optuna_number": number, "params": params or {},
-            "request": {"method": method, "dataset": dataset, "shots": 2, "seed": seed, "protocol": protocol,
-                        "stage": stage, "overrides": params or {},
-                        "backbone": {"arch": "promptsweep-mini", "pretrained": "promptsweep"}}}
+from result_rows import cfg as _cfg, final as _final, reviewer_rows as _reviewer_rows
 
 
 def _rows():
@@ -192,3 +187,123 @@ def test_rows_from_a_schema_1_tune_state_are_upgraded_too(tmp_path):
     cb = ResultsCallback(tmp_path, {"sweep": "t"}, [])
     cb.set_state({"rows": {old["tune_trial_id"]: old}})
     assert cb.rows[old["tune_trial_id"]]["status"] == "FINISHED"
+
+
+# --- the numbers a reviewer asks for: per-seed values, intervals, comparisons, unstable seeds, cost ------------
+
+T_975_DF1 = 12.706204736174698  # Student t quantile, 1 degree of freedom (tables)
+
+
+def _cells_by_id(tmp_path, meta=None):
+    R.write_results(tmp_path, _reviewer_rows(), meta or {"report": {"baseline": "coop"}})
+    return {c["cell_id"]: c for c in R.read_table(tmp_path / R.CELLS_FILE).to_pylist()}
+
+
+def test_cells_hold_seeds_values_intervals_and_unstable_seeds(tmp_path):
+    cells = _cells_by_id(tmp_path)
+    coop = cells["fewshot.coop.dtd.2shot"]
+    assert (coop["n"], coop["n_failed"], coop["seeds"], coop["failed_seeds"]) == (3, 1, [1, 2, 3], [4])
+    assert coop["test_acc_values"] == [12.0, 15.2, 63.4]
+    # std of 12.0, 15.2, 63.4 = sqrt(((-18.2)^2 + (-15)^2 + 33.2^2) / 2) = sqrt(829.24) = 28.80
+    assert coop["test_acc_std"] == pytest.approx(math.sqrt(829.24))
+    half = 4.302652729911275 * math.sqrt(829.24) / math.sqrt(3)
+    assert (coop["test_acc_ci_low"], coop["test_acc_ci_high"]) == pytest.approx((30.2 - half, 30.2 + half))
+    assert coop["unstable_seeds"] == [3] and coop["high_std_metrics"] == ["test_acc"]  # 63.4: 10.2 scaled MADs out
+    kg = cells["fewshot.kgcoop.dtd.2shot"]  # n = 2: an interval, but no seed can be called the odd one
+    assert kg["seeds"] == [1, 2] and (kg["test_acc_ci_low"], kg["test_acc_ci_high"]) == pytest.approx(
+        (65 - 5 * T_975_DF1, 65 + 5 * T_975_DF1))
+    assert kg["unstable_seeds"] == [] and kg["high_std_metrics"] == ["test_acc"]  # std 7.07 > 5
+    maple = cells["fewshot.maple.dtd.2shot"]  # n = 1: a mean, no interval
+    assert maple["test_acc_mean"] == 65.0 and maple["test_acc_ci_low"] is None and maple["test_acc_values"] == [65.0]
+    b2n = cells["base2novel.coop.digits.2shot"]  # HM of the seed means, bootstrap interval = the seeds' own HMs here
+    assert b2n["hm_mean"] == pytest.approx(2 * 70 * 60 / 130)
+    assert (b2n["hm_ci_low"], b2n["hm_ci_high"]) == pytest.approx((2 * 80 * 40 / 120, 2 * 60 * 80 / 140))
+    assert b2n["hm_values"] == pytest.approx([2 * 80 * 40 / 120, 2 * 60 * 80 / 140])
+    looser = _cells_by_id(tmp_path, {"report": {"unstable": {"mads": 20.0, "max_std": 30.0}}})
+    assert looser["fewshot.coop.dtd.2shot"]["unstable_seeds"] == [] and looser["fewshot.coop.dtd.2shot"][
+        "high_std_metrics"] == []  # the spec's report.unstable travels in the metadata
+
+
+def test_comparisons_pair_the_shared_seeds_with_the_baseline(tmp_path):
+    _cells_by_id(tmp_path)
+    rows = R.read_table(tmp_path / R.COMPARISONS_FILE).to_pylist()
+    assert {r["baseline"] for r in rows} == {"coop"} and "coop" not in {r["method"] for r in rows}
+    by = {(r["method"], r["dataset"]): r for r in rows if r["metric"] == "test_acc"}
+    kg = by[("kgcoop", "dtd")]  # seeds 1, 2 shared: differences 48 and 54.8
+    assert kg["seeds"] == [1, 2] and kg["n_pairs"] == 2 and kg["diff_mean"] == pytest.approx(51.4)
+    assert (kg["diff_ci_low"], kg["diff_ci_high"]) == pytest.approx((51.4 - 3.4 * T_975_DF1, 51.4 + 3.4 * T_975_DF1))
+    assert kg["ci_excludes_zero"] is True and kg["ci_method"] == "t"
+    assert kg["p_ttest"] == pytest.approx(1 - 2 / math.pi * math.atan(51.4 / 3.4)) and kg["p_wilcoxon"] is None
+    maple = by[("maple", "dtd")]  # one shared seed: a difference, nothing more
+    assert (maple["n_pairs"], maple["diff_mean"], maple["diff_ci_low"], maple["p_ttest"]) == (1, 53.0, None, None)
+    assert maple["ci_excludes_zero"] is False
+    avg = by[("kgcoop", R.AVERAGE)]  # dtd 51.4 and eurosat 2.0: better on both
+    assert avg["diff_mean"] == pytest.approx((51.4 + 2.0) / 2) and avg["cell_id"] is None and avg["seeds"] == []
+    assert (avg["n_pairs"], avg["datasets_better"], avg["datasets_worse"], avg["ci_method"]) == (2, 2, 0, "bootstrap")
+    assert not [r for r in rows if r["protocol"] == "base2novel"]  # coop is the only method there
+    s = R.read_table(tmp_path / R.COMPARISONS_FILE).schema
+    assert s.field("diff_mean").metadata[b"unit"] == b"pp" and all(s.field(n).metadata[b"description"] for n in s.names)
+    import duckdb
+
+    path = str(tmp_path / "comparisons.parquet").replace("'", "''")
+    assert duckdb.sql(f"select count(*) from '{path}' where ci_excludes_zero").fetchall()[0][0] >= 2
+    R.write_results(tmp_path, _reviewer_rows(), {})  # no baseline named: the table is there, empty
+    assert R.read_table(tmp_path / R.COMPARISONS_FILE).num_rows == 0
+
+
+def test_baseline_per_protocol(tmp_path):
+    rows = _reviewer_rows() + [_final("zeroshot", "digits", s, {"base_acc": 70.0, "novel_acc": 70.0, "hm": 70.0},
+                                      protocol="base2novel") for s in (1, 2)]
+    R.write_results(tmp_path, rows, {"report": {"baseline": {"base2novel": "zeroshot"}}})
+    got = R.read_table(tmp_path / R.COMPARISONS_FILE).to_pylist()
+    assert {(r["protocol"], r["baseline"], r["method"]) for r in got} == {("base2novel", "zeroshot", "coop")}
+    assert sorted(r["metric"] for r in got) == ["base_acc", "hm", "novel_acc"]
+    hm = next(r for r in got if r["metric"] == "hm")
+    assert hm["diff_mean"] == pytest.approx(2 * 70 * 60 / 130 - 70.0) and hm["ci_method"] == "bootstrap"
+
+
+def test_trial_rows_carry_their_cost_and_cells_sum_it(tmp_path):
+    res = {"CPU": 2.0, "GPU": 0.5}
+    rows = [_final("coop", "dtd", 1, {"test_acc": 50.0, "wall_time_s": 100.0, "time_total_s": 101.0,
+                                       "images_trained": 480, "images_evaluated": 600}, resources=res),
+            R.trial_row(_cfg(cell="fewshot.coop.dtd.2shot", stage="search", seed=1), {"val_acc": 40.0, "time_total_s": 40.0},
+                        status="PRUNED", tune_trial_id="pruned", resources=res),  # no wall_time_s: Tune's time
+            R.trial_row(_cfg(cell="fewshot.coop.dtd.2shot", stage="search", seed=1, number=1), {}, status="ERROR",
+                        tune_trial_id="old")]  # a row of an older ledger: no resources, no time
+    R.write_results(tmp_path, rows, {})
+    t = {r["tune_trial_id"]: r for r in R.read_table(tmp_path / R.TRIALS_FILE).to_pylist()}
+    first = t["fewshotcoopdtd1"]
+    assert (first["cpus"], first["gpu_fraction"], first["cpu_seconds"], first["gpu_seconds"]) == (2.0, 0.5, 200.0, 50.0)
+    assert (first["images_trained"], first["images_evaluated"]) == (480, 600)
+    assert (t["pruned"]["cpu_seconds"], t["pruned"]["gpu_seconds"]) == (80.0, 20.0)
+    assert t["old"]["cpu_seconds"] is None
+    cpu_only = R.trial_row(_cfg(), {"wall_time_s": 10.0}, status="FINISHED", tune_trial_id="c", resources={"CPU": 1.0})
+    assert (cpu_only["gpu_fraction"], cpu_only["gpu_seconds"], cpu_only["cpu_seconds"]) == (0.0, 0.0, 10.0)  # Ray omits GPU: 0
+    cell = R.read_table(tmp_path / R.CELLS_FILE).to_pylist()[0]
+    assert (cell["cpu_seconds"], cell["gpu_seconds"], cell["images_trained"]) == (280.0, 70.0, 480)
+    back = {r["tune_trial_id"]: r for r in R.read_rows(tmp_path / R.TRIALS_FILE)}  # the ledger keeps them
+    assert back["pruned"]["gpu_seconds"] == 20.0
+
+
+def test_new_report_settings_rewrite_the_summaries_from_the_ledger(tmp_path):
+    R.write_results(tmp_path, _reviewer_rows(), {"sweep": "t", "spec_hash": "abc", "report": {"baseline": "coop"},
+                                                 "planned_final_runs": {"fewshot.kgcoop.dtd.2shot": 3}})
+    R.rewrite_summaries(tmp_path, {"baseline": "kgcoop"})
+    got = R.read_table(tmp_path / R.COMPARISONS_FILE).to_pylist()
+    assert {r["baseline"] for r in got} == {"kgcoop"} and {r["method"] for r in got} == {"coop", "maple"}
+    meta = R.read_meta(tmp_path / R.CELLS_FILE)
+    assert meta["spec_hash"] == "abc" and meta["report"] == {"baseline": "kgcoop"}
+    first = R.read_table(tmp_path / R.CELLS_FILE).to_pylist()[0]["cell_id"]
+    assert first == "fewshot.kgcoop.dtd.2shot"  # the planned order is kept
+
+
+def test_every_column_a_reviewer_reads_is_documented_in_the_readme():
+    """The README's column table names every cells and comparisons column and the trials' cost columns
+    (``<metric>_<stat>`` standing for each metric's statistics)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    documented = set(re.findall(r"`([a-z_<>]+)`", text))
+    names = {c.name for c in (*R.CELL_HEAD, *R.CELL_TAIL, *R.COMPARISON_COLUMNS)} | set(R.COST_COLUMNS) | {"cpus", "gpu_fraction"}
+    names |= {f"<metric>_{k}" for k, _ in R.CELL_STATS}
+    assert sorted(names - documented) == []

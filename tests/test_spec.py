@@ -95,3 +95,22 @@ def test_conditional_space_and_hash_and_diff():
     assert a.spec_hash() != b.spec_hash()
     assert diff_normalized(a.normalized(), b.normalized()) == ["shots: [16] -> [1, 2]"]
     assert a.protocol == ["fewshot"]
+
+
+def test_report_names_a_baseline_and_changes_no_trial():
+    """``report`` is how the results are read: a baseline for all protocols or one per protocol; it is not in
+    the spec hash, and a resumed sweep does not call a changed ``report`` a changed spec."""
+    from orchestrator.sweep import _spec_changes
+
+    data = {"name": "t", "protocol": ["fewshot", "base2novel"], "methods": ["zeroshot", "coop"], "datasets": ["digits"]}
+    plain = parse_spec(data)
+    assert plain.report.baseline is None and plain.report.baseline_for("fewshot") is None
+    one = parse_spec(dict(data, report={"baseline": "coop"}))
+    assert one.report.baseline_for("fewshot") == one.report.baseline_for("base2novel") == "coop"
+    per = parse_spec(dict(data, report={"baseline": {"base2novel": "zeroshot"}, "unstable": {"max_std": 2.5}}))
+    assert per.report.baseline_for("base2novel") == "zeroshot" and per.report.baseline_for("fewshot") is None
+    assert per.report.unstable.max_std == 2.5 and per.report.unstable.mads == 3.5  # the documented defaults
+    assert plain.spec_hash() == one.spec_hash() == per.spec_hash()
+    assert _spec_changes(one.normalized(), per.normalized()) == []
+    assert _spec_changes({k: v for k, v in plain.normalized().items() if k != "report"}, one.normalized()) == []
+    assert _spec_changes(one.normalized(), parse_spec(dict(data, seeds=[1], report={"baseline": "coop"})).normalized())

@@ -244,6 +244,7 @@ VALID = {
     "max_retries": 1,
     "tracking": {"uri": "sqlite:////tmp/fuzz/mlflow.db", "experiment": "fuzz"},
     "output": "results",
+    "report": {"baseline": {"fewshot": "zeroshot", "base2novel": "coop"}, "unstable": {"mads": 3.5, "max_std": 5.0}},
 }
 
 KEYS = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_0123456789", min_size=1, max_size=10)

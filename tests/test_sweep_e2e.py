@@ -24,7 +24,7 @@ SPEC = {
     "train": {"defaults": {"epochs": 1, "batch_size": 16, "num_workers": 0}},
     "search": {"coop": {"n_trials": 2, "seeds": [1], "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 1},
                         "space": {"lr": {"type": "float", "low": 0.0005, "high": 0.05, "log": True}}}},
-    "resources": {"cpu": 1, "gpu": 0}, "tracking": {"experiment": "e2e"},
+    "resources": {"cpu": 1, "gpu": 0}, "tracking": {"experiment": "e2e"}, "report": {"baseline": "zeroshot"},
 }
 
 
@@ -111,7 +111,7 @@ def test_plan_rows_and_mlflow_runs_agree(sweep):
     top = {a.path for a in client.list_artifacts(parent)}
     assert {"spec.json", "report.md", "results"} <= top, top
     assert {a.path for a in client.list_artifacts(parent, "results")} == {
-        "results/trials.parquet", "results/cells.parquet", "results/epochs.parquet"}
+        "results/trials.parquet", "results/cells.parquet", "results/comparisons.parquet", "results/epochs.parquet"}
     import mlflow
 
     spec_logged = mlflow.artifacts.load_dict(f"{by_level['sweep'][0].info.artifact_uri}/spec.json")
@@ -158,6 +158,30 @@ def test_report_has_the_table(sweep):
     md = (sweep["out"] / "report.md").read_text()
     assert "| dataset | zeroshot | coop |" in md and "| **Average** |" in md
     assert (sweep["out"] / "fewshot_curves.png").exists()
+    # the reviewer's sections: coop against the zero-shot baseline, seeds, cost on a CPU-only sweep, the search
+    assert "### fewshot, 1-shot: test accuracy (method − zeroshot)" in md and "## Unstable seeds" in md
+    assert "The sweep reserved no GPU, so its plots show CPU-hours." in md and (sweep["out"] / "cost_fewshot.png").exists()
+    assert "fewer than 5: not evaluated" in md  # CoOp's study has 2 completed trials
+
+
+@pytest.mark.slow
+def test_cost_seeds_and_comparisons_of_a_real_sweep(sweep):
+    import pyarrow.feather as feather
+
+    trials = feather.read_table(sweep["out"] / "trials.arrow").to_pylist()
+    assert all(r["cpus"] == 1.0 and r["gpu_fraction"] == 0.0 and r["gpu_seconds"] == 0.0 for r in trials)
+    assert all(r["cpu_seconds"] == pytest.approx(r["wall_time_s"]) and r["cpu_seconds"] > 0 for r in trials)
+    assert all(r["images_trained"] > 0 for r in trials if r["method"] == "coop")
+    assert all(r["images_evaluated"] >= r["test_images_read"] > 0 for r in trials if r["stage"] == "final")
+    cells = {c["method"]: c for c in feather.read_table(sweep["out"] / "cells.arrow").to_pylist()}
+    assert cells["coop"]["cpu_seconds"] == pytest.approx(sum(r["cpu_seconds"] for r in trials if r["method"] == "coop"))
+    assert cells["coop"]["seeds"] == [1, 2] and len(cells["coop"]["test_acc_values"]) == 2
+    assert cells["coop"]["test_acc_ci_low"] <= cells["coop"]["test_acc_mean"] <= cells["coop"]["test_acc_ci_high"]
+    comp = feather.read_table(sweep["out"] / "comparisons.arrow").to_pylist()
+    assert [(r["method"], r["baseline"], r["dataset"], r["n_pairs"]) for r in comp] == [("coop", "zeroshot", "digits", 2)]
+    finals = {(r["method"], r["seed"]): r["test_acc"] for r in trials if r["stage"] == "final"}
+    assert comp[0]["diff_mean"] == pytest.approx(
+        sum(finals[("coop", s)] - finals[("zeroshot", s)] for s in (1, 2)) / 2)
 
 
 @pytest.mark.slow
@@ -170,6 +194,18 @@ def test_rerun_starts_nothing_and_changed_spec_is_refused(sweep):
     assert (sweep["out"] / "trials.arrow").read_bytes() == before
     _, runs_after = _runs(sweep["uri"])
     assert len(runs_after) == len(runs_before)
+    # another baseline changes no trial: the comparisons and the report are rewritten, nothing runs
+    import pyarrow.feather as feather
+
+    rows_before = feather.read_table(sweep["out"] / "trials.arrow").to_pylist()
+    reread = _write(sweep["tmp"], dict(SPEC, report={"baseline": "coop"}), "reread.yaml")
+    r = _cli([str(reread), "--output", str(sweep["tmp"] / "out"), "--tracking-uri", sweep["uri"]], sweep["tmp"])
+    assert r.returncode == 0 and "report settings changed" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    comp = feather.read_table(sweep["out"] / "comparisons.arrow").to_pylist()
+    assert [(c["method"], c["baseline"]) for c in comp] == [("zeroshot", "coop")]
+    assert "(method − coop)" in (sweep["out"] / "report.md").read_text()
+    assert feather.read_table(sweep["out"] / "trials.arrow").to_pylist() == rows_before  # no trial ran
+    assert len(_runs(sweep["uri"])[1]) == len(runs_before)
     changed = _write(sweep["tmp"], dict(SPEC, seeds=[1, 2, 3]), "changed.yaml")
     r = _cli([str(changed), "--output", str(sweep["tmp"] / "out"), "--tracking-uri", sweep["uri"]], sweep["tmp"])
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "seeds: [1, 2] -> [1, 2, 3]" in r.stderr
@@ -198,7 +234,7 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
 
     import pyarrow.feather as feather
 
-    spec = _write(tmp_path, dict(SPEC, methods=["coop"], search={}, seeds=[1, 2, 3, 4],
+    spec = _write(tmp_path, dict(SPEC, methods=["coop"], search={}, seeds=[1, 2, 3, 4], report={},
                                  train={"defaults": {"epochs": 1, "batch_size": 16}}))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = [sys.executable, "-m", "orchestrator.sweep", str(spec), "--output", str(tmp_path / "out"),

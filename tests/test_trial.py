@@ -100,7 +100,13 @@ def test_training_throughput_counts_the_examples_stepped(tiny_backbone):
     # digits 2-shot: 20 training images; batch 8 with drop_last -> 16 per epoch, 3 epochs
     out = run_trial(_req())
     assert out["train_images"] == 3 * 16 and out["train_images_per_s"] > 0
-    assert "train_images" not in run_trial(_req(method="zeroshot", overrides={}))  # nothing trained by gradient
+    # the trial's cost in images: those stepped, and the 20 validation images after each epoch plus the test split
+    assert out["images_trained"] == 3 * 16 and out["images_evaluated"] == 3 * 20 + out["test_images_read"] == 600
+    zs = run_trial(_req(method="zeroshot", overrides={}))
+    assert "train_images" not in zs  # nothing trained by gradient
+    assert zs["images_trained"] == 0 and zs["images_evaluated"] == 20 + 540
+    lp = run_trial(_req(method="linear_probe", overrides={}, stage="search"))  # a closed-form fit reads the split once
+    assert lp["images_trained"] == 20 and lp["images_evaluated"] == 20 and lp["test_images_read"] == 0
 
 
 def test_nan_loss_stops_with_nan_loss_error(tiny_backbone, monkeypatch):
