@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Optional
 
 from fewshot.errors import ConfigError, UserError, error_line
+from orchestrator.mlflow_uri import check_tracking_server, check_uri_scheme, mask_uri, resolve_tracking_uri, ui_command
 
 STATE_FILE = "sweep.json"
 LOCK_FILE = ".sweep.lock"
@@ -84,10 +85,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     for flag in ("output", "address", "tracking_uri", "data_root"):
         if getattr(args, flag) is not None and not getattr(args, flag).strip():
             raise ConfigError(f"--{flag.replace('_', '-')}: must not be empty (leave the flag out for the default)")
-    uri = args.tracking_uri
-    if uri is not None and (uri.startswith("file:") or "://" not in uri):
-        raise ConfigError(f"--tracking-uri: '{uri}' is not supported (MLflow 3 refuses file stores); "
-                          "use sqlite:///ABS/PATH/mlflow.db or http://host:port")
+    if args.tracking_uri is not None:
+        check_uri_scheme(args.tracking_uri, "--tracking-uri")
     if args.output is not None:
         check_output_root(Path(args.output), "--output")
     if args.data_root is not None and not Path(args.data_root).expanduser().is_dir():
@@ -243,8 +242,6 @@ def results_table(out_dir: Path) -> str:
 
 
 def _print_outputs(out_dir: Path, tracking_uri: str) -> None:
-    from orchestrator.tracking import ui_command
-
     print(results_table(out_dir))
     print(f"\nresults:  {out_dir / 'trials.arrow'}\n          {out_dir / 'cells.arrow'}  (and .parquet twins)"
           f"\n          {out_dir / 'report.md'}")
@@ -256,7 +253,6 @@ def _print_outputs(out_dir: Path, tracking_uri: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from orchestrator.planner import plan as make_plan
     from orchestrator.spec import load_spec
-    from orchestrator.tracking import check_tracking_server, mask_uri, replay_backlog, resolve_tracking_uri
 
     spec = load_spec(args.spec)
     if args.output is None:
@@ -291,7 +287,7 @@ def _checked_run(spec, plan, args, out_dir: Path, tracking_uri: str, data_root: 
     """``run`` once a sweep's ``out_dir`` is locked (``lock``; None where it has no state yet): the resume and
     spec-change checks, resources, data, tracking server; then the folder is made (and locked), ``--fresh``
     clears the earlier run, and the sweep runs."""
-    from orchestrator.tracking import check_tracking_server, replay_backlog
+    from orchestrator.mlflow_backlog import replay_backlog
 
     state = None if args.fresh else _read_state(out_dir)
     if state is not None:
