@@ -5,8 +5,9 @@ Owns the column tables (``TRIAL_HEAD`` / ``TRIAL_TAIL``, ``CELL_HEAD`` / ``CELL_
 name, Arrow type, description and unit — the schemas, the field metadata and the row readers all come
 from them; accuracies are percent), the schema metadata (schema version, spec hash, package versions), the
 per-cell aggregation (n, mean, std of each metric; base2novel HM from the seed-mean base and
-novel accuracies) and atomic writes (temp file in the same directory, flushed to disk, then
-``os.replace``; the file gets the usual ``0666 & ~umask`` mode, not ``mkstemp``'s 0600). Each table is
+novel accuracies) and atomic writes (``fewshot.paths.atomic_open``: temp file in the same directory, flushed
+to disk, ``os.replace``, the directory flushed; the file gets the usual ``0666 & ~umask`` mode, not
+``mkstemp``'s 0600). Each table is
 written twice, the same rows and schema metadata: Arrow IPC (Feather v2: ``trials.arrow``, the ledger a
 resumed sweep reads; pyarrow, pandas ``read_feather``, polars ``read_ipc``) and Parquet
 (``trials.parquet``, which DuckDB reads without an extension; pandas / polars ``read_parquet``). Only

@@ -103,7 +103,9 @@ class CellSearcher(Searcher):
         self.__dict__.setdefault("_handles", {})
 
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
+        from fewshot.paths import atomic_open
+
+        with atomic_open(checkpoint_path, "wb") as f:  # Tune renames it into place; fsynced first
             pickle.dump(self.__getstate__(), f)
 
     def restore(self, checkpoint_path: str) -> None:
