@@ -210,9 +210,14 @@ def _check_resources(spec, args, out_dir: Path) -> None:
         check_trial_fits(r.cpu, r.gpu, [local_node_resources()], "nothing on this machine (the local Ray)")
         return
     with _sigterm_held():
-        ensure_ray(args.address)
+        ensure_ray(args.address, job_metadata=ray_job_metadata(spec.name, out_dir))
     max_concurrent_trials(r.cpu, r.gpu, args.max_concurrent)
     check_cluster_storage(out_dir)
+
+
+def ray_job_metadata(sweep_name: str, out_dir: Path) -> dict[str, str]:
+    """The Ray job's metadata: which sweep the driver runs and where it writes."""
+    return {"promptsweep.sweep": sweep_name, "promptsweep.output": str(out_dir)}
 
 
 def _check_local_cuda(spec) -> None:
@@ -575,7 +580,7 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
     from orchestrator.progress import ProgressPrinter
     from orchestrator.report import write_report
     from orchestrator.results import ERROR_STATUS, package_versions
-    from orchestrator.searcher import CellSearcher
+    from orchestrator.searcher import CellSearcher, record_mlflow_runs
     from orchestrator.tracking import MlflowTracking
     from orchestrator.tune_runner import (ResultsCallback, build_tuner, ensure_ray, max_concurrent_trials,
                                           quiet_tune_logs)
@@ -588,11 +593,14 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
     with _sigterm_held():  # from before the threads that ray.init may outlive are started
         tracker = MlflowTracking(tracking_uri, spec.tracking.experiment, spec.name, spec_hash, background=True,
                                  parent_run_id=(state or {}).get("parent_run_id"), out_dir=out_dir)
+        journal = str(out_dir / OPTUNA_FILE)
+        tracker.on_cell_run = lambda cell_id, run_id: record_mlflow_runs(journal, {cell_id: run_id})
         if not (args.address or os.environ.get("RAY_ADDRESS")):
             _adopt_orphans()  # before the local Ray starts: its processes stay the driver's descendants
         with ThreadPoolExecutor(1) as pool:  # the tracking store's start-up (SQLite migrations: seconds) overlaps Ray's
             parent_future = pool.submit(tracker.ensure_parent)
-            started_ray = ensure_ray(args.address, dashboard=getattr(args, "dashboard", None))
+            started_ray = ensure_ray(args.address, dashboard=getattr(args, "dashboard", None),
+                                     job_metadata=ray_job_metadata(spec.name, out_dir))
     progress = None
     try:
         parent = parent_future.result()
@@ -612,12 +620,12 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
         request_base = {"backbone": {"arch": spec.backbone.arch, "pretrained": spec.backbone.pretrained},
                         "data_root": data_root,
                         "device": spec.device}
-        searcher = CellSearcher(plan.cells, request_base, str(out_dir / OPTUNA_FILE))
+        searcher = CellSearcher(plan.cells, request_base, journal)
         use_pruning = any(c.search.pruner.name != "none" and c.n_trials for c in plan.cells)
 
         print(plan.describe().splitlines()[0] + f"; {n} at a time", flush=True)
         tuner = build_tuner(out_dir, searcher, [tracker, results_cb, progress], r.cpu, r.gpu, n,
-                            spec.max_retries, use_pruning)
+                            spec.max_retries, use_pruning, sweep_name=spec.name)
         sigint_before = signal.getsignal(signal.SIGINT)
         with _driver_gc():
             tuner.fit()
