@@ -230,9 +230,7 @@ class MlflowTracking(Callback):
         # after a restore the driver may have died after creating this run but before Tune saved our state
         lookup = ["tune_trial_id", trial.trial_id] if self._restored else None
         self._submit(CreateRun(key=key, name=name, tags=tags, parent=cell, lookup=lookup))
-        items = sorted((k, v[:6000]) for k, v in params.items())
-        for i in range(0, len(items), MLFLOW_MAX_PARAMS):
-            self._submit(LogBatch(key=key, params=dict(items[i:i + MLFLOW_MAX_PARAMS])))
+        self._log_params(key, params)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if trial.trial_id not in self.state["trials"]:
@@ -241,6 +239,12 @@ class MlflowTracking(Callback):
         metrics = _metric_points(result, int(time.time() * 1000), step)
         if metrics:
             self._submit(LogBatch(key=f"trial:{trial.trial_id}", metrics=metrics))
+
+    def _log_params(self, key: str, params: dict[str, str]) -> None:
+        """``params`` on the run ``key``, in batches of MLflow's most per call (values cut to its 6000 characters)."""
+        items = sorted((k, v[:6000]) for k, v in params.items())
+        for i in range(0, len(items), MLFLOW_MAX_PARAMS):
+            self._submit(LogBatch(key=key, params=dict(items[i:i + MLFLOW_MAX_PARAMS])))
 
     def _end(self, key: str, status: str) -> None:
         if key not in self.state["closed"]:
@@ -278,12 +282,14 @@ class MlflowTracking(Callback):
 
         ``cells``: ``{cell id: cell_summary(...)}``: each cell run logs its metrics and chosen
         hyperparameters and ends with its own status (the others end with ``status``); ``metrics``, the
-        ``spec`` (as ``spec.json``) and the ``artifacts`` (``(file, folder in the run or None)``: report,
-        plots, result files) go to the sweep's run."""
+        ``spec`` (as ``spec.json`` and as params: ``methods``, ``backbone.arch``, ``train.defaults.epochs``, ...)
+        and the ``artifacts`` (``(file, folder in the run or None)``: report, plots, result files) go to the
+        sweep's run."""
         self.sender.stop()
         sweep_open = self._open("sweep")
         if sweep_open and spec is not None:
             self._submit(LogDict(key="sweep", data=spec, file="spec.json"))
+            self._log_params("sweep", _flat_params(spec))
         if sweep_open:
             for path, folder in artifacts:
                 self._submit(LogArtifact(key="sweep", path=str(path), dir=folder))

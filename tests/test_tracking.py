@@ -71,8 +71,10 @@ def test_cell_runs_hold_their_figures_hyperparameters_and_own_status(tmp_path):
                                           "search_best_val": 70.0},
             "fewshot.coop.shapes.2shot": {"cell_id": "fewshot.coop.shapes.2shot", "n": 1, "n_failed": 2,
                                           "params_json": None, "test_acc_mean": 40.0, "test_acc_std": None}}
+    spec = {"name": "t", "methods": ["coop"], "backbone": {"arch": "promptsweep-tiny", "pretrained": None},
+            "search": {"coop": {"space": {f"p{i}": {"type": "float", "low": 0, "high": 1} for i in range(40)}}}}
     cb.finish("FAILED", cells={cid: cell_summary(r, 3) for cid, r in rows.items()},
-              metrics={"trials_finished": 6, "trials_failed": 2})
+              metrics={"trials_finished": 6, "trials_failed": 2}, spec=spec)
     c = MlflowClient(uri)
     good = c.get_run(cb.state["cells"]["fewshot.coop.digits.2shot"])
     assert good.info.status == "FINISHED"  # its own status, not the sweep's FAILED
@@ -83,6 +85,9 @@ def test_cell_runs_hold_their_figures_hyperparameters_and_own_status(tmp_path):
     assert bad.info.status == "FAILED" and bad.data.metrics["n_failed"] == 2
     sweep = c.get_run(cb.state["parent"])
     assert sweep.info.status == "FAILED" and sweep.data.metrics == {"trials_finished": 6, "trials_failed": 2}
+    # the sweep's settings as params (the runs table can show and compare them), past 100 per batch
+    assert sweep.data.params["methods"] == '["coop"]' and sweep.data.params["backbone.arch"] == "promptsweep-tiny"
+    assert sweep.data.params["search.coop.space.p39.high"] == "1" and len(sweep.data.params) == 4 + 40 * 3
 
 
 def test_restored_state_reuses_runs(tmp_path):
