@@ -1,12 +1,15 @@
 """Where things live: the data root (``--data-root`` / ``$PROMPTSWEEP_DATA``) and the cache root
 (``$PROMPTSWEEP_CACHE``, default ``~/.cache/promptsweep``), plus the project's one atomic file writer
-(``atomic_open``: temp file beside the target, fsync, the usual ``0666 & ~umask`` mode, ``os.replace``).
+(``atomic_open``: temp file beside the target, fsync, the usual ``0666 & ~umask`` mode, ``os.replace``, fsync
+of the folder). Every file the sweep driver writes (results, report, plots, ``sweep.json``, the MLflow
+backlog, the searcher's saved state) and every trial checkpoint goes through it.
 
 ``first_escape`` is the one containment rule for listed image paths: each must be free of NUL bytes and
 resolve (symbolic links included) inside its image folder's real path. ``check_cache_writable`` refuses,
 up front, a cache folder that is not a writable directory."""
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from contextlib import contextmanager
@@ -119,7 +122,8 @@ def check_cache_writable(extra: Iterable[tuple[Path, str]] = ()) -> None:
 def atomic_open(path: Path, mode: str = "w", encoding: str | None = None,
                 before_replace: Optional[Callable[[], None]] = None):
     """Open a temp file beside ``path``; on success it is fsynced, given ``FILE_MODE`` and
-    ``os.replace``d onto ``path`` (``before_replace`` runs just before the rename: a test hook).
+    ``os.replace``d onto ``path``, and the folder is fsynced so the rename itself survives a power loss
+    (``before_replace`` runs just before the rename: a test hook).
 
     Readers see either no file (or the old one) or the complete new one; concurrent writers of the
     same content are safe (the last rename wins, every version is whole). On an error the temp file
@@ -142,6 +146,20 @@ def atomic_open(path: Path, mode: str = "w", encoding: str | None = None,
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush ``folder``'s entries (a rename into it) to disk; a file system that cannot fsync a folder
+    (some network mounts answer EINVAL) is left to its own guarantees."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

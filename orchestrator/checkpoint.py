@@ -8,7 +8,6 @@ one on CPU. Everything is stored as tensors / plain containers so that it loads 
 """
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from fewshot.errors import CheckpointError
+from fewshot.paths import atomic_open
 
 STATE_FILE = "state.pt"
 
@@ -40,12 +40,10 @@ def restore_rng(state: dict, generator: torch.Generator) -> None:
 
 
 def save(directory: Path, state: dict) -> Path:
-    """Write ``state`` to ``directory/state.pt`` atomically; returns the directory."""
+    """Write ``state`` to ``directory/state.pt`` atomically (``fewshot.paths.atomic_open``); returns the directory."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (STATE_FILE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, directory / STATE_FILE)
+    with atomic_open(directory / STATE_FILE, "wb") as fh:
+        torch.save(state, fh)
     return directory
 
 

@@ -8,8 +8,9 @@ readers all come from them; accuracies are percent, differences percentage point
 (schema version, spec hash, package versions, the spec's ``report`` settings), the per-cell aggregation (n,
 mean, std, 95 % interval and per-seed values of each metric, base2novel HM from the seed-mean base and
 novel accuracies, unstable seeds, summed cost), the paired comparisons (numbers from
-``orchestrator.statistics``) and atomic writes (temp file in the same directory, flushed to disk, then
-``os.replace``; the file gets the usual ``0666 & ~umask`` mode, not ``mkstemp``'s 0600). Each table is
+``orchestrator.statistics``) and atomic writes (``fewshot.paths.atomic_open``: temp file in the same directory, flushed
+to disk, ``os.replace``, the directory flushed; the file gets the usual ``0666 & ~umask`` mode, not
+``mkstemp``'s 0600). Each table is
 written twice, the same rows and schema metadata: Arrow IPC (Feather v2: ``trials.arrow``, the ledger a
 resumed sweep reads; pyarrow, pandas ``read_feather``, polars ``read_ipc``) and Parquet
 (``trials.parquet``, which DuckDB reads without an extension; pandas / polars ``read_parquet``). Only

@@ -26,6 +26,10 @@ ran it (suggested here, or restored by Tune to run again: ``note_live``; this dr
 each); a trial the bookkeeping waits for that has a row is counted from it, and work with neither is
 emitted again.
 
+Each study carries its cell as user attributes (protocol, method, dataset, shots, search seeds, backbone)
+and, once the MLflow tracker has created the cell's run, ``mlflow_run_id`` (``record_mlflow_runs``, which
+the tracker calls through its own handle on the journal).
+
 The searcher is plain Python driven by Tune's callbacks, so tests drive it with a fake objective.
 """
 from __future__ import annotations
@@ -33,6 +37,7 @@ from __future__ import annotations
 import pickle
 import warnings
 import statistics
+from pathlib import Path
 from typing import Any, Optional
 
 import optuna
@@ -59,6 +64,29 @@ def sample_space(trial: optuna.trial.BaseTrial, space: dict[str, ParamSpec]) -> 
         else:
             out[name] = trial.suggest_categorical(name, p.choices)
     return out
+
+
+def _journal(storage_file: str):
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(storage_file))
+
+
+def record_mlflow_runs(storage_file: str, runs: dict[str, Optional[str]]) -> None:
+    """Set the user attribute ``mlflow_run_id`` of each cell's study (``{cell id: run id}``) where it differs.
+    A cell without a study (nothing to search) is left out. Its own storage handle on the journal file (whose
+    appends are locked across handles), so it may be called from the tracker's sender thread."""
+    runs = {cid: rid for cid, rid in runs.items() if rid}
+    if not runs or not Path(storage_file).is_file():
+        return
+    storage = _journal(storage_file)
+    names = {s.study_name for s in storage.get_all_studies()}
+    for cid, rid in runs.items():
+        if cid in names:
+            study = optuna.load_study(study_name=cid, storage=storage)
+            if study.user_attrs.get("mlflow_run_id") != rid:
+                study.set_user_attr("mlflow_run_id", rid)
 
 
 def _new_cell_state() -> dict:
@@ -103,7 +131,9 @@ class CellSearcher(Searcher):
         self.__dict__.setdefault("_handles", {})
 
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
+        from fewshot.paths import atomic_open
+
+        with atomic_open(checkpoint_path, "wb") as f:  # Tune renames it into place; fsynced first
             pickle.dump(self.__getstate__(), f)
 
     def restore(self, checkpoint_path: str) -> None:
@@ -154,10 +184,7 @@ class CellSearcher(Searcher):
     def study(self, cell: Cell) -> optuna.Study:
         st = self._studies.get(cell.cell_id)
         if st is None:
-            from optuna.storages import JournalStorage
-            from optuna.storages.journal import JournalFileBackend
-
-            storage = JournalStorage(JournalFileBackend(self.storage_file))
+            storage = _journal(self.storage_file)
             idx = [c.cell_id for c in self.cells].index(cell.cell_id)
             try:  # a reopened study (restored sweep) must not replay the same random draws
                 done = len(optuna.load_study(study_name=cell.cell_id, storage=storage).trials)

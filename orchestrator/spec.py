@@ -67,6 +67,7 @@ from pydantic import (AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictB
 
 from fewshot.errors import ConfigError
 from fewshot.registry import COUNT_TOLERANCE
+from orchestrator.mlflow_uri import check_uri_scheme
 
 PROTOCOLS = ("fewshot", "base2novel", "cross_dataset", "domain_generalization")
 TRANSFER_PROTOCOLS = ("cross_dataset", "domain_generalization")
@@ -703,9 +704,8 @@ def validate(spec: SweepSpec) -> SweepSpec:
     if spec.device == "cuda" and spec.resources.gpu == 0:
         raise ConfigError("device: cuda needs a GPU per trial, but resources.gpu is 0 (set resources.gpu: 1, or "
                           "trials_per_gpu, or device: auto / cpu)")
-    uri = spec.tracking.uri
-    if uri is not None and (uri.startswith("file:") or "://" not in uri):
-        raise ConfigError(f"tracking.uri: '{uri}' is not supported; use sqlite:///ABS/PATH/mlflow.db or http://host:port")
+    if spec.tracking.uri is not None:
+        check_uri_scheme(spec.tracking.uri, "tracking.uri")
 
     for i, m in enumerate(spec.methods):
         protos = _method_protocols(m)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Optional
 
 from fewshot.errors import ConfigError, UserError, error_line
+from orchestrator.mlflow_uri import check_tracking_server, check_uri_scheme, mask_uri, resolve_tracking_uri, ui_command
 
 STATE_FILE = "sweep.json"
 LOCK_FILE = ".sweep.lock"
@@ -84,10 +85,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     for flag in ("output", "address", "tracking_uri", "data_root"):
         if getattr(args, flag) is not None and not getattr(args, flag).strip():
             raise ConfigError(f"--{flag.replace('_', '-')}: must not be empty (leave the flag out for the default)")
-    uri = args.tracking_uri
-    if uri is not None and (uri.startswith("file:") or "://" not in uri):
-        raise ConfigError(f"--tracking-uri: '{uri}' is not supported (MLflow 3 refuses file stores); "
-                          "use sqlite:///ABS/PATH/mlflow.db or http://host:port")
+    if args.tracking_uri is not None:
+        check_uri_scheme(args.tracking_uri, "--tracking-uri")
     if args.output is not None:
         check_output_root(Path(args.output), "--output")
     if args.data_root is not None and not Path(args.data_root).expanduser().is_dir():
@@ -211,9 +210,14 @@ def _check_resources(spec, args, out_dir: Path) -> None:
         check_trial_fits(r.cpu, r.gpu, [local_node_resources()], "nothing on this machine (the local Ray)")
         return
     with _sigterm_held():
-        ensure_ray(args.address)
+        ensure_ray(args.address, job_metadata=ray_job_metadata(spec.name, out_dir))
     max_concurrent_trials(r.cpu, r.gpu, args.max_concurrent)
     check_cluster_storage(out_dir)
+
+
+def ray_job_metadata(sweep_name: str, out_dir: Path) -> dict[str, str]:
+    """The Ray job's metadata: which sweep the driver runs and where it writes."""
+    return {"promptsweep.sweep": sweep_name, "promptsweep.output": str(out_dir)}
 
 
 def _check_local_cuda(spec) -> None:
@@ -243,8 +247,6 @@ def results_table(out_dir: Path) -> str:
 
 
 def _print_outputs(out_dir: Path, tracking_uri: str) -> None:
-    from orchestrator.tracking import ui_command
-
     print(results_table(out_dir))
     print(f"\nresults:  {out_dir / 'trials.arrow'}\n          {out_dir / 'cells.arrow'}  (and .parquet twins)"
           f"\n          {out_dir / 'report.md'}")
@@ -256,7 +258,6 @@ def _print_outputs(out_dir: Path, tracking_uri: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from orchestrator.planner import plan as make_plan
     from orchestrator.spec import load_spec
-    from orchestrator.tracking import check_tracking_server, mask_uri, replay_backlog, resolve_tracking_uri
 
     spec = load_spec(args.spec)
     if args.output is None:
@@ -291,8 +292,8 @@ def _checked_run(spec, plan, args, out_dir: Path, tracking_uri: str, data_root: 
     """``run`` once a sweep's ``out_dir`` is locked (``lock``; None where it has no state yet): the resume and
     spec-change checks, resources, data, tracking server; then the folder is made (and locked), ``--fresh``
     clears the earlier run, and the sweep runs."""
+    from orchestrator.mlflow_backlog import replay_backlog
     from orchestrator.spec import PRESENTATION_KEYS
-    from orchestrator.tracking import check_tracking_server, replay_backlog
 
     state = None if args.fresh else _read_state(out_dir)
     if state is not None:
@@ -603,7 +604,7 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
     from orchestrator.progress import ProgressPrinter
     from orchestrator.report import write_report
     from orchestrator.results import ERROR_STATUS, package_versions
-    from orchestrator.searcher import CellSearcher
+    from orchestrator.searcher import CellSearcher, record_mlflow_runs
     from orchestrator.tracking import MlflowTracking
     from orchestrator.tune_runner import (ResultsCallback, build_tuner, ensure_ray, max_concurrent_trials,
                                           quiet_tune_logs)
@@ -616,11 +617,14 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
     with _sigterm_held():  # from before the threads that ray.init may outlive are started
         tracker = MlflowTracking(tracking_uri, spec.tracking.experiment, spec.name, spec_hash, background=True,
                                  parent_run_id=(state or {}).get("parent_run_id"), out_dir=out_dir)
+        journal = str(out_dir / OPTUNA_FILE)
+        tracker.on_cell_run = lambda cell_id, run_id: record_mlflow_runs(journal, {cell_id: run_id})
         if not (args.address or os.environ.get("RAY_ADDRESS")):
             _adopt_orphans()  # before the local Ray starts: its processes stay the driver's descendants
         with ThreadPoolExecutor(1) as pool:  # the tracking store's start-up (SQLite migrations: seconds) overlaps Ray's
             parent_future = pool.submit(tracker.ensure_parent)
-            started_ray = ensure_ray(args.address, dashboard=getattr(args, "dashboard", None))
+            started_ray = ensure_ray(args.address, dashboard=getattr(args, "dashboard", None),
+                                     job_metadata=ray_job_metadata(spec.name, out_dir))
     progress = None
     try:
         parent = parent_future.result()
@@ -640,12 +644,12 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
         request_base = {"backbone": {"arch": spec.backbone.arch, "pretrained": spec.backbone.pretrained},
                         "data_root": data_root,
                         "device": spec.device}
-        searcher = CellSearcher(plan.cells, request_base, str(out_dir / OPTUNA_FILE))
+        searcher = CellSearcher(plan.cells, request_base, journal)
         use_pruning = any(c.search.pruner.name != "none" and c.n_trials for c in plan.cells)
 
         print(plan.describe().splitlines()[0] + f"; {n} at a time", flush=True)
         tuner = build_tuner(out_dir, searcher, [tracker, results_cb, progress], r.cpu, r.gpu, n,
-                            spec.max_retries, use_pruning)
+                            spec.max_retries, use_pruning, sweep_name=spec.name)
         sigint_before = signal.getsignal(signal.SIGINT)
         with _driver_gc():
             tuner.fit()

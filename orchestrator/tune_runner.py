@@ -47,28 +47,33 @@ EXPERIMENT_NAME = "tune"
 
 # --- Ray -----------------------------------------------------------------------------------------
 
-def ensure_ray(address: Optional[str] = None, dashboard: Optional[tuple[str, int]] = None) -> bool:
+def ensure_ray(address: Optional[str] = None, dashboard: Optional[tuple[str, int]] = None,
+               job_metadata: Optional[dict[str, str]] = None) -> bool:
     """Connect to ``address`` / $RAY_ADDRESS, else start a local Ray whose every listener binds loopback
     (``LOCAL_NODE_IP``), with its dashboard on ``dashboard`` = (host, port) when given (its URL printed).
-    True when we started it."""
+    ``job_metadata`` is the Ray job's metadata (the dashboard's Jobs table, ``ray list jobs --detail``; a job
+    from ``ray job submit`` shows its submission's metadata there instead). True when we started it."""
     import logging
 
     import ray
+    from ray.job_config import JobConfig
 
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     if ray.is_initialized():
         return False
     runtime_env = {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}}
+    job_config = JobConfig(metadata=dict(job_metadata or {}))
     addr = address or os.environ.get("RAY_ADDRESS")
     if addr:
         leave_job_working_dir()
-        ray.init(address=addr, runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=False)
+        ray.init(address=addr, runtime_env=runtime_env, job_config=job_config, logging_level=logging.WARNING,
+                 log_to_driver=False)
         return False
     board = {"dashboard_host": dashboard[0], "dashboard_port": dashboard[1]} if dashboard else {}
     with _loopback_node_address():
         ctx = ray.init(address="local", _node_ip_address=LOCAL_NODE_IP, num_cpus=os.cpu_count(),
                        include_dashboard=dashboard is not None, **board, runtime_env=runtime_env,
-                       logging_level=logging.WARNING, log_to_driver=False)
+                       job_config=job_config, logging_level=logging.WARNING, log_to_driver=False)
     if dashboard:
         print(f"ray dashboard: http://{ctx.dashboard_url or '%s:%d' % dashboard}", flush=True)
     return True
@@ -549,13 +554,35 @@ class LedgerScheduler(CellPruningScheduler):
         return d
 
 
+def ray_label(sweep_name: str) -> str:
+    """How Ray shows a sweep's trial actors (class and repr in ``ray list actors``, the dashboard's Actors tab)."""
+    return f"promptsweep[{sweep_name}]"
+
+
+def sweep_trainable(sweep_name: str, cpu: float, gpu: float) -> type:
+    """``trial_trainable`` as the Tune trainable class whose actors Ray lists under ``ray_label(sweep_name)``:
+    that is their ``class_name`` (Ray takes the class's qualified name) and their ``repr_name`` (and so the
+    name of their tasks, ``<label>.train``). Tune keeps a worker across trials (``reuse_actors``), of any cell,
+    and Ray fixes an actor's names when it starts, so they name the sweep, not a cell; trials.arrow's ``node``
+    and the MLflow trial runs say where each trial ran. The name Tune registers and restores by stays
+    ``trial_trainable`` (an experiment saved before keeps restoring)."""
+    from ray.tune.trainable import wrap_function
+
+    label = ray_label(sweep_name)
+    named = type(label, (wrap_function(trial_trainable),), {"__repr__": lambda self: label, "__module__": __name__})
+    trainable = tune.with_resources(named, {"cpu": cpu, "gpu": gpu})
+    trainable.__qualname__ = label  # with_resources' subclass: the class Tune starts actors of
+    return trainable
+
+
 def build_tuner(out_dir: Path, searcher, callbacks: list, cpu: float, gpu: float, max_concurrent: int,
-                max_retries: int, use_pruning: bool):
+                max_retries: int, use_pruning: bool, sweep_name: str = "sweep"):
     """A fresh Tuner, or the restored one when the experiment exists (callbacks replaced by ours).
 
     Both get a ``LedgerScheduler`` and a searcher holding the ledger: the rows of the
-    ``ResultsCallback`` among ``callbacks`` (trials.arrow as this driver found it)."""
-    trainable = tune.with_resources(trial_trainable, {"cpu": cpu, "gpu": gpu})
+    ``ResultsCallback`` among ``callbacks`` (trials.arrow as this driver found it); their trial actors are
+    named after ``sweep_name`` (``sweep_trainable``)."""
+    trainable = sweep_trainable(sweep_name, cpu, gpu)
     path = experiment_path(out_dir)
     results_cb = next((cb for cb in callbacks if isinstance(cb, ResultsCallback)), None)
     ledger = dict(results_cb.ledger) if results_cb is not None else {}

@@ -100,11 +100,11 @@ def test_created_run_whose_answer_was_lost_is_not_created_twice(tmp_path):
     cb.client.create_run = create_then_lose_reply
     t = _trial("x")
     cb.on_trial_start(0, [], t)  # the cell's create "fails" after reaching the store
-    assert cb.state["pending"] and cb.trial_run_id("x") is None
+    assert cb.sender.pending and cb.trial_run_id("x") is None
     cb.client.create_run = real
     _lifecycle(cb, t)
     cb.finish()
-    assert not cb.state["pending"]
+    assert not cb.sender.pending
     _, runs = _trial_runs(uri, "lost")
     assert len(runs["cell"]) == 1 and len(runs["trial"]) == 1 and len(runs["sweep"]) == 1
     assert runs["trial"][0].info.run_id == cb.trial_run_id("x")
@@ -113,7 +113,9 @@ def test_created_run_whose_answer_was_lost_is_not_created_twice(tmp_path):
 
 def test_backlog_file_and_an_older_tune_state_merge_without_duplicates(tmp_path, monkeypatch):
     """Driver restart after an outage: the backlog file (newer) and Tune's restored state (older) unite."""
-    from orchestrator.tracking import BACKLOG_FILE, DRIVER_HTTP_ENV, MlflowTracking, _client
+    from orchestrator.mlflow_backlog import BACKLOG_FILE
+    from orchestrator.mlflow_uri import DRIVER_HTTP_ENV, make_client
+    from orchestrator.tracking import MlflowTracking
 
     for k, v in DRIVER_HTTP_ENV.items():
         monkeypatch.setenv(k, v)
@@ -124,7 +126,7 @@ def test_backlog_file_and_an_older_tune_state_merge_without_duplicates(tmp_path,
     t1, t2 = _trial("t1"), _trial("t2", seed=2)
     cb.on_trial_start(0, [], t1)
     older = cb.get_state()  # what Tune checkpointed
-    cb._client = _client(f"http://127.0.0.1:{free_port()}")  # the store goes away
+    cb._client = make_client(f"http://127.0.0.1:{free_port()}")  # the store goes away
     cb.on_trial_result(0, [], t1, {"epoch": 0, "val_acc": 10.0})
     cb.on_trial_start(0, [], t2)
     t1.last_result = t2.last_result = {"final": 1}
@@ -135,9 +137,9 @@ def test_backlog_file_and_an_older_tune_state_merge_without_duplicates(tmp_path,
 
     cb2 = MlflowTracking(uri, "merge", "m", "h", parent_run_id=cb.state["parent"], out_dir=out)  # loads the file
     cb2.set_state(older)
-    assert [op["id"] for op in cb2.state["pending"]] == [op["id"] for op in cb.state["pending"]]
+    assert [op.id for op in cb2.sender.pending] == [op.id for op in cb.sender.pending]
     cb2.ensure_parent()
-    assert not cb2.state["pending"]
+    assert not cb2.sender.pending
     cb2.finish()
     assert not (out / BACKLOG_FILE).exists()
     c, runs = _trial_runs(uri, "merge")
@@ -150,7 +152,8 @@ def test_backlog_file_and_an_older_tune_state_merge_without_duplicates(tmp_path,
 @pytest.mark.slow
 def test_callback_rides_out_a_server_crash_and_a_driver_restart(tmp_path):
     from orchestrator.results import trial_row, write_results
-    from orchestrator.tracking import BACKLOG_FILE, MlflowTracking, replay_backlog
+    from orchestrator.mlflow_backlog import BACKLOG_FILE, replay_backlog
+    from orchestrator.tracking import MlflowTracking
 
     out = tmp_path / "out"
     out.mkdir()
@@ -161,7 +164,7 @@ def test_callback_rides_out_a_server_crash_and_a_driver_restart(tmp_path):
         trials = {tid: _trial(tid, shots=4 if tid == "t3" else 2, seed=i + 1)
                   for i, tid in enumerate(["t1", "t2", "t3", "t4", "t5"])}
         _lifecycle(cb, trials["t1"])
-        assert not cb.state["pending"] and cb.trial_run_id("t1")
+        assert not cb.sender.pending and cb.trial_run_id("t1")
 
         assert kill_server(server) == []
         down: list[float] = []
@@ -169,16 +172,16 @@ def test_callback_rides_out_a_server_crash_and_a_driver_restart(tmp_path):
         _lifecycle(cb, trials["t3"], fail=True, timings=down)  # a new cell (placeholder) while down
         assert max(down) < 2.0, down  # no MLflow retry/backoff stall in the Tune loop
         assert cb.trial_run_id("t2") is None and cb.state["cells"]["fewshot.coop.digits.4shot"] is None
-        queued = len(cb.state["pending"])
+        queued = len(cb.sender.pending)
         assert queued >= 10
 
         cb2 = MlflowTracking(server.uri, "outage", "unit", "h", parent_run_id=cb.state["parent"], out_dir=out)
         cb2.set_state(cb.get_state())  # the driver restarted: the queue comes back with Tune's state
-        cb2.retry_interval_s = 0.0
-        assert len(cb2.state["pending"]) == queued
+        cb2.sender.retry_interval_s = 0.0
+        assert len(cb2.sender.pending) == queued
         server.start()
         _lifecycle(cb2, trials["t4"])  # the first hook sends the queue, then t4 goes straight out
-        assert not cb2.state["pending"] and all(cb2.trial_run_id(t) for t in ("t1", "t2", "t3", "t4"))
+        assert not cb2.sender.pending and all(cb2.trial_run_id(t) for t in ("t1", "t2", "t3", "t4"))
 
         assert kill_server(server) == []
         _lifecycle(cb2, trials["t5"])

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from fewshot.errors import ConfigError
-from orchestrator.tracking import MlflowTracking, mask_uri, resolve_tracking_uri, split_credentials
+from orchestrator.mlflow_uri import mask_uri, resolve_tracking_uri, split_credentials
+from orchestrator.tracking import MlflowTracking
 from tests.servers import REPO, MlflowServer, env_with_venv, free_port
 
 PASSWORD = "s3cr3t-pw"

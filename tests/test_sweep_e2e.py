@@ -120,6 +120,64 @@ def test_plan_rows_and_mlflow_runs_agree(sweep):
 
 
 @pytest.mark.slow
+def test_each_cell_study_names_its_mlflow_cell_run(sweep):
+    """optuna-dashboard shows, beside a cell's search, the id of the cell's MLflow run (cells without a search
+    have no study)."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    _, runs = _runs(sweep["uri"])
+    cell_runs = {r.data.tags["cell_id"]: r.info.run_id for r in runs if r.data.tags.get("level") == "cell"}
+    storage = JournalStorage(JournalFileBackend(str(sweep["out"] / "optuna.journal")))
+    assert [s.study_name for s in storage.get_all_studies()] == ["fewshot.coop.digits.1shot"]
+    study = optuna.load_study(study_name="fewshot.coop.digits.1shot", storage=storage)
+    assert study.user_attrs["mlflow_run_id"] == cell_runs["fewshot.coop.digits.1shot"]
+    assert study.user_attrs["method"] == "coop"
+
+
+@pytest.mark.slow
+def test_ray_shows_the_sweep_on_its_job_and_trial_actors(tmp_path):
+    """While a sweep runs, Ray's state API (what the dashboard shows) lists its trial actors under the sweep's
+    name (class and repr) and its driver's job with the sweep's name and output folder as metadata."""
+    import time
+
+    from ray.util.state import list_actors, list_jobs
+
+    from orchestrator.tune_runner import ray_label
+    from tests.servers import free_port
+
+    port = free_port()
+    spec = _write(tmp_path, dict(SPEC, name="named", methods=["coop"], search={}, seeds=[1, 2]))
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", str(spec), "--output", str(tmp_path / "out"),
+                             "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--dashboard", f"127.0.0.1:{port}"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    address = f"http://127.0.0.1:{port}"
+    actors, jobs = {}, {}
+    try:
+        while proc.poll() is None and not (any(a.repr_name for a in actors.values()) and jobs):
+            time.sleep(0.5)
+            try:
+                actors.update({a.actor_id: a for a in list_actors(address=address, detail=True)})
+                jobs.update({j.job_id: j for j in list_jobs(address=address, detail=True) if j.metadata})
+            except Exception:  # noqa: BLE001 - the dashboard is not up yet, or already going
+                continue
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-2000:] + err[-2000:]
+    assert actors, "no actor was seen while the sweep ran"
+    assert {a.class_name for a in actors.values()} == {ray_label("named")}
+    assert {a.repr_name for a in actors.values() if a.repr_name} == {ray_label("named")}  # once started
+    [job] = jobs.values()
+    assert job.metadata == {"promptsweep.sweep": "named", "promptsweep.output": str(tmp_path / "out" / "named")}
+
+
+@pytest.mark.slow
 def test_search_stage_never_reads_test_split(sweep):
     import pyarrow.feather as feather
 

@@ -8,7 +8,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fewshot.errors import ConfigError
-from orchestrator.tracking import MlflowTracking, resolve_tracking_uri
+from orchestrator.mlflow_uri import resolve_tracking_uri
+from orchestrator.tracking import MlflowTracking
 
 
 def _trial(tid, stage="search", seed=1, last=None):
@@ -70,8 +71,10 @@ def test_cell_runs_hold_their_figures_hyperparameters_and_own_status(tmp_path):
                                           "search_best_val": 70.0},
             "fewshot.coop.shapes.2shot": {"cell_id": "fewshot.coop.shapes.2shot", "n": 1, "n_failed": 2,
                                           "params_json": None, "test_acc_mean": 40.0, "test_acc_std": None}}
+    spec = {"name": "t", "methods": ["coop"], "backbone": {"arch": "promptsweep-tiny", "pretrained": None},
+            "search": {"coop": {"space": {f"p{i}": {"type": "float", "low": 0, "high": 1} for i in range(40)}}}}
     cb.finish("FAILED", cells={cid: cell_summary(r, 3) for cid, r in rows.items()},
-              metrics={"trials_finished": 6, "trials_failed": 2})
+              metrics={"trials_finished": 6, "trials_failed": 2}, spec=spec)
     c = MlflowClient(uri)
     good = c.get_run(cb.state["cells"]["fewshot.coop.digits.2shot"])
     assert good.info.status == "FINISHED"  # its own status, not the sweep's FAILED
@@ -82,6 +85,9 @@ def test_cell_runs_hold_their_figures_hyperparameters_and_own_status(tmp_path):
     assert bad.info.status == "FAILED" and bad.data.metrics["n_failed"] == 2
     sweep = c.get_run(cb.state["parent"])
     assert sweep.info.status == "FAILED" and sweep.data.metrics == {"trials_finished": 6, "trials_failed": 2}
+    # the sweep's settings as params (the runs table can show and compare them), past 100 per batch
+    assert sweep.data.params["methods"] == '["coop"]' and sweep.data.params["backbone.arch"] == "promptsweep-tiny"
+    assert sweep.data.params["search.coop.space.p39.high"] == "1" and len(sweep.data.params) == 4 + 40 * 3
 
 
 def test_restored_state_reuses_runs(tmp_path):
@@ -163,14 +169,14 @@ def test_background_hooks_never_wait_for_the_server_and_everything_goes_out_in_o
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cb = MlflowTracking(uri, "exp", "t", "h", background=True)
     gate, sent = threading.Event(), []
-    real_run = cb._run
+    real_send = cb.sender._send
 
-    def held_run(op):
+    def held_send(op):
         gate.wait(timeout=20)  # (a regression to inline sends fails below instead of hanging)
-        real_run(op)
-        sent.append((op["op"], op["key"]))
+        real_send(op)
+        sent.append((op.KIND, op.key))
 
-    cb._run = held_run
+    cb.sender._send = held_send
     t = _trial("a", stage="final")
     cb.on_trial_start(0, [], t)
     for ep in range(3):
@@ -183,7 +189,7 @@ def test_background_hooks_never_wait_for_the_server_and_everything_goes_out_in_o
     assert len(snapshot["pending"]) >= 7 and snapshot["trials"] == {"a": None}
     gate.set()
     cb.finish()
-    assert cb.state["pending"] == [] and cb._sender is None
+    assert cb.sender.pending == [] and cb.sender._thread is None
     keys = [k for _, k in sent]
     assert keys.index("sweep") < keys.index("cell:fewshot.coop.digits.2shot") < keys.index("trial:a")
     trial_ops = [o for o, k in sent if k == "trial:a"]
@@ -202,7 +208,7 @@ def test_background_tracker_pickles_without_its_thread(tmp_path):
     cb = MlflowTracking(uri, "exp", "t", "h", background=True)
     cb.on_trial_start(0, [], _trial("a"))
     cb2 = pickle.loads(pickle.dumps(cb))
-    assert cb2._sender is None and cb2.background
+    assert cb2.sender._thread is None and cb2.sender.background
     cb.finish()
     cb2.set_state(cb.get_state())
     b = _trial("b")
@@ -212,3 +218,41 @@ def test_background_tracker_pickles_without_its_thread(tmp_path):
     c = MlflowClient(uri)
     assert c.get_run(cb2.trial_run_id("a")).info.run_id == cb.trial_run_id("a")
     assert c.get_run(cb2.trial_run_id("b")).info.status == "FINISHED"
+
+
+def test_queued_operations_keep_their_saved_form_and_older_states_load(tmp_path):
+    """Operations are saved as the JSON dicts Tune's callback state and the backlog have always held: each
+    kind reads back equal, and a state saved before the operations were typed (fewer fields) loads."""
+    from orchestrator.mlflow_sender import (CreateRun, LogArtifact, LogBatch, LogDict, ReopenRun, SetTerminated,
+                                            operation_from_dict)
+
+    ops = [CreateRun(key="cell:c", name="c", tags={"a": "1"}, parent="sweep"),
+           LogBatch(key="trial:t", metrics=[["val_acc", 1.0, 5, 0]], params={"p": "1"}),
+           SetTerminated(key="sweep", status="FAILED"), LogArtifact(key="sweep", path="/x/report.md", dir=None),
+           LogDict(key="sweep", data={"k": [1]}, file="spec.json"), ReopenRun(key="sweep")]
+    for op in ops:
+        assert operation_from_dict(op.to_dict()) == op
+    old = {"parent": None, "cells": {"c": None}, "trials": {}, "closed": [], "experiment_id": None, "rejected": [],
+           "pending": [{"op": "create", "key": "cell:c", "name": "c", "tags": {}, "parent": None, "start_time": 1,
+                        "tried": False, "id": "i1", "t": 1},
+                       {"op": "log", "key": "cell:c", "metrics": [["m", 2.0, 1, 0]], "id": "i2", "t": 2}]}
+    cb = MlflowTracking(f"sqlite:///{tmp_path}/mlflow.db", "exp", "t", "h")
+    cb.set_state(old)
+    assert [type(op).__name__ for op in cb.sender.pending] == ["CreateRun", "LogBatch"]
+    assert cb.sender.pending[0].tried  # a saved create may have reached the server: looked up first
+    cb.ensure_parent()
+    cb.finish()
+    run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(cb.state["cells"]["c"])
+    assert run.data.metrics["m"] == 2.0 and run.info.status == "FINISHED"
+
+
+def test_a_tracker_pickled_before_the_queue_had_its_own_object_restores(tmp_path):
+    """tuner.pkl of a sweep started by the previous version holds the queue inside the tracker's state."""
+    cb = MlflowTracking(f"sqlite:///{tmp_path}/mlflow.db", "exp", "t", "h")
+    d = cb.__getstate__()
+    d.pop("sender")
+    d["state"] = dict(d["state"], pending=[{"op": "reopen", "key": "sweep", "id": "r", "t": 1}], rejected=[])
+    old = MlflowTracking.__new__(MlflowTracking)
+    old.__setstate__(d)
+    assert [op.KIND for op in old.sender.pending] == ["reopen"] and "pending" not in old.state
+    assert old.sender.runs is old
