@@ -4,8 +4,9 @@ Runs ``orchestrator.trial.run_trial`` in this process (the same trial a sweep ru
 every registered method on an offline dataset:
 
 * **few-shot**: all classes, ``--shots`` (default 1/2/4/8/16), test accuracy;
-* **base-to-novel**: train on the base half of the classes at ``--b2n-shots``, test on base and on
-  novel (classes the backbone never saw as a pair, ``fewshot.corpus``), HM = 2BN/(B+N);
+* **base-to-novel** on ``--b2n-dataset`` (``shapes-32``): train on the base half of its classes at
+  ``--b2n-shots``, test on base and on novel (classes the backbone never saw as a pair,
+  ``fewshot.corpus``), HM = 2BN/(B+N);
 
 each over ``--seeds`` (mean shown), with a shortened schedule (``--epochs``, TGP-T ``--tgpt-iters``;
 CoCoOp: batch 4, a fifth of the epochs) so the whole table takes minutes on a 2-core CPU. Prints the
@@ -15,7 +16,7 @@ above zero-shot). Linear probe and TGP-T have no base-to-novel row (their classi
 the training classes).
 
     python benchmarks/mini_benchmark.py [--dataset shapes-32] [--shots 1,2,4,8,16] [--seeds 1]
-        [--methods zeroshot,coop,...] [--epochs 10] [--b2n-shots 16] [--threads 2]
+        [--methods zeroshot,coop,...] [--epochs 10] [--b2n-dataset shapes-32] [--b2n-shots 16] [--threads 2]
 """
 from __future__ import annotations
 
@@ -65,6 +66,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dataset", default="shapes-32")
     ap.add_argument("--shots", default="1,2,4,8,16")
     ap.add_argument("--b2n-shots", type=int, default=16)
+    ap.add_argument("--b2n-dataset", default="shapes-32", help="base-to-novel dataset (its novel half: pairs the "
+                    "pretraining corpus never showed)")
     ap.add_argument("--seeds", default="1")
     ap.add_argument("--methods", default=",".join(method_names()))
     ap.add_argument("--epochs", type=int, default=10)
@@ -101,7 +104,7 @@ def main(argv=None) -> int:
         if not args.skip_b2n and "base2novel" in get_method(m).protocols:
             rows = []
             for seed in seeds:
-                out, s = run(m, args.dataset, args.b2n_shots, seed, "base2novel", args)
+                out, s = run(m, args.b2n_dataset, args.b2n_shots, seed, "base2novel", args)
                 rows.append(out)
                 wall[m] += s
             b, n = mean([r["base_acc"] for r in rows]), mean([r["novel_acc"] for r in rows])
@@ -116,7 +119,7 @@ def main(argv=None) -> int:
     for m in methods:
         print(f"| {m} | " + " | ".join(f"{fewshot[m][k]:.1f}" for k in shots) + f" | {wall[m]:.0f} |")
     if b2n:
-        print(f"\nBase-to-novel on {args.dataset} ({args.b2n_shots} shots on the base half)\n")
+        print(f"\nBase-to-novel on {args.b2n_dataset} ({args.b2n_shots} shots on the base half)\n")
         print("| method | Base | Novel | HM |")
         print("|---|---:|---:|---:|")
         for m, r in b2n.items():
@@ -126,7 +129,7 @@ def main(argv=None) -> int:
 
     zs = fewshot.get("zeroshot")
     gain = {m: {k: round(fewshot[m][k] - zs[k], 2) for k in shots} for m in methods} if zs else {}
-    emit({"benchmark": "mini_benchmark", "dataset": args.dataset, "shots": shots, "seeds": seeds,
+    emit({"benchmark": "mini_benchmark", "dataset": args.dataset, "b2n_dataset": args.b2n_dataset, "shots": shots, "seeds": seeds,
           "epochs": args.epochs, "fewshot": {m: {str(k): round(v, 2) for k, v in r.items()} for m, r in fewshot.items()},
           "base2novel": {m: {k: round(v, 2) for k, v in r.items()} for m, r in b2n.items()},
           "gain_vs_zeroshot": gain, "wall_s": {m: round(v, 1) for m, v in wall.items()},

@@ -41,7 +41,7 @@ MINI_ARCH = "promptsweep-mini"
 #: the pretrained tag that names the project-trained weights of an arch with a ``.pretrain.yaml``
 PROJECT_TAG = "promptsweep"
 #: bump when the training code changes what a given config produces
-FORMAT_VERSION = 2
+FORMAT_VERSION = 1
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 
 
@@ -136,27 +136,10 @@ def _lr_factor(step: int, cfg: PretrainConfig) -> float:
     return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def encode_text_trimmed(model, ids: torch.Tensor) -> torch.Tensor:
-    """``model.encode_text(ids)`` run on the batch's longest caption only: the ids are cut after the last
-    non-padding position of any row, and the positional embedding and causal mask with them. A causal text
-    tower never lets a token see a later one, so the pooled features are those of the full-length pass (the
-    corpus' captions fill about half of the 32-token context; the cut saves ~40 % of the text tower)."""
-    from open_clip.transformer import text_global_pool
-
-    if getattr(model, "attn_mask", None) is None or model.text_pool_type != "argmax":
-        return model.encode_text(ids)  # not a causal, argmax-pooled tower: nothing to cut safely
-    length = int((ids != 0).any(0).nonzero().max()) + 1
-    ids = ids[:, :length]
-    x = model.token_embedding(ids) + model.positional_embedding[:length]
-    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
-    x = text_global_pool(model.ln_final(x), ids, model.text_pool_type)
-    return x @ model.text_projection
-
-
 def clip_loss(model, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """CLIP's symmetric InfoNCE over the batch: image i's caption is text i."""
     img = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
-    txt = torch.nn.functional.normalize(encode_text_trimmed(model, ids), dim=-1)
+    txt = torch.nn.functional.normalize(model.encode_text(ids), dim=-1)
     logits = model.logit_scale.exp().clamp(max=100) * img @ txt.t()
     target = torch.arange(len(images))
     return 0.5 * (torch.nn.functional.cross_entropy(logits, target)

@@ -120,9 +120,9 @@ def _running_local_cluster(flag: str) -> str:
     """The GCS address ``auto`` stands for: the cluster ``ray start`` last started on this machine, else any
     running GCS found among the local processes (as ``ray.init(address="auto")`` looks for it; $RAY_ADDRESS
     is not consulted here, the caller passes it as the address itself)."""
-    from ray._private import services
+    from orchestrator.ray_internals import local_cluster_address
 
-    found = services.find_bootstrap_address(None) or next(iter(services.find_gcs_addresses()), None)
+    found = local_cluster_address()
     if not found:
         raise ConfigError(f"{flag}: auto finds no Ray cluster running on this machine; start one (ray start "
                           "--head) or pass its address as HOST:PORT (or leave the flag out for a local Ray)")

@@ -1,30 +1,28 @@
-"""The sweep's Ray Tune ``Searcher``: one Optuna study per cell, search stage then final stage.
+"""The sweep's Ray Tune searcher: one Optuna study per cell, search stage then final stage.
 
 For every cell it asks Optuna for proposals (define-by-run over the cell's space, TPE
 multivariate + grouped for conditional parameters, the method defaults enqueued first when they
 lie in the space), emits one Tune trial per (proposal, search seed), tells Optuna the mean
 validation metric over the search seeds, and once every proposal is told emits the final stage:
 the best proposal's parameters (or the defaults when nothing was searched) on every final seed.
-Cells are served round-robin so the cluster stays busy. Studies live in a JournalStorage file in
-the sweep's output directory (open it with ``optuna-dashboard <file>``); ``save``/``restore``
-pickle the bookkeeping so ``Tuner.restore`` continues where the sweep stopped.
+Cells are served round-robin so the cluster stays busy, at most ``max_concurrent`` trials at a time.
+Studies live in a JournalStorage file in the sweep's output directory (open it with
+``optuna-dashboard <file>``).
 
-A killed driver leaves the journal and ``trials.arrow`` ahead of the bookkeeping Tune saved last
-(its experiment snapshot is periodic). A restored searcher therefore reconciles with both: a study
-trial the journal holds but the bookkeeping never saw (asked just before the kill) is adopted as
-the next proposal instead of asking a new one (so the enqueued method defaults are not lost);
-telling a trial the journal already closed is skipped; the defaults are enqueued once per study;
-and, given the rows earlier drivers wrote (``set_ledger``), a (cell, stage, seed[, proposal]) that
-already has a row is counted as done from that row instead of being emitted again.
+**Nothing of it is saved between drivers.** Each driver builds a fresh searcher from three records
+that are always on disk: the plan (this run's spec), the rows of finished trials (``set_ledger``:
+``trials.arrow``) and the Optuna journal. A planned unit of work (cell, stage, seed, proposal) that
+has a row is counted from it and never run again; a proposal the journal holds (asked by an earlier
+driver, told or not) is taken up again with its own parameters instead of asking a new one; a trial
+Tune restores to run again (from its checkpoint) is adopted (``adopt``) so its work is not emitted
+twice; everything else is emitted. So a resumed sweep, a sweep grown by a changed spec (more seeds,
+datasets, shots, methods or proposals: the new plan simply has more work) and a retry of failed trials
+(``set_ledger(..., retry_failed=True)``: rows with status ERROR do not count, and the new attempt
+names the one it retries in ``retry_of``) are the same code path. Tune's own saved copy of the
+searcher is never read (``SweepSearch``).
 
-The saved bookkeeping and Tune's saved trial list are uploaded separately, so either may be the
-newer one: the bookkeeping can hold a trial Tune's list lacks (it then never runs) or count work
-whose row was never written. Before it says it is finished or waits with nothing running, the
-searcher therefore accounts for every planned unit of work (each told proposal on each search seed,
-each final seed): an earlier driver's row (``set_ledger``), or a trial of this driver that runs or
-ran it (suggested here, or restored by Tune to run again: ``note_live``; this driver writes the row of
-each); a trial the bookkeeping waits for that has a row is counted from it, and work with neither is
-emitted again.
+A cell whose final runs have rows keeps the proposal they ran with (the proposal number on those
+rows), so finals added later (more seeds) use the same parameters.
 
 Each study carries its cell as user attributes (protocol, method, dataset, shots, search seeds, backbone)
 and, once the MLflow tracker has created the cell's run, ``mlflow_run_id`` (``record_mlflow_runs``, which
@@ -34,14 +32,13 @@ The searcher is plain Python driven by Tune's callbacks, so tests drive it with 
 """
 from __future__ import annotations
 
-import pickle
 import warnings
 import statistics
 from pathlib import Path
 from typing import Any, Optional
 
 import optuna
-from ray.tune.search import Searcher
+from ray.tune.search import SearchGenerator, Searcher
 
 from orchestrator.planner import Cell
 from orchestrator.results import ERROR_STATUS
@@ -90,60 +87,48 @@ def record_mlflow_runs(storage_file: str, runs: dict[str, Optional[str]]) -> Non
 
 
 def _new_cell_state() -> dict:
-    return {"stage": "search", "initialized": False, "asked": [], "optuna_ids": {}, "params": {},
-            "queue": [], "current": None, "values": {}, "failed": set(), "pruned": set(), "told": set(),
-            "final_emitted": 0, "final_done": 0, "best_params": None, "best_number": None, "best_value": None,
-            "best_source": None}
+    return {"stage": "search", "initialized": False, "asked": [], "params": {}, "queue": [], "current": None,
+            "values": {}, "failed": set(), "pruned": set(), "told": set(), "final_emitted": 0, "final_done": 0,
+            "best_params": None, "best_number": None, "best_value": None, "best_source": None}
+
+
+class SweepSearch(SearchGenerator):
+    """Tune's wrapper of the sweep's ``CellSearcher``, without Tune's save and restore of it: the searcher is
+    rebuilt by each driver from the plan, the ledger and the journal (see the module docstring), so a stale
+    copy from Tune's last snapshot is never loaded over it (nor its "finished" flag, which would keep a grown
+    sweep from asking for more), and no snapshot rewrites the searcher's bookkeeping."""
+
+    def has_checkpoint(self, dirpath: str) -> bool:
+        return False
+
+    def save_to_dir(self, dirpath: str, session_str: str) -> None:
+        return None
 
 
 class CellSearcher(Searcher):
     """Round-robin, per-cell Optuna search followed by per-cell final runs."""
 
     def __init__(self, cells: list[Cell], request_base: dict[str, Any], storage_file: str,
-                 metric: str = "val_acc", mode: str = "max"):
+                 metric: str = "val_acc", mode: str = "max", max_concurrent: int = 0):
         super().__init__(metric=metric, mode=mode)
         self.cells = list(cells)
         self.request_base = dict(request_base)
         self.storage_file = str(storage_file)
+        self.max_concurrent = int(max_concurrent)  # 0: no limit
         self.state: dict[str, dict] = {c.cell_id: _new_cell_state() for c in self.cells}
-        self.trials: dict[str, dict] = {}      # tune trial id -> what it runs
+        self.trials: dict[str, dict] = {}      # tune trial id -> the work it runs (suggested here or adopted)
         self._rr = 0
         self._studies: dict[str, optuna.Study] = {}
-        self._ledger: dict[tuple, list[dict]] = {}  # rows earlier drivers wrote (set_ledger); never pickled
-        self._live: set[str] = set()         # trials this driver will see finish; never pickled
-        self._finished_here: set[tuple] = set()  # work keys of trials that finished in this driver; never pickled
-        self._handles: dict[tuple, optuna.trial.Trial] = {}  # (cell id, number) -> the open trial asked here; never pickled
-
-    # --- pickling: studies are reopened from the journal file -------------------------------
-    def __getstate__(self):
-        d = dict(self.__dict__)
-        d["_studies"] = {}
-        for k in ("_ledger", "_live", "_finished_here", "_handles"):
-            d.pop(k, None)
-        return d
-
-    def __setstate__(self, d):
-        self.__dict__.update(d)
-        self._studies = {}
-        self.__dict__.setdefault("_ledger", {})  # restore() into a live searcher keeps its ledger
-        self.__dict__.setdefault("_live", set())
-        self.__dict__.setdefault("_finished_here", set())
-        self.__dict__.setdefault("_handles", {})
-
-    def save(self, checkpoint_path: str) -> None:
-        from fewshot.paths import atomic_open
-
-        with atomic_open(checkpoint_path, "wb") as f:  # Tune renames it into place; fsynced first
-            pickle.dump(self.__getstate__(), f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.__setstate__(pickle.load(f))
+        self._ledger: dict[tuple, dict] = {}   # work key -> the row that finished it (set_ledger)
+        self._retry_of: dict[tuple, dict] = {}  # work key -> its failed row, when failed work runs again
+        self._live: dict[tuple, str] = {}      # work key -> the trial running it now
+        self._done_here: set[tuple] = set()    # work keys of trials that completed in this driver
+        self._handles: dict[tuple, optuna.trial.Trial] = {}  # (cell id, number) -> the trial asked here
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True
 
-    # --- the ledger: rows of trials.arrow written by earlier drivers of this sweep ----------
+    # --- what earlier drivers did -------------------------------------------------------------
     @staticmethod
     def _work_key(cell_id: str, stage: str, seed: int, number: Optional[int]) -> tuple:
         return (cell_id, stage, int(seed), number if stage == "search" else None)
@@ -153,32 +138,36 @@ class CellSearcher(Searcher):
         """The work key of a config or of a ``trials`` entry (both carry cell_id, stage, seed, optuna_number)."""
         return cls._work_key(work["cell_id"], work["stage"], work["seed"], work["optuna_number"])
 
-    def set_ledger(self, rows) -> None:
-        """Rows (``trials.arrow`` dicts) of trials finished before this driver started; see the module docstring."""
-        self._ledger = {}
+    def set_ledger(self, rows, retry_failed: bool = False) -> None:
+        """Rows (``trials.arrow`` dicts) of trials finished before this driver started. With ``retry_failed``
+        a row with status ERROR does not count: its work runs again (and names that row in ``retry_of``)."""
+        self._ledger, self._retry_of = {}, {}
         for r in rows:
             key = self._work_key(r["cell_id"], r["stage"], r["seed"], r.get("optuna_trial_number"))
-            self._ledger.setdefault(key, []).append(r)
+            if retry_failed and r.get("status") == ERROR_STATUS:
+                self._retry_of[key] = r
+            elif key not in self._ledger or self._ledger[key].get("status") == ERROR_STATUS:
+                self._ledger[key] = r
+        for key in self._ledger:
+            self._retry_of.pop(key, None)  # a later attempt of the same work finished
 
-    def note_live(self, trial_id: str) -> None:
-        """Tune restored ``trial_id`` to run again in this driver."""
-        self._live.add(trial_id)
+    def adopt(self, trial_id: str, config: dict) -> None:
+        """Tune restored ``trial_id`` (from an earlier driver) to run again: its work is not emitted twice."""
+        info = {k: config[k] for k in ("cell_id", "stage", "seed", "optuna_number")}
+        if info["cell_id"] not in self.state:
+            return  # a cell the plan no longer has (cannot happen for a resumed spec; checked by the driver)
+        self.trials[trial_id] = info | {"done": False}
+        self._live[self._key_of(info)] = trial_id
 
-    def ledger_result(self, row: dict) -> dict:
-        """What ``on_trial_complete`` gets for a trial known only from its row."""
+    @staticmethod
+    def ledger_result(row: dict) -> dict:
+        """What ``on_trial_complete`` gets for work known only from its row."""
         res = {"ledger_status": row.get("status")}
-        if row.get(self.metric) is not None:
-            res[self.metric] = row[self.metric]
+        if row.get("val_acc") is not None:
+            res["val_acc"] = row["val_acc"]
         if row.get("status") == ERROR_STATUS:
             res["trial_failed"] = 1
         return res
-
-    def _done_earlier(self, cfg: dict) -> Optional[dict]:
-        """A ledger row of a trial that already did what ``cfg`` describes (and that this searcher does not track)."""
-        for r in self._ledger.get(self._key_of(cfg), []):
-            if r["tune_trial_id"] not in self.trials:
-                return r
-        return None
 
     # --- studies --------------------------------------------------------------------------
     def study(self, cell: Cell) -> optuna.Study:
@@ -186,7 +175,7 @@ class CellSearcher(Searcher):
         if st is None:
             storage = _journal(self.storage_file)
             idx = [c.cell_id for c in self.cells].index(cell.cell_id)
-            try:  # a reopened study (restored sweep) must not replay the same random draws
+            try:  # a reopened study (resumed or grown sweep) must not replay the same random draws
                 done = len(optuna.load_study(study_name=cell.cell_id, storage=storage).trials)
             except KeyError:
                 done = 0
@@ -222,7 +211,12 @@ class CellSearcher(Searcher):
         return optuna.pruners.NopPruner()
 
     # --- Tune Searcher API ----------------------------------------------------------------
+    def running(self) -> int:
+        return sum(1 for info in self.trials.values() if not info["done"])
+
     def suggest(self, trial_id: str) -> Optional[dict]:
+        if self.max_concurrent and self.running() >= self.max_concurrent:
+            return None
         n = len(self.cells)
         cfg = None
         for i in range(n):
@@ -231,13 +225,11 @@ class CellSearcher(Searcher):
             if cfg is not None:
                 self._rr = idx + 1
                 break
-        if cfg is None:
-            cfg = self._unaccounted_work()
         if cfg is not None:
             self.trials[trial_id] = {k: cfg[k] for k in ("cell_id", "stage", "seed", "optuna_number")} | {"done": False}
-            self._live.add(trial_id)
+            self._live[self._key_of(cfg)] = trial_id
             return cfg
-        if all(self.state[c.cell_id]["final_emitted"] >= c.n_final_runs for c in self.cells):
+        if self.running() == 0 and all(self.state[c.cell_id]["final_emitted"] >= c.n_final_runs for c in self.cells):
             return Searcher.FINISHED
         return None
 
@@ -245,14 +237,14 @@ class CellSearcher(Searcher):
         pass
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
-        was_live = trial_id in self._live
-        self._live.discard(trial_id)
         info = self.trials.get(trial_id)
         if info is None or info["done"]:
             return
         info["done"] = True
-        if was_live:  # its row is written by this driver's results callback
-            self._finished_here.add(self._key_of(info))
+        key = self._key_of(info)
+        self._done_here.add(key)
+        if self._live.get(key) == trial_id:
+            del self._live[key]
         cell = self._cell(info["cell_id"])
         st = self.state[cell.cell_id]
         if info["stage"] == "final":
@@ -260,7 +252,7 @@ class CellSearcher(Searcher):
             return
         num = info["optuna_number"]
         if result and result.get("ledger_status") == "PRUNED":
-            st["pruned"].add(num)  # pruned by a driver that died before its bookkeeping was saved
+            st["pruned"].add(num)  # pruned by an earlier driver
         value = None if (error or not result) else result.get(self.metric)
         if value is None or result.get("trial_failed"):
             st["failed"].add((num, info["seed"]))
@@ -283,7 +275,8 @@ class CellSearcher(Searcher):
 
     # --- pruning (consulted by orchestrator.tune_runner's scheduler) ----------------------
     def should_prune(self, trial_id: str, result: dict) -> bool:
-        """Report a search trial's per-epoch value to its own cell's study; True when the pruner says stop."""
+        """Report a search trial's per-epoch value to its own cell's study; True when the pruner says stop. Only
+        proposals asked by this driver are pruned (a proposal taken up from the journal has no live handle)."""
         info = self.trials.get(trial_id)
         if info is None or info["stage"] != "search":
             return False
@@ -293,14 +286,12 @@ class CellSearcher(Searcher):
         step, value = result.get("epoch"), result.get(self.metric)
         if step is None or value is None or result.get("test_images_read") is not None:
             return False
-        st = self.state[cell.cell_id]
-        study = self.study(cell)
-        if self._finished(study, info["optuna_number"]):
-            return False  # told already (a trial re-run after its driver died): nothing left to prune
-        trial = optuna.trial.Trial(study, st["optuna_ids"][info["optuna_number"]])
-        trial.report(float(value), int(step))
-        if trial.should_prune():
-            st["pruned"].add(info["optuna_number"])
+        handle = self._handles.get((cell.cell_id, info["optuna_number"]))
+        if handle is None or self._finished(self.study(cell), info["optuna_number"]):
+            return False
+        handle.report(float(value), int(step))
+        if handle.should_prune():
+            self.state[cell.cell_id]["pruned"].add(info["optuna_number"])
             return True
         return False
 
@@ -345,10 +336,17 @@ class CellSearcher(Searcher):
                 study.set_user_attr(key, value)
 
     def _tell(self, cell: Cell, number: int, value: Optional[float] = None, state=None) -> None:
-        """``study.tell`` unless the journal has the trial closed already (told by a driver that was killed); a
-        failed proposal first gets its reason as the user attribute ``fail_reason`` (when this driver asked it)."""
+        """``study.tell`` unless the journal has the trial closed already (told by an earlier driver); a failed
+        proposal first gets its reason as the user attribute ``fail_reason`` (when this driver asked it). A
+        proposal the journal holds as failed whose retried seeds now all succeeded is added to the study as a
+        completed copy (user attribute ``retry_of``: the failed trial's number)."""
         study = self.study(cell)
-        if self._finished(study, number):
+        frozen = self._frozen(study, number)
+        if frozen is not None and frozen.state.is_finished():
+            copied = any(t.user_attrs.get("retry_of") == number for t in study.get_trials(deepcopy=False))
+            if frozen.state == optuna.trial.TrialState.FAIL and value is not None and not copied:
+                study.add_trial(optuna.trial.create_trial(params=frozen.params, distributions=frozen.distributions,
+                                                          value=value, user_attrs={"retry_of": number}))
             return
         reason = self.state[cell.cell_id].get("fail_reasons", {}).get(number)
         handle = self._handles.get((cell.cell_id, number))
@@ -356,67 +354,40 @@ class CellSearcher(Searcher):
             handle.set_user_attr("fail_reason", reason)
         study.tell(number, value, state=state)
 
-    def _orphan(self, cell: Cell):
-        """The oldest study trial that was asked (journal) but is unknown to this bookkeeping, as a trial to sample."""
+    def _orphan(self, cell: Cell) -> Optional[optuna.trial.FrozenTrial]:
+        """The oldest proposal the journal holds (asked by an earlier driver, told or not) that this searcher has
+        not taken up yet; its parameters are read back from it (``sample_space`` on the frozen trial)."""
         st = self.state[cell.cell_id]
-        study = self.study(cell)
         asked = set(st["asked"])
-        for t in study.get_trials(deepcopy=False):
-            if t.number in asked or t.state == optuna.trial.TrialState.WAITING:
+        for t in self.study(cell).get_trials(deepcopy=False):
+            if t.number in asked or t.state == optuna.trial.TrialState.WAITING or "retry_of" in t.user_attrs:
                 continue
-            return optuna.trial.Trial(study, t._trial_id) if t.state == optuna.trial.TrialState.RUNNING else t
+            return t
         return None
 
     def _next_new(self, cell: Cell) -> Optional[dict]:
-        """The cell's next config that still has to run (work an earlier driver finished is taken from the ledger)."""
+        """The cell's next config that still has to run: work with a row is counted from it, work a live trial
+        runs is waited for."""
         while True:
             cfg = self._next_for(cell)
             if cfg is None:
                 return None
-            row = self._done_earlier(cfg)
-            if row is None:
-                return cfg
-            tid = row["tune_trial_id"]
-            self.trials[tid] = {k: cfg[k] for k in ("cell_id", "stage", "seed", "optuna_number")} | {"done": False}
-            self.on_trial_complete(tid, self.ledger_result(row), error=row.get("status") == ERROR_STATUS)
-            print(f"resume: {cfg['cell_id']} {cfg['stage']} seed {cfg['seed']} was finished by trial {tid}, which "
-                  "Tune's saved state does not know; counted from its row, not run again", flush=True)
-
-    def _unaccounted_work(self) -> Optional[dict]:
-        """The config of planned work that has no row and no trial of this driver running it (see the
-        module docstring), or None; a waited-for trial that has a row is counted from it on the way."""
-        for tid, info in list(self.trials.items()):
-            if info["done"] or tid in self._live:
-                continue
-            rows = self._ledger.get(self._key_of(info))
-            if rows:
-                row = rows[-1]
+            key = self._key_of(cfg)
+            row = self._ledger.get(key)
+            if row is not None:
+                tid = row["tune_trial_id"]
+                self.trials[tid] = {k: cfg[k] for k in ("cell_id", "stage", "seed", "optuna_number")} | {"done": False}
                 self.on_trial_complete(tid, self.ledger_result(row), error=row.get("status") == ERROR_STATUS)
-                print(f"resume: trial {tid} ({info['cell_id']} {info['stage']} seed {info['seed']}) has its row; "
-                      "counted from it", flush=True)
                 continue
-            del self.trials[tid]
-            return self._rerun(self._cell(info["cell_id"]), info["stage"], info["seed"], info["optuna_number"],
-                               f"trial {tid}, which Tune's saved state does not hold")
-        accounted = self._finished_here | {self._key_of(i) for t, i in self.trials.items() if t in self._live}
-        for cell in self.cells:
-            st = self.state[cell.cell_id]
-            if st["stage"] != "final" or st["final_emitted"] < cell.n_final_runs:
-                continue
-            work = [("search", seed, num) for num in st["asked"] for seed in cell.search_seeds]
-            work += [("final", seed, None) for seed in cell.final_seeds]
-            for stage, seed, num in work:
-                key = self._work_key(cell.cell_id, stage, seed, num)
-                if key not in self._ledger and key not in accounted:
-                    return self._rerun(cell, stage, seed, num, "a trial whose row was never written")
-        return None
-
-    def _rerun(self, cell: Cell, stage: str, seed: int, number: Optional[int], why: str) -> dict:
-        st = self.state[cell.cell_id]
-        print(f"resume: {cell.cell_id} {stage} seed {seed} was emitted as {why}; it runs again", flush=True)
-        if stage == "search":
-            return self._config(cell, "search", seed, number, st["params"][number])
-        return self._config(cell, "final", seed, st["best_number"], st["best_params"] or {})
+            if key in self._live or key in self._done_here:
+                continue  # adopted (Tune runs it again from its checkpoint), or an adopted trial that finished
+            failed = self._retry_of.get(key)
+            if failed is not None:
+                cfg["retry_of"] = {"tune_trial_id": failed.get("tune_trial_id"),
+                                   "mlflow_run_id": failed.get("mlflow_run_id")}
+                print(f"retry: {cfg['cell_id']} {cfg['stage']} seed {cfg['seed']} failed in trial "
+                      f"{failed.get('tune_trial_id')} ({failed.get('error_class')}); it runs again", flush=True)
+            return cfg
 
     def _cell(self, cell_id: str) -> Cell:
         for c in self.cells:
@@ -424,12 +395,23 @@ class CellSearcher(Searcher):
                 return c
         raise KeyError(cell_id)
 
+    def _pinned_final(self, cell: Cell) -> Optional[int]:
+        """The proposal number the cell's recorded final runs ran with, if any (finals added later use it too)."""
+        for key, row in [*self._ledger.items(), *self._retry_of.items()]:
+            if key[:2] == (cell.cell_id, "final") and row.get("optuna_trial_number") is not None:
+                return int(row["optuna_trial_number"])
+        return None
+
     def _maybe_enter_final(self, cell: Cell) -> None:
         st = self.state[cell.cell_id]
         if st["stage"] != "search" or len(st["asked"]) < cell.n_trials or len(st["told"]) < len(st["asked"]):
             return
+        pinned = self._pinned_final(cell)
         value, params = self.best(cell.cell_id)
-        if params is not None:
+        if pinned is not None and pinned in st["params"]:
+            st["best_number"], st["best_params"], st["best_source"] = pinned, st["params"][pinned], "search"
+            st["best_value"] = statistics.fmean(st["values"][pinned].values()) if st["values"].get(pinned) else None
+        elif params is not None:
             st["best_value"], st["best_params"], st["best_source"] = value, params, "search"
             st["best_number"] = next(n for n, p in st["params"].items() if p is params)
         else:
@@ -455,15 +437,11 @@ class CellSearcher(Searcher):
                 return self._config(cell, "search", seed, st["current"], st["params"][st["current"]])
             if len(st["asked"]) < cell.n_trials:
                 trial = self._orphan(cell)
-                if trial is not None:
-                    print(f"resume: {cell.cell_id} proposal {trial.number} was asked after Tune's last snapshot; "
-                          "it is taken up again instead of asking a new one", flush=True)
-                trial = trial or self.study(cell).ask()
-                if isinstance(trial, optuna.trial.Trial):  # asked here: its attributes can still be set
-                    self._handles[(cell.cell_id, trial.number)] = trial
+                if trial is None:
+                    trial = self.study(cell).ask()
+                    self._handles[(cell.cell_id, trial.number)] = trial  # asked here: report / prune / attributes
                 params = sample_space(trial, cell.space)
                 st["asked"].append(trial.number)
-                st["optuna_ids"][trial.number] = trial._trial_id
                 st["params"][trial.number] = params
                 st["current"], st["queue"] = trial.number, list(cell.search_seeds)
                 seed = st["queue"].pop(0)

@@ -851,16 +851,3 @@ def load_spec(path: str | Path) -> SweepSpec:
     if data is None:
         raise ConfigError(f"{ROOT}: the file '{path}' is empty (or only comments); it needs name, methods and datasets")
     return parse_spec(data)
-
-
-def diff_normalized(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Key paths whose values differ between two normalized specs."""
-    out: list[str] = []
-    for k in sorted(set(old) | set(new), key=str):
-        path = f"{prefix}{k}"
-        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += diff_normalized(a, b, path + ".")
-        elif a != b:
-            out.append(f"{path}: {json.dumps(a)} -> {json.dumps(b)}")
-    return out

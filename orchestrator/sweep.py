@@ -66,6 +66,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("spec", help="sweep spec YAML, e.g. search_spaces/demo.yaml")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and start nothing")
     ap.add_argument("--fresh", action="store_true", help="discard an earlier run of this sweep and start over")
+    ap.add_argument("--retry-failed", action="store_true", help="run the trials whose status is ERROR again (each "
+                    "new attempt replaces its failed row); everything else is kept")
+    ap.add_argument("--restart-cells", metavar="CELLS", help="comma-separated cell ids or shell patterns "
+                    "(fewshot.coop.*) whose finished trials and Optuna study are discarded and run again")
     ap.add_argument("--output", help="results root (default: the spec's output); results go to <output>/<name>/")
     ap.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     ap.add_argument("--data-root", help="folder holding the CoOp-layout datasets (default: the spec's data_root, "
@@ -80,6 +84,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     if args.dashboard is not None and (args.address or os.environ.get("RAY_ADDRESS")):
         raise ConfigError("--dashboard: only for the local Ray; a cluster's dashboard is started with the cluster "
                           "(ray start --head --dashboard-host ...)")
+    if args.fresh and (args.retry_failed or args.restart_cells):
+        raise ConfigError("--fresh starts the whole sweep over: leave out --retry-failed / --restart-cells")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent: must be >= 1 (got {args.max_concurrent})")
     for flag in ("output", "address", "tracking_uri", "data_root"):
@@ -296,16 +302,16 @@ def _checked_run(spec, plan, args, out_dir: Path, tracking_uri: str, data_root: 
     from orchestrator.spec import PRESENTATION_KEYS
 
     state = None if args.fresh else _read_state(out_dir)
+    continuation = {"restart": [], "retry": 0}
+    if state is None and (args.retry_failed or args.restart_cells):
+        raise ConfigError(f"--retry-failed / --restart-cells: sweep '{spec.name}' has not run in {out_dir} yet "
+                          "(run it without the flag first)")
     if state is not None:
         new = spec.normalized()
-        changes = _spec_changes(state.get("spec", {}), new)
-        if changes:
-            shown = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
-            raise ConfigError(f"the spec changed since sweep '{spec.name}' started in {out_dir} ({shown}); "
-                              "rerun with --fresh to start over or restore the old spec")
+        continuation = _continuation(spec, plan, args, out_dir, state)
         read_before = {k: state.get("spec", {}).get(k) for k in PRESENTATION_KEYS}
         state.setdefault("spec", {}).update({k: new[k] for k in PRESENTATION_KEYS})  # a resumed sweep reads by the new
-        if state.get("status") == "finished":
+        if state.get("status") == "finished" and not continuation["work"]:
             print(f"sweep '{spec.name}' already finished: {out_dir}")
             if read_before != {k: new[k] for k in PRESENTATION_KEYS}:
                 _reread_results(out_dir, spec, state)
@@ -342,7 +348,7 @@ def _checked_run(spec, plan, args, out_dir: Path, tracking_uri: str, data_root: 
             else:
                 p.unlink()
     try:
-        return _run_sweep(spec, plan, out_dir, tracking_uri, state, args, data_root)
+        return _run_sweep(spec, plan, out_dir, tracking_uri, state, args, data_root, continuation)
     except (UserError, KeyboardInterrupt):  # stopped before Tune wrote anything: the folder goes again
         if created is not None and not (out_dir / "tune").exists():
             shutil.rmtree(created, ignore_errors=True)
@@ -465,17 +471,31 @@ def _keep_tracking(tracker, error: BaseException) -> None:
         print(f"warning: keeping the MLflow queue failed: {type(e).__name__}: {e}", file=sys.stderr)
 
 
-def _spec_changes(old: dict, new: dict) -> list[str]:
-    """``diff_normalized``, less the top-level keys an older spec lacks and that hold their default now
-    (settings added by an upgrade do not change what a finished trial means), and less ``PRESENTATION_KEYS``
-    (they change how the results are read, not the trials)."""
-    from orchestrator.spec import PRESENTATION_KEYS, SweepSpec, diff_normalized
+def _continuation(spec, plan, args, out_dir: Path, state: dict) -> dict:
+    """How a rerun continues the sweep recorded in ``state``: refused (a ``ConfigError`` naming each cell and key)
+    when the spec changes what a finished trial means (``orchestrator.growth``); otherwise what it adds —
+    ``{"restart": cells to run anew, "retry": failed rows to run again, "work": whether anything is left}``."""
+    from orchestrator import growth
+    from orchestrator.results import ERROR_STATUS, TRIALS_FILE, read_rows
 
-    defaults = {k: f.get_default(call_default_factory=True) for k, f in SweepSpec.model_fields.items()
-                if not f.is_required()}
-    added = {k for k in new if k not in old and k in defaults and new[k] == defaults[k]}
-    return diff_normalized({k: v for k, v in old.items() if k not in PRESENTATION_KEYS},
-                           {k: v for k, v in new.items() if k not in added and k not in PRESENTATION_KEYS})
+    rows = read_rows(out_dir / TRIALS_FILE) if (out_dir / TRIALS_FILE).is_file() else []
+    restart = growth.matching_cells(args.restart_cells, [c.cell_id for c in plan.cells]) if args.restart_cells else []
+    kept = [r for r in rows if r["cell_id"] not in restart]
+    changes = growth.compare(state.get("spec", {}), spec, kept)
+    if changes.refused:
+        raise growth.refusal(changes, spec.name, out_dir)
+    retry = sum(1 for r in kept if r["status"] == ERROR_STATUS) if args.retry_failed else 0
+    if args.retry_failed and not retry:
+        print(f"--retry-failed: sweep '{spec.name}' has no failed trial", flush=True)
+    if changes.grows:
+        print(f"growing sweep '{spec.name}': {len(changes.new_cells)} new cell(s), {len(changes.grown_cells)} cell(s) "
+              "with more seeds or proposals; finished trials are kept", flush=True)
+    if restart:
+        print(f"restarting {len(restart)} cell(s): {', '.join(restart)} ({len(rows) - len(kept)} finished trial(s) "
+              "discarded)", flush=True)
+    if retry:
+        print(f"retrying {retry} failed trial(s)", flush=True)
+    return {"restart": restart, "retry": retry, "work": bool(changes.grows or restart or retry)}
 
 
 def _reread_results(out_dir: Path, spec, state: dict) -> None:
@@ -600,7 +620,7 @@ def _disk_error(error: BaseException, out_dir: Path) -> Optional[UserError]:
 
 
 def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dict], args,
-               data_root: Optional[str]) -> int:
+               data_root: Optional[str], continuation: Optional[dict] = None) -> int:
     from orchestrator.progress import ProgressPrinter
     from orchestrator.report import write_report
     from orchestrator.results import ERROR_STATUS, package_versions
@@ -619,6 +639,8 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
                                  parent_run_id=(state or {}).get("parent_run_id"), out_dir=out_dir)
         journal = str(out_dir / OPTUNA_FILE)
         tracker.on_cell_run = lambda cell_id, run_id: record_mlflow_runs(journal, {cell_id: run_id})
+        restart = list((continuation or {}).get("restart") or [])
+        tracker.restarted_cells = set(restart)
         if not (args.address or os.environ.get("RAY_ADDRESS")):
             _adopt_orphans()  # before the local Ray starts: its processes stay the driver's descendants
         with ThreadPoolExecutor(1) as pool:  # the tracking store's start-up (SQLite migrations: seconds) overlaps Ray's
@@ -630,26 +652,30 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
         parent = parent_future.result()
         n = max_concurrent_trials(r.cpu, r.gpu, args.max_concurrent)  # ConfigError if no node fits a trial
         quiet_tune_logs()
-        state = state or {"spec": spec.normalized(), "spec_hash": spec_hash, "created": datetime.now(timezone.utc).isoformat()}
-        state.update(status="running", tracking_uri=tracking_uri, parent_run_id=parent, n_trials=plan.n_trials)
+        state = state or {"created": datetime.now(timezone.utc).isoformat()}
+        state.update(spec=spec.normalized(), spec_hash=spec_hash, status="running", tracking_uri=tracking_uri, parent_run_id=parent, n_trials=plan.n_trials)
         _write_state(out_dir, state)
 
         meta = {"spec_hash": spec_hash, "sweep": spec.name, "git_commit": tracker.commit, "targets": spec.all_targets(),
                 "package_versions": package_versions(), "report": spec.normalized()["report"],
                 "planned_final_runs": {c.cell_id: c.n_final_runs for c in plan.cells}}
-        results_cb = ResultsCallback(out_dir, meta, [c.cell_id for c in plan.cells], tracker)
+        if restart:
+            from orchestrator.growth import delete_studies
+
+            delete_studies(journal, restart)
+        results_cb = ResultsCallback(out_dir, meta, [c.cell_id for c in plan.cells], tracker, drop_cells=set(restart))
         progress = ProgressPrinter(plan, results_cb, already=len(results_cb.rows))
         if results_cb.rows:
             print(f"resuming: {len(results_cb.rows)} of {plan.n_trials} trials already recorded", flush=True)
         request_base = {"backbone": {"arch": spec.backbone.arch, "pretrained": spec.backbone.pretrained},
                         "data_root": data_root,
                         "device": spec.device}
-        searcher = CellSearcher(plan.cells, request_base, journal)
+        searcher = CellSearcher(plan.cells, request_base, journal, max_concurrent=n)
         use_pruning = any(c.search.pruner.name != "none" and c.n_trials for c in plan.cells)
 
         print(plan.describe().splitlines()[0] + f"; {n} at a time", flush=True)
-        tuner = build_tuner(out_dir, searcher, [tracker, results_cb, progress], r.cpu, r.gpu, n,
-                            spec.max_retries, use_pruning, sweep_name=spec.name)
+        tuner = build_tuner(out_dir, searcher, [tracker, results_cb, progress], r.cpu, r.gpu, spec.max_retries,
+                            use_pruning, sweep_name=spec.name, retry_failed=args.retry_failed)
         sigint_before = signal.getsignal(signal.SIGINT)
         with _driver_gc():
             tuner.fit()

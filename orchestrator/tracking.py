@@ -118,6 +118,9 @@ class MlflowTracking(Callback):
                                       "experiment_id": None}
         self._client = None
         self._restored = False  # set by set_state: trial runs are then looked up before they are created
+        self._reopened: set[str] = set()  # runs this driver reopened: a restored state's "closed" does not hold them
+        #: cells restarted by this driver (``--restart-cells``): their old runs are not reused
+        self.restarted_cells: set[str] = set()
         #: called with (cell id, run id) once a cell's run exists (the driver records it in the cell's study)
         self.on_cell_run: Optional[Callable[[str, str], None]] = None
         self._lock = threading.RLock()  # the run ids: hooks (Tune's thread) vs the sender thread
@@ -183,10 +186,18 @@ class MlflowTracking(Callback):
                 raise ConfigError(f"MLflow at {mask_uri(self.tracking_uri)} did not create the sweep's run "
                                   f"({error_reason(e)}); check the server, or pass --tracking-uri "
                                   "sqlite:///ABS/PATH/mlflow.db") from None
-        elif self.state["parent"] and "sweep" not in self.state["closed"]:
-            self._submit(ReopenRun(key="sweep"))  # a resumed sweep: an early exit (fail) may have ended it
+        elif self.state["parent"]:
+            self._reopen("sweep")  # a resumed or grown sweep: an early exit (fail) or its end closed it
         self.sender.flush()  # a backlog loaded from an earlier run goes out now
         return self.state["parent"]
+
+    def _reopen(self, key: str) -> None:
+        """Set the ended run ``key`` RUNNING again (a grown sweep adds work to it); it is closed again at the end."""
+        if key in self.state["closed"]:
+            self.state["closed"].remove(key)
+        if key not in self._reopened:
+            self._reopened.add(key)
+            self._submit(ReopenRun(key=key))
 
     def _parent_op(self) -> CreateRun:
         return CreateRun(key="sweep", name=f"sweep {self.sweep_name}", tags={
@@ -203,6 +214,8 @@ class MlflowTracking(Callback):
                     "spec_hash": self.spec_hash, "git_commit": self.commit}
             self.state["cells"][cid] = None
             self._submit(CreateRun(key=f"cell:{cid}", name=cid, tags=tags, parent="sweep"))
+        elif f"cell:{cid}" in self.state["closed"]:
+            self._reopen(f"cell:{cid}")  # a grown cell (more seeds or proposals): its run takes the new trials
         return f"cell:{cid}"
 
     # --- Tune callback hooks ----------------------------------------------------------------
@@ -219,6 +232,9 @@ class MlflowTracking(Callback):
                 "dataset": req["dataset"], "shots": str(req["shots"]), "seed": str(cfg["seed"]),
                 "stage": cfg["stage"], "optuna_trial_number": str(cfg.get("optuna_number")),
                 "tune_trial_id": trial.trial_id, "config_hash": config_hash(req), "git_commit": self.commit}
+        retry = cfg.get("retry_of") or {}
+        if retry.get("mlflow_run_id"):
+            tags["retry_of"] = retry["mlflow_run_id"]  # the failed trial's run, which this one runs again
         name = f"{cfg['cell_id']}.{cfg['stage']}.seed{cfg['seed']}"
         if cfg["stage"] == "search":
             name += f".p{cfg.get('optuna_number')}"
@@ -352,13 +368,15 @@ class MlflowTracking(Callback):
         s["experiment_id"] = state.get("experiment_id") or s.get("experiment_id")
         for kind in ("cells", "trials"):
             for k, v in (state.get(kind) or {}).items():
+                if kind == "cells" and k in self.restarted_cells:
+                    continue  # a restarted cell gets a new run
                 if v or k not in s[kind]:
                     s[kind][k] = v
         by_run = {v: f"{kind[:-1]}:{k}" for kind in ("cells", "trials") for k, v in s[kind].items() if v}
         by_run[s["parent"]] = "sweep"
         for c in state.get("closed", []):  # older states list closed run ids, newer ones keys
             c = by_run.get(c, c)
-            if c not in s["closed"]:
+            if c not in s["closed"] and c not in self._reopened:
                 s["closed"].append(c)
 
     def __getstate__(self):
@@ -372,6 +390,8 @@ class MlflowTracking(Callback):
         self.__dict__.update(d)
         self._lock = threading.RLock()
         self.__dict__.setdefault("on_cell_run", None)
+        self.__dict__.setdefault("_reopened", set())
+        self.__dict__.setdefault("restarted_cells", set())
         if "sender" not in d:  # pickled before the queue had its own object: its operations were in the state
             self.sender = Sender(self, mask_uri(self.tracking_uri), d.get("background", False),
                                  listed_in=str(self.backlog_path or BACKLOG_FILE))

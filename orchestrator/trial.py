@@ -32,6 +32,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -80,6 +81,23 @@ def _validation_message(exc: ValidationError, what: str) -> str:
     return f"invalid {what} '{loc}': {e['msg']} (got {e.get('input')!r})"
 
 
+#: reliability tests inject a fault from outside the spec (which a retry must be able to keep unchanged):
+#: ``method=coop,stage=final,fault=nan_loss`` sets ``fault`` on the trials that match every given field
+FAULT_ENV = "PROMPTSWEEP_FAULT_INJECT"
+
+
+def injected_fault(req: TrialRequest) -> dict[str, Any]:
+    """The ``fault`` training setting ``$PROMPTSWEEP_FAULT_INJECT`` gives this trial (a test hook), or nothing."""
+    text = os.environ.get(FAULT_ENV, "").strip()
+    if not text:
+        return {}
+    fields = dict(part.split("=", 1) for part in text.split(",") if "=" in part)
+    fault = fields.pop("fault", None)
+    if fault and all(str(getattr(req, k, None)) == v for k, v in fields.items()):
+        return {"fault": fault}
+    return {}
+
+
 def build_configs(req: TrialRequest, method_cls) -> tuple[TrainConfig, Any]:
     """Defaults for the cell, then ``req.overrides``; ConfigError for unknown keys or bad values."""
     from methods.defaults import resolve
@@ -94,6 +112,7 @@ def build_configs(req: TrialRequest, method_cls) -> tuple[TrainConfig, Any]:
         else:
             raise ConfigError(f"unknown setting '{key}' for method {req.method} (valid: training "
                               f"{', '.join(sorted(tf))}; method {', '.join(sorted(mf)) or '(none)'})")
+    train.update(injected_fault(req))
     try:
         train_cfg = TrainConfig(**train)
     except ValidationError as exc:

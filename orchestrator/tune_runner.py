@@ -14,15 +14,18 @@ scheduler, and building or restoring the one ``Tuner`` that runs every trial.
   after Tune's last experiment snapshot), and Tune's saved callback state only adds rows the file
   lacks.
 * ``CellPruningScheduler`` asks the searcher whether the trial's own cell study prunes it.
-* ``build_tuner`` builds the Tuner, or restores it (``resume_unfinished``, ``resume_errored``), with
-  a ``LedgerScheduler`` (the cell pruner plus the ledger): a restored trial Tune lists as unfinished
-  but whose row is in the ledger (it finished after Tune's last snapshot) is not run again — it is
-  marked finished and its result is handed to the searcher; a restored trial whose checkpoint Tune
-  had already deleted resumes from the next one on storage; the searcher gets the ledger too, so
-  work that a trial Tune never saved had finished is not emitted again (see
-  ``orchestrator.searcher``). To keep what Tune saves close to what happened, the scheduler also has
-  Tune save its experiment snapshot whenever a trial is added or starts (Tune itself saves one after
-  every trial checkpoint, as ``num_to_keep=1``). Resume events print one ``resume:`` line each.
+* ``build_tuner`` builds the Tuner, or restores it (``resume_unfinished``; failed trials are not resumed by
+  Tune), with this driver's fresh searcher (``orchestrator.searcher``: rebuilt from the plan, the ledger
+  and the Optuna journal, never from Tune's saved copy) and a ``LedgerScheduler`` (the cell pruner plus the
+  ledger): a restored trial Tune lists as unfinished but whose row is in the ledger (it finished after
+  Tune's last snapshot) is not run again — it is marked finished; any other restored trial runs again from
+  its checkpoint (one that exists: a checkpoint Tune had already deleted is replaced by the next one on
+  storage), adopted by the searcher so its work is not emitted twice. The same path continues a sweep
+  whose spec grew or whose failed trials are retried: the fresh searcher emits whatever planned work has no
+  row. To keep what Tune saves close to what happened, the scheduler also has Tune save its experiment
+  snapshot whenever a trial is added or starts (Tune itself saves one after every trial checkpoint, as
+  ``num_to_keep=1``). Resume events print one ``resume:`` line each. Private Ray names are used through
+  ``orchestrator.ray_internals`` only.
   Tune writes its state files in place, so a write cut short (a full disk) leaves one unreadable, and
   Tune, failing to restore, would quietly start a one-trial run: ``set_aside_damaged_state`` finds such
   a file first, renames the state files of that save ``*.damaged``, and the sweep continues from the
@@ -30,7 +33,6 @@ scheduler, and building or restoring the one ``Tuner`` that runs every trial.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from pathlib import Path
@@ -40,6 +42,7 @@ from ray import tune
 from ray.tune import Callback
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+from orchestrator import ray_internals
 from orchestrator.results import ERROR_STATUS, OK_STATUS, PRUNED_STATUS, epoch_row, trial_row, upgrade_row, write_results
 
 EXPERIMENT_NAME = "tune"
@@ -70,7 +73,7 @@ def ensure_ray(address: Optional[str] = None, dashboard: Optional[tuple[str, int
                  log_to_driver=False)
         return False
     board = {"dashboard_host": dashboard[0], "dashboard_port": dashboard[1]} if dashboard else {}
-    with _loopback_node_address():
+    with ray_internals.cluster_mode_off():
         ctx = ray.init(address="local", _node_ip_address=LOCAL_NODE_IP, num_cpus=os.cpu_count(),
                        include_dashboard=dashboard is not None, **board, runtime_env=runtime_env,
                        job_config=job_config, logging_level=logging.WARNING, log_to_driver=False)
@@ -83,28 +86,6 @@ def ensure_ray(address: Optional[str] = None, dashboard: Optional[tuple[str, int
 #: metrics) to loopback only when the node address is exactly 127.0.0.1 (``is_localhost``); for any other
 #: address, 127.0.0.2 included, they bind all interfaces
 LOCAL_NODE_IP = "127.0.0.1"
-
-
-@contextlib.contextmanager
-def _loopback_node_address():
-    """While starting the local Ray, keep its node on 127.0.0.1: ``ray.init`` rewrites 127.0.0.1 to this
-    machine's outside address unless cluster mode is off (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``; a worker
-    node's ``ray start`` refuses it, so it is for single-node Ray only). Ray reads the variable when it is
-    imported, so the constant it was read into is set too; both are restored afterwards (a later connection
-    to a cluster from this process resolves its address as usual)."""
-    from ray._private import ray_constants
-
-    old_env, old_const = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = old_const
-        if old_env is None:
-            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
-        else:
-            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = old_env
 
 
 def leave_job_working_dir() -> None:
@@ -268,9 +249,14 @@ class ResultsCallback(Callback):
     a resumed sweep continues from (and what ``build_tuner`` hands the scheduler and the searcher).
     When a trial starts (after the MLflow callback, earlier in the list, created its run) it has
     ``scheduler`` (a ``LedgerScheduler``, set by ``build_tuner``) make Tune save its snapshot, so
-    the trial's run id is on record before the trial can finish or be cut off by a killed driver."""
+    the trial's run id is on record before the trial can finish or be cut off by a killed driver.
 
-    def __init__(self, out_dir: Path, meta: dict, cell_order: list[str], tracker=None):
+    A trial that retries a failed one (its config names it in ``retry_of``) replaces the failed row. The rows
+    of ``drop_cells`` (``--restart-cells``) are left out from the start, also when Tune's saved state has
+    them, and the files are rewritten without them at once."""
+
+    def __init__(self, out_dir: Path, meta: dict, cell_order: list[str], tracker=None,
+                 drop_cells: Optional[set] = None):
         import sys
 
         from orchestrator.results import EPOCHS_FILE, TRIALS_FILE, read_epochs, read_rows, remove_stale_temps
@@ -290,6 +276,10 @@ class ResultsCallback(Callback):
                 os.replace(path, kept)
                 print(f"warning: {path} is unreadable ({type(e).__name__}: {e}; moved to {kept.name}); continuing "
                       "from the rows in Tune's experiment state", file=sys.stderr, flush=True)
+        self.drop_cells = set(drop_cells or ())
+        dropped = [tid for tid, r in self.rows.items() if r["cell_id"] in self.drop_cells]
+        for tid in dropped:
+            del self.rows[tid]
         self.ledger: dict[str, dict] = dict(self.rows)  # rows finished before this driver started
         self.epochs: dict[tuple[str, int], dict] = {}
         try:
@@ -299,7 +289,10 @@ class ResultsCallback(Callback):
         except Exception as e:  # noqa: BLE001 - damaged from outside: the trials' rows matter, the curves are extra
             print(f"warning: {self.out_dir / EPOCHS_FILE} is unreadable ({type(e).__name__}: {e}); the epochs "
                   "recorded before this run are left out of the new one", file=sys.stderr, flush=True)
+        self.epochs = {k: r for k, r in self.epochs.items() if r.get("cell_id") not in self.drop_cells}
         self.scheduler = None
+        if dropped:
+            self.flush()
 
     def _record(self, trial, status: str) -> None:
         last = dict(trial.last_result or {})
@@ -340,8 +333,10 @@ class ResultsCallback(Callback):
 
     def set_state(self, state: dict) -> None:
         # Tune's snapshot is older than trials.arrow: it only fills in rows the file lacks
+        retried = {r.get("retry_of_trial") for r in self.rows.values()}
         for tid, row in state.get("rows", {}).items():
-            self.rows.setdefault(tid, upgrade_row(row))
+            if row.get("cell_id") not in self.drop_cells and tid not in retried:
+                self.rows.setdefault(tid, upgrade_row(row))
 
     def __getstate__(self):
         d = dict(self.__dict__)
@@ -387,12 +382,8 @@ def quiet_tune_logs() -> None:
 def _snapshot_soon(tune_controller) -> None:
     """Have Tune save its experiment snapshot at the end of this step (as it does after every trial checkpoint
     with ``num_to_keep=1``), so a trial is on record before it starts: a driver killed later restores it
-    instead of having the searcher emit its work again under a new trial id. Ray 2.x internals, so it
-    degrades to Tune's periodic snapshot if they change."""
-    controller = getattr(tune_controller, "_tune_controller", tune_controller)
-    manager = getattr(controller, "_checkpoint_manager", None)
-    if manager is not None and hasattr(manager, "_should_force_sync_up"):
-        manager._should_force_sync_up = True
+    (from its checkpoint) instead of the searcher emitting its work again under a new trial id."""
+    ray_internals.snapshot_at_step_end(tune_controller)
 
 
 #: the state files Tune saves together (``<stem>-<timestamp>.<ext>``), and ``tuner.pkl``
@@ -456,7 +447,6 @@ def _restorable_checkpoint(trial) -> Optional[str]:
     cur = trial.checkpoint
     if cur is None or cur.filesystem.get_file_info(cur.path).type != pafs.FileType.NotFound:
         return None
-    from ray.train._internal.session import _TrainingResult
     from ray.tune import Checkpoint
 
     from orchestrator import checkpoint as trial_checkpoint
@@ -485,8 +475,7 @@ def _restorable_checkpoint(trial) -> Optional[str]:
         if isinstance(metrics.get("training_iteration"), int):
             metrics["training_iteration"] += idx - gone
         fs.create_dir(cur.path)  # stand-in: registering the new one deletes the old one (raises if it is gone)
-        trial.on_checkpoint(_TrainingResult(checkpoint=candidate, metrics=metrics))
-        trial.storage.current_checkpoint_index = idx  # the index of its latest checkpoint (the next is idx + 1)
+        ray_internals.register_checkpoint(trial, candidate, metrics, idx)
         return path
     return None
 
@@ -497,11 +486,11 @@ class LedgerScheduler(CellPruningScheduler):
     Tune re-queues every trial its last experiment snapshot lists as unfinished; one that finished
     after that snapshot has a row in ``ledger`` (the ``trials.arrow`` rows when this driver started)
     and must not run again. ``on_trial_add`` — which Tune calls for each restored trial before it
-    files the trial under its status — marks such a trial finished and gives the searcher (through
-    Tune's search algorithm, so the concurrency limiter frees its slot) the result from its row.
-    Rows of failed trials (status ERROR) are left alone: Tune retries those, as on any resume. A
-    restored trial that will run again gets a checkpoint that exists (``_restorable_checkpoint``).
-    Every added trial also makes Tune save its snapshot at the end of the step (``_snapshot_soon``)."""
+    files the trial under its status — marks such a trial finished (the searcher counts its work from
+    the row; a failed one runs again only under ``--retry-failed``, as a new trial). A restored trial
+    without a row runs again from a checkpoint that exists (``_restorable_checkpoint``), and the searcher
+    adopts it so its work is not emitted twice. Every added trial also makes Tune save its snapshot at the
+    end of the step (``_snapshot_soon``)."""
 
     def __init__(self, searcher, prune: bool = True, ledger: Optional[dict] = None):
         super().__init__(searcher)
@@ -526,17 +515,16 @@ class LedgerScheduler(CellPruningScheduler):
             return
         row = self.ledger.get(trial.trial_id)
         try:  # never raise here: Tune would drop the whole restored state and start the experiment over
-            if row is None or row.get("status") == ERROR_STATUS:
+            if row is None:
                 old = trial.checkpoint
                 new = _restorable_checkpoint(trial)
                 if new:
                     print(f"resume: trial {trial.trial_id} continues from {Path(new).name} (Tune's snapshot named "
                           f"{Path(old.path).name}, which it had already replaced)", flush=True)
-                self.searcher.note_live(trial.trial_id)
+                self.searcher.adopt(trial.trial_id, trial.config)
                 return
             trial.set_status(Trial.TERMINATED)
-            tune_controller.get_live_trials().discard(trial)
-            tune_controller.search_alg.on_trial_complete(trial.trial_id, result=self.searcher.ledger_result(row))
+            ray_internals.drop_live_trial(tune_controller, trial)
             print(f"resume: trial {trial.trial_id} finished after Tune's last snapshot; its row stands, it does "
                   "not run again", flush=True)
         except Exception as e:  # noqa: BLE001
@@ -575,44 +563,45 @@ def sweep_trainable(sweep_name: str, cpu: float, gpu: float) -> type:
     return trainable
 
 
-def build_tuner(out_dir: Path, searcher, callbacks: list, cpu: float, gpu: float, max_concurrent: int,
-                max_retries: int, use_pruning: bool, sweep_name: str = "sweep"):
-    """A fresh Tuner, or the restored one when the experiment exists (callbacks replaced by ours).
+def build_tuner(out_dir: Path, searcher, callbacks: list, cpu: float, gpu: float, max_retries: int,
+                use_pruning: bool, sweep_name: str = "sweep", retry_failed: bool = False):
+    """A fresh Tuner, or the restored one when the experiment exists (callbacks, scheduler and searcher
+    replaced by this driver's).
 
-    Both get a ``LedgerScheduler`` and a searcher holding the ledger: the rows of the
-    ``ResultsCallback`` among ``callbacks`` (trials.arrow as this driver found it); their trial actors are
-    named after ``sweep_name`` (``sweep_trainable``)."""
+    Either way the searcher is this driver's fresh one (``orchestrator.searcher``: rebuilt from the plan,
+    the ledger and the Optuna journal; Tune's saved copy is never loaded, see ``SweepSearch``), holding the
+    ledger — the rows of the ``ResultsCallback`` among ``callbacks`` (trials.arrow as this driver found it;
+    with ``retry_failed`` its failed rows run again) — and a ``LedgerScheduler``; trial actors are named
+    after ``sweep_name`` (``sweep_trainable``). Restored trials that failed in Tune are not resumed by Tune
+    (``resume_errored=False``): their work runs again only under ``retry_failed``, as new trials."""
+    from orchestrator.searcher import SweepSearch
+
+    ray_internals.check()
     trainable = sweep_trainable(sweep_name, cpu, gpu)
     path = experiment_path(out_dir)
     results_cb = next((cb for cb in callbacks if isinstance(cb, ResultsCallback)), None)
     ledger = dict(results_cb.ledger) if results_cb is not None else {}
+    searcher.set_ledger(ledger.values(), retry_failed=retry_failed)
+    scheduler = LedgerScheduler(searcher, use_pruning, ledger)
+    if results_cb is not None:
+        results_cb.scheduler = scheduler
     damaged = set_aside_damaged_state(path) if path.is_dir() else None
     if damaged:
         print(damaged, flush=True)
     if tune.Tuner.can_restore(str(path)):
-        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
-        # the restored run config carries pickled copies of our callbacks; use the live ones
-        # (same order, so Tune applies the saved callback states to them)
-        tuner._local_tuner.get_run_config().callbacks = callbacks
-        # the searcher comes from tuner.pkl (Tune loads its saved state into it); the scheduler keeps no
-        # state, so a new one (also for experiments saved by older versions) works on that searcher
-        tune_config = tuner._local_tuner._tune_config
-        restored = tune_config.search_alg
-        if hasattr(restored, "set_ledger"):
-            restored.set_ledger(ledger.values())
-            tune_config.scheduler = LedgerScheduler(restored, prune=use_pruning, ledger=ledger)
-            if results_cb is not None:
-                results_cb.scheduler = tune_config.scheduler
+        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False)
+        run_config, tune_config = ray_internals.restored_configs(tuner)
+        # the restored configs carry pickled copies of our callbacks and searcher; use the live ones (callbacks in
+        # the same order, so Tune applies the saved callback states to them)
+        run_config.callbacks = callbacks
+        tune_config.search_alg = SweepSearch(searcher)
+        tune_config.scheduler = scheduler
+        tune_config.max_concurrent_trials = None  # the searcher limits its trials itself
         return tuner
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig
 
-    searcher.set_ledger(ledger.values())  # rows without a Tune experiment (its directory was removed)
-    scheduler = LedgerScheduler(searcher, use_pruning, ledger)
-    if results_cb is not None:
-        results_cb.scheduler = scheduler
-    tune_config = TuneConfig(search_alg=searcher, scheduler=scheduler,
-                             num_samples=-1, max_concurrent_trials=max_concurrent, reuse_actors=True,
-                             trial_dirname_creator=trial_dirname)
+    tune_config = TuneConfig(search_alg=SweepSearch(searcher), scheduler=scheduler, num_samples=-1,
+                             reuse_actors=True, trial_dirname_creator=trial_dirname)
     run_config = RunConfig(name=EXPERIMENT_NAME, storage_path=str(Path(out_dir).resolve()), verbose=0,
                            callbacks=callbacks, failure_config=FailureConfig(max_failures=max_retries),
                            checkpoint_config=CheckpointConfig(num_to_keep=1), log_to_file=True)

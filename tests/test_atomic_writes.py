@@ -1,5 +1,4 @@
-"""Every file the driver writes (results, report, ``sweep.json``, the MLflow backlog, the searcher's saved
-state) and every trial checkpoint goes through the one atomic writer, ``fewshot.paths.atomic_open``: the
+"""Every file the driver writes (results, report, ``sweep.json``, the MLflow backlog) and every trial checkpoint goes through the one atomic writer, ``fewshot.paths.atomic_open``: the
 content is fsynced in a temp file beside the target, the temp file is renamed onto the target, and then
 the folder is fsynced (so the rename survives a power loss). Each writer is run with ``os.fsync`` and
 ``os.replace`` watched."""
@@ -100,15 +99,6 @@ def test_result_tables(tmp_path, watch):
     for name in (TRIALS_FILE, CELLS_FILE):
         watch.assert_atomic(tmp_path / name)
         watch.assert_atomic((tmp_path / name).with_suffix(PARQUET_SUFFIX))
-
-
-def test_searcher_state(tmp_path, watch):
-    """Tune hands the searcher a temp path and renames it itself; the content is fsynced before that."""
-    from orchestrator.searcher import CellSearcher
-
-    path = tmp_path / ".tmp-searcher-state.pkl"
-    CellSearcher([], {}, str(tmp_path / "optuna.journal")).save(str(path))
-    watch.assert_atomic(path)
 
 
 def test_report(tmp_path, watch):

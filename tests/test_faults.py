@@ -412,14 +412,13 @@ def _cell_searcher(tmp_path, n_trials=3, search_seeds=(1,), final_seeds=(1, 2), 
     return p, CellSearcher(p.cells, {"backbone": {"arch": "promptsweep-tiny"}}, str(tmp_path / "optuna.journal"))
 
 
-def _restart(tmp_path, saved, **kw):
-    """A new driver's searcher: Tune's last saved bookkeeping loaded into a fresh one, and the unfinished
-    trials of the same snapshot restored by Tune to run again (``LedgerScheduler.on_trial_add``)."""
+def _restart(tmp_path, live=(), rows=(), **kw):
+    """A new driver's searcher: nothing of the killed driver's searcher is kept but the Optuna journal; it gets
+    the rows on file (``set_ledger``) and the trials Tune restores to run again (``adopt``: (id, config))."""
     _, s = _cell_searcher(tmp_path, **kw)
-    s.restore(str(saved))
-    for tid, info in s.trials.items():
-        if not info["done"]:
-            s.note_live(tid)
+    s.set_ledger(list(rows))
+    for tid, cfg in live:
+        s.adopt(tid, cfg)
     return s
 
 
@@ -447,10 +446,9 @@ def _study_trials(s):
 
 def test_searcher_adopts_a_proposal_asked_after_the_last_snapshot(tmp_path):
     p, s = _cell_searcher(tmp_path)
-    s.save(str(tmp_path / "snap.pkl"))  # Tune's snapshot: nothing asked yet
     first = s.suggest("a0")  # the killed driver asked Optuna for the defaults proposal (journal) ...
     assert first["params"] == {"lr": 0.002}
-    s2 = _restart(tmp_path, tmp_path / "snap.pkl")  # ... and died before the next snapshot
+    s2 = _restart(tmp_path)  # ... and died before Tune's next snapshot held the trial
     again = s2.suggest("b0")
     assert again["optuna_number"] == 0 and again["params"] == first["params"]
     s2.on_trial_complete("b0", {"val_acc": _value(again)})
@@ -463,11 +461,10 @@ def test_searcher_adopts_a_proposal_asked_after_the_last_snapshot(tmp_path):
 
 def test_searcher_skips_a_tell_the_journal_already_has(tmp_path):
     p, s = _cell_searcher(tmp_path)
-    cfg = s.suggest("a0")
-    s.save(str(tmp_path / "snap.pkl"))  # the trial is running in Tune's snapshot
-    s.on_trial_complete("a0", {"val_acc": 50.0})  # finished and told after it
-    s2 = _restart(tmp_path, tmp_path / "snap.pkl")
-    s2.on_trial_complete("a0", {"val_acc": 50.0})  # the restored driver completes it again: no "Cannot tell"
+    cfg = s.suggest("a0")  # the trial is running in Tune's snapshot ...
+    s.on_trial_complete("a0", {"val_acc": 50.0})  # ... finished and was told after it, before its row was written
+    s2 = _restart(tmp_path, live=[("a0", cfg)])
+    s2.on_trial_complete("a0", {"val_acc": 50.0})  # the restored trial completes again: no "Cannot tell"
     assert _study_trials(s2)[0].value == 50.0
     assert len(_drain(s2, "b")) + 1 == p.n_trials
     assert cfg["optuna_number"] == 0
@@ -477,7 +474,6 @@ def test_searcher_counts_work_from_the_ledger_instead_of_emitting_it(tmp_path):
     from orchestrator.results import trial_row
 
     p, s = _cell_searcher(tmp_path)
-    s.save(str(tmp_path / "snap.pkl"))
     rows = []
     for i in range(3):  # a killed driver ran the first proposals (one search seed each) after the snapshot
         cfg = s.suggest(f"g{i}")
@@ -485,8 +481,7 @@ def test_searcher_counts_work_from_the_ledger_instead_of_emitting_it(tmp_path):
             s.on_trial_complete(f"g{i}", {"val_acc": _value(cfg)})
             rows.append(trial_row(cfg, {"val_acc": _value(cfg), "test_images_read": 0}, status="FINISHED",
                                   tune_trial_id=f"g{i}"))
-    s2 = _restart(tmp_path, tmp_path / "snap.pkl")
-    s2.set_ledger(rows)
+    s2 = _restart(tmp_path, rows=rows)  # Tune's snapshot held none of them
     emitted = _drain(s2, "n")
     assert [(c["stage"], c["optuna_number"]) for c in emitted] == [("search", 2), ("final", None), ("final", None)] \
         or [c["stage"] for c in emitted] == ["search", "final", "final"]
@@ -505,17 +500,17 @@ def test_ledger_scheduler_does_not_rerun_a_restored_trial_that_has_a_row():
 
     from orchestrator.tune_runner import LedgerScheduler
 
-    told = []
-    noted_live = []
-    searcher = SimpleNamespace(ledger_result=lambda row: {"val_acc": row["val_acc"]}, note_live=noted_live.append)
+    adopted = []
+    searcher = SimpleNamespace(adopt=lambda tid, cfg: adopted.append(tid))
     live: set = set()
-    search_alg = SimpleNamespace(on_trial_complete=lambda tid, result: told.append((tid, result)))
-    controller = SimpleNamespace(get_live_trials=lambda: live, search_alg=search_alg)
+    controller = SimpleNamespace(get_live_trials=lambda: live,
+                                 _checkpoint_manager=SimpleNamespace(_should_force_sync_up=False))
     ledger = {"done": {"status": "FINISHED", "val_acc": 40.0}, "failed": {"status": "ERROR", "val_acc": None}}
     sched = LedgerScheduler(searcher, prune=False, ledger=ledger)
 
     class FakeTrial:
         checkpoint = None
+        config = {}
 
         def __init__(self, trial_id):
             self.trial_id, self.status = trial_id, Trial.PENDING  # as Tune re-queues a restored unfinished trial
@@ -527,10 +522,11 @@ def test_ledger_scheduler_does_not_rerun_a_restored_trial_that_has_a_row():
     for t in trials.values():
         live.add(t)  # Tune files the trial as live before it calls on_trial_add
         sched.on_trial_add(controller, t)
-    assert trials["done"].status == Trial.TERMINATED and told == [("done", {"val_acc": 40.0})]
-    assert trials["failed"].status == Trial.PENDING and trials["new"].status == Trial.PENDING  # Tune runs these
-    assert {t.trial_id for t in live} == {"failed", "new"}
-    assert noted_live == ["failed", "new"]  # the searcher learns which trials this driver runs
+    # a row stands, failed or not (a failed one runs again only under --retry-failed, as a new trial)
+    assert trials["done"].status == trials["failed"].status == Trial.TERMINATED
+    assert trials["new"].status == Trial.PENDING and {t.trial_id for t in live} == {"new"}  # Tune runs it
+    assert adopted == ["new"]  # the searcher learns which trial runs that work
+    assert controller._checkpoint_manager._should_force_sync_up  # Tune saves its snapshot at the end of the step
     assert LedgerScheduler(searcher).__getstate__()["ledger"] == {}
 
 

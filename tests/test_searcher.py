@@ -1,4 +1,5 @@
-"""CellSearcher driven by a fake objective, without Ray: round-robin, stages, best selection, pruning, save/restore."""
+"""CellSearcher driven by a fake objective, without Ray: round-robin, stages, best selection, pruning, and a new
+driver's searcher rebuilt from the rows, the Optuna journal and the trials Tune restores (nothing saved)."""
 from __future__ import annotations
 
 import optuna
@@ -123,25 +124,35 @@ def test_waits_instead_of_finishing_while_search_results_are_pending(tmp_path):
     assert sum(isinstance(g, dict) for g in got) == 4 and got[-1] is None
 
 
-def test_save_restore_continues_without_duplicates(tmp_path):
+def test_a_new_driver_continues_from_rows_journal_and_restored_trials_without_duplicates(tmp_path):
     p, s = _searcher(tmp_path)
     first = [s.suggest(f"a{i}") for i in range(5)]
     for i, c in enumerate(first[:3]):
         s.on_trial_complete(f"a{i}", {"val_acc": objective(c)})
-    s.save(str(tmp_path / "searcher.pkl"))
-    _, s2 = _searcher(tmp_path)
-    s2.restore(str(tmp_path / "searcher.pkl"))
+    _, s2 = _searcher(tmp_path)  # the next driver: nothing of s is kept but the journal
     s2.set_ledger([_row(f"a{i}", c) for i, c in enumerate(first[:3])])  # trials.arrow of the first driver
     for i in (3, 4):
-        s2.note_live(f"a{i}")  # Tune restores the two unfinished trials
+        s2.adopt(f"a{i}", first[i])  # Tune restores the two unfinished trials
     for i, c in enumerate(first[3:], start=3):
         s2.on_trial_complete(f"a{i}", {"val_acc": objective(c)})
     rest = drain(s2)
     assert len(first) + len(rest) == p.n_trials
+    work = [(c["cell_id"], c["stage"], c["seed"], c["optuna_number"]) for c in first + rest]
+    assert len(set(work)) == len(work)  # nothing emitted twice
     cell = p.cell("fewshot.coop.digits.2shot")
     trials = s2.study(cell).trials
-    assert len(trials) == 4  # no extra Optuna trials were asked after the restore
+    assert len(trials) == 4  # the proposals the journal held were taken up, no extra one asked
     assert len({t.params["lr"] for t in trials}) == 4  # the reopened sampler does not replay earlier draws
+
+
+def test_the_searcher_is_never_saved_or_restored_by_tune(tmp_path):
+    """Tune's copy of the searcher would be stale after a kill (and say finished for a grown sweep)."""
+    from orchestrator.searcher import SweepSearch
+
+    _, s = _searcher(tmp_path)
+    wrapped = SweepSearch(s)
+    wrapped.save_to_dir(str(tmp_path), "x")
+    assert list(tmp_path.iterdir()) == [] and not wrapped.has_checkpoint(str(tmp_path))
 
 
 def test_median_pruner_compares_only_within_a_cell(tmp_path):
@@ -185,17 +196,16 @@ def _run_all_but(s, lost_if):
 
 
 def _restored(tmp_path, s, rows, live=()):
-    s.save(str(tmp_path / "searcher.pkl"))
+    """The next driver's searcher: the rows on file and the trials Tune restores (``live``: (id, config))."""
     p, s2 = _searcher(tmp_path, n_trials=2, search_seeds=(1,), final_seeds=(1, 2))
-    s2.restore(str(tmp_path / "searcher.pkl"))
     s2.set_ledger(rows)
-    for tid in live:
-        s2.note_live(tid)
+    for tid, cfg in live:
+        s2.adopt(tid, cfg)
     return p, s2
 
 
-def test_work_the_saved_bookkeeping_emitted_but_tune_lost_runs_again(tmp_path, capsys):
-    # the bookkeeping Tune restores is newer than its trial list: a final trial was emitted, never ran
+def test_work_without_a_row_or_a_restored_trial_runs_again(tmp_path):
+    # a final trial was emitted by the killed driver but never ran (Tune's snapshot did not hold it)
     p, s = _searcher(tmp_path, n_trials=2, search_seeds=(1,), final_seeds=(1, 2))
     rows, lost = _run_all_but(s, lambda c: c["stage"] == "final" and c["cell_id"].startswith("fewshot.coop"))
     _, s2 = _restored(tmp_path, s, rows)
@@ -203,14 +213,12 @@ def test_work_the_saved_bookkeeping_emitted_but_tune_lost_runs_again(tmp_path, c
     assert isinstance(again, dict)
     assert {k: again[k] for k in ("cell_id", "stage", "seed")} == {k: lost[0][1][k] for k in ("cell_id", "stage", "seed")}
     assert again["params"] == lost[0][1]["params"]
-    assert "runs again" in capsys.readouterr().out
-    assert s2.suggest("r2") is Searcher.FINISHED  # nothing else to emit (Tune waits for r1)
+    assert s2.suggest("r2") is None  # nothing else to emit: it waits for r1
     s2.on_trial_complete("r1", {"val_acc": objective(again)})
     assert s2.suggest("r3") is Searcher.FINISHED
 
 
-def test_work_counted_done_without_a_row_runs_again(tmp_path):
-    # the bookkeeping counts a search trial as told, but its row was never written: it runs again
+def test_a_search_trial_without_a_row_runs_again(tmp_path):
     p, s = _searcher(tmp_path, n_trials=2, search_seeds=(1,), final_seeds=(1, 2))
     rows, _ = _run_all_but(s, lambda c: False)
     assert len(rows) == p.n_trials
@@ -224,36 +232,52 @@ def test_work_counted_done_without_a_row_runs_again(tmp_path):
     assert len(s2.study(p.cell(gone["cell_id"])).trials) == 2  # no new proposal was asked
 
 
-def test_a_restored_sweep_with_every_row_or_a_live_trial_reruns_nothing(tmp_path, capsys):
+def test_a_new_driver_with_every_row_or_a_restored_trial_reruns_nothing(tmp_path):
     p, s = _searcher(tmp_path, n_trials=2, search_seeds=(1,), final_seeds=(1, 2))
     rows, lost = _run_all_but(s, lambda c: c["stage"] == "final")
     # the unreported trial is either restored by Tune to run again, or finished with its row on file
-    _, s2 = _restored(tmp_path, s, rows, live=[lost[0][0]])
-    assert s2.suggest("r1") is Searcher.FINISHED
+    _, s2 = _restored(tmp_path, s, rows, live=[lost[0]])
+    assert s2.suggest("r1") is None  # waits for the restored trial
     s2.on_trial_complete(lost[0][0], {"val_acc": 1.0})
     assert s2.suggest("r2") is Searcher.FINISHED
     _, s3 = _restored(tmp_path, s, rows + [_row(*lost[0])])
     assert s3.suggest("r1") is Searcher.FINISHED
-    out = capsys.readouterr().out
-    assert "runs again" not in out and "has its row; counted from it" in out
 
 
-def test_studies_name_their_metric_and_cell_and_a_failed_proposal_its_reason(tmp_path):
-    """What optuna-dashboard shows, read back from the journal file by a fresh Optuna."""
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
+def test_retry_failed_runs_failed_work_again_naming_the_failed_trial(tmp_path):
+    p, s = _searcher(tmp_path, n_trials=2, search_seeds=(1,), final_seeds=(1, 2))
+    rows, _ = _run_all_but(s, lambda c: False)
+    failed = next(r for r in rows if r["stage"] == "final" and r["cell_id"].startswith("fewshot.coop"))
+    failed.update(status="ERROR", val_acc=None, mlflow_run_id="run-x", error_class="nan_loss")
+    _, plain = _restored(tmp_path, s, rows)
+    assert plain.suggest("r1") is Searcher.FINISHED  # a failed row stands unless asked
+    _, s2 = _searcher(tmp_path, n_trials=2, search_seeds=(1,), final_seeds=(1, 2))
+    s2.set_ledger(rows, retry_failed=True)
+    again = s2.suggest("r1")
+    assert (again["cell_id"], again["stage"], again["seed"]) == (failed["cell_id"], "final", failed["seed"])
+    assert again["retry_of"] == {"tune_trial_id": failed["tune_trial_id"], "mlflow_run_id": "run-x"}
+    best = next(r for r in rows if r["cell_id"] == failed["cell_id"] and r["stage"] == "final" and r is not failed)
+    assert again["optuna_number"] == best["optuna_trial_number"]  # the proposal the cell's finals ran with
+    s2.on_trial_complete("r1", {"val_acc": 1.0})
+    assert s2.suggest("r2") is Searcher.FINISHED
 
-    p, s = _searcher(tmp_path, n_trials=2, search_seeds=(1, 2), final_seeds=(1,))
-    nan = {"trial_failed": 1, "error_class": "nan_loss", "error_message": "loss is NaN at step 3"}
-    run_one_at_a_time(s, lambda cfg: (nan if cfg["stage"] == "search" and cfg["optuna_number"] == 0
-                                      and cfg["seed"] == 2 else {"val_acc": objective(cfg)}, False))
-    cell = p.cell("fewshot.coop.digits.2shot")
-    study = optuna.load_study(study_name=cell.cell_id,
-                              storage=JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal"))))
-    assert study.metric_names == ["val_acc"]
-    assert study.user_attrs == {"protocol": "fewshot", "method": "coop", "dataset": "digits", "shots": 2,
-                                "search_seeds": [1, 2], "backbone": "promptsweep-tiny/random init"}
-    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
-    assert [t.number for t in failed] == [0]
-    assert failed[0].user_attrs["fail_reason"] == "seed 2: nan_loss: loss is NaN at step 3"
-    assert all("fail_reason" not in t.user_attrs for t in study.trials if t.number != 0)
+
+def test_a_grown_plan_emits_only_the_new_work(tmp_path):
+    """More final seeds, another dataset: the rows of the first plan are counted, the finals keep their proposal."""
+    p, s = _searcher(tmp_path, n_trials=2, search_seeds=(1,), final_seeds=(1, 2))
+    rows, _ = _run_all_but(s, lambda c: False)
+    spec = parse_spec({"name": "t", "methods": ["zeroshot", "coop"], "datasets": ["digits", "shapes", "shapes-16"],
+                       "shots": [2], "seeds": [1, 2, 3],
+                       "search": {"coop": {"n_trials": 2, "seeds": [1], "space": SPACE,
+                                           "sampler": {"name": "tpe", "n_startup_trials": 2}}}})
+    grown = plan(spec)
+    s2 = CellSearcher(grown.cells, {"backbone": {"arch": "promptsweep-tiny"}}, str(tmp_path / "optuna.journal"))
+    s2.set_ledger(rows)
+    new = drain(s2)
+    assert len(new) == grown.n_trials - len(rows) == 4 + 3 + 5  # seed 3 of the 4 cells, the 2 new cells
+    old = {(r["cell_id"], r["stage"], r["seed"], r["optuna_trial_number"]) for r in rows}
+    assert not old & {(c["cell_id"], c["stage"], c["seed"], c["optuna_number"]) for c in new}
+    for c in new:
+        if c["stage"] == "final" and "shapes-16" not in c["cell_id"] and "coop" in c["cell_id"]:
+            same = [r for r in rows if r["cell_id"] == c["cell_id"] and r["stage"] == "final"]
+            assert c["optuna_number"] == same[0]["optuna_trial_number"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fewshot.errors import ConfigError
-from orchestrator.spec import diff_normalized, load_spec, parse_spec
+from orchestrator.spec import load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD = sorted((Path(__file__).parent / "specs" / "bad").glob("*.yaml"))
@@ -84,7 +84,7 @@ def test_trials_per_gpu_packs_k_trials_per_device():
                        "resources": {"gpu": 0.5, "trials_per_gpu": 2}}).resources.gpu == 0.5
 
 
-def test_conditional_space_and_hash_and_diff():
+def test_conditional_space_and_hash():
     data = {"name": "t", "methods": ["coop"], "datasets": ["digits"],
             "search": {"coop": {"n_trials": 2, "space": {
                 "csc": {"type": "categorical", "choices": [False, True]},
@@ -93,14 +93,13 @@ def test_conditional_space_and_hash_and_diff():
     assert a.spec_hash() == parse_spec(data).spec_hash()
     b = parse_spec(dict(data, shots=[1, 2]))
     assert a.spec_hash() != b.spec_hash()
-    assert diff_normalized(a.normalized(), b.normalized()) == ["shots: [16] -> [1, 2]"]
     assert a.protocol == ["fewshot"]
 
 
 def test_report_names_a_baseline_and_changes_no_trial():
     """``report`` is how the results are read: a baseline for all protocols or one per protocol; it is not in
     the spec hash, and a resumed sweep does not call a changed ``report`` a changed spec."""
-    from orchestrator.sweep import _spec_changes
+    from orchestrator.growth import compare
 
     data = {"name": "t", "protocol": ["fewshot", "base2novel"], "methods": ["zeroshot", "coop"], "datasets": ["digits"]}
     plain = parse_spec(data)
@@ -111,6 +110,8 @@ def test_report_names_a_baseline_and_changes_no_trial():
     assert per.report.baseline_for("base2novel") == "zeroshot" and per.report.baseline_for("fewshot") is None
     assert per.report.unstable.max_std == 2.5 and per.report.unstable.mads == 3.5  # the documented defaults
     assert plain.spec_hash() == one.spec_hash() == per.spec_hash()
-    assert _spec_changes(one.normalized(), per.normalized()) == []
-    assert _spec_changes({k: v for k, v in plain.normalized().items() if k != "report"}, one.normalized()) == []
-    assert _spec_changes(one.normalized(), parse_spec(dict(data, seeds=[1], report={"baseline": "coop"})).normalized())
+    unchanged = compare(one.normalized(), per, [])
+    assert unchanged.refused == [] and not unchanged.grows
+    assert compare({k: v for k, v in plain.normalized().items() if k != "report"}, one, []).refused == []
+    row = {"cell_id": "fewshot.coop.digits.16shot", "stage": "final", "seed": 3}
+    assert compare(one.normalized(), parse_spec(dict(data, seeds=[1], report={"baseline": "coop"})), [row]).refused
