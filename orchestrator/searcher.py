@@ -93,16 +93,18 @@ def _new_cell_state() -> dict:
 
 
 class SweepSearch(SearchGenerator):
-    """Tune's wrapper of the sweep's ``CellSearcher``, without Tune's save and restore of it: the searcher is
-    rebuilt by each driver from the plan, the ledger and the journal (see the module docstring), so a stale
-    copy from Tune's last snapshot is never loaded over it (nor its "finished" flag, which would keep a grown
-    sweep from asking for more), and no snapshot rewrites the searcher's bookkeeping."""
+    """Tune's wrapper of the sweep's ``CellSearcher``. Tune saves and restores the wrapper's own small state
+    (the experiment it creates trials for, its trial counter), but never the searcher, which each driver
+    rebuilds from the plan, the ledger and the journal (see the module docstring): a stale copy from Tune's
+    last snapshot is never loaded over it, and a restored "finished" flag is dropped, so that a grown sweep
+    asks for its new work."""
 
-    def has_checkpoint(self, dirpath: str) -> bool:
-        return False
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        self._finished = False  # the searcher says when it is finished, from this driver's plan
 
-    def save_to_dir(self, dirpath: str, session_str: str) -> None:
-        return None
+    def is_finished(self) -> bool:
+        return self._finished  # a sweep asks for unlimited samples: only the searcher ends it
 
 
 class CellSearcher(Searcher):
@@ -127,6 +129,12 @@ class CellSearcher(Searcher):
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True
+
+    def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
+        """Nothing: the searcher is rebuilt from the records on disk (``SweepSearch``)."""
+
+    def restore_from_dir(self, checkpoint_dir: str) -> None:
+        """Nothing: a saved copy (also one an earlier version pickled) is never loaded over this driver's."""
 
     # --- what earlier drivers did -------------------------------------------------------------
     @staticmethod

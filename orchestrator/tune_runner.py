@@ -305,6 +305,9 @@ class ResultsCallback(Callback):
             err_cls, err_msg = "TrialError", (str(trial.error_file) if getattr(trial, "error_file", None) else "unknown error")
         run_id = self.tracker.trial_run_id(trial.trial_id) if self.tracker else None
         pgf = getattr(trial, "placement_group_factory", None)  # what Ray reserved: the trial's cost
+        retried = (trial.config.get("retry_of") or {}).get("tune_trial_id")
+        if retried and retried != trial.trial_id:
+            self.rows.pop(retried, None)  # the new attempt replaces the failed row
         self.rows[trial.trial_id] = trial_row(trial.config, last, status=status, tune_trial_id=trial.trial_id,
                                               error_class=err_cls, error_message=err_msg, mlflow_run_id=run_id,
                                               resources=pgf.required_resources if pgf is not None else None)

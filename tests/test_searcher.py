@@ -146,13 +146,21 @@ def test_a_new_driver_continues_from_rows_journal_and_restored_trials_without_du
 
 
 def test_the_searcher_is_never_saved_or_restored_by_tune(tmp_path):
-    """Tune's copy of the searcher would be stale after a kill (and say finished for a grown sweep)."""
+    """Tune's copy of the searcher would be stale after a kill (and say finished for a grown sweep): Tune keeps
+    only its wrapper's state, and a restored wrapper is not finished."""
     from orchestrator.searcher import SweepSearch
 
     _, s = _searcher(tmp_path)
+    first = s.suggest("a0")
     wrapped = SweepSearch(s)
+    wrapped.set_finished()
     wrapped.save_to_dir(str(tmp_path), "x")
-    assert list(tmp_path.iterdir()) == [] and not wrapped.has_checkpoint(str(tmp_path))
+    assert [p.name for p in tmp_path.iterdir() if p.name != "optuna.journal"] == ["search_gen_state-x.json"]
+    _, fresh = _searcher(tmp_path)
+    again = SweepSearch(fresh)
+    again.restore_from_dir(str(tmp_path))
+    assert not again.is_finished() and fresh.trials == {}  # nothing of s came back
+    assert again.searcher.suggest("b0")["optuna_number"] == first["optuna_number"]  # taken up from the journal
 
 
 def test_median_pruner_compares_only_within_a_cell(tmp_path):

@@ -148,7 +148,7 @@ def test_ray_shows_the_sweep_on_its_job_and_trial_actors(tmp_path):
     from tests.servers import free_port
 
     port = free_port()
-    spec = _write(tmp_path, dict(SPEC, name="named", methods=["coop"], search={}, seeds=[1, 2]))
+    spec = _write(tmp_path, dict(SPEC, name="named", methods=["coop"], search={}, seeds=[1, 2], report={}))
     env = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1")
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
@@ -264,10 +264,15 @@ def test_rerun_starts_nothing_and_changed_spec_is_refused(sweep):
     assert "(method − coop)" in (sweep["out"] / "report.md").read_text()
     assert feather.read_table(sweep["out"] / "trials.arrow").to_pylist() == rows_before  # no trial ran
     assert len(_runs(sweep["uri"])[1]) == len(runs_before)
-    changed = _write(sweep["tmp"], dict(SPEC, seeds=[1, 2, 3]), "changed.yaml")
+    # a change that alters what finished trials computed is refused, naming the cell and the key
+    changed = _write(sweep["tmp"], dict(SPEC, train={"defaults": {**SPEC["train"]["defaults"], "epochs": 2}}),
+                     "changed.yaml")
     r = _cli([str(changed), "--output", str(sweep["tmp"] / "out"), "--tracking-uri", sweep["uri"]], sweep["tmp"])
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and "seeds: [1, 2] -> [1, 2, 3]" in r.stderr
-    assert "--fresh" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    assert "cell fewshot.coop.digits.1shot: overrides" in r.stderr and '"epochs": 2' in r.stderr
+    assert "--fresh" in r.stderr and "--restart-cells fewshot.coop.digits.1shot,fewshot.zeroshot.digits.1shot" \
+        in r.stderr
+    assert feather.read_table(sweep["out"] / "trials.arrow").to_pylist() == rows_before
 
 
 def test_trial_no_node_can_fit_is_a_user_error_before_the_data_check_and_mlflow(tmp_path):
