@@ -603,6 +603,14 @@ def _check_backbone(spec: SweepSpec) -> None:
             _resolve_pretrained(arch, spec.backbone.pretrained)
         except CheckpointError as exc:
             raise ConfigError(f"backbone.pretrained: {exc}") from None
+    from methods.families import family_of_arch, refusal
+    from methods.registry import get_method
+
+    family = family_of_arch(arch)  # the prompt path runs this tower family exactly, or the spec is refused
+    for i, m in enumerate(spec.methods):
+        why = refusal(get_method(m), arch, family)
+        if why:
+            raise ConfigError(f"{'backbone.arch' if family.name is None else f'methods[{i}]'}: {why}")
 
 
 def _check_shots(path: str, shots: list[int]) -> None:

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from torch.nn import functional as F
 
 from methods.defaults import resolve
-from methods.sep import LAYER_PRESETS, SEP, SEPConfig, clip_layers
+from methods.sep import LAYER_PRESETS, SEP, SEPConfig
 from methods.token_fusion import TokenFusion, select_top_energy
 from tests.method_harness import (assert_backbone_untouched, backbone_snapshot, checkpoint_roundtrip, digits_data,
                                   one_step_gradients, train_losses)
@@ -234,13 +234,14 @@ def test_set_classnames_rebuilds_text_and_templates_keeps_prototypes(tiny_backbo
         m.training_loss(images, labels)
 
 
-def test_config_rules_and_layer_clipping():
+def test_config_rules_and_layer_clipping(tiny_backbone):
     assert SEPConfig().layer_set() == tuple(range(1, 12))
     assert SEPConfig(fusion_depth=8).layer_set() == LAYER_PRESETS[1]
     assert SEPConfig(fusion_preset=7).layer_set() == (4, 8)
     assert SEPConfig(fusion_layers=[6, 2, 2]).layer_set() == (2, 6)
-    assert clip_layers((1, 3, 5, 7, 9, 11), 3) == (1, 2)
-    assert clip_layers((11,), 3) == (2,)
+    m = SEP(tiny_backbone, ["one", "two"], "digits", SEPConfig(fusion_layers=[1, 3, 5, 7, 9, 11]))
+    assert m.text_layers == m.visual_layers == (1, 2)  # 3 blocks: indices beyond are clipped to the last
+    assert m.clip_layers((11,), "vision") == (2,)
     with pytest.raises(ValidationError, match="only one of"):
         SEPConfig(fusion_depth=3, fusion_preset=1)
     with pytest.raises(ValidationError, match="tfm_attention_axis: sample"):

@@ -76,7 +76,7 @@ def test_prompt_cut_after_eot_equals_reference_77_padding(tiny_backbone, digits)
     m = _make(tiny_backbone, names)
     out = torch.randn(2, 5, tiny_backbone.text_width)
     ours = m._encode_prompts(out)
-    sos, dot, eot = m._sos_dot_eot.split(1, 0)
+    sos, dot, eot = tiny_backbone.token_embedding(tiny_backbone.tokenize(["."])[0, :3]).float().split(1, 0)
     pad = tiny_backbone.token_embedding(torch.zeros(77 - 8, dtype=torch.long)).float()
     seq = torch.cat([sos, out[0], dot, eot, pad])[None]
     ref = towers.encode_text(tiny_backbone, seq, torch.tensor([7])).float()
