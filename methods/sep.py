@@ -22,7 +22,8 @@ or ``fusion_preset`` (the reference's ``L_IND`` 0..19, default 0 = layers 1..11)
 set. Depth rule (``PromptMethod.clip_layers``): a layer index beyond the tower is clipped to its last
 block and duplicates are dropped (so preset 0 is {1..11} on ViT-B/16 and {1, 2} on the 3-block tiny
 model). The module used at a fused layer is the one at that layer's position in the sorted fused-layer
-list (§8).
+list (§8). Init as the reference's ``_get_clones``: per branch, one TFM is drawn (under the trial's seed)
+and every fused layer's module starts as a copy of it (``base.clones``); they are trained separately.
 
 Residual ensembling with frozen CLIP: f̂ = norm(norm(f) + norm(f₀)), ĝ_c = norm(norm(g_c) + norm(g⁰_c))
 where f₀ is the prompt-free image feature and g⁰ the text feature of the dataset's SEP template
@@ -50,7 +51,7 @@ from torch.nn import functional as F
 from fewshot.errors import ConfigError
 from methods import towers
 from methods.backbone import Backbone
-from methods.base import PROTOCOLS, MethodConfig, PromptMethod
+from methods.base import PROTOCOLS, MethodConfig, PromptMethod, clones
 from methods.prompt_text import LearnedContextText
 from methods.token_fusion import AttentionAxis, TokenFusion, TopKScope, select_top_energy
 
@@ -129,8 +130,8 @@ class SEP(PromptMethod):
         self.ctx_text = nn.Parameter(self.text.initial_context())
         self.ctx_visual = nn.Parameter(torch.randn(cfg.n_ctx_visual, bb.vision_width, device=dev) * CTX_STD)
         tfm = dict(hidden=cfg.tfm_hidden, scale_init=cfg.tfm_scale_init, axis=cfg.tfm_attention_axis, device=dev)
-        self.text_fusion = nn.ModuleList([TokenFusion(bb.text_width, **tfm) for _ in self.text_layers])
-        self.visual_fusion = nn.ModuleList([TokenFusion(bb.vision_width, **tfm) for _ in self.visual_layers])
+        self.text_fusion = clones(TokenFusion(bb.text_width, **tfm), len(self.text_layers))
+        self.visual_fusion = clones(TokenFusion(bb.vision_width, **tfm), len(self.visual_layers))
         self.prototypes = nn.Parameter(torch.zeros(len(self.classnames), bb.embed_dim, device=dev))
         from fewshot.templates import template
 

@@ -81,6 +81,27 @@ def test_token_fusion_init_and_formula():
     assert torch.allclose(out, 0.75 * z1 + 0.25 * t.mlp[2](h * torch.sigmoid(1.702 * h)), atol=1e-5)
 
 
+def test_fused_layer_modules_start_as_copies_of_one_seeded_module(tiny_backbone, digits, batch):
+    """The reference's _get_clones: per branch one TFM is drawn and each fused layer gets a copy; trained apart."""
+    names = digits[0]
+    a, b = _make(tiny_backbone, names, fusion_layers=[0, 1, 2]), _make(tiny_backbone, names, fusion_layers=[0, 1, 2])
+    torch.manual_seed(1)
+    c = SEP(tiny_backbone, names, "digits", SEPConfig(fusion_layers=[0, 1, 2]))
+    for branch in ("text_fusion", "visual_fusion"):
+        first = getattr(a, branch)[0].state_dict()
+        assert len(getattr(a, branch)) == 3
+        for module in getattr(a, branch)[1:]:
+            for k, v in module.state_dict().items():
+                assert torch.equal(v, first[k]) and v.data_ptr() != first[k].data_ptr(), (branch, k)
+        # seeded: the same trial seed draws the same module, another seed another one
+        assert torch.equal(getattr(b, branch)[2].attn.in_proj_weight, first["attn.in_proj_weight"])
+        assert not torch.equal(getattr(c, branch)[0].attn.in_proj_weight, first["attn.in_proj_weight"])
+    opt = torch.optim.SGD(a.parameters(), lr=0.5)
+    one_step_gradients(a, *batch)
+    opt.step()
+    assert not torch.equal(a.visual_fusion[1].attn.in_proj_weight, a.visual_fusion[2].attn.in_proj_weight)
+
+
 def test_batch_axis_attention_slot_j_attends_over_all_samples():
     """Reference quirk: output of (sample n, slot j) depends on slot j of the other samples, not other slots."""
     torch.manual_seed(0)
