@@ -15,9 +15,11 @@ Two image-conditioned prompts per image, whatever the number of classes:
    (identical feature, less work);
 4. ``t = (t_cat + t_con) / 2``; logits = 100 · normalize([v; t]) @ Wᵀ (no bias, fixed scale 100), W
    [C, 2E] initialised to normalize([z_c; z_c]), z_c the mean of the *unnormalised* CLIP text features
-   of ``fewshot.templates.ensemble_templates(dataset)`` over cleaned class names ('_', '(', ')' → spaces;
-   ``PromptMethod.template_text_features``, ``average="raw"``; our stand-in for the reference's 21
-   "template_mining" templates, which are not shipped with promptsweep). The init runs on first use
+   over a template set (``PromptMethod.template_text_features``, ``average="raw"``), per
+   ``head_templates``: ``ensemble`` (default) = ``fewshot.templates.ensemble_templates(dataset)`` (8
+   templates) over cleaned class names ('_', '(', ')' → spaces); ``reference`` = the reference's 21
+   templates mined per dataset (``methods/tgpt_mined_templates.yaml``; the 11 datasets and ImageNet's
+   variants) over the raw class names, as its ``get_zero_shot_weights`` does. The init runs on first use
    (``prepare`` or the first forward), not in ``__init__``, so building the method (``methods info``,
    1000 classes on ViT-B/16) takes seconds; a loaded checkpoint's head is kept as it is;
 5. token supervision through a frozen head tied to CLIP's token embedding (``O @ Eᵀ``; ``E`` is the
@@ -54,7 +56,9 @@ trained on are a ConfigError, and the planner refuses such cells before any tria
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Optional
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Literal, Optional
 
 import torch
 from pydantic import Field
@@ -84,6 +88,9 @@ class TGPTConfig(MethodConfig):
     lambda_con: float = Field(1.0, ge=0, description="weight of the content token loss (0 turns it off)")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing of both token losses")
     captions_file: Optional[str] = Field(None, description="captions.txt path (default: the nearest one above the training images)")
+    head_templates: Literal["ensemble", "reference"] = Field(
+        "ensemble", description="head init: ensemble = CoOp's 8 ensemble templates over cleaned class names; reference = "
+                                "the reference's 21 mined templates per dataset over raw class names")
 
 
 class TGPT(PromptMethod):
@@ -117,6 +124,7 @@ class TGPT(PromptMethod):
         self.head = nn.Parameter(torch.zeros(len(self.classnames), 2 * e, device=dev))
         self._head_ready = False
         self.head_rows: Optional[torch.Tensor] = None  # the head's rows for the classes scored now (None: all)
+        head_templates(cfg.head_templates, dataset)  # no templates for this dataset: ConfigError now
         self._pseudo: dict[int, LearnedContextText] = {}  # "X X ... X." per query count (built on first use)
         self.register_buffer("cat_targets", self._targets([f"a photo of a {_clean(c)}." for c in self.classnames], cfg.n_cat), persistent=False)
         # content descriptions: per class, token targets [M_c, n_con] (filled by prepare)
@@ -127,11 +135,11 @@ class TGPT(PromptMethod):
 
     # --- construction helpers ---------------------------------------------------------------
     def _zero_shot_head(self, classnames: list[str]) -> torch.Tensor:
-        """normalize([z_c; z_c]), z_c = mean of unnormalised CLIP text features over the ensemble templates."""
-        from fewshot.templates import ensemble_templates
-
-        z = self.template_text_features(ensemble_templates(self.dataset), [_clean(c) for c in classnames],
-                                        average="raw", normalize=False)
+        """normalize([z_c; z_c]), z_c = mean of unnormalised CLIP text features over the ``head_templates``."""
+        reference = self.cfg.head_templates == "reference"
+        names = list(classnames) if reference else [_clean(c) for c in classnames]
+        z = self.template_text_features(head_templates(self.cfg.head_templates, self.dataset), names, average="raw",
+                                        clean=not reference, normalize=False)
         return F.normalize(torch.cat([z, z], dim=-1), dim=-1).to(self.device)
 
     def _ensure_head(self) -> None:
@@ -280,6 +288,28 @@ class TGPT(PromptMethod):
     def extra_frozen_params(self) -> int:
         """0: the tied vocabulary head *is* the backbone's token embedding, already in the backbone count."""
         return 0
+
+
+@lru_cache(maxsize=None)
+def _mined_templates() -> dict[str, list[str]]:
+    import yaml
+
+    return yaml.safe_load((Path(__file__).parent / "tgpt_mined_templates.yaml").read_text())
+
+
+def head_templates(kind: str, dataset: str) -> list[str]:
+    """The head-init templates of ``dataset``: CoOp's ensemble, or the reference's 21 mined ones (ConfigError for a
+    dataset the reference has none for)."""
+    if kind == "ensemble":
+        from fewshot.templates import ensemble_templates
+
+        return ensemble_templates(dataset)
+    mined = _mined_templates()
+    key = "imagenet" if dataset.startswith("imagenet") else dataset
+    if key not in mined:
+        raise ConfigError(f"tgpt head_templates: reference has the reference's mined templates for {', '.join(mined)} "
+                          f"(and ImageNet's variants) only, not '{dataset}': use head_templates: ensemble")
+    return list(mined[key])
 
 
 def _clean(name: str) -> str:

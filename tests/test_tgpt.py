@@ -252,3 +252,27 @@ def test_search_space_validates_and_enqueues_the_reference_defaults_first():
             {"n_cat": 32, "n_con": 64, "lambda_cat": 1.0, "lambda_con": 1.0, "label_smoothing": 0.1}
         if cell.dataset in ref:
             assert (d["lr"], d["max_iters"]) == ref[cell.dataset]
+
+
+# ------------------------------------------------------------------------------------ head templates
+def test_head_templates_reference_averages_raw_features_of_the_21_mined_templates(tiny_backbone):
+    from torch.nn import functional as F
+
+    from methods.tgpt import head_templates
+
+    names = ["american_bulldog", "Abyssinian", "great (pyrenees)"]
+    mined = head_templates("reference", "oxford_pets")
+    assert len(mined) == 21 and mined[0] == "a photo of a {}, a type of pet." and mined[-1] == "This is a photo of a {}."
+    assert head_templates("reference", "imagenet_sketch") == head_templates("reference", "imagenet")
+    m = _make(tiny_backbone, names, "oxford_pets", head_templates="reference", n_cat=8, n_con=8)
+    m._ensure_head()
+    with torch.no_grad():  # the reference: raw class names (underscores kept), mean of unnormalised features
+        z = torch.stack([tiny_backbone.model.encode_text(tiny_backbone.tokenize([t.format(n) for n in names]))
+                         for t in mined]).mean(0)
+    assert torch.allclose(m.head, F.normalize(torch.cat([z, z], -1), dim=-1), atol=1e-5)
+    default = _make(tiny_backbone, names, "oxford_pets", n_cat=8, n_con=8)
+    default._ensure_head()
+    assert not torch.allclose(default.head, m.head, atol=1e-3)
+    with pytest.raises(ConfigError, match="mined templates for .* not 'digits': use head_templates: ensemble"):
+        _make(tiny_backbone, names, "digits", head_templates="reference")
+
