@@ -46,6 +46,9 @@ stacks them as ``[B, 1 + L, E]`` (row 0 = ``v``), which the frozen-feature cache
 place of an image batch. Evaluation from the cache is exact; it is large (0.4 MB per image on
 ViT-B/16).
 
+Schedule: iteration-based (``max_iters`` in methods/defaults/tgpt.yaml). An explicit ``epochs`` override
+without ``max_iters`` trains for those epochs instead; both at once is refused (``methods.defaults``).
+
 Needs image tokens (the token map ``F``): refused on ResNet / ConvNeXt backbones.
 
 Protocols: ``fewshot`` and ``domain_generalization``. The linear head is tied to the training classes

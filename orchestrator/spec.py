@@ -712,6 +712,14 @@ def validate(spec: SweepSpec) -> SweepSpec:
                     if why:
                         raise ConfigError(f"{_sub(path, k)}: {why}")
 
+    from methods.defaults import schedule_overrides
+
+    for m in spec.methods:  # epochs and max_iters for one cell: one of them would be silently ignored
+        for d in spec.all_datasets():
+            try:
+                schedule_overrides(spec.train_overrides(m, d))
+            except ConfigError as exc:
+                raise ConfigError(f"train (method {m}, dataset {d}): {exc}") from None
     check_keys("train.defaults", spec.train.defaults, spec.methods)
     for m, vals in spec.train.methods.items():
         check_keys(_sub("train.methods", m), vals, [m])

@@ -276,3 +276,20 @@ def test_head_templates_reference_averages_raw_features_of_the_21_mined_template
     with pytest.raises(ConfigError, match="mined templates for .* not 'digits': use head_templates: ensemble"):
         _make(tiny_backbone, names, "digits", head_templates="reference")
 
+
+# ---------------------------------------------------------------------------------------- schedule
+def test_explicit_epochs_sets_the_iteration_schedule_and_with_max_iters_is_refused():
+    from methods.defaults import schedule_overrides
+    from orchestrator.trial import TrialRequest, build_configs
+
+    def train_cfg(overrides):
+        req = TrialRequest(method="tgpt", dataset="imagenet", shots=16, seed=1, device="cpu", overrides=overrides)
+        return build_configs(req, TGPT)[0]
+
+    assert (train_cfg({}).max_iters, train_cfg({"max_iters": 40}).max_iters) == (12800, 40)
+    one = train_cfg({"epochs": 1})  # was: epochs ignored, 12,800 iterations trained
+    assert one.max_iters is None and one.epochs == 1
+    assert train_cfg({"epochs": 3, "max_iters": None}).epochs == 3
+    with pytest.raises(ConfigError, match="epochs=1 and max_iters=40 are both set"):
+        train_cfg({"epochs": 1, "max_iters": 40})
+    assert schedule_overrides({"lr": 0.1}) == {"lr": 0.1}
