@@ -25,7 +25,13 @@ a = sqrt(6 / (3·patch² + D)), and needs no data. The seed is ``init_seed``, or
 drawn from torch's global generator at ``prepare`` time (which the trial seeds per trial seed).
 ``init_max_images`` caps the images used (the spec's "sample fraction").
 
-Needs image tokens: refused on ResNet / ConvNeXt backbones.
+``init_sampling`` (``random`` / ``mean_pool`` / ``max_pool``): ``streaming`` (default) samples uniformly
+from the loader's stream by reservoir sampling (one pass, O(M·D) memory, batch-invariant); ``reference``
+does what the reference's ``prompt_generator`` does, under the seed above: S image indices drawn with
+replacement (``torch.randint``; S = ``init_max_images`` or the training set's size) from the training
+set (its training transform), then per prompted layer ``argsort(torch.rand(rows))[:M]`` over the
+flattened rows (``prototypes.ReferenceSampler``; capture points as above). Needs image tokens: refused
+on ResNet / ConvNeXt backbones.
 
 Heads: ``linear`` (the reference: Linear(E, C) on the pooled, projected image feature; trunc-normal
 std 0.02, bias 0) and ``text`` (cosine similarity against frozen class-text features from the
@@ -44,14 +50,14 @@ from __future__ import annotations
 from typing import Iterable, Literal, Optional
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from fewshot.errors import ConfigError
 from methods import towers
 from methods.backbone import Backbone
 from methods.base import PROTOCOLS, MethodConfig, PromptMethod, TrainConfig
-from methods.prototypes import Prototypes, make_collector
+from methods.prototypes import Prototypes, ReferenceSampler, make_collector
 from methods.vpt import VPT
 
 
@@ -73,8 +79,19 @@ class SPTConfig(MethodConfig):
     text_template: Literal["coop", "kgcoop", "sep", "ensemble"] = Field(
         "coop", description="text head: the dataset's hand-crafted template kind, or CoOp's template ensemble")
     init_seed: Optional[int] = Field(None, description="seed of the prototype sampling; None = drawn from torch's seeded RNG")
-    init_max_images: Optional[int] = Field(None, ge=1, description="use at most this many training images for the statistics")
+    init_max_images: Optional[int] = Field(None, ge=1, description="use at most this many training images for the statistics "
+                                           "(reference sampling: the number of images drawn)")
     kmeans_passes: int = Field(1, ge=1, description="passes over the training loader for kmeans")
+    init_sampling: Literal["streaming", "reference"] = Field(
+        "streaming", description="streaming: reservoir sampling over the training loader (O(M·D) memory); reference: "
+                                 "the reference's images drawn with replacement and argsort(rand) row choice")
+
+    @model_validator(mode="after")
+    def _reference_rules(self) -> "SPTConfig":
+        if self.init_sampling == "reference" and self.init not in ("random", "mean_pool", "max_pool"):
+            raise ValueError(f"init_sampling: reference covers init random, mean_pool and max_pool (got init: {self.init}); "
+                             "use init_sampling: streaming")
+        return self
 
 
 class SPT(PromptMethod):
@@ -122,9 +139,12 @@ class SPT(PromptMethod):
             return
         seed = cfg.init_seed if cfg.init_seed is not None else int(torch.randint(0, 2**31 - 1, (1,)))
         layers = self.prompted_layers()
-        collectors = {i: make_collector(cfg.init, cfg.n_prompts, seed * 1000 + i) for i in layers}
-        passes = cfg.kmeans_passes if cfg.init == "kmeans" else 1
-        batches = (images for _ in range(passes) for images in self._capped_images(train_loader))
+        if cfg.init_sampling == "reference":
+            collectors, batches = self._reference_stream(train_loader, layers, seed)
+        else:
+            collectors = {i: make_collector(cfg.init, cfg.n_prompts, seed * 1000 + i) for i in layers}
+            passes = cfg.kmeans_passes if cfg.init == "kmeans" else 1
+            batches = (images for _ in range(passes) for images in self._capped_images(train_loader))
         last, npt = max(layers), self.backbone.image_prefix_tokens
 
         def capture(i: int, x: torch.Tensor) -> torch.Tensor:
@@ -159,6 +179,26 @@ class SPT(PromptMethod):
                 break
             used += len(images)
             yield images
+
+    def _reference_stream(self, train_loader, layers: list[int], seed: int):
+        """``init_sampling: reference``: S = ``init_max_images`` (default: the training set's size) image
+        indices drawn with replacement (``torch.randint``) from a generator seeded with ``seed``, the per-layer
+        ``ReferenceSampler`` row choice from the same generator, and the sampled images in batches."""
+        data = getattr(train_loader, "dataset", None)
+        if data is None or not hasattr(data, "__getitem__") or not hasattr(data, "__len__") or len(data) == 0:
+            raise ConfigError("SPT init_sampling: reference samples images by index: the training loader needs a "
+                              "non-empty indexable dataset (use init_sampling: streaming)")
+        gen = torch.Generator().manual_seed(seed)
+        n = len(data)
+        index = torch.randint(n, (self.cfg.init_max_images or n,), generator=gen)
+        collectors = {i: ReferenceSampler(self.cfg.init, self.cfg.n_prompts, len(index), gen) for i in layers}
+        step = getattr(train_loader, "batch_size", None) or 32
+
+        def batches():
+            for start in range(0, len(index), step):
+                yield torch.stack([data[int(j)][0] for j in index[start:start + step]])
+
+        return collectors, batches()
 
     # --- forward --------------------------------------------------------------------------
     def _insert(self, i: int, x: torch.Tensor) -> torch.Tensor:
