@@ -153,6 +153,17 @@ def test_spec_validation_refuses_a_disallowed_pair_in_one_line():
     parse_spec({**base, "methods": ["zeroshot", "linear_probe", "coop", "cocoop", "kgcoop"], "backbone": {"arch": "RN50"}})
 
 
+def test_the_loader_refuses_a_config_outside_the_families_before_building_it():
+    from methods.backbone import LOAD_COUNT, load_backbone
+
+    for arch, why in [("ViT-L-14-CLIPA", "pool_type 'avg'"), ("coca_ViT-B-32", "CoCa")]:
+        with pytest.raises(ConfigError, match=f"backbone '{arch}' is not supported: .*{why}.*supported families"):
+            load_backbone(arch)
+    from methods.backbone import LOAD_COUNT as after
+
+    assert after == LOAD_COUNT
+
+
 def test_a_model_whose_towers_are_not_its_family_is_refused():
     siglip = family_backbone("siglip")
     towers.check_family(siglip.model, "siglip", "pstest-siglip")
