@@ -69,14 +69,17 @@ class TextTower:
     """open_clip's native text transformer: CLIP keeps its parts on the model, CustomTextCLIP on ``model.text``."""
 
     def __init__(self, model: nn.Module):
-        t = model.text if hasattr(model, "text") else model
-        self.token_embedding = t.token_embedding
-        self.positional_embedding = t.positional_embedding
-        self.transformer = t.transformer
-        self.ln_final = t.ln_final
-        self.text_projection = t.text_projection
-        self.attn_mask = t.attn_mask                     # None: bidirectional (SigLIP)
-        self.pool_type = t.pool_type if t is not model else model.text_pool_type
+        self.model = model
+        self.module = model.text if hasattr(model, "text") else model
+        self.pool_type = self.module.pool_type if self.module is not model else model.text_pool_type
+
+    def __getattr__(self, name: str):
+        # token_embedding, positional_embedding, transformer, ln_final, text_projection, attn_mask (None:
+        # bidirectional, SigLIP), read from the module at each use (a buffer is a new tensor after .to())
+        if name in ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection",
+                    "attn_mask"):
+            return getattr(self.__dict__["module"], name)
+        raise AttributeError(name)
 
     @property
     def causal(self) -> bool:
