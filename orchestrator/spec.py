@@ -715,9 +715,11 @@ def validate(spec: SweepSpec) -> SweepSpec:
     from methods.defaults import schedule_overrides
 
     for m in spec.methods:  # epochs and max_iters for one cell: one of them would be silently ignored
+        space = spec.search_for(m).space
+        searched = {k: _sub(_sub("search", m) + ".space", k) for k in ("epochs", "max_iters") if k in space}
         for d in spec.all_datasets():
             try:
-                schedule_overrides(spec.train_overrides(m, d))
+                schedule_overrides({**spec.train_overrides(m, d), **searched})
             except ConfigError as exc:
                 raise ConfigError(f"train (method {m}, dataset {d}): {exc}") from None
     check_keys("train.defaults", spec.train.defaults, spec.methods)
