@@ -50,8 +50,9 @@ class TokenRule:
             return ids.argmax(dim=-1)
         hit = ids == self.eot_id
         if not bool(hit.any(dim=-1).all()):
-            raise ConfigError("a tokenised text has no end-of-text token (it was cut at the context length): use "
-                              "shorter class names or prompts")
+            raise ConfigError(f"a tokenised text has no end-of-text token (id {self.eot_id}): it was cut at the context "
+                              "length (use shorter class names or prompts), or the tokenizer appends none (use a "
+                              "tokenizer that ends each text with its EOS, as open_clip's SigLIP tokenizers do)")
         return hit.int().argmax(dim=-1)
 
     def n_tokens(self, ids: torch.Tensor) -> torch.Tensor:

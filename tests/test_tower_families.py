@@ -77,6 +77,8 @@ def test_eot_is_found_by_the_tokenizer_rule_and_learned_context_is_exact(family,
     if family == "siglip":  # no BOS; EOS (1) after the words, whose ids are larger: argmax would miss it
         assert bb.token_rule.prefix == 0 and (ids[torch.arange(3), eot] == 1).all()
         assert (eot != ids.argmax(-1)).all() and ((ids[torch.arange(3), eot - 1]) > 1).all()
+        with pytest.raises(ConfigError, match="no end-of-text token"):
+            bb.eot_positions(torch.tensor([[5, 6, 7]]))  # cut at the context length, or no EOS appended
     else:  # CLIP BPE: EOT is the largest id
         assert bb.token_rule.prefix == 1 and torch.equal(eot, ids.argmax(-1))
     # init words placed as learned context give exactly the written prompt's features (full length on SigLIP)
