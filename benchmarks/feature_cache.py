@@ -36,7 +36,7 @@ def run_way(args, method: str, overrides: dict) -> tuple[float, list[dict]]:
     for seed in range(1, args.seeds + 1):
         req = TrialRequest(method=method, dataset=args.dataset, shots=args.shots, seed=seed,
                            backbone=BackboneRef(arch=args.arch, pretrained=None), device=args.device,
-                           overrides={"epochs": args.epochs, **overrides})
+                           overrides={**({} if "max_iters" in overrides else {"epochs": args.epochs}), **overrides})
         outs.append(run_trial(req))
     return (time.perf_counter() - t0) / args.seeds, outs
 

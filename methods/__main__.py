@@ -1,11 +1,15 @@
-"""``python -m methods``: list the registered methods, build one and print its parameter counts, or
-pretrain the project's own backbone.
+"""``python -m methods``: list the registered methods (with the method x backbone-family capability
+matrix), classify open_clip's model configs by family, build one method and print its parameter counts,
+or pretrain the project's own backbone.
 
     python -m methods list
+    python -m methods families [--all]
     python -m methods info --method coop --arch ViT-B-16 --classes 10 [--dataset D] [--set n_ctx=4 ...] --json
     python -m methods pretrain [--arch promptsweep-mini] [--eval] [--json]
 
-``info`` builds the method on a random-init backbone of ``arch`` with ``C`` dummy class names (the
+``list`` prints one row per method: its protocols, then ``yes`` / ``-`` per backbone family
+(``methods.families``). ``families`` prints each supported family with its open_clip configs, and with
+``--all`` every refused config with the reason. ``info`` builds the method on a random-init backbone of ``arch`` with ``C`` dummy class names (the
 method's defaults for the dataset, then ``--set`` overrides of its Config fields) and prints
 ``{"trainable_params", "frozen_params", "breakdown"}``. ``pretrain`` builds (or finds in the cache)
 the checkpoint of ``load_backbone(arch, "promptsweep")`` (``methods.pretrain``) and prints its path;
@@ -41,14 +45,39 @@ def parse_sets(pairs: list[str]) -> dict:
 
 
 def _list() -> int:
+    from methods.families import FAMILIES, matrix
     from methods.registry import get_method, method_names
 
+    allowed = matrix()
+    rows = [["method", "protocols", *FAMILIES]]
     for name in method_names():
         try:
             protocols = ",".join(get_method(name).protocols)
         except ImportError as exc:
             protocols = f"(unavailable: {exc})"
-        print(f"{name}\t{protocols}")
+        rows.append([name, protocols, *("yes" if allowed[name][f] else "-" for f in FAMILIES)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print("\nbackbone families (python -m methods families; every other open_clip config is refused):")
+    for f, (tokens, what) in FAMILIES.items():
+        print(f"  {f:<9} {what}")
+    return 0
+
+
+def _families(args) -> int:
+    from methods.backbone import available_archs
+    from methods.families import FAMILIES, family_of_arch
+
+    found = {a: family_of_arch(a) for a in available_archs()}
+    for f in FAMILIES:
+        archs = [a for a, fam in found.items() if fam.name == f]
+        print(f"{f} ({len(archs)}): {', '.join(archs)}")
+    refused = {a: fam.why for a, fam in found.items() if fam.name is None}
+    print(f"refused ({len(refused)})" + (":" if args.all else ": python -m methods families --all lists them"))
+    if args.all:
+        for a, why in refused.items():
+            print(f"  {a}: {why}")
     return 0
 
 
@@ -117,7 +146,9 @@ def _pretrain(args) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m methods", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("list", help="registered methods and their protocols")
+    sub.add_parser("list", help="registered methods, their protocols and the backbone families they run on")
+    fam = sub.add_parser("families", help="open_clip model configs by backbone family")
+    fam.add_argument("--all", action="store_true", help="also list every refused config with the reason")
     info = sub.add_parser("info", help="build a method on a random-init backbone and count its parameters")
     info.add_argument("--method", required=True)
     info.add_argument("--arch", default="ViT-B-16")
@@ -133,7 +164,8 @@ def main(argv=None) -> int:
     pre.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     try:
-        return {"list": lambda: _list(), "info": lambda: _info(args), "pretrain": lambda: _pretrain(args)}[args.cmd]()
+        return {"list": lambda: _list(), "families": lambda: _families(args), "info": lambda: _info(args),
+                "pretrain": lambda: _pretrain(args)}[args.cmd]()
     except UserError as exc:
         print(error_line(exc), file=sys.stderr)
         return 2

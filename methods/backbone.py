@@ -5,7 +5,17 @@ A backbone is named by ``arch`` (an open_clip model name, e.g. ``ViT-B-16``) and
 ``promptsweep-tiny`` is a project-registered random-init config small enough for CPU tests.
 ``promptsweep-mini`` with ``pretrained='promptsweep'`` is the project's own pretrained CLIP
 (``methods.pretrain``): the tag resolves to a cached checkpoint file (trained on first use), which is
-then loaded exactly like a user's local checkpoint path. OpenAI weights were trained with QuickGELU, so ``pretrained='openai'`` forces it.
+then loaded exactly like a user's local checkpoint path.
+
+QuickGELU: an open_clip tag gets it exactly where open_clip's pretrained registry says its weights were
+trained with it (``openai``, ``yfcc15m``, ``cc12m``, ViT-B-32's ``laion400m_e31/e32``, MetaCLIP, DFN, ...);
+a local checkpoint file of an OpenAI-shaped family (``clip-vit``, ``resnet``) is taken to be OpenAI-format
+and gets it unless ``PROMPTSWEEP_QUICKGELU=0``; other families' files and random init never do (their
+config's own ``quick_gelu`` still applies).
+
+The family (``methods.families``) is read from the model config before anything is built: a config the
+prompt path does not run exactly is refused with one line, and the built towers are checked against it
+(``methods.towers.check_family``).
 
 Loaded backbones are cached per (arch, pretrained, device, precision) for the life of the
 process: a Ray worker that runs many trials loads its weights once. Every parameter is frozen
@@ -26,6 +36,7 @@ import torch
 from torch import nn
 
 from fewshot.errors import CheckpointError, ConfigError
+from methods.families import Family, family_of_config, refusal
 
 TINY_ARCH = "promptsweep-tiny"
 MINI_ARCH = "promptsweep-mini"
@@ -42,8 +53,8 @@ LOAD_COUNT = 0
 #: worker happened to run first, and frozen features can be shared across processes
 RANDOM_INIT_SEED = 0
 
-# open_clip tags whose weights were trained with QuickGELU activations
-_QUICKGELU_TAGS = {"openai", "yfcc15m", "cc12m"}
+#: families whose local checkpoint files are taken to be OpenAI-format (trained with QuickGELU)
+_OPENAI_FAMILIES = ("clip-vit", "resnet")
 
 
 def register_configs() -> None:
@@ -74,11 +85,10 @@ def available_archs() -> list[str]:
     return sorted({p.stem for d in [*dirs, _CONFIG_DIR] if d.is_dir() for p in d.glob("*.json")})
 
 
-def text_context_length(arch: str) -> Optional[int]:
-    """The text encoder's context length (tokens) of ``arch`` from its model config file (no open_clip
-    import); None where the config cannot be found or read."""
+def model_config(arch: str) -> Optional[dict]:
+    """The open_clip model config dict of ``arch`` read from its JSON file (the project's, then open_clip's), with
+    no open_clip import; None where no config file names it or it cannot be read."""
     import importlib.util
-    import json
 
     spec = importlib.util.find_spec("open_clip")
     dirs = [Path(d) / "model_configs" for d in (spec.submodule_search_locations or [])] if spec else []
@@ -86,15 +96,25 @@ def text_context_length(arch: str) -> Optional[int]:
         p = d / f"{arch}.json"
         if p.is_file():
             try:
-                return int(json.loads(p.read_text())["text_cfg"].get("context_length", 77))
-            except (ValueError, KeyError, TypeError, AttributeError):
+                cfg = json.loads(p.read_text())
+            except (ValueError, OSError):
                 return None
+            return cfg if isinstance(cfg, dict) else None
     return None
+
+
+def text_context_length(arch: str) -> Optional[int]:
+    """The text encoder's context length (tokens) of ``arch`` from its model config file (no open_clip
+    import); None where the config cannot be found or read."""
+    try:
+        return int(model_config(arch)["text_cfg"].get("context_length", 77))  # type: ignore[index]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 @dataclass(eq=False)
 class Backbone:
-    """A frozen open_clip CLIP model plus its tokenizer and the sizes methods need."""
+    """A frozen open_clip CLIP model plus its tokenizer, its family and the sizes methods need."""
 
     model: nn.Module
     tokenizer: object
@@ -102,13 +122,47 @@ class Backbone:
     pretrained: Optional[str]
     device: torch.device
     precision: str = "fp32"
+    family: Optional["Family"] = None  # set by load_backbone from the model config (methods.families)
     _text_feature_cache: dict = field(default_factory=dict, repr=False)
 
-    # --- sizes --------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        if self.family is None:  # built by hand (not load_backbone): the family of its registered config
+            import open_clip
+
+            self.family = family_of_config(open_clip.get_model_config(self.arch))
+
+    # --- towers (methods.towers: the one place that knows each family's modules) ----------------
     @property
     def visual(self) -> nn.Module:
         return self.model.visual
 
+    @property
+    def text_tower(self):
+        from methods.towers import TextTower
+
+        tower = self.__dict__.get("_text_tower")
+        if tower is None:
+            tower = self.__dict__["_text_tower"] = TextTower(self.model)
+        return tower
+
+    @property
+    def image_tower(self):
+        """The image-token adapter of this family (ConfigError for families without image tokens)."""
+        from methods.towers import image_tower
+
+        return image_tower(self)
+
+    @property
+    def token_rule(self):
+        """How the tokenizer lays out a sequence (``methods.token_rules``)."""
+        from methods.token_rules import TokenRule
+
+        rule = self.__dict__.get("_token_rule")
+        if rule is None:
+            rule = self.__dict__["_token_rule"] = TokenRule.of(self.tokenizer)
+        return rule
+
+    # --- sizes --------------------------------------------------------------------------
     @property
     def image_size(self) -> int:
         size = self.model.visual.image_size
@@ -116,44 +170,71 @@ class Backbone:
 
     @property
     def embed_dim(self) -> int:
-        proj = self.model.text_projection
-        return int(proj.shape[1] if isinstance(proj, torch.Tensor) else proj.out_features)
+        """Width of the joint image-text space (the text tower's output)."""
+        proj = self.text_tower.text_projection
+        if isinstance(proj, nn.Linear):
+            return int(proj.out_features)
+        return int(proj.shape[1]) if proj is not None else self.text_width
 
     @property
     def text_width(self) -> int:
-        return int(self.model.token_embedding.weight.shape[1])
+        return self.text_tower.width
 
     @property
     def vision_width(self) -> int:
-        return int(self.model.visual.class_embedding.shape[-1])
+        return self.image_tower.width
 
     @property
     def text_layers(self) -> int:
-        return len(self.model.transformer.resblocks)
+        return self.text_tower.layers
 
     @property
     def vision_layers(self) -> int:
-        return len(self.model.visual.transformer.resblocks)
+        return len(self.image_tower.blocks)
+
+    @property
+    def patch_size(self) -> int:
+        return self.image_tower.patch_size
+
+    @property
+    def image_prefix_tokens(self) -> int:
+        """Class / register tokens before the patch tokens (1 for CLIP ViT and EVA, 0 for SigLIP)."""
+        return self.image_tower.prefix_tokens
+
+    @property
+    def image_tokens(self) -> int:
+        """Prefix + patch tokens of one image."""
+        return self.image_tower.num_tokens
 
     @property
     def context_length(self) -> int:
-        return int(self.model.positional_embedding.shape[0])
+        return self.text_tower.context_length
 
     @property
     def logit_scale(self) -> torch.Tensor:
         """exp(logit_scale), detached (100 for OpenAI CLIP)."""
         return self.model.logit_scale.detach().exp()
 
+    @property
+    def logit_bias(self) -> Optional[torch.Tensor]:
+        """The learned logit bias added to CLIP logits (SigLIP), detached; None for the other families."""
+        b = getattr(self.model, "logit_bias", None)
+        return None if b is None else b.detach()
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
     # --- text ---------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> torch.Tensor:
-        """Token ids [N, context_length] on the backbone's device (SOT ... EOT, zero padded)."""
+        """Token ids [N, context_length] on the backbone's device (CLIP BPE: SOT ... EOT, zero padded)."""
         return self.tokenizer(list(texts)).to(self.device)
 
     def token_embedding(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.token_embedding(ids.to(self.device))
+        return self.text_tower.token_embedding(ids.to(self.device))
+
+    def eot_positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """End-of-text position of each tokenised row, by the tokenizer's rule (``methods.token_rules``)."""
+        return self.token_rule.eot_positions(ids)
 
     @torch.no_grad()
     def encode_text(self, texts: list[str], normalize: bool = True, batch_size: int = 256) -> torch.Tensor:
@@ -167,19 +248,24 @@ class Backbone:
         return nn.functional.normalize(feats, dim=-1) if normalize else feats
 
     @torch.no_grad()
-    def template_text_features(self, classnames: list[str], templates: list[str], normalize: bool = True) -> torch.Tensor:
+    def template_text_features(self, classnames: list[str], templates: list[str], normalize: bool = True,
+                               average: str = "normalized", clean: bool = True) -> torch.Tensor:
         """Class text features from hand-crafted templates, averaged over templates when several.
 
-        ``template.format(name.replace('_', ' '))`` for each class; with several templates the
-        normalised per-template features are averaged and re-normalised (CLIP's ensembling).
-        Cached per (classnames, templates) on this backbone.
+        ``template.format(name)`` for each class (``_`` in names becomes a space when ``clean``); with several
+        templates the per-template features are averaged after normalising each (``average="normalized"``,
+        CLIP's ensembling) or as they are (``"raw"``), then normalised when ``normalize``. Cached per arguments
+        on this backbone; methods reach it through ``PromptMethod.template_text_features``.
         """
-        key = (tuple(classnames), tuple(templates), normalize)
+        if average not in ("normalized", "raw"):
+            raise ValueError(f"average must be normalized or raw (got {average!r})")
+        key = (tuple(classnames), tuple(templates), normalize, average, clean)
         hit = self._text_feature_cache.get(key)
         if hit is not None:
             return hit
-        names = [c.replace("_", " ") for c in classnames]
-        per_template = [self.encode_text([t.format(n) for n in names], normalize=True) for t in templates]
+        names = [c.replace("_", " ") for c in classnames] if clean else list(classnames)
+        per_template = [self.encode_text([t.format(n) for n in names], normalize=average == "normalized")
+                        for t in templates]
         feats = torch.stack(per_template).mean(0)
         feats = nn.functional.normalize(feats, dim=-1) if normalize else feats
         if len(self._text_feature_cache) > 64:
@@ -220,7 +306,7 @@ class Backbone:
 
 
 def _resolve_pretrained(arch: str, pretrained: Optional[str]) -> tuple[Optional[str], bool]:
-    """Return (pretrained argument for open_clip, force_quick_gelu)."""
+    """Return (pretrained argument for open_clip, whether it is a local file); CheckpointError for a missing file."""
     if pretrained in (None, "", "none", "random"):
         return None, False
     p = os.path.expanduser(str(pretrained))
@@ -231,8 +317,19 @@ def _resolve_pretrained(arch: str, pretrained: Optional[str]) -> tuple[Optional[
                 f"checkpoint file not found: {p} (pass an existing open_clip/OpenAI CLIP checkpoint path "
                 f"as backbone.pretrained, or an open_clip tag such as 'openai')"
             )
-        return p, "quickgelu" not in arch.lower() and os.environ.get("PROMPTSWEEP_QUICKGELU", "1") == "1"
-    return pretrained, pretrained in _QUICKGELU_TAGS and "quickgelu" not in arch.lower()
+        return p, True
+    return pretrained, False
+
+
+def quick_gelu_for(arch: str, pretrained: Optional[str], is_file: bool, family: Family) -> bool:
+    """Whether to force QuickGELU activations (see the module docstring)."""
+    if pretrained is None:
+        return False
+    if is_file:
+        return family.name in _OPENAI_FAMILIES and os.environ.get("PROMPTSWEEP_QUICKGELU", "1") == "1"
+    import open_clip
+
+    return bool(open_clip.get_pretrained_cfg(arch, pretrained).get("quick_gelu", False))
 
 
 def load_backbone(
@@ -240,6 +337,7 @@ def load_backbone(
     pretrained: Optional[str] = None,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
+    tokenizer: Optional[object] = None,
 ) -> Backbone:
     """Load (or reuse) a frozen backbone. Raises ``ConfigError``/``CheckpointError`` with a fix.
 
@@ -247,7 +345,8 @@ def load_backbone(
     download/cache (unavailable offline: the error says how to provide a local file); a path to
     a checkpoint file (an open_clip state dict, loaded with ``weights_only=True``); or
     ``'promptsweep'``: the project-pretrained checkpoint of ``arch`` (``methods.pretrain``; built on
-    first use, then loaded as that local checkpoint path).
+    first use, then loaded as that local checkpoint path). ``tokenizer`` replaces
+    ``open_clip.get_tokenizer(arch)`` (tests: SigLIP's sentencepiece vocabularies need the Hugging Face hub).
     """
     global LOAD_COUNT
     register_configs()
@@ -258,7 +357,7 @@ def load_backbone(
 
         pretrained = str(pretrained_checkpoint(arch))  # from here on: a user's local checkpoint file
     device = torch.device(device)
-    key = (arch, pretrained, str(device), precision)
+    key = (arch, pretrained, str(device), precision, None if tokenizer is None else id(tokenizer))
     with _lock:
         hit = _CACHE.get(key)
         if hit is not None:
@@ -270,7 +369,11 @@ def load_backbone(
                 f"unknown backbone arch '{arch}' (open_clip model names, e.g. ViT-B-16, ViT-B-32, "
                 f"{TINY_ARCH}{'; similar: ' + ', '.join(close) if close else ''})"
             )
-        pt, quick = _resolve_pretrained(arch, pretrained)
+        family = family_of_config(open_clip.get_model_config(arch))
+        if family.name is None:
+            raise ConfigError(refusal(None, arch, family))
+        pt, is_file = _resolve_pretrained(arch, pretrained)
+        quick = quick_gelu_for(arch, pt, is_file, family)
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(RANDOM_INIT_SEED)  # random init is the same in every process
@@ -293,10 +396,20 @@ def load_backbone(
                     f"to its local file path)"
                 ) from exc
             raise
+        from methods.towers import check_family
+
+        check_family(model, family.name, arch)
         model.requires_grad_(False)
         model.eval()
-        tokenizer = open_clip.get_tokenizer(arch)
-        bb = Backbone(model=model, tokenizer=tokenizer, arch=arch, pretrained=pretrained, device=device, precision=precision)
+        if tokenizer is None:
+            try:
+                tokenizer = open_clip.get_tokenizer(arch)
+            except Exception as exc:  # noqa: BLE001 - e.g. SigLIP's tokenizer without transformers / the hub
+                raise ConfigError(f"could not load the tokenizer of {arch}: {type(exc).__name__}: {str(exc)[:200]} "
+                                  "(SigLIP tokenizers need the transformers package and the Hugging Face hub or its "
+                                  "cache)") from exc
+        bb = Backbone(model=model, tokenizer=tokenizer, arch=arch, pretrained=pretrained, device=device,
+                      precision=precision, family=family)
         _CACHE[key] = bb
         LOAD_COUNT += 1
         return bb

@@ -24,12 +24,22 @@ a linear head) can score only those classes or a subset of them, selected by nam
 (``training_class_rows``), as the domain-generalization literature scores ImageNet-A/R's 200 classes
 with a 1,000-class ImageNet head; the planner refuses any other evaluation before a trial starts.
 
+A method that inserts, reads or fuses image tokens sets ``needs_image_tokens``; building it on a backbone
+family without image tokens (ResNet, ConvNeXt: ``methods.families``) is a ConfigError, and spec validation
+refuses such a cell before any trial starts.
+
+Shared rules every method uses (one implementation each): ``template_text_features`` (frozen CLIP text
+features of hand-crafted templates), ``clip_depth`` / ``clip_layers`` (a prompt depth or layer set clipped to
+the backbone), ``clip_logits`` (CLIP's scaled cosine logits, plus the logit bias of SigLIP backbones) and
+``clones`` (fused-layer modules that start as copies of one module, as the references' ``_get_clones``).
+
 Per-method defaults (training schedule and method hyperparameters, per dataset / shots / protocol)
 live in ``methods/defaults/<name>.yaml`` and are resolved by ``methods.defaults``.
 """
 from __future__ import annotations
 
-from typing import ClassVar, Iterable, Literal, Optional
+import copy
+from typing import ClassVar, Iterable, Literal, Optional, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -118,9 +128,16 @@ class PromptMethod(nn.Module):
     frozen_output_kind: ClassVar[str] = "pooled"
     #: False for closed-form methods (zero-shot, linear probe): the trial calls ``fit`` instead
     trains_by_gradient: ClassVar[bool] = True
+    #: True when the method inserts, reads or fuses image tokens (refused on families without them)
+    needs_image_tokens: ClassVar[bool] = False
 
     def __init__(self, backbone: Backbone, classnames: list[str], dataset: str, cfg: MethodConfig):
         super().__init__()
+        from methods.families import refusal
+
+        why = refusal(type(self), backbone.arch, backbone.family)
+        if why:
+            raise ConfigError(why)
         # held by reference, deliberately not a submodule (not in parameters()/state_dict())
         object.__setattr__(self, "_backbone", backbone)
         self.dataset = dataset  # the training dataset
@@ -165,10 +182,20 @@ class PromptMethod(nn.Module):
 
         return list(ensemble_templates(self.eval_dataset)) if kind == "ensemble" else [template(self.eval_dataset, kind)]
 
+    def template_text_features(self, templates: Sequence[str], names: Optional[Sequence[str]] = None,
+                               average: Literal["normalized", "raw"] = "normalized", clean: bool = True,
+                               normalize: bool = True) -> torch.Tensor:
+        """Frozen CLIP text features [C, E] of ``names`` (default: the current classnames) under hand-crafted
+        ``templates``: each ``template.format(name)`` (``_`` in names becomes a space unless ``clean`` is False)
+        through the frozen text tower; several templates are averaged after normalising each (``normalized``,
+        CLIP's ensembling) or as raw features (``raw``, TGP-T's head init). A fresh tensor the method may keep."""
+        names = self.classnames if names is None else list(names)
+        return self.backbone.template_text_features(names, list(templates), normalize=normalize, average=average,
+                                                    clean=clean).detach().clone()
+
     def hand_text_features(self, kind: str) -> torch.Tensor:
-        """Frozen, normalised CLIP text features [C, E] of the current classnames under ``hand_templates(kind)``
-        (averaged over templates when several), as a fresh tensor the method may keep."""
-        return self.backbone.template_text_features(self.classnames, self.hand_templates(kind)).detach().clone()
+        """Normalised ``template_text_features`` of the current classnames under ``hand_templates(kind)``."""
+        return self.template_text_features(self.hand_templates(kind))
 
     def training_class_rows(self, classnames: list[str]) -> Optional[torch.Tensor]:
         """For a head over the training classes: the head rows that score ``classnames`` (None when they are
@@ -254,6 +281,27 @@ class PromptMethod(nn.Module):
     def logit_scale(self) -> torch.Tensor:
         return self.backbone.logit_scale
 
+    def logit_bias(self) -> torch.Tensor | float:
+        """The backbone's logit bias (SigLIP), 0 for backbones without one."""
+        b = self.backbone.logit_bias
+        return 0.0 if b is None else b.float()
+
+    def clip_logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """CLIP's logits as open_clip computes them: scale · cos(image, text) (+ the logit bias of SigLIP)."""
+        return cosine_logits(image_features, text_features, self.logit_scale()) + self.logit_bias()
+
+    def clip_depth(self, depth: Optional[int], *towers: Literal["text", "vision"]) -> int:
+        """The depth rule: a prompt depth (None = every block) clipped to the block count of each named tower, so
+        a default written for ViT-B/16 (12 blocks) means every block of a 3-block test model."""
+        bb = self.backbone
+        blocks = min(bb.text_layers if t == "text" else bb.vision_layers for t in towers)
+        return blocks if depth is None else max(1, min(depth, blocks))
+
+    def clip_layers(self, layers: Iterable[int], tower: Literal["text", "vision"]) -> tuple[int, ...]:
+        """Block indices clipped to the tower by the depth rule (an index beyond it becomes its last block),
+        duplicates dropped, sorted."""
+        return tuple(sorted({self.clip_depth(i + 1, tower) - 1 for i in layers}))
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What a checkpoint must hold to restore this method (persistent state only)."""
         return {k: v.detach().cpu() for k, v in self.state_dict().items()}
@@ -263,7 +311,13 @@ class PromptMethod(nn.Module):
 
 
 def cosine_logits(image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
-    """``scale * norm(img) @ norm(txt).T`` — the CLIP classifier."""
+    """``scale * norm(img) @ norm(txt).T`` — the CLIP classifier (``PromptMethod.clip_logits`` adds the bias)."""
     img = F.normalize(image_features.float(), dim=-1)
     txt = F.normalize(text_features.float(), dim=-1)
     return scale * img @ txt.t()
+
+
+def clones(module: nn.Module, n: int) -> nn.ModuleList:
+    """``n`` identical copies of one (randomly initialised) module, as the references' ``_get_clones`` builds
+    their per-layer modules: the copies start equal and are trained separately."""
+    return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])

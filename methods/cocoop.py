@@ -5,7 +5,7 @@ CoOp's learned context plus a per-image shift: a meta-network π = Linear(E → 
 context token, v_m(x) = v_m + π(x). Each image therefore gets its own prompts for all C classes
 ("{ctx} {name}.", context initialised from ``ctx_init``, by default "a photo of a" with n_ctx 4),
 encoded through the learned-context text path (``methods.prompt_text``), and is scored against its
-own class features: logits_b = scale · f(x_b) · norm(g_{b,c}).
+own class features: logits_b = scale · f(x_b) · norm(g_{b,c}) (+ the logit bias of SigLIP backbones).
 
 The image tower is untouched (``frozen_image_features``). The text tower runs on B·C prompts per
 batch; ``batched`` does that in one pass (chunks of ``images_per_pass`` images bound the memory),
@@ -69,13 +69,13 @@ class CoCoOp(PromptMethod):
         scale = self.logit_scale()
         if not self.cfg.batched:
             rows = [scale * F.normalize(self.text.encode(ctx[b]), dim=-1) @ f[b] for b in range(len(f))]
-            return torch.stack(rows)
+            return torch.stack(rows) + self.logit_bias()
         step = self.cfg.images_per_pass or len(f)
         out = []
         for s in range(0, len(f), step):
             g = F.normalize(self.text.encode_per_image(ctx[s : s + step]), dim=-1)  # [b, C, E]
             out.append(scale * torch.einsum("be,bce->bc", f[s : s + step], g))
-        return torch.cat(out)
+        return torch.cat(out) + self.logit_bias()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.logits_from_features(self.backbone.encode_image(images, normalize=True))

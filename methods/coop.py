@@ -19,7 +19,7 @@ from pydantic import Field
 from torch import nn
 
 from methods.backbone import Backbone
-from methods.base import PROTOCOLS, MethodConfig, PromptMethod, cosine_logits
+from methods.base import PROTOCOLS, MethodConfig, PromptMethod
 from methods.prompt_text import LearnedContextText
 
 
@@ -61,5 +61,4 @@ class CoOp(PromptMethod):
         return self.text.encode(self.context())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return cosine_logits(self.backbone.encode_image(images, normalize=True), self.eval_text_features(),
-                             self.logit_scale())
+        return self.clip_logits(self.backbone.encode_image(images, normalize=True), self.eval_text_features())

@@ -17,7 +17,10 @@ method's own file can still override them. A ``dataset`` value may be a shell-st
 (``shapes-*``).
 
 ``resolve(method, dataset, shots, protocol)`` returns ``(train_dict, method_dict)``; later
-overrides win; user overrides (spec / ``--set``) are applied on top by the caller.
+overrides win; user overrides (spec / ``--set``) are applied on top by the caller, after
+``schedule_overrides``: an explicit ``epochs`` sets the schedule even where the defaults train by
+iterations (TGP-T's ``max_iters``), and ``epochs`` with a ``max_iters`` is refused — neither is ever
+silently ignored.
 """
 from __future__ import annotations
 
@@ -82,3 +85,18 @@ def resolve(method: str, dataset: str, shots: int, protocol: str) -> tuple[dict[
     _apply(_load(DATASET_DEFAULTS), ctx, train, meth)
     _apply(_load(method), ctx, train, meth)
     return train, meth
+
+
+def schedule_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """User ``overrides`` with the schedule rule applied (``max_iters`` beats ``epochs`` in ``TrainConfig``):
+
+    * ``epochs`` without ``max_iters``: train for those epochs — a default iteration budget is cleared
+      (``max_iters: None``), so ``--set epochs=1`` on TGP-T trains one epoch, not 12,800 iterations;
+    * ``epochs`` with a ``max_iters`` (not null): ConfigError, one of them would be ignored.
+    """
+    if "epochs" not in overrides:
+        return dict(overrides)
+    if overrides.get("max_iters") is not None:
+        raise ConfigError(f"epochs={overrides['epochs']} and max_iters={overrides['max_iters']} are both set and max_iters "
+                          "would win: set only one of them (max_iters: null trains for the epochs)")
+    return {**overrides, "max_iters": None}

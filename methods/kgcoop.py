@@ -21,7 +21,6 @@ from pydantic import Field
 from torch.nn import functional as F
 
 from methods.backbone import Backbone
-from methods.base import cosine_logits
 from methods.coop import CoOp, CoOpConfig
 
 
@@ -53,7 +52,7 @@ class KgCoOp(CoOp):
 
     def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         text = self.text_features()
-        logits = cosine_logits(self.backbone.encode_image(images, normalize=True), text, self.logit_scale())
+        logits = self.clip_logits(self.backbone.encode_image(images, normalize=True), text)
         ce = F.cross_entropy(logits, labels)
         kg = self.guidance(text)
         loss = ce + self.cfg.kg_weight * kg

@@ -13,15 +13,15 @@ Coupled deep prompts on both towers:
 * logits: CLIP's logit scale × cosine(image feature, class text feature).
 
 The coupling layers 1..J-1 start as identical copies of one randomly initialised Linear, as the
-reference builds them with ``_get_clones``; coupling 0 is initialised independently.
+reference builds them with ``_get_clones`` (``base.clones``); coupling 0 is initialised independently.
 
-Depth rule: the prompt depth J is clipped to min(J, text blocks, vision blocks), so the default 9 is
-9 on ViT-B/16 and 3 on the 3-block tiny test model. Trainable parameters:
+Depth rule (``PromptMethod.clip_depth``): the prompt depth J is clipped to min(J, text blocks, vision
+blocks), so the default 9 is 9 on ViT-B/16 and 3 on the 3-block tiny test model. Needs image tokens
+(``methods.families``): refused on ResNet / ConvNeXt backbones. Trainable parameters:
 J·n_ctx·D_t + J·(D_t·D_v + D_v) (ViT-B/16, n_ctx 2, J 9: 9,216 + 3,545,856 = 3,555,072).
 """
 from __future__ import annotations
 
-import copy
 from typing import Optional
 
 import torch
@@ -31,8 +31,8 @@ from torch import nn
 from fewshot.errors import ConfigError
 from methods import towers
 from methods.backbone import Backbone
-from methods.base import PROTOCOLS, MethodConfig, PromptMethod, cosine_logits
-from methods.prompt_text import LearnedContextText
+from methods.base import PROTOCOLS, MethodConfig, PromptMethod, clones
+from methods.prompt_text import LearnedContextText, n_text_tokens
 
 
 def split_ctx_init(bb: Backbone, ctx_init: Optional[str], n_ctx: int) -> tuple[Optional[str], str]:
@@ -45,7 +45,7 @@ def split_ctx_init(bb: Backbone, ctx_init: Optional[str], n_ctx: int) -> tuple[O
     words = ctx_init.strip().replace("_", " ").split()
     for k in range(1, len(words) + 1):
         head = " ".join(words[:k])
-        n = int(towers.eot_positions(bb.tokenize([head]))[0]) - 1
+        n = n_text_tokens(bb, head)
         if n == n_ctx:
             return head, " ".join(words[k:])
         if n > n_ctx:
@@ -69,18 +69,18 @@ class MaPLe(PromptMethod):
     protocols = PROTOCOLS
     Config = MaPLeConfig
     frozen_image_features = False
+    needs_image_tokens = True
 
     def __init__(self, backbone: Backbone, classnames: list[str], dataset: str, cfg: MaPLeConfig):
         super().__init__(backbone, classnames, dataset, cfg)
-        self.depth = self.effective_depth(backbone, cfg)
+        self.depth = self.clip_depth(cfg.prompt_depth, "text", "vision")
         self.text = self._build_text(self.classnames)
         d_t, d_v, dev = backbone.text_width, backbone.vision_width, backbone.device
         self.ctx = nn.Parameter(self.text.initial_context())
         self.deep_text = nn.ParameterList(
             [nn.Parameter(torch.randn(cfg.n_ctx, d_t, device=dev) * 0.02) for _ in range(self.depth - 1)])
         self.proj = nn.Linear(d_t, d_v, device=dev)
-        deep = nn.Linear(d_t, d_v, device=dev)
-        self.deep_proj = nn.ModuleList([copy.deepcopy(deep) for _ in range(self.depth - 1)])
+        self.deep_proj = clones(nn.Linear(d_t, d_v, device=dev), self.depth - 1)
 
     def _build_text(self, classnames: list[str]) -> LearnedContextText:
         """The shared learned-context text path with MaPLe's prompt "[ctx]*n_ctx {rest of ctx_init} {name}."
@@ -91,10 +91,6 @@ class MaPLe(PromptMethod):
         init, rest = split_ctx_init(self.backbone, self.cfg.ctx_init, self.cfg.n_ctx)
         names = [f"{rest} {c.replace('_', ' ')}" if rest else c for c in classnames]
         return LearnedContextText(self.backbone, names, self.cfg.n_ctx, init)
-
-    @staticmethod
-    def effective_depth(bb: Backbone, cfg: MaPLeConfig) -> int:
-        return min(cfg.prompt_depth, bb.text_layers, bb.vision_layers)
 
     @staticmethod
     def expected_trainable(n_ctx: int, depth: int, d_t: int, d_v: int) -> int:
@@ -110,13 +106,13 @@ class MaPLe(PromptMethod):
 
     # --- towers -----------------------------------------------------------------------------
     def text_features(self) -> torch.Tensor:
-        n = self.cfg.n_ctx
+        n, s = self.cfg.n_ctx, self.text.ctx_start
 
         def hook(i: int, x: torch.Tensor) -> torch.Tensor:
             if i == 0 or i >= self.depth:
                 return x
             p = self.deep_text[i - 1].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
-            return torch.cat([x[:, :1], p, x[:, 1 + n:]], dim=1)
+            return torch.cat([x[:, :s], p, x[:, s + n:]], dim=1)
 
         return self.text.encode(self.ctx, hook=hook)
 
@@ -138,7 +134,7 @@ class MaPLe(PromptMethod):
         return towers.encode_image(self.backbone, images, hook=hook, pre_ln=pre_ln)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return cosine_logits(self.image_features(images), self.eval_text_features(), self.logit_scale())
+        return self.clip_logits(self.image_features(images), self.eval_text_features())
 
     def set_classnames(self, classnames: list[str], dataset: Optional[str] = None) -> None:
         super().set_classnames(classnames, dataset)

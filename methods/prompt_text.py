@@ -14,21 +14,24 @@ Usage::
     feats = text.encode(ctx, hook=my_layer_hook)        # deep prompts (MaPLe): towers.LayerHook
 
 Tokenisation: the placeholder is ``"X X ... X {classname}."`` (``_`` in names becomes a space), or
-``"{ctx_init} {classname}."`` when ``ctx_init`` words are given; the init words must tokenise to
-exactly ``n_ctx`` BPE tokens (else ``ConfigError`` naming both numbers). The frozen embeddings are
-split into ``prefix`` [C, 1, D] (SOT), the placeholder ctx slots, and ``suffix`` [C, L-1-M, D]
-(class tokens, '.', EOT, padding). ``position``:
+``"{ctx_init} {classname}."`` when ``ctx_init`` words are given; the placeholder / init words must
+tokenise to exactly ``n_ctx`` tokens (else ``ConfigError`` naming both numbers). The frozen embeddings
+are split into ``prefix`` [C, p, D] (the tokenizer's special tokens before the text: CLIP's SOT, p = 1;
+none for SigLIP, p = 0 — ``methods.token_rules``), the placeholder ctx slots, and ``suffix``
+[C, L-p-M, D] (class tokens, '.', EOT, padding). ``position``:
 
-* ``end``    — ``SOT ctx CLASS . EOT`` (the default; ctx occupies positions ``1 .. M``);
+* ``end``    — ``SOT ctx CLASS . EOT`` (the default; ctx occupies positions ``p .. p+M-1``, ``ctx_start`` = p);
 * ``middle`` — ``SOT ctx[:M//2] CLASS ctx[M//2:] . EOT``;
 * ``front``  — ``SOT CLASS ctx . EOT``.
 
-Every arrangement keeps the sequence length, so each class's EOT index (``eot_index`` [C]) is the
-one of its tokenised placeholder. Sequences stop at the last class's EOT (``cut_after_eot``, default):
-under the causal mask the padding after it never reaches an EOT feature, so the features are those
-of the full 77-token sequences at a fraction of the cost; a method whose hooks read tokens past the
-EOT (SEP's positional selection) keeps the full length with ``cut_after_eot=False``. Assembly is differentiable w.r.t. the context only; everything
-else is a frozen tensor. The text tower always runs through ``methods.towers.encode_text``.
+Every arrangement keeps the sequence length, so each class's EOT index (``eot_index`` [C], by the
+tokenizer's rule) is the one of its tokenised placeholder. On a causal text tower, sequences stop at the
+last class's EOT (``cut_after_eot``, default): under the causal mask the padding after it never reaches
+an EOT feature, so the features are those of the full 77-token sequences at a fraction of the cost; a
+method whose hooks read tokens past the EOT (SEP's positional selection) keeps the full length with
+``cut_after_eot=False``. A bidirectional tower (SigLIP) always gets the full-length sequences, padding
+included, exactly as its tokenizer produced them. Assembly is differentiable w.r.t. the context only;
+everything else is a frozen tensor. The text tower always runs through ``methods.towers.encode_text``.
 
 ``LearnedContextText`` is a plain object (not an ``nn.Module``): it holds no learnable or
 persistent state, so a method's ``state_dict`` only carries its own context parameters. Rebuild it
@@ -48,10 +51,9 @@ ClassTokenPosition = Literal["end", "middle", "front"]
 CTX_INIT_STD = 0.02
 
 
-def _n_bpe_tokens(bb: Backbone, text: str) -> int:
-    """Number of BPE tokens of ``text`` (without SOT/EOT)."""
-    ids = bb.tokenize([text])[0]
-    return int(towers.eot_positions(ids[None])[0]) - 1
+def n_text_tokens(bb: Backbone, text: str) -> int:
+    """Number of tokens of ``text`` (without the tokenizer's special tokens), by the tokenizer's rule."""
+    return int(bb.token_rule.n_tokens(bb.tokenize([text]))[0])
 
 
 class LearnedContextText:
@@ -68,29 +70,29 @@ class LearnedContextText:
         self.n_ctx = n_ctx
         self.position = position
         self.ctx_init = ctx_init.strip().replace("_", " ") if ctx_init else None
-        if self.ctx_init:
-            n_init = _n_bpe_tokens(backbone, self.ctx_init)
-            if n_init != n_ctx:
-                raise ConfigError(
-                    f"ctx_init '{self.ctx_init}' is {n_init} tokens but n_ctx={n_ctx}: set n_ctx={n_init} "
-                    f"or ctx_init to null (random init)")
-            prefix_text = self.ctx_init
-        else:
-            prefix_text = " ".join(["X"] * n_ctx)
+        prefix_text = self.ctx_init or " ".join(["X"] * n_ctx)
+        n_init = n_text_tokens(backbone, prefix_text)
+        if n_init != n_ctx and self.ctx_init:
+            raise ConfigError(f"ctx_init '{self.ctx_init}' is {n_init} tokens but n_ctx={n_ctx}: set n_ctx={n_init} "
+                              "or ctx_init to null (random init)")
+        if n_init != n_ctx:  # each placeholder X must be one token for the context to replace it
+            raise ConfigError(f"the placeholder '{prefix_text}' is {n_init} tokens for the tokenizer of {backbone.arch}, "
+                              f"not n_ctx={n_ctx}: this tokenizer does not fit the learned-context prompt path")
         self.prefix_text = prefix_text
         names = [c.replace("_", " ") for c in self.classnames]
-        self.name_lens = [_n_bpe_tokens(backbone, n) for n in names]
+        self.name_lens = [n_text_tokens(backbone, n) for n in names]
         self.prompts = [f"{prefix_text} {n}." for n in names]
-        ids = backbone.tokenize(self.prompts)                       # [C, 77]
-        self.eot_index = towers.eot_positions(ids)                  # [C]
-        if cut_after_eot:  # the causal mask keeps padding after the last EOT out of every EOT feature
+        ids = backbone.tokenize(self.prompts)                       # [C, context length]
+        self.eot_index = backbone.eot_positions(ids)                # [C]
+        if cut_after_eot and backbone.text_tower.causal:  # padding after the last EOT never reaches an EOT feature
             ids = ids[:, :int(self.eot_index.max()) + 1]
         self.token_ids = ids                                        # [C, L]
+        p = self.ctx_start = backbone.token_rule.prefix             # special tokens before the text
         with torch.no_grad():
             emb = towers.text_token_embeddings(backbone, ids).detach()  # [C, L, D]
-        self.prefix = emb[:, :1]                                    # SOT
-        self.ctx_slots = emb[:, 1:1 + n_ctx]                        # placeholder / init-word embeddings
-        self.suffix = emb[:, 1 + n_ctx:]                            # CLASS . EOT pad
+        self.prefix = emb[:, :p]                                    # SOT (CLIP BPE) or nothing (SigLIP)
+        self.ctx_slots = emb[:, p:p + n_ctx]                        # placeholder / init-word embeddings
+        self.suffix = emb[:, p + n_ctx:]                            # CLASS . EOT pad
 
     @property
     def n_classes(self) -> int:
@@ -135,6 +137,11 @@ class LearnedContextText:
     def encode_per_image(self, ctx: torch.Tensor, hook: Optional[towers.LayerHook] = None) -> torch.Tensor:
         """Per-image context [B, M, D] -> text features [B, C, E]: each image's context for all C classes."""
         B, C = ctx.shape[0], self.n_classes
-        embeds = torch.cat([self.assemble(ctx[b]) for b in range(B)], dim=0)      # [B*C, L, D]
+        if self.position == "end":  # one concatenation: every image's context in front of every class's suffix
+            rows = ctx.unsqueeze(1).expand(B, C, *ctx.shape[1:]).reshape(B * C, *ctx.shape[1:])
+            embeds = torch.cat([self.prefix.to(ctx.dtype).repeat(B, 1, 1), rows,
+                                self.suffix.to(ctx.dtype).repeat(B, 1, 1)], dim=1)  # [B*C, L, D]
+        else:
+            embeds = torch.cat([self.assemble(ctx[b]) for b in range(B)], dim=0)  # [B*C, L, D]
         eot = self.eot_index.repeat(B)
         return towers.encode_text(self.backbone, embeds, eot, hook).view(B, C, -1)

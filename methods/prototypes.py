@@ -19,6 +19,12 @@ training set:
 Every collector has ``update(tokens [B, P, D])`` and ``result() -> Prototypes``; ``source_index``
 records which stream items were selected (pooled-vector index ``image * M + window`` for pooling,
 ``image * P + token`` for random), so tests can recompute the expected prompts independently.
+
+``ReferenceSampler`` (SPT's ``init_sampling: reference``) is the reference's own row choice instead: over
+the S images it sampled with replacement, it flattens the S·P tokens image-major (``random``) or the S·M
+pooled vectors window-major (``mean_pool`` / ``max_pool``: the reference stacks windows first), draws
+one ``torch.rand`` per row from the given generator and keeps the rows of the M smallest values
+(``argsort(rand)[:M]``); it still streams, keeping only the chosen rows.
 """
 from __future__ import annotations
 
@@ -208,6 +214,46 @@ class StreamingKMeans:
             self._start(x)
             self._step(x)
         return Prototypes(self.centres.clone(), None, self.seen)
+
+
+class ReferenceSampler:
+    """The reference's ``argsort(torch.rand(rows))[:M]`` row choice over ``n_images`` images in stream order.
+
+    The row noise is drawn from ``generator`` at the first ``update`` (when the rows are known), so layers
+    updated in order draw in the reference's order (all after the image indices)."""
+
+    def __init__(self, rule: str, m: int, n_images: int, generator: torch.Generator):
+        if rule not in ("random", "mean_pool", "max_pool"):
+            raise ValueError(f"reference sampling covers random, mean_pool and max_pool (got {rule})")
+        self.rule, self.m, self.n_images, self.gen = rule, m, n_images, generator
+        self.keep: Optional[torch.Tensor] = None
+        self.vectors: Optional[torch.Tensor] = None
+        self.seen = 0
+
+    def update(self, tokens: torch.Tensor) -> None:
+        """Feed the next images' tokens [b, P, D] (images in sample order)."""
+        tokens = tokens.detach().float()
+        b, p, d = tokens.shape
+        S = self.n_images
+        if self.keep is None:
+            rows = S * (p if self.rule == "random" else self.m)
+            self.keep = torch.argsort(torch.rand(rows, generator=self.gen))[: self.m]
+            self.vectors = torch.zeros(len(self.keep), d, device=tokens.device)
+        if self.rule == "random":  # row = image * P + token
+            image, item, items = self.keep // p, self.keep % p, tokens
+        else:  # row = window * S + image
+            image, item = self.keep % S, self.keep // S
+            items = pool_tokens(tokens, self.m, "mean" if self.rule == "mean_pool" else "max")
+        here = (image >= self.seen) & (image < self.seen + b)
+        for slot in here.nonzero().flatten().tolist():
+            self.vectors[slot] = items[int(image[slot]) - self.seen, int(item[slot])]
+        self.seen += b
+
+    def result(self) -> Prototypes:
+        if self.keep is None or self.seen < self.n_images:
+            raise ValueError(f"{self.seen} of the {self.n_images} sampled images were seen")
+        order = torch.arange(self.m) % len(self.keep)  # fewer rows than M: repeat them (the reference fails)
+        return Prototypes(self.vectors[order].clone(), self.keep[order].clone(), self.seen)
 
 
 def make_collector(rule: str, m: int, seed: int):

@@ -6,7 +6,8 @@ N(0, 0.02²), appended after the patch tokens before ``ln_pre``). Before every b
 set, a Token Fusion Module (``methods.token_fusion``) per branch and per fused layer rewrites the
 prompt hidden states from K selected pre-trained tokens of the same input:
 
-* text: positional selection — the K tokens right after the prompt (positions 1+M_t .. 1+M_t+K);
+* text: positional selection — the K tokens right after the prompt (positions p+M_t .. p+M_t+K-1, p the
+  tokenizer's special tokens before the text: 1 for CLIP's SOT);
 * vision: the top-K pre-trained tokens (CLS + patches, not prompts) by mean squared activation,
   scored over the batch mean (``topk_scope: batch_mean``, reference) or per sample.
 
@@ -18,13 +19,16 @@ the selected tokens R (the reference adds R to an M-long output, which needs K =
 
 Fusion layers (both branches): ``fusion_layers`` (explicit set), ``fusion_depth`` d (layers 1..d)
 or ``fusion_preset`` (the reference's ``L_IND`` 0..19, default 0 = layers 1..11); at most one may be
-set. Depth rule: a layer index beyond the tower is clipped to its last block and duplicates are
-dropped (so preset 0 is {1..11} on ViT-B/16 and {1, 2} on the 3-block tiny model). The module used
-at a fused layer is the one at that layer's position in the sorted fused-layer list (§8).
+set. Depth rule (``PromptMethod.clip_layers``): a layer index beyond the tower is clipped to its last
+block and duplicates are dropped (so preset 0 is {1..11} on ViT-B/16 and {1, 2} on the 3-block tiny
+model). The module used at a fused layer is the one at that layer's position in the sorted fused-layer
+list (§8). Init as the reference's ``_get_clones``: per branch, one TFM is drawn (under the trial's seed)
+and every fused layer's module starts as a copy of it (``base.clones``); they are trained separately.
 
 Residual ensembling with frozen CLIP: f̂ = norm(norm(f) + norm(f₀)), ĝ_c = norm(norm(g_c) + norm(g⁰_c))
 where f₀ is the prompt-free image feature and g⁰ the text feature of the dataset's SEP template
-(``fewshot.templates.template(dataset, "sep")``); logits = CLIP logit scale (detached) · f̂ ĝᵀ.
+(``fewshot.templates.template(dataset, "sep")``); logits = CLIP logit scale (detached) · f̂ ĝᵀ (+ the
+logit bias of SigLIP backbones). Needs image tokens: refused on ResNet / ConvNeXt backbones.
 Loss: CE + W_t (1 − mean cos(ĝ, g⁰)) + W_v (1 − mean cos(f̂, f₀)) + ½ [CE(10 cos(f̂, μ)) + CE(10 cos(f₀, μ))];
 the prototype head μ [C, E] is trained, set in ``prepare`` to the normalised per-class mean of f₀,
 and never used for logits (``set_classnames`` leaves it alone: it belongs to the training classes).
@@ -47,7 +51,7 @@ from torch.nn import functional as F
 from fewshot.errors import ConfigError
 from methods import towers
 from methods.backbone import Backbone
-from methods.base import PROTOCOLS, MethodConfig, PromptMethod
+from methods.base import PROTOCOLS, MethodConfig, PromptMethod, clones
 from methods.prompt_text import LearnedContextText
 from methods.token_fusion import AttentionAxis, TokenFusion, TopKScope, select_top_energy
 
@@ -103,11 +107,6 @@ class SEPConfig(MethodConfig):
         return LAYER_PRESETS[0 if self.fusion_preset is None else self.fusion_preset]
 
 
-def clip_layers(layers: tuple[int, ...], depth: int) -> tuple[int, ...]:
-    """Clip layer indices to the tower's last block (``depth - 1``), drop duplicates, sort."""
-    return tuple(sorted({min(i, depth - 1) for i in layers}))
-
-
 class SEP(PromptMethod):
     """Self-enhanced text/visual prompts with token fusion, residual-ensembled with frozen CLIP."""
 
@@ -115,24 +114,24 @@ class SEP(PromptMethod):
     protocols = PROTOCOLS
     Config = SEPConfig
     frozen_image_features = False
+    needs_image_tokens = True
 
     def __init__(self, backbone: Backbone, classnames: list[str], dataset: str, cfg: SEPConfig):
         super().__init__(backbone, classnames, dataset, cfg)
         bb, dev = backbone, backbone.device
         self.k_text = cfg.selected_text or cfg.n_ctx_text
         self.k_visual = cfg.selected_visual or cfg.n_ctx_visual
-        n_patch_tokens = towers.image_embeddings(bb, torch.zeros(1, 3, bb.image_size, bb.image_size)).shape[1]
-        if self.k_visual > n_patch_tokens:
-            raise ConfigError(f"selected_visual={self.k_visual} exceeds the {n_patch_tokens} pre-trained image tokens: "
-                              f"choose at most {n_patch_tokens}")
-        self.text_layers = clip_layers(cfg.layer_set(), bb.text_layers)
-        self.visual_layers = clip_layers(cfg.layer_set(), bb.vision_layers)
+        if self.k_visual > bb.image_tokens:
+            raise ConfigError(f"selected_visual={self.k_visual} exceeds the {bb.image_tokens} pre-trained image tokens: "
+                              f"choose at most {bb.image_tokens}")
+        self.text_layers = self.clip_layers(cfg.layer_set(), "text")
+        self.visual_layers = self.clip_layers(cfg.layer_set(), "vision")
         self.text = self._build_text(self.classnames)
         self.ctx_text = nn.Parameter(self.text.initial_context())
         self.ctx_visual = nn.Parameter(torch.randn(cfg.n_ctx_visual, bb.vision_width, device=dev) * CTX_STD)
         tfm = dict(hidden=cfg.tfm_hidden, scale_init=cfg.tfm_scale_init, axis=cfg.tfm_attention_axis, device=dev)
-        self.text_fusion = nn.ModuleList([TokenFusion(bb.text_width, **tfm) for _ in self.text_layers])
-        self.visual_fusion = nn.ModuleList([TokenFusion(bb.vision_width, **tfm) for _ in self.visual_layers])
+        self.text_fusion = clones(TokenFusion(bb.text_width, **tfm), len(self.text_layers))
+        self.visual_fusion = clones(TokenFusion(bb.vision_width, **tfm), len(self.visual_layers))
         self.prototypes = nn.Parameter(torch.zeros(len(self.classnames), bb.embed_dim, device=dev))
         from fewshot.templates import template
 
@@ -142,10 +141,10 @@ class SEP(PromptMethod):
     # --- construction helpers ---------------------------------------------------------------
     def _build_text(self, classnames: list[str]) -> LearnedContextText:
         text = LearnedContextText(self.backbone, classnames, self.cfg.n_ctx_text, cut_after_eot=False)
-        end = 1 + self.cfg.n_ctx_text + self.k_text
+        end = text.ctx_start + self.cfg.n_ctx_text + self.k_text
         if end > self.backbone.context_length:
-            raise ConfigError(f"n_ctx_text + selected_text = {end - 1} exceeds the text context "
-                              f"{self.backbone.context_length - 1}: use fewer tokens")
+            raise ConfigError(f"n_ctx_text + selected_text = {end - text.ctx_start} exceeds the text context "
+                              f"{self.backbone.context_length - text.ctx_start}: use fewer tokens")
         return text
 
     @property
@@ -178,10 +177,10 @@ class SEP(PromptMethod):
     def _text_hook(self, i: int, x: torch.Tensor) -> torch.Tensor:
         if i not in self.text_layers:
             return x
-        M, K = self.cfg.n_ctx_text, self.k_text
+        M, K, s = self.cfg.n_ctx_text, self.k_text, self.text.ctx_start
         tfm = self.text_fusion[self.text_layers.index(i)]
-        z = tfm(x[:, 1 + M:1 + M + K], x[:, 1:1 + M])
-        return torch.cat([x[:, :1], z.to(x.dtype), x[:, 1 + M:]], dim=1)
+        z = tfm(x[:, s + M:s + M + K], x[:, s:s + M])
+        return torch.cat([x[:, :s], z.to(x.dtype), x[:, s + M:]], dim=1)
 
     def text_features(self) -> torch.Tensor:
         """Prompted class text features g [C, E] (unnormalised)."""
@@ -218,7 +217,7 @@ class SEP(PromptMethod):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         f_hat, g_hat, _ = self.fused_features(images)
-        return self.logit_scale() * f_hat @ g_hat.t()
+        return self.logit_scale() * f_hat @ g_hat.t() + self.logit_bias()
 
     # --- training ---------------------------------------------------------------------------
     def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -228,7 +227,7 @@ class SEP(PromptMethod):
                               f"{len(self.classnames)}: train on the classes the method was built with")
         labels = labels.to(self.device)
         f_hat, g_hat, f0 = self.fused_features(images)
-        ce = F.cross_entropy(self.logit_scale() * f_hat @ g_hat.t(), labels)
+        ce = F.cross_entropy(self.logit_scale() * f_hat @ g_hat.t() + self.logit_bias(), labels)
         g0 = F.normalize(self.template_features.float(), dim=-1)
         text_cons = 1 - F.cosine_similarity(g_hat, g0, dim=-1).mean()
         vis_cons = 1 - F.cosine_similarity(f0, f_hat, dim=-1).mean()

@@ -5,7 +5,8 @@ patch tokens the frozen, prompt-free model produces on the training images at ea
 
 Where the prompts go (through ``methods.towers.encode_image``'s layer hook, the one insertion path):
 
-* right after the class token: ``[CLS; P; patches]``, with no positional embedding on the prompts;
+* right after the class token: ``[CLS; P; patches]`` (a SigLIP tower has no class token: ``[P; patches]``),
+  with no positional embedding on the prompts (no rotation on EVA: ``prompts_at="after_prefix"``);
 * shallow (``deep: false``): M prompts inserted once, before block 0 — i.e. *after* ``ln_pre``,
   the spec's recommendation, so the prompts play the role of timm's "input of block 0" tokens and
   are not normalised by ``ln_pre``; they then flow through every block like patch tokens;
@@ -24,7 +25,15 @@ a = sqrt(6 / (3·patch² + D)), and needs no data. The seed is ``init_seed``, or
 drawn from torch's global generator at ``prepare`` time (which the trial seeds per trial seed).
 ``init_max_images`` caps the images used (the spec's "sample fraction").
 
-Heads: ``linear`` (the reference: Linear(E, C) on the pooled, projected CLS feature; trunc-normal
+``init_sampling`` (``random`` / ``mean_pool`` / ``max_pool``): ``streaming`` (default) samples uniformly
+from the loader's stream by reservoir sampling (one pass, O(M·D) memory, batch-invariant); ``reference``
+does what the reference's ``prompt_generator`` does, under the seed above: S image indices drawn with
+replacement (``torch.randint``; S = ``init_max_images`` or the training set's size) from the training
+set (its training transform), then per prompted layer ``argsort(torch.rand(rows))[:M]`` over the
+flattened rows (``prototypes.ReferenceSampler``; capture points as above). Needs image tokens: refused
+on ResNet / ConvNeXt backbones.
+
+Heads: ``linear`` (the reference: Linear(E, C) on the pooled, projected image feature; trunc-normal
 std 0.02, bias 0) and ``text`` (cosine similarity against frozen class-text features from the
 dataset's hand-crafted template × CLIP's logit scale; no head parameters; a target is scored with
 its own template). Only the text head can score classes it was not trained on, so all four
@@ -41,14 +50,14 @@ from __future__ import annotations
 from typing import Iterable, Literal, Optional
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from fewshot.errors import ConfigError
 from methods import towers
 from methods.backbone import Backbone
-from methods.base import PROTOCOLS, MethodConfig, PromptMethod, TrainConfig, cosine_logits
-from methods.prototypes import Prototypes, make_collector
+from methods.base import PROTOCOLS, MethodConfig, PromptMethod, TrainConfig
+from methods.prototypes import Prototypes, ReferenceSampler, make_collector
 from methods.vpt import VPT
 
 
@@ -70,8 +79,19 @@ class SPTConfig(MethodConfig):
     text_template: Literal["coop", "kgcoop", "sep", "ensemble"] = Field(
         "coop", description="text head: the dataset's hand-crafted template kind, or CoOp's template ensemble")
     init_seed: Optional[int] = Field(None, description="seed of the prototype sampling; None = drawn from torch's seeded RNG")
-    init_max_images: Optional[int] = Field(None, ge=1, description="use at most this many training images for the statistics")
+    init_max_images: Optional[int] = Field(None, ge=1, description="use at most this many training images for the statistics "
+                                           "(reference sampling: the number of images drawn)")
     kmeans_passes: int = Field(1, ge=1, description="passes over the training loader for kmeans")
+    init_sampling: Literal["streaming", "reference"] = Field(
+        "streaming", description="streaming: reservoir sampling over the training loader (O(M·D) memory); reference: "
+                                 "the reference's images drawn with replacement and argsort(rand) row choice")
+
+    @model_validator(mode="after")
+    def _reference_rules(self) -> "SPTConfig":
+        if self.init_sampling == "reference" and self.init not in ("random", "mean_pool", "max_pool"):
+            raise ValueError(f"init_sampling: reference covers init random, mean_pool and max_pool (got init: {self.init}); "
+                             "use init_sampling: streaming")
+        return self
 
 
 class SPT(PromptMethod):
@@ -82,11 +102,12 @@ class SPT(PromptMethod):
     Config = SPTConfig
     frozen_image_features = False
     trains_by_gradient = True
+    needs_image_tokens = True
 
     def __init__(self, backbone: Backbone, classnames: list[str], dataset: str, cfg: SPTConfig):
         super().__init__(backbone, classnames, dataset, cfg)
         width = backbone.vision_width
-        self.num_layers = min(cfg.depth or backbone.vision_layers, backbone.vision_layers) if cfg.deep else 1
+        self.num_layers = self.clip_depth(cfg.depth, "vision") if cfg.deep else 1
         self.prompts = nn.Parameter(torch.empty(self.num_layers, cfg.n_prompts, width, device=backbone.device))
         nn.init.uniform_(self.prompts, -self.xavier_bound(backbone), self.xavier_bound(backbone))
         #: which rule produced the current prompt values, and per layer the stream indices picked
@@ -118,31 +139,26 @@ class SPT(PromptMethod):
             return
         seed = cfg.init_seed if cfg.init_seed is not None else int(torch.randint(0, 2**31 - 1, (1,)))
         layers = self.prompted_layers()
-        passes = cfg.kmeans_passes if cfg.init == "kmeans" else 1
-        collectors = {i: make_collector(cfg.init, cfg.n_prompts, seed * 1000 + i) for i in layers}
-
-        last = max(layers)
+        if cfg.init_sampling == "reference":
+            collectors, batches = self._reference_stream(train_loader, layers, seed)
+        else:
+            collectors = {i: make_collector(cfg.init, cfg.n_prompts, seed * 1000 + i) for i in layers}
+            passes = cfg.kmeans_passes if cfg.init == "kmeans" else 1
+            batches = (images for _ in range(passes) for images in self._capped_images(train_loader))
+        last, npt = max(layers), self.backbone.image_prefix_tokens
 
         def capture(i: int, x: torch.Tensor) -> torch.Tensor:
             if i in collectors:
-                collectors[i].update(x[:, 1:].float())  # patch tokens only, CLS removed
+                collectors[i].update(x[:, npt:].float())  # patch tokens only, class token removed
             if i == last:  # later blocks are not needed: stop the frozen forward here
                 raise _StopForward
             return x
 
-        for _ in range(passes):
-            used = 0
-            for batch in train_loader:
-                images = batch[0] if isinstance(batch, (list, tuple)) else batch
-                if cfg.init_max_images is not None:
-                    images = images[: cfg.init_max_images - used]
-                if len(images) == 0:
-                    break
-                try:
-                    towers.encode_image(self.backbone, images, hook=capture)
-                except _StopForward:
-                    pass
-                used += len(images)
+        for images in batches:
+            try:
+                towers.encode_image(self.backbone, images, hook=capture)
+            except _StopForward:
+                pass
         try:
             protos = {i: collectors[i].result() for i in layers}
         except ValueError as exc:
@@ -152,27 +168,57 @@ class SPT(PromptMethod):
         self.init_prototypes = protos
         self.initialised_from = cfg.init
 
+    def _capped_images(self, train_loader: Iterable):
+        """The loader's image batches, at most ``init_max_images`` images in all (one pass)."""
+        used, cap = 0, self.cfg.init_max_images
+        for batch in train_loader:
+            images = batch[0] if isinstance(batch, (list, tuple)) else batch
+            if cap is not None:
+                images = images[: cap - used]
+            if len(images) == 0:
+                break
+            used += len(images)
+            yield images
+
+    def _reference_stream(self, train_loader, layers: list[int], seed: int):
+        """``init_sampling: reference``: S = ``init_max_images`` (default: the training set's size) image
+        indices drawn with replacement (``torch.randint``) from a generator seeded with ``seed``, the per-layer
+        ``ReferenceSampler`` row choice from the same generator, and the sampled images in batches."""
+        data = getattr(train_loader, "dataset", None)
+        if data is None or not hasattr(data, "__getitem__") or not hasattr(data, "__len__") or len(data) == 0:
+            raise ConfigError("SPT init_sampling: reference samples images by index: the training loader needs a "
+                              "non-empty indexable dataset (use init_sampling: streaming)")
+        gen = torch.Generator().manual_seed(seed)
+        n = len(data)
+        index = torch.randint(n, (self.cfg.init_max_images or n,), generator=gen)
+        collectors = {i: ReferenceSampler(self.cfg.init, self.cfg.n_prompts, len(index), gen) for i in layers}
+        step = getattr(train_loader, "batch_size", None) or 32
+
+        def batches():
+            for start in range(0, len(index), step):
+                yield torch.stack([data[int(j)][0] for j in index[start:start + step]])
+
+        return collectors, batches()
+
     # --- forward --------------------------------------------------------------------------
     def _insert(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        m = self.cfg.n_prompts
-        if i == 0:
-            p = self.prompts[0].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
-            return torch.cat([x[:, :1], p, x[:, 1:]], dim=1)
-        if i < self.num_layers:  # deep: replace the previous layer's prompt outputs
-            p = self.prompts[i].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
-            return torch.cat([x[:, :1], p, x[:, 1 + m:]], dim=1)
-        return x
+        m, npt = self.cfg.n_prompts, self.backbone.image_prefix_tokens
+        if i >= self.num_layers:
+            return x
+        p = self.prompts[i].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+        # block 0: insert after the class token; deeper blocks: replace the previous layer's prompt outputs
+        return torch.cat([x[:, :npt], p, x[:, npt + (m if i else 0):]], dim=1)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Pooled, projected CLS feature [B, E] of the prompted image tower."""
-        return towers.encode_image(self.backbone, images, hook=self._insert)
+        """Image feature [B, E] of the prompted image tower (the family's pooling and projection)."""
+        return towers.encode_image(self.backbone, images, hook=self._insert, prompts_at="after_prefix")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         feats = self.image_features(images)
         if self.head is not None:
             logits = self.head(feats.to(self.head.weight.dtype))
             return logits if self.head_rows is None else logits[:, self.head_rows]
-        return cosine_logits(feats, self.text_features, self.logit_scale())
+        return self.clip_logits(feats, self.text_features)
 
     # --- classes --------------------------------------------------------------------------
     @classmethod

@@ -7,21 +7,27 @@ Two image-conditioned prompts per image, whatever the number of classes:
    ``v`` = the pooled CLIP image feature; run under ``no_grad`` (nothing on the image side learns);
 2. two Bonders (``methods.bonder``, one per branch) turn the learnable category (32) and content
    (64) queries into ``O_cat`` / ``O_con`` [B, N, D_t] conditioned on ``F``;
-3. each becomes one text-encoder input ``[SOS; O_k; '.'; EOT]`` through the frozen text tower
-   (``towers.encode_text``, EOT feature) — 2·B sequences per step, never C. The reference pads to 77
-   tokens; the causal mask makes positions after EOT invisible to it, so the sequence is cut after
-   EOT (identical feature, less work);
+3. each becomes one text-encoder input, the tokenised pseudo-sentence "X X … X." with the X slots
+   replaced by ``O_k`` (``[SOS; O_k; '.'; EOT]`` for CLIP BPE; the learned-context path
+   ``methods.prompt_text``, so every tokenizer's layout is respected) through the frozen text tower
+   (``towers.encode_text``) — 2·B sequences per step, never C. The reference pads to 77 tokens; on a
+   causal tower the mask makes positions after EOT invisible, so the sequence is cut after EOT
+   (identical feature, less work);
 4. ``t = (t_cat + t_con) / 2``; logits = 100 · normalize([v; t]) @ Wᵀ (no bias, fixed scale 100), W
    [C, 2E] initialised to normalize([z_c; z_c]), z_c the mean of the *unnormalised* CLIP text features
-   of ``fewshot.templates.ensemble_templates(dataset)`` (our stand-in for the reference's 21
-   "template_mining" templates, which are not shipped with promptsweep). The init runs on first use
+   over a template set (``PromptMethod.template_text_features``, ``average="raw"``), per
+   ``head_templates``: ``ensemble`` (default) = ``fewshot.templates.ensemble_templates(dataset)`` (8
+   templates) over cleaned class names ('_', '(', ')' → spaces); ``reference`` = the reference's 21
+   templates mined per dataset (``methods/tgpt_mined_templates.yaml``; the 11 datasets and ImageNet's
+   variants) over the raw class names, as its ``get_zero_shot_weights`` does. The init runs on first use
    (``prepare`` or the first forward), not in ``__init__``, so building the method (``methods info``,
    1000 classes on ViT-B/16) takes seconds; a loaded checkpoint's head is kept as it is;
 5. token supervision through a frozen head tied to CLIP's token embedding (``O @ Eᵀ``; ``E`` is the
    backbone's own ``token_embedding.weight``, used by reference, never copied, so it is already in
    the frozen backbone count and ``extra_frozen_params`` is 0): label-smoothed (0.1) CE against the
-   tokens of "a photo of a {class}." (category, EOT included, pads ignored) and of a description of
-   the image (content). Loss = CE + λ_cat·L_cat + λ_con·L_con (λ = 1 in the reference).
+   tokens of "a photo of a {class}." (category; after the tokenizer's special prefix, EOT included,
+   everything after it ignored) and of a description of the image (content). Loss = CE + λ_cat·L_cat +
+   λ_con·L_con (λ = 1 in the reference).
 
 Descriptions (content loss). ``captions.txt`` (``fewshot.captions``) is looked up in ``prepare``:
 ``cfg.captions_file`` when set, else the nearest ``captions.txt`` above the training images. The
@@ -40,6 +46,11 @@ stacks them as ``[B, 1 + L, E]`` (row 0 = ``v``), which the frozen-feature cache
 place of an image batch. Evaluation from the cache is exact; it is large (0.4 MB per image on
 ViT-B/16).
 
+Schedule: iteration-based (``max_iters`` in methods/defaults/tgpt.yaml). An explicit ``epochs`` override
+without ``max_iters`` trains for those epochs instead; both at once is refused (``methods.defaults``).
+
+Needs image tokens (the token map ``F``): refused on ResNet / ConvNeXt backbones.
+
 Protocols: ``fewshot`` and ``domain_generalization``. The linear head is tied to the training classes
 (``tied_to_training_classes``): ImageNet-V2 / -Sketch are scored with the whole head, ImageNet-A / -R
 with its rows for their 200 classes (``set_classnames`` selects them by name); classes the head never
@@ -48,7 +59,9 @@ trained on are a ConfigError, and the planner refuses such cells before any tria
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Optional
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Literal, Optional
 
 import torch
 from pydantic import Field
@@ -60,6 +73,7 @@ from methods import towers
 from methods.backbone import Backbone
 from methods.base import MethodConfig, PromptMethod, TrainConfig
 from methods.bonder import Bonder
+from methods.prompt_text import LearnedContextText, n_text_tokens
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -77,6 +91,9 @@ class TGPTConfig(MethodConfig):
     lambda_con: float = Field(1.0, ge=0, description="weight of the content token loss (0 turns it off)")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing of both token losses")
     captions_file: Optional[str] = Field(None, description="captions.txt path (default: the nearest one above the training images)")
+    head_templates: Literal["ensemble", "reference"] = Field(
+        "ensemble", description="head init: ensemble = CoOp's 8 ensemble templates over cleaned class names; reference = "
+                                "the reference's 21 mined templates per dataset over raw class names")
 
 
 class TGPT(PromptMethod):
@@ -87,6 +104,7 @@ class TGPT(PromptMethod):
     Config = TGPTConfig
     frozen_image_features = True
     frozen_output_kind = "pooled+tokens"
+    needs_image_tokens = True
 
     def __init__(self, backbone: Backbone, classnames: list[str], dataset: str, cfg: TGPTConfig):
         super().__init__(backbone, classnames, dataset, cfg)
@@ -98,10 +116,10 @@ class TGPT(PromptMethod):
         self.q_cat = nn.Parameter(torch.randn(cfg.n_cat, d, device=dev) * 0.02)
         self.q_con = nn.Parameter(torch.randn(cfg.n_con, d, device=dev) * 0.02)
         if cfg.ctx_init:
-            ids = backbone.tokenize([cfg.ctx_init])[0]
-            n = min(int(towers.eot_positions(ids[None])[0]) - 1, cfg.n_cat)
+            ids, p = backbone.tokenize([cfg.ctx_init])[0], backbone.token_rule.prefix
+            n = min(n_text_tokens(backbone, cfg.ctx_init), cfg.n_cat)
             with torch.no_grad():
-                self.q_cat[:n] = backbone.token_embedding(ids[1 : 1 + n]).float()
+                self.q_cat[:n] = backbone.token_embedding(ids[p:p + n]).float()
         self.bonder_cat = Bonder(d, e, cfg.bonder_heads).to(dev)
         self.bonder_con = Bonder(d, e, cfg.bonder_heads).to(dev)
         # zero-shot init is deferred to first use (prepare / forward): encoding C x templates prompts
@@ -109,10 +127,8 @@ class TGPT(PromptMethod):
         self.head = nn.Parameter(torch.zeros(len(self.classnames), 2 * e, device=dev))
         self._head_ready = False
         self.head_rows: Optional[torch.Tensor] = None  # the head's rows for the classes scored now (None: all)
-        # frozen text pieces: SOS, '.', EOT embeddings; category token targets per class
-        ids = backbone.tokenize(["."])[0]
-        with torch.no_grad():
-            self.register_buffer("_sos_dot_eot", backbone.token_embedding(ids[:3]).float(), persistent=False)
+        head_templates(cfg.head_templates, dataset)  # no templates for this dataset: ConfigError now
+        self._pseudo: dict[int, LearnedContextText] = {}  # "X X ... X." per query count (built on first use)
         self.register_buffer("cat_targets", self._targets([f"a photo of a {_clean(c)}." for c in self.classnames], cfg.n_cat), persistent=False)
         # content descriptions: per class, token targets [M_c, n_con] (filled by prepare)
         self._con_targets: list[torch.Tensor] = []
@@ -122,12 +138,11 @@ class TGPT(PromptMethod):
 
     # --- construction helpers ---------------------------------------------------------------
     def _zero_shot_head(self, classnames: list[str]) -> torch.Tensor:
-        """normalize([z_c; z_c]), z_c = mean of unnormalised CLIP text features over the ensemble templates."""
-        from fewshot.templates import ensemble_templates
-
-        names = [_clean(c) for c in classnames]
-        feats = torch.stack([self.backbone.encode_text([t.format(n) for n in names], normalize=False) for t in ensemble_templates(self.dataset)])
-        z = feats.mean(0)
+        """normalize([z_c; z_c]), z_c = mean of unnormalised CLIP text features over the ``head_templates``."""
+        reference = self.cfg.head_templates == "reference"
+        names = list(classnames) if reference else [_clean(c) for c in classnames]
+        z = self.template_text_features(head_templates(self.cfg.head_templates, self.dataset), names, average="raw",
+                                        clean=not reference, normalize=False)
         return F.normalize(torch.cat([z, z], dim=-1), dim=-1).to(self.device)
 
     def _ensure_head(self) -> None:
@@ -141,9 +156,15 @@ class TGPT(PromptMethod):
         self._head_ready = True  # the checkpoint's head replaces the zero-shot init
 
     def _targets(self, texts: list[str], n: int) -> torch.Tensor:
-        """Token ids after SOS, first ``n`` (EOT included), pads -> ignore index: [len(texts), n]."""
-        ids = self.backbone.tokenize(texts)[:, 1 : 1 + n].clone()
-        ids[ids == 0] = IGNORE
+        """Token ids after the tokenizer's prefix (CLIP's SOS), first ``n`` (EOT included), everything after the
+        EOT -> ignore index: [len(texts), n]."""
+        bb = self.backbone
+        ids = bb.tokenize(texts)
+        p = bb.token_rule.prefix
+        after_eot = torch.arange(ids.shape[1], device=ids.device)[None] > bb.eot_positions(ids)[:, None]
+        ids = ids.masked_fill(after_eot, IGNORE)[:, p:p + n].clone()
+        if ids.shape[1] < n:  # a context shorter than n + prefix: the missing positions are ignored
+            ids = torch.cat([ids, ids.new_full((ids.shape[0], n - ids.shape[1]), IGNORE)], dim=1)
         return ids.long()
 
     # --- captions -----------------------------------------------------------------------------
@@ -198,12 +219,11 @@ class TGPT(PromptMethod):
         return packed[:, 0], packed[:, 1:]
 
     def _encode_prompts(self, out: torch.Tensor) -> torch.Tensor:
-        """[SOS; O; '.'; EOT] through the frozen text tower -> EOT features [B, E]."""
-        B, N, _ = out.shape
-        sos, dot, eot = (t.expand(B, 1, -1) for t in self._sos_dot_eot.split(1, dim=0))
-        seq = torch.cat([sos, out, dot, eot], dim=1)
-        eot_index = torch.full((B,), N + 2, dtype=torch.long, device=seq.device)
-        return towers.encode_text(self.backbone, seq, eot_index).float()
+        """The pseudo-sentence with its X slots = ``out`` [B, N, D] through the frozen text tower -> [B, E]."""
+        n = out.shape[1]
+        if n not in self._pseudo:
+            self._pseudo[n] = LearnedContextText(self.backbone, [""], n)
+        return self._pseudo[n].encode_per_image(out)[:, 0].float()
 
     def _run(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         self._ensure_head()
@@ -220,7 +240,7 @@ class TGPT(PromptMethod):
         return logits if self.head_rows is None else logits[:, self.head_rows]
 
     def _token_loss(self, out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        vocab = self.backbone.model.token_embedding.weight  # tied, frozen, by reference
+        vocab = self.backbone.text_tower.token_embedding.weight  # tied, frozen, by reference
         logits = out @ vocab.t().to(out.dtype)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
                                label_smoothing=self.cfg.label_smoothing)
@@ -271,6 +291,28 @@ class TGPT(PromptMethod):
     def extra_frozen_params(self) -> int:
         """0: the tied vocabulary head *is* the backbone's token embedding, already in the backbone count."""
         return 0
+
+
+@lru_cache(maxsize=None)
+def _mined_templates() -> dict[str, list[str]]:
+    import yaml
+
+    return yaml.safe_load((Path(__file__).parent / "tgpt_mined_templates.yaml").read_text())
+
+
+def head_templates(kind: str, dataset: str) -> list[str]:
+    """The head-init templates of ``dataset``: CoOp's ensemble, or the reference's 21 mined ones (ConfigError for a
+    dataset the reference has none for)."""
+    if kind == "ensemble":
+        from fewshot.templates import ensemble_templates
+
+        return ensemble_templates(dataset)
+    mined = _mined_templates()
+    key = "imagenet" if dataset.startswith("imagenet") else dataset
+    if key not in mined:
+        raise ConfigError(f"tgpt head_templates: reference has the reference's mined templates for {', '.join(mined)} "
+                          f"(and ImageNet's variants) only, not '{dataset}': use head_templates: ensemble")
+    return list(mined[key])
 
 
 def _clean(name: str) -> str:

@@ -12,8 +12,9 @@ Prompt placement (the MaPLe/SEP convention, through ``methods.towers.encode_imag
   fresh prompts (``hook``); blocks ``>= depth`` see the propagated prompt outputs;
 * shallow (``deep: false``) = depth 1: only the layer-0 prompts.
 
-Depth rule: ``depth`` (default ``None`` = every block) is clipped to the backbone's number of vision
-blocks, so the default means 12 on ViT-B/16 and 3 on the tiny test model.
+Depth rule (``PromptMethod.clip_depth``): ``depth`` (default ``None`` = every block) is clipped to the
+backbone's number of vision blocks, so the default means 12 on ViT-B/16 and 3 on the tiny test model.
+Needs image tokens (``methods.families``): refused on ResNet / ConvNeXt backbones.
 
 Initialisation: VPT's Xavier uniform U(-a, a), a = sqrt(6 / (3·patch² + D)) (≈ 0.0625 on ViT-B/16).
 ``prompt_dropout`` applies dropout to the prompt vectors each time they are inserted (training only).
@@ -29,7 +30,7 @@ from torch import nn
 
 from methods import towers
 from methods.backbone import Backbone
-from methods.base import PROTOCOLS, MethodConfig, PromptMethod, cosine_logits
+from methods.base import PROTOCOLS, MethodConfig, PromptMethod
 
 
 class VPTConfig(MethodConfig):
@@ -50,10 +51,11 @@ class VPT(PromptMethod):
     protocols = PROTOCOLS
     Config = VPTConfig
     frozen_image_features = False
+    needs_image_tokens = True
 
     def __init__(self, backbone: Backbone, classnames: list[str], dataset: str, cfg: VPTConfig):
         super().__init__(backbone, classnames, dataset, cfg)
-        self.n_layers = self.prompted_depth(backbone, cfg)
+        self.n_layers = self.clip_depth(cfg.depth, "vision") if cfg.deep else 1
         d = backbone.vision_width
         a = self.xavier_bound(backbone)
         self.prompts = nn.ParameterList(
@@ -63,18 +65,9 @@ class VPT(PromptMethod):
         self.register_buffer("text_features", self.hand_text_features(cfg.text_template), persistent=False)
 
     @staticmethod
-    def prompted_depth(bb: Backbone, cfg: VPTConfig) -> int:
-        """Number of blocks that get their own prompts: 1 if shallow, else min(depth or all, backbone depth)."""
-        if not cfg.deep:
-            return 1
-        return min(cfg.depth or bb.vision_layers, bb.vision_layers)
-
-    @staticmethod
     def xavier_bound(bb: Backbone) -> float:
         """VPT's Xavier-uniform bound sqrt(6 / (3·patch² + D))."""
-        k = bb.visual.conv1.kernel_size
-        patch = k[0] if isinstance(k, (tuple, list)) else int(k)
-        return math.sqrt(6.0 / (3 * patch * patch + bb.vision_width))
+        return math.sqrt(6.0 / (3 * bb.patch_size ** 2 + bb.vision_width))
 
     # --- image side -------------------------------------------------------------------------
     def _prompt(self, i: int, batch: int, dtype: torch.dtype) -> torch.Tensor:
@@ -92,7 +85,7 @@ class VPT(PromptMethod):
         return towers.encode_image(self.backbone, images, hook=self._replace, pre_ln=self._append)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return cosine_logits(self.image_features(images), self.text_features, self.logit_scale())
+        return self.clip_logits(self.image_features(images), self.text_features)
 
     # --- text side --------------------------------------------------------------------------
     def set_classnames(self, classnames: list[str], dataset: Optional[str] = None) -> None:

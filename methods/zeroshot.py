@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 
 from methods.backbone import Backbone
-from methods.base import PROTOCOLS, MethodConfig, PromptMethod, cosine_logits
+from methods.base import PROTOCOLS, MethodConfig, PromptMethod
 
 
 class ZeroShotConfig(MethodConfig):
@@ -40,4 +40,4 @@ class ZeroShotCLIP(PromptMethod):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return cosine_logits(self.backbone.encode_image(images, normalize=True), self.text_features, self.logit_scale())
+        return self.clip_logits(self.backbone.encode_image(images, normalize=True), self.text_features)

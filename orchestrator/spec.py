@@ -638,6 +638,14 @@ def _check_backbone(spec: SweepSpec) -> None:
             _resolve_pretrained(arch, spec.backbone.pretrained)
         except CheckpointError as exc:
             raise ConfigError(f"backbone.pretrained: {exc}") from None
+    from methods.families import family_of_arch, refusal
+    from methods.registry import get_method
+
+    family = family_of_arch(arch)  # the prompt path runs this tower family exactly, or the spec is refused
+    for i, m in enumerate(spec.methods):
+        why = refusal(get_method(m), arch, family)
+        if why:
+            raise ConfigError(f"{'backbone.arch' if family.name is None else f'methods[{i}]'}: {why}")
 
 
 def _check_shots(path: str, shots: list[int]) -> None:
@@ -738,6 +746,16 @@ def validate(spec: SweepSpec) -> SweepSpec:
                     if why:
                         raise ConfigError(f"{_sub(path, k)}: {why}")
 
+    from methods.defaults import schedule_overrides
+
+    for m in spec.methods:  # epochs and max_iters for one cell: one of them would be silently ignored
+        space = spec.search_for(m).space
+        searched = {k: _sub(_sub("search", m) + ".space", k) for k in ("epochs", "max_iters") if k in space}
+        for d in spec.all_datasets():
+            try:
+                schedule_overrides({**spec.train_overrides(m, d), **searched})
+            except ConfigError as exc:
+                raise ConfigError(f"train (method {m}, dataset {d}): {exc}") from None
     check_keys("train.defaults", spec.train.defaults, spec.methods)
     for m, vals in spec.train.methods.items():
         check_keys(_sub("train.methods", m), vals, [m])

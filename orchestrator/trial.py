@@ -100,11 +100,11 @@ def injected_fault(req: TrialRequest) -> dict[str, Any]:
 
 def build_configs(req: TrialRequest, method_cls) -> tuple[TrainConfig, Any]:
     """Defaults for the cell, then ``req.overrides``; ConfigError for unknown keys or bad values."""
-    from methods.defaults import resolve
+    from methods.defaults import resolve, schedule_overrides
 
     train, meth = resolve(req.method, req.dataset, req.shots, req.protocol)
     tf, mf = TrainConfig.model_fields, method_cls.Config.model_fields
-    for key, value in req.overrides.items():
+    for key, value in schedule_overrides(req.overrides).items():
         if key in tf:
             train[key] = value
         elif key in mf:

@@ -13,12 +13,23 @@ def _run(*args):
     return subprocess.run([sys.executable, "-m", "methods", *args], capture_output=True, text=True, env=ENV, timeout=300)
 
 
-def test_list_prints_methods_with_protocols():
+def test_list_prints_methods_with_protocols_and_the_family_matrix():
     r = _run("list")
     assert r.returncode == 0, r.stderr
-    rows = dict(line.split("\t") for line in r.stdout.strip().splitlines())
-    assert rows["coop"] == "fewshot,base2novel,cross_dataset,domain_generalization"
-    assert "zeroshot" in rows
+    table = r.stdout.split("\n\n")[0].splitlines()
+    header, rows = table[0].split(), {line.split()[0]: line.split()[1:] for line in table[1:]}
+    assert header == ["method", "protocols", "clip-vit", "siglip", "eva", "resnet", "convnext"]
+    assert rows["coop"] == ["fewshot,base2novel,cross_dataset,domain_generalization", "yes", "yes", "yes", "yes", "yes"]
+    assert rows["vpt"][1:] == rows["tgpt"][1:] == ["yes", "yes", "yes", "-", "-"]
+    assert set(rows) == {"cocoop", "coop", "kgcoop", "linear_probe", "maple", "sep", "spt", "tgpt", "vpt", "zeroshot"}
+    assert "siglip    SigLIP / SigLIP 2" in r.stdout
+
+
+def test_families_lists_configs_and_refusals():
+    r = _run("families", "--all")
+    assert r.returncode == 0, r.stderr
+    assert "resnet (10): RN101, RN101-quickgelu, RN50," in r.stdout and "eva (7): EVA01-g-14" in r.stdout
+    assert "refused (58):" in r.stdout and "  ViT-L-14-CLIPA: its ViT pools with pool_type 'avg'" in r.stdout
 
 
 def test_info_counts_coop_on_vit_b16():

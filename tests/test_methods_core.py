@@ -14,7 +14,7 @@ from methods.registry import get_method
 def test_towers_without_hooks_equal_open_clip(tiny_backbone):
     bb = tiny_backbone
     ids = bb.tokenize(["a photo of a cat.", "seven", "a much longer sentence about digits and numbers."])
-    ours = towers.encode_text(bb, towers.text_token_embeddings(bb, ids), towers.eot_positions(ids))
+    ours = towers.encode_text(bb, towers.text_token_embeddings(bb, ids), bb.eot_positions(ids))
     assert torch.allclose(ours, bb.model.encode_text(ids), atol=1e-5)
     images = torch.randn(3, 3, bb.image_size, bb.image_size, generator=torch.Generator().manual_seed(0))
     pooled, tokens = towers.encode_image(bb, images, return_tokens=True)
@@ -110,7 +110,45 @@ def test_available_archs_is_what_open_clip_lists_and_needs_no_open_clip_import()
     from methods.backbone import available_archs, register_configs
 
     register_configs()
-    assert available_archs() == sorted(open_clip.list_models())
+    listed = [m for m in open_clip.list_models() if not m.startswith("pstest-")]  # pstest-*: tests/model_configs
+    assert available_archs() == sorted(listed)
     code = ("import sys; from methods.backbone import available_archs; a = available_archs(); "
             "assert 'ViT-B-16' in a and 'promptsweep-tiny' in a; assert 'open_clip' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_hand_crafted_template_features_have_one_implementation(tiny_backbone):
+    """PromptMethod.template_text_features: CLIP's ensembling (normalise each template, average, normalise) or the
+    raw mean (TGP-T's head), '_' -> ' ' unless clean=False; hand_text_features is it under the dataset's templates."""
+    bb = tiny_backbone
+    m = get_method("zeroshot")(bb, ["golden_retriever", "seven"], "oxford_pets", get_method("zeroshot").Config())
+    temps = ["a photo of a {}.", "itap of a {}."]
+    with torch.no_grad():
+        def raw(names):
+            return torch.stack([bb.model.encode_text(bb.tokenize([t.format(n) for n in names])) for t in temps])
+
+        per = raw(["golden retriever", "seven"])
+        want = F.normalize(F.normalize(per, dim=-1).mean(0), dim=-1)
+        assert torch.allclose(m.template_text_features(temps), want, atol=1e-5)
+        assert torch.allclose(m.template_text_features(temps, average="raw", normalize=False), per.mean(0), atol=1e-5)
+        kept = m.template_text_features(temps, average="raw", normalize=False, clean=False)
+        assert torch.allclose(kept, raw(["golden_retriever", "seven"]).mean(0), atol=1e-5)
+        assert not torch.allclose(kept, per.mean(0), atol=1e-4)
+    assert torch.equal(m.hand_text_features("coop"), m.template_text_features(["a photo of a {}, a type of pet."]))
+
+
+def test_depth_rule_is_one_rule_for_every_method(tiny_backbone):
+    """None = every block; deeper than a tower = its last block (VPT, SPT, MaPLe over both towers, SEP's layer sets)."""
+    bb = tiny_backbone
+    assert bb.vision_layers == bb.text_layers == 3
+
+    def build(name, **kw):
+        cls = get_method(name)
+        return cls(bb, ["one", "two"], "digits", cls.Config(**kw))
+
+    assert len(build("vpt").prompts) == len(build("vpt", depth=99).prompts) == 3
+    assert len(build("vpt", depth=2).prompts) == 2 and len(build("vpt", deep=False).prompts) == 1
+    assert build("spt", init="xavier", n_prompts=2, depth=99).prompts.shape[0] == 3
+    assert build("maple").depth == 3 and build("maple", prompt_depth=2).depth == 2  # default 9 clipped
+    assert build("sep").visual_layers == build("sep").text_layers == (1, 2)  # preset {1..11} clipped
+    assert build("vpt").clip_depth(None, "text", "vision") == 3 and build("vpt").clip_layers([0, 5, 2], "text") == (0, 2)

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from torch.nn import functional as F
 
 from methods.defaults import resolve
-from methods.sep import LAYER_PRESETS, SEP, SEPConfig, clip_layers
+from methods.sep import LAYER_PRESETS, SEP, SEPConfig
 from methods.token_fusion import TokenFusion, select_top_energy
 from tests.method_harness import (assert_backbone_untouched, backbone_snapshot, checkpoint_roundtrip, digits_data,
                                   one_step_gradients, train_losses)
@@ -79,6 +79,27 @@ def test_token_fusion_init_and_formula():
     assert out.shape == P.shape
     h = t.mlp[0](t.ln_b(z1))
     assert torch.allclose(out, 0.75 * z1 + 0.25 * t.mlp[2](h * torch.sigmoid(1.702 * h)), atol=1e-5)
+
+
+def test_fused_layer_modules_start_as_copies_of_one_seeded_module(tiny_backbone, digits, batch):
+    """The reference's _get_clones: per branch one TFM is drawn and each fused layer gets a copy; trained apart."""
+    names = digits[0]
+    a, b = _make(tiny_backbone, names, fusion_layers=[0, 1, 2]), _make(tiny_backbone, names, fusion_layers=[0, 1, 2])
+    torch.manual_seed(1)
+    c = SEP(tiny_backbone, names, "digits", SEPConfig(fusion_layers=[0, 1, 2]))
+    for branch in ("text_fusion", "visual_fusion"):
+        first = getattr(a, branch)[0].state_dict()
+        assert len(getattr(a, branch)) == 3
+        for module in getattr(a, branch)[1:]:
+            for k, v in module.state_dict().items():
+                assert torch.equal(v, first[k]) and v.data_ptr() != first[k].data_ptr(), (branch, k)
+        # seeded: the same trial seed draws the same module, another seed another one
+        assert torch.equal(getattr(b, branch)[2].attn.in_proj_weight, first["attn.in_proj_weight"])
+        assert not torch.equal(getattr(c, branch)[0].attn.in_proj_weight, first["attn.in_proj_weight"])
+    opt = torch.optim.SGD(a.parameters(), lr=0.5)
+    one_step_gradients(a, *batch)
+    opt.step()
+    assert not torch.equal(a.visual_fusion[1].attn.in_proj_weight, a.visual_fusion[2].attn.in_proj_weight)
 
 
 def test_batch_axis_attention_slot_j_attends_over_all_samples():
@@ -234,13 +255,14 @@ def test_set_classnames_rebuilds_text_and_templates_keeps_prototypes(tiny_backbo
         m.training_loss(images, labels)
 
 
-def test_config_rules_and_layer_clipping():
+def test_config_rules_and_layer_clipping(tiny_backbone):
     assert SEPConfig().layer_set() == tuple(range(1, 12))
     assert SEPConfig(fusion_depth=8).layer_set() == LAYER_PRESETS[1]
     assert SEPConfig(fusion_preset=7).layer_set() == (4, 8)
     assert SEPConfig(fusion_layers=[6, 2, 2]).layer_set() == (2, 6)
-    assert clip_layers((1, 3, 5, 7, 9, 11), 3) == (1, 2)
-    assert clip_layers((11,), 3) == (2,)
+    m = SEP(tiny_backbone, ["one", "two"], "digits", SEPConfig(fusion_layers=[1, 3, 5, 7, 9, 11]))
+    assert m.text_layers == m.visual_layers == (1, 2)  # 3 blocks: indices beyond are clipped to the last
+    assert m.clip_layers((11,), "vision") == (2,)
     with pytest.raises(ValidationError, match="only one of"):
         SEPConfig(fusion_depth=3, fusion_preset=1)
     with pytest.raises(ValidationError, match="tfm_attention_axis: sample"):

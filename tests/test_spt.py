@@ -186,6 +186,40 @@ def test_streaming_statistics_equal_one_shot(tiny_backbone, digits, init):
         assert torch.equal(a.init_prototypes[i].source_index, b.init_prototypes[i].source_index)
 
 
+@pytest.mark.parametrize("init", ["random", "mean_pool", "max_pool"])
+def test_reference_sampling_is_the_references_draw_under_the_seed(tiny_backbone, digits, init):
+    """init_sampling: reference = prompt_generator written out: S indices with replacement (randint), then per
+    layer argsort(rand) over the rows (tokens image-major; pooled vectors window-major), one generator."""
+    from pydantic import ValidationError
+
+    names, images, _ = digits
+    m = make(tiny_backbone, names, init=init, init_sampling="reference", init_seed=5, n_prompts=6)
+    m.prepare(loader_of(images, 4))
+    g = torch.Generator().manual_seed(5)
+    index = torch.randint(len(images), (len(images),), generator=g)
+    assert len(set(index.tolist())) < len(images)  # with replacement
+    d = tiny_backbone.vision_width
+    for i, h in enumerate(block_inputs(tiny_backbone, images[index])):
+        x = h[:, 1:]  # CLS removed
+        if init == "random":
+            rows = x.reshape(-1, d)
+        else:
+            rows = reference_pool(x, 6, init[:-5]).reshape(len(x), 6, d).transpose(0, 1).reshape(-1, d)
+        keep = torch.argsort(torch.rand(len(rows), generator=g))[:6]
+        torch.testing.assert_close(m.prompts[i].detach(), rows[keep], rtol=1e-5, atol=1e-5)
+        assert torch.equal(m.init_prototypes[i].source_index, keep)
+    again = make(tiny_backbone, names, init=init, init_sampling="reference", init_seed=5, n_prompts=6)
+    again.prepare(loader_of(images, 7))  # the batch size of the forward passes does not matter
+    torch.testing.assert_close(again.prompts, m.prompts, rtol=1e-5, atol=1e-5)
+    streaming = make(tiny_backbone, names, init=init, init_seed=5, n_prompts=6)
+    streaming.prepare(loader_of(images, 4))
+    assert not torch.allclose(streaming.prompts, m.prompts)
+    with pytest.raises(ValidationError, match="init_sampling: reference covers init random"):
+        SPTConfig(init="kmeans", init_sampling="reference")
+    with pytest.raises(ConfigError, match="indexable dataset"):
+        make(tiny_backbone, names, init=init, init_sampling="reference").prepare([(images, None)])
+
+
 def test_reservoir_is_batch_invariant_and_roughly_uniform():
     items = torch.arange(40, dtype=torch.float32).unsqueeze(1)
     whole = Reservoir(5, seed=11)

@@ -76,7 +76,7 @@ def test_prompt_cut_after_eot_equals_reference_77_padding(tiny_backbone, digits)
     m = _make(tiny_backbone, names)
     out = torch.randn(2, 5, tiny_backbone.text_width)
     ours = m._encode_prompts(out)
-    sos, dot, eot = m._sos_dot_eot.split(1, 0)
+    sos, dot, eot = tiny_backbone.token_embedding(tiny_backbone.tokenize(["."])[0, :3]).float().split(1, 0)
     pad = tiny_backbone.token_embedding(torch.zeros(77 - 8, dtype=torch.long)).float()
     seq = torch.cat([sos, out[0], dot, eot, pad])[None]
     ref = towers.encode_text(tiny_backbone, seq, torch.tensor([7])).float()
@@ -252,3 +252,44 @@ def test_search_space_validates_and_enqueues_the_reference_defaults_first():
             {"n_cat": 32, "n_con": 64, "lambda_cat": 1.0, "lambda_con": 1.0, "label_smoothing": 0.1}
         if cell.dataset in ref:
             assert (d["lr"], d["max_iters"]) == ref[cell.dataset]
+
+
+# ------------------------------------------------------------------------------------ head templates
+def test_head_templates_reference_averages_raw_features_of_the_21_mined_templates(tiny_backbone):
+    from torch.nn import functional as F
+
+    from methods.tgpt import head_templates
+
+    names = ["american_bulldog", "Abyssinian", "great (pyrenees)"]
+    mined = head_templates("reference", "oxford_pets")
+    assert len(mined) == 21 and mined[0] == "a photo of a {}, a type of pet." and mined[-1] == "This is a photo of a {}."
+    assert head_templates("reference", "imagenet_sketch") == head_templates("reference", "imagenet")
+    m = _make(tiny_backbone, names, "oxford_pets", head_templates="reference", n_cat=8, n_con=8)
+    m._ensure_head()
+    with torch.no_grad():  # the reference: raw class names (underscores kept), mean of unnormalised features
+        z = torch.stack([tiny_backbone.model.encode_text(tiny_backbone.tokenize([t.format(n) for n in names]))
+                         for t in mined]).mean(0)
+    assert torch.allclose(m.head, F.normalize(torch.cat([z, z], -1), dim=-1), atol=1e-5)
+    default = _make(tiny_backbone, names, "oxford_pets", n_cat=8, n_con=8)
+    default._ensure_head()
+    assert not torch.allclose(default.head, m.head, atol=1e-3)
+    with pytest.raises(ConfigError, match="mined templates for .* not 'digits': use head_templates: ensemble"):
+        _make(tiny_backbone, names, "digits", head_templates="reference")
+
+
+# ---------------------------------------------------------------------------------------- schedule
+def test_explicit_epochs_sets_the_iteration_schedule_and_with_max_iters_is_refused():
+    from methods.defaults import schedule_overrides
+    from orchestrator.trial import TrialRequest, build_configs
+
+    def train_cfg(overrides):
+        req = TrialRequest(method="tgpt", dataset="imagenet", shots=16, seed=1, device="cpu", overrides=overrides)
+        return build_configs(req, TGPT)[0]
+
+    assert (train_cfg({}).max_iters, train_cfg({"max_iters": 40}).max_iters) == (12800, 40)
+    one = train_cfg({"epochs": 1})  # was: epochs ignored, 12,800 iterations trained
+    assert one.max_iters is None and one.epochs == 1
+    assert train_cfg({"epochs": 3, "max_iters": None}).epochs == 3
+    with pytest.raises(ConfigError, match="epochs=1 and max_iters=40 are both set"):
+        train_cfg({"epochs": 1, "max_iters": 40})
+    assert schedule_overrides({"lr": 0.1}) == {"lr": 0.1}

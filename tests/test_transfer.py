@@ -43,9 +43,9 @@ def scored_texts(tiny_backbone, monkeypatch):
         scored.prompts.extend(batch)
         return tokenize(batch)
 
-    def record_features(classnames, templates, normalize=True):
+    def record_features(classnames, templates, normalize=True, **kw):
         scored.templated.extend(t.format(n.replace("_", " ")) for t in templates for n in classnames)
-        return features(classnames, templates, normalize)
+        return features(classnames, templates, normalize, **kw)
 
     monkeypatch.setattr(tiny_backbone, "tokenize", record_tokenize)
     monkeypatch.setattr(tiny_backbone, "template_text_features", record_features)
