@@ -138,6 +138,7 @@ class PromptMethod(nn.Module):
         why = refusal(type(self), backbone.arch, backbone.family)
         if why:
             raise ConfigError(why)
+        type(self).check_settings(cfg, backbone)  # before anything is built
         # held by reference, deliberately not a submodule (not in parameters()/state_dict())
         object.__setattr__(self, "_backbone", backbone)
         self.dataset = dataset  # the training dataset
@@ -145,6 +146,13 @@ class PromptMethod(nn.Module):
         self.cfg = cfg
         self.classnames = list(classnames)
         self.train_classnames = list(classnames)
+
+    @classmethod
+    def check_settings(cls, cfg: MethodConfig, backbone: Backbone) -> None:
+        """One ``ConfigError`` line when ``backbone`` cannot take these settings (a context init that is not
+        ``n_ctx`` tokens for its tokenizer, more tokens than its text context or its image holds, ...). Each
+        method's constructor calls it before it builds anything, and the sweep calls it for every proposal a
+        search space can make (``orchestrator.space_check``), on a random-init backbone of the sweep's arch."""
 
     @classmethod
     def tied_to_training_classes(cls, cfg: MethodConfig) -> bool:

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from methods.backbone import Backbone
 from methods.base import PROTOCOLS, MethodConfig, PromptMethod
-from methods.prompt_text import LearnedContextText
+from methods.prompt_text import LearnedContextText, check_context
 
 
 class CoCoOpConfig(MethodConfig):
@@ -51,6 +51,10 @@ class CoCoOp(PromptMethod):
         e, d_t, dev = backbone.embed_dim, backbone.text_width, backbone.device
         hidden = max(1, e // cfg.meta_reduction)
         self.meta_net = nn.Sequential(nn.Linear(e, hidden, device=dev), nn.ReLU(inplace=True), nn.Linear(hidden, d_t, device=dev))
+
+    @classmethod
+    def check_settings(cls, cfg: CoCoOpConfig, backbone) -> None:
+        check_context(backbone, cfg.n_ctx, cfg.ctx_init)
 
     @staticmethod
     def expected_trainable(n_ctx: int, e: int, d_t: int, reduction: int = 16) -> int:

@@ -20,7 +20,7 @@ from torch import nn
 
 from methods.backbone import Backbone
 from methods.base import PROTOCOLS, MethodConfig, PromptMethod
-from methods.prompt_text import LearnedContextText
+from methods.prompt_text import LearnedContextText, check_context
 
 
 class CoOpConfig(MethodConfig):
@@ -42,6 +42,10 @@ class CoOp(PromptMethod):
         super().__init__(backbone, classnames, dataset, cfg)
         self.text = self._text(self.classnames)
         self.ctx = nn.Parameter(self.text.initial_context(class_specific=cfg.csc))
+
+    @classmethod
+    def check_settings(cls, cfg: CoOpConfig, backbone) -> None:
+        check_context(backbone, cfg.n_ctx, cfg.ctx_init)
 
     def _text(self, classnames: list[str]) -> LearnedContextText:
         c = self.cfg

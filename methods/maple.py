@@ -32,7 +32,7 @@ from fewshot.errors import ConfigError
 from methods import towers
 from methods.backbone import Backbone
 from methods.base import PROTOCOLS, MethodConfig, PromptMethod, clones
-from methods.prompt_text import LearnedContextText, n_text_tokens
+from methods.prompt_text import LearnedContextText, check_context, n_text_tokens
 
 
 def split_ctx_init(bb: Backbone, ctx_init: Optional[str], n_ctx: int) -> tuple[Optional[str], str]:
@@ -81,6 +81,11 @@ class MaPLe(PromptMethod):
             [nn.Parameter(torch.randn(cfg.n_ctx, d_t, device=dev) * 0.02) for _ in range(self.depth - 1)])
         self.proj = nn.Linear(d_t, d_v, device=dev)
         self.deep_proj = clones(nn.Linear(d_t, d_v, device=dev), self.depth - 1)
+
+    @classmethod
+    def check_settings(cls, cfg: MaPLeConfig, backbone: Backbone) -> None:
+        init, _rest = split_ctx_init(backbone, cfg.ctx_init, cfg.n_ctx)
+        check_context(backbone, cfg.n_ctx, init)
 
     def _build_text(self, classnames: list[str]) -> LearnedContextText:
         """The shared learned-context text path with MaPLe's prompt "[ctx]*n_ctx {rest of ctx_init} {name}."

@@ -56,13 +56,29 @@ def n_text_tokens(bb: Backbone, text: str) -> int:
     return int(bb.token_rule.n_tokens(bb.tokenize([text]))[0])
 
 
+def check_context(backbone: Backbone, n_ctx: int, ctx_init: Optional[str] = None) -> str:
+    """The text the ``n_ctx`` learned context tokens start from (``ctx_init``, or one placeholder word per token);
+    ConfigError when it is not exactly ``n_ctx`` tokens for ``backbone``'s tokenizer. Methods call it from their
+    ``check_settings`` (the dry run of a search space) and ``LearnedContextText`` when it builds the prompts."""
+    if n_ctx < 1:
+        raise ConfigError(f"n_ctx must be >= 1 (got {n_ctx})")
+    ctx_init = ctx_init.strip().replace("_", " ") if ctx_init else None
+    prefix_text = ctx_init or " ".join(["X"] * n_ctx)
+    n_init = n_text_tokens(backbone, prefix_text)
+    if n_init != n_ctx and ctx_init:
+        raise ConfigError(f"ctx_init '{ctx_init}' is {n_init} tokens but n_ctx={n_ctx}: set n_ctx={n_init} "
+                          "or ctx_init to null (random init)")
+    if n_init != n_ctx:  # each placeholder X must be one token for the context to replace it
+        raise ConfigError(f"the placeholder '{prefix_text}' is {n_init} tokens for the tokenizer of {backbone.arch}, "
+                          f"not n_ctx={n_ctx}: this tokenizer does not fit the learned-context prompt path")
+    return prefix_text
+
+
 class LearnedContextText:
     """Frozen prompt pieces for ``classnames`` and the assembly/encoding of learned context."""
 
     def __init__(self, backbone: Backbone, classnames: list[str], n_ctx: int, ctx_init: Optional[str] = None,
                  position: ClassTokenPosition = "end", cut_after_eot: bool = True):
-        if n_ctx < 1:
-            raise ConfigError(f"n_ctx must be >= 1 (got {n_ctx})")
         if position not in ("end", "middle", "front"):
             raise ConfigError(f"class_token_position must be end, middle or front (got {position!r})")
         self.backbone = backbone
@@ -70,15 +86,7 @@ class LearnedContextText:
         self.n_ctx = n_ctx
         self.position = position
         self.ctx_init = ctx_init.strip().replace("_", " ") if ctx_init else None
-        prefix_text = self.ctx_init or " ".join(["X"] * n_ctx)
-        n_init = n_text_tokens(backbone, prefix_text)
-        if n_init != n_ctx and self.ctx_init:
-            raise ConfigError(f"ctx_init '{self.ctx_init}' is {n_init} tokens but n_ctx={n_ctx}: set n_ctx={n_init} "
-                              "or ctx_init to null (random init)")
-        if n_init != n_ctx:  # each placeholder X must be one token for the context to replace it
-            raise ConfigError(f"the placeholder '{prefix_text}' is {n_init} tokens for the tokenizer of {backbone.arch}, "
-                              f"not n_ctx={n_ctx}: this tokenizer does not fit the learned-context prompt path")
-        self.prefix_text = prefix_text
+        self.prefix_text = prefix_text = check_context(backbone, n_ctx, ctx_init)
         names = [c.replace("_", " ") for c in self.classnames]
         self.name_lens = [n_text_tokens(backbone, n) for n in names]
         self.prompts = [f"{prefix_text} {n}." for n in names]

@@ -52,7 +52,7 @@ from fewshot.errors import ConfigError
 from methods import towers
 from methods.backbone import Backbone
 from methods.base import PROTOCOLS, MethodConfig, PromptMethod, clones
-from methods.prompt_text import LearnedContextText
+from methods.prompt_text import LearnedContextText, check_context
 from methods.token_fusion import AttentionAxis, TokenFusion, TopKScope, select_top_energy
 
 #: the reference's L_IND presets (SEP_main/trainers/sep.py), fusion layer sets for both branches
@@ -121,9 +121,6 @@ class SEP(PromptMethod):
         bb, dev = backbone, backbone.device
         self.k_text = cfg.selected_text or cfg.n_ctx_text
         self.k_visual = cfg.selected_visual or cfg.n_ctx_visual
-        if self.k_visual > bb.image_tokens:
-            raise ConfigError(f"selected_visual={self.k_visual} exceeds the {bb.image_tokens} pre-trained image tokens: "
-                              f"choose at most {bb.image_tokens}")
         self.text_layers = self.clip_layers(cfg.layer_set(), "text")
         self.visual_layers = self.clip_layers(cfg.layer_set(), "vision")
         self.text = self._build_text(self.classnames)
@@ -138,14 +135,21 @@ class SEP(PromptMethod):
         template(dataset, "sep")                       # unknown dataset: ConfigError now, not at first use
         object.__setattr__(self, "_template", None)   # frozen g⁰, computed on first use (not state)
 
+    @classmethod
+    def check_settings(cls, cfg: SEPConfig, backbone: Backbone) -> None:
+        k_text, k_visual = cfg.selected_text or cfg.n_ctx_text, cfg.selected_visual or cfg.n_ctx_visual
+        if k_visual > backbone.image_tokens:
+            raise ConfigError(f"selected_visual={k_visual} exceeds the {backbone.image_tokens} pre-trained image tokens: "
+                              f"choose at most {backbone.image_tokens}")
+        check_context(backbone, cfg.n_ctx_text)
+        room = backbone.context_length - backbone.token_rule.prefix
+        if cfg.n_ctx_text + k_text > room:
+            raise ConfigError(f"n_ctx_text + selected_text = {cfg.n_ctx_text + k_text} exceeds the text context "
+                              f"{room}: use fewer tokens")
+
     # --- construction helpers ---------------------------------------------------------------
     def _build_text(self, classnames: list[str]) -> LearnedContextText:
-        text = LearnedContextText(self.backbone, classnames, self.cfg.n_ctx_text, cut_after_eot=False)
-        end = text.ctx_start + self.cfg.n_ctx_text + self.k_text
-        if end > self.backbone.context_length:
-            raise ConfigError(f"n_ctx_text + selected_text = {end - text.ctx_start} exceeds the text context "
-                              f"{self.backbone.context_length - text.ctx_start}: use fewer tokens")
-        return text
+        return LearnedContextText(self.backbone, classnames, self.cfg.n_ctx_text, cut_after_eot=False)
 
     @property
     def template_features(self) -> torch.Tensor:

@@ -106,12 +106,16 @@ class TGPT(PromptMethod):
     frozen_output_kind = "pooled+tokens"
     needs_image_tokens = True
 
-    def __init__(self, backbone: Backbone, classnames: list[str], dataset: str, cfg: TGPTConfig):
-        super().__init__(backbone, classnames, dataset, cfg)
+    @classmethod
+    def check_settings(cls, cfg: TGPTConfig, backbone: Backbone) -> None:
         limit = backbone.context_length - 3
         for field in ("n_cat", "n_con"):
             if getattr(cfg, field) > limit:
-                raise ConfigError(f"tgpt {field}={getattr(cfg, field)} does not fit the {backbone.context_length}-token text encoder: use at most {limit}")
+                raise ConfigError(f"tgpt {field}={getattr(cfg, field)} does not fit the {backbone.context_length}-token "
+                                  f"text encoder: use at most {limit}")
+
+    def __init__(self, backbone: Backbone, classnames: list[str], dataset: str, cfg: TGPTConfig):
+        super().__init__(backbone, classnames, dataset, cfg)
         dev, d, e = backbone.device, backbone.text_width, backbone.embed_dim
         self.q_cat = nn.Parameter(torch.randn(cfg.n_cat, d, device=dev) * 0.02)
         self.q_con = nn.Parameter(torch.randn(cfg.n_con, d, device=dev) * 0.02)

@@ -275,8 +275,13 @@ def run(args: argparse.Namespace) -> int:
     data_root = args.data_root or spec.data_root
     data_root = str(Path(data_root).expanduser().resolve()) if data_root else None  # before Ray moves cwd
 
+    from orchestrator.space_check import check_plan
+
+    checked = check_plan(plan)  # every proposal a search space can make, through its method (ConfigError)
     if args.dry_run:
         print(plan.describe())
+        if checked:
+            print(f"search:   {checked} proposals (every choice combination and range end) accepted by their methods")
         print(f"output:   {out_dir}\nmlflow:   {mask_uri(tracking_uri)} (experiment '{spec.tracking.experiment}')")
         return 0
 
