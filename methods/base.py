@@ -47,9 +47,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from fewshot.errors import ConfigError
+from fewshot.protocols import PROTOCOLS  # noqa: F401 (the methods name their protocols from here)
 from methods.backbone import Backbone
-
-PROTOCOLS = ("fewshot", "base2novel", "cross_dataset", "domain_generalization")
 
 
 class StrictModel(BaseModel):

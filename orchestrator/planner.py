@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from fewshot.errors import ConfigError
+from fewshot.protocols import OTHER_CLASS_PROTOCOLS
 from orchestrator.spec import MethodSearch, ParamSpec, SweepSpec
 
 
@@ -162,7 +163,7 @@ def check_evaluable(cells: list[Cell]) -> None:
     from fewshot.registry import label_subset_of
 
     for c in cells:
-        if c.protocol not in ("base2novel", "cross_dataset", "domain_generalization") or not c.tied_to_training_classes():
+        if c.protocol not in OTHER_CLASS_PROTOCOLS or not c.tied_to_training_classes():
             continue
         what = (f"cell {c.cell_id}: method '{c.method}' (with these settings) has a classifier tied to its "
                 f"{c.dataset} training classes")

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Optional
 
 from fewshot.errors import UserError
+from fewshot.protocols import TRANSFER_PROTOCOLS
 from orchestrator.results import (CELLS_FILE, COMPARISONS_FILE, ERROR_STATUS, TRIALS_FILE, harmonic_mean, read_meta,
                                   read_table, report_settings)
 
@@ -231,7 +232,7 @@ def render_markdown(cells: list[dict], title: str = "promptsweep results", targe
     for protocol in _ordered(c["protocol"] for c in cells):
         pc = [c for c in cells if c["protocol"] == protocol]
         lines += [f"## {protocol}", ""]
-        if protocol in ("cross_dataset", "domain_generalization"):
+        if protocol in TRANSFER_PROTOCOLS:
             lines += _transfer_table(pc, targets or [], tables, protocol, marks)
             continue
         for shots in sorted({c["shots"] for c in pc}):

@@ -66,12 +66,10 @@ from pydantic import (AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictB
                       field_validator, model_validator)
 
 from fewshot.errors import ConfigError
+from fewshot.protocols import PROTOCOLS, TRANSFER_PROTOCOLS, Protocol  # noqa: F401 (also named from here)
 from fewshot.registry import COUNT_TOLERANCE
 from orchestrator.mlflow_uri import check_uri_scheme
 
-PROTOCOLS = ("fewshot", "base2novel", "cross_dataset", "domain_generalization")
-TRANSFER_PROTOCOLS = ("cross_dataset", "domain_generalization")
-Protocol = Literal["fewshot", "base2novel", "cross_dataset", "domain_generalization"]
 Scalar = bool | int | float | str | None
 #: YAML gives native types, so no coercion: ``shots: [true]`` or ``cpu: "2"`` are errors, not 1 and 2.0
 Int = Annotated[int, Strict()]

@@ -46,6 +46,7 @@ import torch
 from pydantic import Field, ValidationError
 
 from fewshot.errors import CheckpointError, ConfigError, EmptySplitError, TrainingError, UserError, error_line
+from fewshot.protocols import TRANSFER_PROTOCOLS, Protocol
 from methods.backbone import TINY_ARCH
 from methods.base import PromptMethod, StrictModel, TrainConfig
 from orchestrator import checkpoint as ckpt
@@ -66,7 +67,7 @@ class TrialRequest(StrictModel):
     dataset: str
     shots: int = Field(16, ge=1)
     seed: int = 1
-    protocol: Literal["fewshot", "base2novel", "cross_dataset", "domain_generalization"] = "fewshot"
+    protocol: Protocol = "fewshot"
     stage: Literal["search", "final"] = "final"
     backbone: BackboneRef = Field(default_factory=BackboneRef)
     data_root: Optional[str] = None
@@ -198,7 +199,7 @@ def _data(req: TrialRequest):
         return list(tds.classnames), tds.test
 
     tests = [("source", req.dataset, lambda: (list(ds.classnames), ds.test))]
-    if req.protocol in ("cross_dataset", "domain_generalization"):
+    if req.protocol in TRANSFER_PROTOCOLS:
         tests += [(f"acc_{t}", t, lambda t=t: target(t)) for t in req.targets or []]
     return list(ds.classnames), split.train, split.val, tests
 
@@ -316,7 +317,7 @@ def run_trial(req: TrialRequest, *, output_dir: Optional[Path] = None, report: O
     if req.protocol not in cls.protocols:
         raise ConfigError(f"method {req.method} does not support protocol {req.protocol} (it supports: "
                           f"{', '.join(cls.protocols)})")
-    if req.protocol in ("cross_dataset", "domain_generalization") and not req.targets:
+    if req.protocol in TRANSFER_PROTOCOLS and not req.targets:
         raise ConfigError(f"protocol {req.protocol} needs targets: the datasets to evaluate on (e.g. --target imagenet_v2)")
     train_cfg, method_cfg = build_configs(req, cls)
     limit = TimeLimit(train_cfg, t0)
