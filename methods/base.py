@@ -146,6 +146,12 @@ class PromptMethod(nn.Module):
         self.classnames = list(classnames)
         self.train_classnames = list(classnames)
 
+    def run_notes(self) -> dict[str, str]:
+        """Facts about this run worth recording beside its metrics (e.g. TGP-T's content loss on or off, and why):
+        the trial puts them in its result (``run_notes``), trials.arrow, the MLflow trial run (``note.*`` tags)
+        and the report. None by default."""
+        return {}
+
     @classmethod
     def check_settings(cls, cfg: MethodConfig, backbone: Backbone) -> None:
         """One ``ConfigError`` line when ``backbone`` cannot take these settings (a context init that is not

@@ -390,9 +390,29 @@ def render_failures(trials: list[dict], cells: list[dict], planned: dict[str, in
             rows.append([cid, f"{c['n']}/{want}" if want is not None else str(c["n"]), str(c["n_failed"])])
         lines += [f"{len(short_ids)} cell(s) incomplete (their table entries average fewer seeds, or are missing). "
                   "An interrupted sweep continues when the same command is rerun; failed trials need their cause "
-                  "fixed (error class above) and a rerun with --fresh:", ""]
+                  "fixed (error class above) and a rerun with --retry-failed:", ""]
         lines += _table(["cell", "final runs ok / planned", "final runs failed"], rows)
     return "\n".join(lines)
+
+
+def render_notes(trials: list[dict]) -> str:
+    """What the methods recorded about their runs (``run_notes``), once per cell and note, with its seeds."""
+    import json
+
+    seen: dict[tuple[str, str, str], list[str]] = {}
+    for t in trials:
+        try:
+            notes = json.loads(t.get("run_notes") or "{}")
+        except ValueError:
+            continue
+        for key, text in sorted(notes.items()):
+            seen.setdefault((t["cell_id"], key, str(text)), []).append(f"{t['stage']} {t['seed']}")
+    if not seen:
+        return ""
+    rows = [[cid, key, " ".join(text.split())[:200].replace("|", "/"), ", ".join(sorted(set(runs)))]
+            for (cid, key, text), runs in sorted(seen.items())]
+    return "\n".join(["## Run notes", "", "What the methods recorded about their runs (`run_notes` in trials.arrow, "
+                      "`note.*` tags of the MLflow trial runs):", "", *_table(["cell", "note", "value", "trials"], rows)])
 
 
 def _schema_meta(cells_path: Path, key: str, default):
@@ -438,6 +458,9 @@ def write_report(results_dir: Path) -> Path:
                 report_cost.cost_section(cells, trials, tables), report_search.search_section(importances, tables),
                 report_stats.statistics_section(cells, tables)]
     md += "\n" + "\n".join(line for section in sections for line in section)
+    notes = render_notes(trials)
+    if notes:
+        md += "\n" + notes + "\n"
     ledger = render_failures(trials, cells, _planned_final_runs(cells_path))
     if ledger:
         md += "\n" + ledger

@@ -127,6 +127,8 @@ TRIAL_TAIL = (
     Column("tune_trial_id", pa.string(), "Ray Tune trial id (its folder under tune/)"),
     Column("optuna_trial_number", pa.int32(), "number of the Optuna trial in the cell's study"),
     Column("mlflow_run_id", pa.string(), "MLflow run of the trial"),
+    Column("run_notes", pa.string(), "facts the method recorded about the run, a JSON object (e.g. tgpt_content_loss: "
+                                     "on/off and why)"),
     Column("retry_of_trial", pa.string(), "tune_trial_id of the failed trial this one ran again (--retry-failed); "
                                           "its row was replaced by this one"),
     Column("config_hash", pa.string(), "hash of everything that defines the trial's training"),
@@ -294,6 +296,7 @@ def trial_row(config: dict, result: Optional[dict], *, status: str, tune_trial_i
         "node_id": node_id or result.get("node_ip"), "tune_trial_id": tune_trial_id,
         "optuna_trial_number": config.get("optuna_number"), "mlflow_run_id": mlflow_run_id,
         "retry_of_trial": (config.get("retry_of") or {}).get("tune_trial_id"),
+        "run_notes": result.get("run_notes") if isinstance(result.get("run_notes"), str) else None,
         "config_hash": config_hash(req), "finished_at": datetime.now(timezone.utc),
     }
     for m in CORE_METRICS:

@@ -77,6 +77,14 @@ def resolved_params(request: dict) -> dict[str, str]:
             **_flat_params(method_cfg.model_dump(mode="json"), "method.")}
 
 
+def _note_tags(notes: Optional[str]) -> dict[str, str]:
+    """A trial's ``run_notes`` (JSON) as ``note.<key>`` tags."""
+    try:
+        return {f"note.{k}": str(v)[:5000] for k, v in json.loads(notes).items()} if notes else {}
+    except (ValueError, AttributeError):
+        return {}
+
+
 def _error_tags(error_class: Optional[str], message: Optional[str]) -> dict[str, str]:
     """The tags of a failed trial's run: ``error_class`` (as in trials.arrow) and ``error_message``."""
     return {"error_class": str(error_class or "error"), "error_message": " ".join(str(message or "").split())[:5000]}
@@ -278,6 +286,9 @@ class MlflowTracking(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
         failed = bool(last.get("trial_failed"))
+        notes = _note_tags(last.get("run_notes"))
+        if notes and trial.trial_id in self.state["trials"]:
+            self._submit(LogBatch(key=f"trial:{trial.trial_id}", tags=notes))
         self._close(trial, "FAILED" if failed else "FINISHED",
                     _error_tags(last.get("error_class"), last.get("error_message")) if failed else None)
 

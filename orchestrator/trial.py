@@ -457,6 +457,9 @@ def run_trial(req: TrialRequest, *, output_dir: Optional[Path] = None, report: O
         method.set_classnames(classnames, req.dataset)
     final.setdefault("test_images_read", 0)
     final["images_evaluated"] = val_images + final["test_images_read"]
+    notes = method.run_notes()
+    if notes:
+        final["run_notes"] = json.dumps(notes, sort_keys=True)
     final["wall_time_s"] = time.time() - t0
     report(final, None)
     return final

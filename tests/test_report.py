@@ -152,3 +152,29 @@ def test_report_without_a_baseline_says_how_to_name_one(tmp_path):
     md = Rep.write_report(tmp_path).read_text()
     assert "No baseline is named: add `report: {baseline: <method>}`" in md and "↑" not in md
     assert "## Unstable seeds" in md and "These results record no cost" in md and not list(tmp_path.glob("cost_*"))
+
+
+def test_a_trials_run_notes_reach_its_row_and_the_report(tiny_backbone, tmp_path):
+    """TGP-T without a captions file records why its content loss is off: in the trial's result, its
+    trials.arrow row and the report's Run notes section (the MLflow run gets them as note.* tags)."""
+    import json
+
+    from orchestrator.tracking import _note_tags
+    from orchestrator.trial import BackboneRef, TrialRequest, run_trial
+
+    final = run_trial(TrialRequest(method="tgpt", dataset="digits", shots=1, seed=1, device="cpu",
+                                   backbone=BackboneRef(arch="promptsweep-tiny", pretrained=None),
+                                   overrides={"max_iters": 1, "batch_size": 4, "n_cat": 4, "n_con": 4,
+                                              "num_workers": 0}))
+    notes = json.loads(final["run_notes"])
+    assert notes["tgpt_content_loss"].startswith("off: no captions.txt")
+    assert _note_tags(final["run_notes"]) == {"note.tgpt_content_loss": notes["tgpt_content_loss"]}
+    cfg = {"cell_id": "fewshot.tgpt.digits.1shot", "stage": "final", "seed": 1, "optuna_number": None, "params": {},
+           "request": {"method": "tgpt", "dataset": "digits", "shots": 1, "protocol": "fewshot", "seed": 1,
+                       "backbone": {"arch": "promptsweep-tiny", "pretrained": None}}}
+    row = R.trial_row(cfg, final, status=R.OK_STATUS, tune_trial_id="t1")
+    assert row["run_notes"] == final["run_notes"]
+    R.write_results(tmp_path, [row], {"spec_hash": "x"}, ["fewshot.tgpt.digits.1shot"])
+    assert R.read_rows(tmp_path / "trials.arrow")[0]["run_notes"] == final["run_notes"]
+    md = Rep.write_report(tmp_path).read_text()
+    assert "## Run notes" in md and "| fewshot.tgpt.digits.1shot | tgpt_content_loss | off: no captions.txt" in md
