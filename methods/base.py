@@ -153,6 +153,11 @@ class PromptMethod(nn.Module):
         return {}
 
     @classmethod
+    def check_training(cls, train: "TrainConfig", cfg: MethodConfig) -> None:
+        """One ``ConfigError`` line when these training settings cannot serve these method settings (checked
+        with every cell's configuration before a sweep starts, and by the trial). Nothing by default."""
+
+    @classmethod
     def check_settings(cls, cfg: MethodConfig, backbone: Backbone) -> None:
         """One ``ConfigError`` line when ``backbone`` cannot take these settings (a context init that is not
         ``n_ctx`` tokens for its tokenizer, more tokens than its text context or its image holds, ...). Each

@@ -107,6 +107,13 @@ class TGPT(PromptMethod):
     needs_image_tokens = True
 
     @classmethod
+    def check_training(cls, train, cfg: TGPTConfig) -> None:
+        if train.train_feature_views and cfg.lambda_con > 0:
+            raise ConfigError("tgpt: train_feature_views trains on cached features, which carry no image paths to pair "
+                              "with their captions, so the content loss would be off; set lambda_con: 0 (no content "
+                              "loss) or leave train_feature_views out")
+
+    @classmethod
     def check_settings(cls, cfg: TGPTConfig, backbone: Backbone) -> None:
         limit = backbone.context_length - 3
         for field in ("n_cat", "n_con"):

@@ -54,14 +54,9 @@ def proposals(space: dict[str, ParamSpec]) -> Iterator[dict[str, Any]]:
 
 
 def check_plan(plan, backbone=None) -> int:
-    """Check every proposal of every searched cell of ``plan``; returns how many were checked. ``backbone``:
-    the backbone to check against (default: a random-init one of the spec's arch, built once)."""
-    from methods.registry import get_method
-    from orchestrator.trial import TrialRequest, build_configs
-
-    searched = [c for c in plan.cells if c.n_trials]
-    if not searched:
-        return 0
+    """Check every cell of ``plan`` — each proposal of a searched cell, the settings of the others; returns how
+    many proposals were checked. ``backbone``: the backbone to check against (default: a random-init one of the
+    spec's arch, built once and dropped again)."""
     if backbone is None:
         import logging
 
@@ -72,13 +67,26 @@ def check_plan(plan, backbone=None) -> int:
             backbone = load_backbone(plan.spec.backbone.arch, None, "cpu")  # the arch's tokenizer and shapes
         finally:
             logging.disable(logging.NOTSET)
+        try:
+            return _check(plan, backbone)
+        finally:
+            from methods.backbone import clear_cache
+
+            clear_cache()  # the driver trains nothing: its memory goes back
+    return _check(plan, backbone)
+
+
+def _check(plan, backbone) -> int:
     from methods.defaults import resolve
+    from methods.registry import get_method
+    from orchestrator.trial import TrialRequest, build_configs
 
     checked, outcome = 0, {}  # (method, the cell's resolved defaults, overrides + proposal) -> refusal or None
-    for cell in searched:
+    for cell in plan.cells:
         cls = get_method(cell.method)
         defaults = json.dumps(resolve(cell.method, cell.dataset, cell.shots, cell.protocol), sort_keys=True, default=str)
-        for n, params in enumerate(itertools.islice(proposals(cell.space), MAX_PROPOSALS + 1)):
+        space = cell.space if cell.n_trials else {}  # a cell without a search: its own settings, one "proposal"
+        for n, params in enumerate(itertools.islice(proposals(space), MAX_PROPOSALS + 1)):
             if n == MAX_PROPOSALS:
                 raise ConfigError(f"search.{cell.method}.space: more than {MAX_PROPOSALS} proposals to check in cell "
                                   f"{cell.cell_id}; use fewer categorical choices")
@@ -94,7 +102,9 @@ def check_plan(plan, backbone=None) -> int:
                 except ConfigError as exc:
                     outcome[key] = str(exc)
             if outcome[key] is not None:
+                if not params:
+                    raise ConfigError(f"cell {cell.cell_id}: {cell.method} refuses its settings: {outcome[key]}")
                 raise ConfigError(f"search.{cell.method}.space: cell {cell.cell_id} can propose "
                                   f"{json.dumps(params, sort_keys=True)}, which {cell.method} refuses: {outcome[key]}")
-            checked += 1
+            checked += 1 if cell.n_trials else 0
     return checked

@@ -122,6 +122,7 @@ def build_configs(req: TrialRequest, method_cls) -> tuple[TrainConfig, Any]:
         method_cfg = method_cls.Config(**meth)
     except ValidationError as exc:
         raise ConfigError(_validation_message(exc, f"{req.method} setting")) from None
+    method_cls.check_training(train_cfg, method_cfg)
     return train_cfg, method_cfg
 
 

@@ -66,3 +66,17 @@ def test_every_shipped_search_space_passes():
         p = plan(load_spec(path))
         n = check_plan(p)
         assert n == sum(len(list(proposals(c.space))) for c in p.cells if c.n_trials), path.name
+
+
+def test_every_cell_is_checked_not_only_the_searched_ones(tiny_backbone):
+    """TGP-T's content loss needs image paths, which cached training views do not carry: refused up front."""
+    spec = parse_spec({"name": "t", "methods": ["tgpt"], "datasets": ["digits"], "shots": [1], "seeds": [1],
+                       "backbone": {"arch": "promptsweep-tiny", "pretrained": None},
+                       "train": {"defaults": {"train_feature_views": 2}}})
+    with pytest.raises(ConfigError) as err:
+        check_plan(plan(spec), backbone=tiny_backbone)
+    assert str(err.value).startswith("cell fewshot.tgpt.digits.1shot: tgpt refuses its settings: tgpt: "
+                                     "train_feature_views trains on cached features")
+    ok = parse_spec({**spec.model_dump(mode="json"), "train": {"defaults": {"train_feature_views": 2},
+                                                               "methods": {"tgpt": {"lambda_con": 0.0}}}})
+    assert check_plan(plan(ok), backbone=tiny_backbone) == 0
