@@ -16,11 +16,16 @@ Margin (``MARGIN`` = 2 accuracy points; 1 point ≈ 4 of shapes-32's 384 test im
 exactly at its start (lr 0, context not inserted: its scores do not change) or below it (loss sign
 flipped), so any margin above 0 separates it; the margin must also stay below the smallest gain of a
 working method. Measured here (2-core CPU, 2026-12-02; trained − untrained, points, seeds 1 / 2) with
-the schedules below at 16 shots: KgCoOp +4.2 / +3.7, MaPLe +4.2 / +3.4, SEP +2.9 / +4.7 (20 epochs);
-earlier at 4 shots: CoOp +15.1 / +13.8, VPT +2.6 / +2.9, TGP-T +9.9 / +7.3, SPT +31. SEP's smallest gain
-is the closest to the margin, so SEP's test uses ``SEP_MARGIN`` = 1 point (still above the 0 of a broken
-SEP). The untrained starts themselves move by 3–4 points between seeds (random prompt init), which is why
+the schedules below at 16 shots: KgCoOp +4.2 / +3.7, MaPLe +4.2 / +3.4 (SEP, then +2.9 / +4.7, is now
+among ``KNOWN_NOT_LEARNING``, below); earlier at 4 shots: CoOp +15.1 / +13.8, VPT +2.6 / +2.9, TGP-T +9.9 /
++7.3, SPT +31. The untrained starts themselves move by 3–4 points between seeds (random prompt init), which is why
 each test compares a method with its own start on the same seed, never with a fixed number.
+
+``KNOWN_NOT_LEARNING`` also holds SEP since its Token Fusion Modules start as copies of one module, as the
+reference builds them (they were drawn independently before, when SEP gained +2.9 / +4.7): measured on a 2-core
+AMD EPYC build of the backbone (2026-12-06), 16 shots, start -> trained, seed 1 / 2: 20 epochs lr 0.02
+61.7 -> 61.5 / 59.1 -> 61.5; seed 1: 30 epochs 62.8, 40 epochs 62.2, lr 0.01 62.2, lr 0.05 61.2, batch 8 61.2.
+``tests/test_sep.py`` covers its forward pass, losses and gradients against the reference on shared weights.
 
 ``KNOWN_NOT_LEARNING``: CoCoOp at these CPU schedules stays within ±2 points of its start (16 shots,
 3 epochs at batch 4, lr 0.01: −0.3 / +1.8 from "a photo of a", −1.3 / +0.5 from a random context), so
@@ -47,7 +52,6 @@ DATASET = "shapes-32"
 B2N_DATASET = "shapes-64"
 SHOTS = 16
 MARGIN = 2.0
-SEP_MARGIN = 1.0
 GRADIENT = [m for m in method_names() if get_method(m).trains_by_gradient]
 #: shortened schedules (trial overrides) per gradient method
 SCHEDULE: dict[str, dict] = {
@@ -62,7 +66,9 @@ SCHEDULE: dict[str, dict] = {
     "tgpt": {"max_iters": 200, "eval_every_iters": 50, "n_cat": 16, "n_con": 24},
 }
 KNOWN_NOT_LEARNING = {"cocoop": "measured: CoCoOp stays within ±2 points of its start at these CPU schedules "
-                                "(see the module docstring)"}
+                                "(see the module docstring)",
+                      "sep": "measured: since its fused-layer modules start as copies of one module (the reference's "
+                             "init), SEP ends within ±2 points of its start (see the module docstring)"}
 
 
 def trial(method: str, dataset: str = DATASET, shots: int = SHOTS, protocol: str = "fewshot", seed: int = 1,
@@ -81,7 +87,7 @@ def test_every_gradient_method_has_a_schedule():
 
 @pytest.mark.parametrize("method", [m for m in GRADIENT if m not in KNOWN_NOT_LEARNING])
 def test_training_ends_above_the_untrained_start(method, mini_backbone):
-    margin = SEP_MARGIN if method == "sep" else MARGIN
+    margin = MARGIN
     start = trial(method, **untrained(method))["test_acc"]
     end = trial(method, **SCHEDULE[method])["test_acc"]
     print(f"{method}: untrained {start:.2f} -> trained {end:.2f}")
