@@ -680,7 +680,7 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
 
         print(plan.describe().splitlines()[0] + f"; {n} at a time", flush=True)
         tuner = build_tuner(out_dir, searcher, [tracker, results_cb, progress], r.cpu, r.gpu, spec.max_retries,
-                            use_pruning, sweep_name=spec.name, retry_failed=args.retry_failed)
+                            use_pruning, sweep_name=spec.name, retry_failed=args.retry_failed, max_concurrent=n)
         sigint_before = signal.getsignal(signal.SIGINT)
         with _driver_gc():
             tuner.fit()

@@ -567,7 +567,7 @@ def sweep_trainable(sweep_name: str, cpu: float, gpu: float) -> type:
 
 
 def build_tuner(out_dir: Path, searcher, callbacks: list, cpu: float, gpu: float, max_retries: int,
-                use_pruning: bool, sweep_name: str = "sweep", retry_failed: bool = False):
+                use_pruning: bool, sweep_name: str = "sweep", retry_failed: bool = False, max_concurrent: int = 1):
     """A fresh Tuner, or the restored one when the experiment exists (callbacks, scheduler and searcher
     replaced by this driver's).
 
@@ -580,6 +580,10 @@ def build_tuner(out_dir: Path, searcher, callbacks: list, cpu: float, gpu: float
     from orchestrator.searcher import SweepSearch
 
     ray_internals.check()
+    # Tune lets a custom searcher have one trial pending (waiting for resources) at a time unless told otherwise
+    # (it reads a ConcurrencyLimiter's limit, which the searcher does not need: it limits itself), so trials would
+    # start one by one; the documented variable says how many may wait at once
+    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max(1, int(max_concurrent))))
     trainable = sweep_trainable(sweep_name, cpu, gpu)
     path = experiment_path(out_dir)
     results_cb = next((cb for cb in callbacks if isinstance(cb, ResultsCallback)), None)
