@@ -297,8 +297,10 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
 
     import pyarrow.feather as feather
 
+    # 400 optimizer steps (seconds here) per trial: with 1-step trials, seeds 3 and 4 could both finish
+    # between the first row appearing and the driver handling SIGINT (seen once in CI)
     spec = _write(tmp_path, dict(SPEC, methods=["coop"], search={}, seeds=[1, 2, 3, 4], report={},
-                                 train={"defaults": {"epochs": 1, "batch_size": 16}}))
+                                 train={"defaults": {"epochs": 80, "batch_size": 2}}))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = [sys.executable, "-m", "orchestrator.sweep", str(spec), "--output", str(tmp_path / "out"),
             "--tracking-uri", uri]
