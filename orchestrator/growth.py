@@ -20,7 +20,7 @@ from __future__ import annotations
 import fnmatch
 import json
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable
 
 from fewshot.errors import ConfigError
 

@@ -40,6 +40,7 @@ from typing import Any, Optional
 import optuna
 from ray.tune.search import SearchGenerator, Searcher
 
+from orchestrator.ledger import work_key
 from orchestrator.planner import Cell
 from orchestrator.results import ERROR_STATUS
 from orchestrator.spec import ParamSpec
@@ -123,6 +124,7 @@ class CellSearcher(Searcher):
         self._studies: dict[str, optuna.Study] = {}
         self._ledger: dict[tuple, dict] = {}   # work key -> the row that finished it (set_ledger)
         self._retry_of: dict[tuple, dict] = {}  # work key -> its failed row, when failed work runs again
+        self._starts: dict[tuple, dict] = {}  # work key -> start entry of an unfinished trial (set_ledger)
         self._live: dict[tuple, str] = {}      # work key -> the trial running it now
         self._done_here: set[tuple] = set()    # work keys of trials that completed in this driver
         self._handles: dict[tuple, optuna.trial.Trial] = {}  # (cell id, number) -> the trial asked here
@@ -139,17 +141,21 @@ class CellSearcher(Searcher):
     # --- what earlier drivers did -------------------------------------------------------------
     @staticmethod
     def _work_key(cell_id: str, stage: str, seed: int, number: Optional[int]) -> tuple:
-        return (cell_id, stage, int(seed), number if stage == "search" else None)
+        return work_key(cell_id, stage, seed, number)
 
     @classmethod
     def _key_of(cls, work: dict) -> tuple:
         """The work key of a config or of a ``trials`` entry (both carry cell_id, stage, seed, optuna_number)."""
         return cls._work_key(work["cell_id"], work["stage"], work["seed"], work["optuna_number"])
 
-    def set_ledger(self, rows, retry_failed: bool = False) -> None:
+    def set_ledger(self, rows, retry_failed: bool = False, starts: Optional[dict] = None) -> None:
         """Rows (``trials.arrow`` dicts) of trials finished before this driver started. With ``retry_failed``
-        a row with status ERROR does not count: its work runs again (and names that row in ``retry_of``)."""
+        a row with status ERROR does not count: its work runs again (and names that row in ``retry_of``).
+        ``starts`` (Tune trial id -> ledger ``start`` entry) are trials an earlier driver started that never
+        finished: one Tune does not restore (it started after Tune's last snapshot) is work emitted again, and
+        the new trial names the old one in ``continues`` (the MLflow tracker continues its run)."""
         self._ledger, self._retry_of = {}, {}
+        self._starts = {tuple(e["work"]): e for e in (starts or {}).values()}
         for r in rows:
             key = self._work_key(r["cell_id"], r["stage"], r["seed"], r.get("optuna_trial_number"))
             if retry_failed and r.get("status") == ERROR_STATUS:
@@ -235,7 +241,11 @@ class CellSearcher(Searcher):
                 break
         if cfg is not None:
             self.trials[trial_id] = {k: cfg[k] for k in ("cell_id", "stage", "seed", "optuna_number")} | {"done": False}
-            self._live[self._key_of(cfg)] = trial_id
+            key = self._key_of(cfg)
+            self._live[key] = trial_id
+            started = self._starts.pop(key, None)
+            if started and started["tune_trial_id"] not in self.trials and "retry_of" not in cfg:
+                cfg["continues"] = {"tune_trial_id": started["tune_trial_id"], "mlflow_run_id": started["mlflow_run_id"]}
             return cfg
         if self.running() == 0 and all(self.state[c.cell_id]["final_emitted"] >= c.n_final_runs for c in self.cells):
             return Searcher.FINISHED

@@ -481,9 +481,10 @@ def _continuation(spec, plan, args, out_dir: Path, state: dict) -> dict:
     when the spec changes what a finished trial means (``orchestrator.growth``); otherwise what it adds —
     ``{"restart": cells to run anew, "retry": failed rows to run again, "work": whether anything is left}``."""
     from orchestrator import growth
-    from orchestrator.results import ERROR_STATUS, TRIALS_FILE, read_rows
+    from orchestrator.ledger import read_ledger_rows
+    from orchestrator.results import ERROR_STATUS
 
-    rows = read_rows(out_dir / TRIALS_FILE) if (out_dir / TRIALS_FILE).is_file() else []
+    rows = read_ledger_rows(out_dir)
     restart = growth.matching_cells(args.restart_cells, [c.cell_id for c in plan.cells]) if args.restart_cells else []
     kept = [r for r in rows if r["cell_id"] not in restart]
     changes = growth.compare(state.get("spec", {}), spec, kept)

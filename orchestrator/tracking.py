@@ -253,7 +253,19 @@ class MlflowTracking(Callback):
         self.state["trials"][trial.trial_id] = None
         # after a restore the driver may have died after creating this run but before Tune saved our state
         lookup = ["tune_trial_id", trial.trial_id] if self._restored else None
-        self._submit(CreateRun(key=key, name=name, tags=tags, parent=cell, lookup=lookup))
+        continues = cfg.get("continues") or {}
+        if continues.get("tune_trial_id"):
+            # the same work, started by an earlier driver in a trial Tune's snapshot did not hold: its run goes on
+            # (found by id when the ledger had it, else by the old trial's tag) and is tagged with this trial
+            lookup = ["tune_trial_id", continues["tune_trial_id"]]
+            if continues.get("mlflow_run_id"):
+                self.state["trials"][trial.trial_id] = continues["mlflow_run_id"]
+            tags["continues_trial"] = continues["tune_trial_id"]
+        if not self.state["trials"][trial.trial_id]:
+            self._submit(CreateRun(key=key, name=name, tags=tags, parent=cell, lookup=lookup))
+        if continues.get("tune_trial_id"):
+            self._submit(LogBatch(key=key, tags={"tune_trial_id": trial.trial_id,
+                                                 "continues_trial": continues["tune_trial_id"]}))
         self._log_params(key, params)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):

@@ -8,11 +8,10 @@ scheduler, and building or restoring the one ``Tuner`` that runs every trial.
   its share.
   A user-caused failure (``UserError``, e.g. a NaN loss) is reported with ``trial_failed`` and
   not retried; any other exception is reported and re-raised so Tune retries from the checkpoint.
-* ``ResultsCallback`` (driver) turns finished trials into ``trials.arrow`` rows and rewrites both
-  Arrow files atomically after each one. ``trials.arrow`` is the ledger of finished trials: a
-  restarted driver's callback starts from the rows in it (a killed driver may have written rows
-  after Tune's last experiment snapshot), and Tune's saved callback state only adds rows the file
-  lacks.
+* ``ResultsCallback`` (driver) keeps the ledger (``orchestrator.ledger``): a journal entry when a trial
+  starts, its ``trials.arrow`` row when it finishes — on disk at once, the result files rewritten
+  geometrically (bytes written per trial do not grow with the sweep). The ledger, not Tune's snapshot, is
+  what a restarted driver continues from.
 * ``CellPruningScheduler`` asks the searcher whether the trial's own cell study prunes it.
 * ``build_tuner`` builds the Tuner, or restores it (``resume_unfinished``; failed trials are not resumed by
   Tune), with this driver's fresh searcher (``orchestrator.searcher``: rebuilt from the plan, the ledger
@@ -22,10 +21,12 @@ scheduler, and building or restoring the one ``Tuner`` that runs every trial.
   its checkpoint (one that exists: a checkpoint Tune had already deleted is replaced by the next one on
   storage), adopted by the searcher so its work is not emitted twice. The same path continues a sweep
   whose spec grew or whose failed trials are retried: the fresh searcher emits whatever planned work has no
-  row. To keep what Tune saves close to what happened, the scheduler also has Tune save its experiment
-  snapshot whenever a trial is added or starts (Tune itself saves one after every trial checkpoint, as
-  ``num_to_keep=1``). Resume events print one ``resume:`` line each. Private Ray names are used through
-  ``orchestrator.ray_internals`` only.
+  row. Tune's experiment snapshot holds every trial (O(N) bytes), so it is saved when the trials added or
+  started since the last one reach 1/``SNAPSHOT_FRACTION`` of them (every one while a sweep is small) and
+  Tune's own timer is off; work an older snapshot misses is emitted again by the searcher (from the
+  ledger), and a trial that takes up work an earlier driver had started continues that trial's MLflow run
+  (``continues`` in its config). Resume events print one ``resume:`` line each. Private Ray names are used
+  through ``orchestrator.ray_internals`` only.
   Tune writes its state files in place, so a write cut short (a full disk) leaves one unreadable, and
   Tune, failing to restore, would quietly start a one-trial run: ``set_aside_damaged_state`` finds such
   a file first, renames the state files of that save ``*.damaged``, and the sweep continues from the
@@ -43,7 +44,7 @@ from ray.tune import Callback
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from orchestrator import ray_internals
-from orchestrator.results import ERROR_STATUS, OK_STATUS, PRUNED_STATUS, epoch_row, trial_row, upgrade_row, write_results
+from orchestrator.results import ERROR_STATUS, OK_STATUS, PRUNED_STATUS, epoch_row, trial_row, upgrade_row
 
 EXPERIMENT_NAME = "tune"
 
@@ -243,55 +244,32 @@ def trial_trainable(config: dict) -> None:
 # --- driver-side results ledger ---------------------------------------------------------------------
 
 class ResultsCallback(Callback):
-    """One row per finished trial; rewrites trials.arrow / cells.arrow (and their Parquet twins) after each (atomic).
+    """The driver's side of the ledger (``orchestrator.ledger``): a journal entry when a trial starts, a row
+    when it finishes (appended at once; the result files rewritten when the ledger says so, and by ``flush``).
 
-    Starts from the rows of an existing ``trials.arrow`` (keyed by Tune trial id): they are the ledger
-    a resumed sweep continues from (and what ``build_tuner`` hands the scheduler and the searcher).
-    When a trial starts (after the MLflow callback, earlier in the list, created its run) it has
-    ``scheduler`` (a ``LedgerScheduler``, set by ``build_tuner``) make Tune save its snapshot, so
-    the trial's run id is on record before the trial can finish or be cut off by a killed driver.
-
-    A trial that retries a failed one (its config names it in ``retry_of``) replaces the failed row. The rows
-    of ``drop_cells`` (``--restart-cells``) are left out from the start, also when Tune's saved state has
-    them, and the files are rewritten without them at once."""
+    Starts from the ledger of the output directory (``trials.arrow`` and the journal, keyed by Tune trial
+    id): the rows a resumed sweep continues from (``ledger``, what ``build_tuner`` hands the scheduler and the
+    searcher) and the starts of trials that never finished (``open_starts``). A trial that retries a failed
+    one (its config names it in ``retry_of``) replaces the failed row. The rows of ``drop_cells``
+    (``--restart-cells``) are left out from the start, also when Tune's saved state has them, and the files
+    are rewritten without them at once. The MLflow callback comes earlier in the callback list, so a starting
+    trial's run id is known (or being created) when its start is journaled."""
 
     def __init__(self, out_dir: Path, meta: dict, cell_order: list[str], tracker=None,
                  drop_cells: Optional[set] = None):
-        import sys
-
-        from orchestrator.results import EPOCHS_FILE, TRIALS_FILE, read_epochs, read_rows, remove_stale_temps
+        from orchestrator.ledger import Ledger
+        from orchestrator.results import remove_stale_temps
 
         self.out_dir = Path(out_dir)
-        self.meta = dict(meta)
-        self.cell_order = list(cell_order)
         self.tracker = tracker
-        self.rows: dict[str, dict] = {}
         remove_stale_temps(self.out_dir)  # left by a driver killed mid-write
-        path = self.out_dir / TRIALS_FILE
-        if path.exists():
-            try:
-                self.rows = {r["tune_trial_id"]: r for r in read_rows(path)}
-            except Exception as e:  # noqa: BLE001 - damaged from outside: fall back to Tune's saved rows
-                kept = path.with_name(path.name + ".unreadable")
-                os.replace(path, kept)
-                print(f"warning: {path} is unreadable ({type(e).__name__}: {e}; moved to {kept.name}); continuing "
-                      "from the rows in Tune's experiment state", file=sys.stderr, flush=True)
-        self.drop_cells = set(drop_cells or ())
-        dropped = [tid for tid, r in self.rows.items() if r["cell_id"] in self.drop_cells]
-        for tid in dropped:
-            del self.rows[tid]
+        self.book = Ledger(self.out_dir, meta, cell_order, drop_cells)
+        self.rows = self.book.rows  # Tune trial id -> row (live: the progress view and the driver read it)
         self.ledger: dict[str, dict] = dict(self.rows)  # rows finished before this driver started
-        self.epochs: dict[tuple[str, int], dict] = {}
-        try:
-            self.epochs = {(r["tune_trial_id"], r["epoch"]): r for r in read_epochs(self.out_dir / EPOCHS_FILE)}
-        except FileNotFoundError:
-            pass
-        except Exception as e:  # noqa: BLE001 - damaged from outside: the trials' rows matter, the curves are extra
-            print(f"warning: {self.out_dir / EPOCHS_FILE} is unreadable ({type(e).__name__}: {e}); the epochs "
-                  "recorded before this run are left out of the new one", file=sys.stderr, flush=True)
-        self.epochs = {k: r for k, r in self.epochs.items() if r.get("cell_id") not in self.drop_cells}
+        self.open_starts = dict(self.book.starts)  # trials started before this driver that never finished
+        self.drop_cells = self.book.drop_cells
         self.scheduler = None
-        if dropped:
+        if self.book.dropped:
             self.flush()
 
     def _record(self, trial, status: str) -> None:
@@ -305,21 +283,18 @@ class ResultsCallback(Callback):
             err_cls, err_msg = "TrialError", (str(trial.error_file) if getattr(trial, "error_file", None) else "unknown error")
         run_id = self.tracker.trial_run_id(trial.trial_id) if self.tracker else None
         pgf = getattr(trial, "placement_group_factory", None)  # what Ray reserved: the trial's cost
-        retried = (trial.config.get("retry_of") or {}).get("tune_trial_id")
-        if retried and retried != trial.trial_id:
-            self.rows.pop(retried, None)  # the new attempt replaces the failed row
-        self.rows[trial.trial_id] = trial_row(trial.config, last, status=status, tune_trial_id=trial.trial_id,
-                                              error_class=err_cls, error_message=err_msg, mlflow_run_id=run_id,
-                                              resources=pgf.required_resources if pgf is not None else None)
-        self.flush()
+        self.book.finished(trial_row(trial.config, last, status=status, tune_trial_id=trial.trial_id,
+                                     error_class=err_cls, error_message=err_msg, mlflow_run_id=run_id,
+                                     resources=pgf.required_resources if pgf is not None else None))
 
     def flush(self) -> None:
-        write_results(self.out_dir, self.rows.values(), self.meta, self.cell_order, epochs=self.epochs.values())
+        """Rewrite every result file now (the end of a driver)."""
+        self.book.write()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         row = epoch_row(trial.config, result, trial.trial_id)
-        if row is not None:  # kept until the next write (a trial's end): a retried epoch replaces its earlier row
-            self.epochs[(trial.trial_id, row["epoch"])] = row
+        if row is not None:  # appended with the next row (a trial's end): a retried epoch replaces its earlier row
+            self.book.epoch(row)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._record(trial, OK_STATUS)
@@ -328,18 +303,24 @@ class ResultsCallback(Callback):
         self._record(trial, ERROR_STATUS)
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        from orchestrator.ledger import work_key
+
+        c = trial.config
+        run_id = self.tracker.trial_run_id(trial.trial_id) if self.tracker else None
+        self.book.started(trial.trial_id, work_key(c["cell_id"], c["stage"], c["seed"], c.get("optuna_number")),
+                          run_id)
         if self.scheduler is not None:
-            self.scheduler.snapshot_soon()
+            self.scheduler.trial_started()
 
     def get_state(self) -> Optional[dict]:
-        return {"rows": self.rows}
+        return None  # the ledger is on disk; Tune's snapshot need not carry every row (O(N) per snapshot)
 
     def set_state(self, state: dict) -> None:
-        # Tune's snapshot is older than trials.arrow: it only fills in rows the file lacks
+        # a snapshot of an older driver may carry rows: they only fill in rows the ledger lacks
         retried = {r.get("retry_of_trial") for r in self.rows.values()}
-        for tid, row in state.get("rows", {}).items():
-            if row.get("cell_id") not in self.drop_cells and tid not in retried:
-                self.rows.setdefault(tid, upgrade_row(row))
+        for tid, row in (state or {}).get("rows", {}).items():
+            if row.get("cell_id") not in self.drop_cells and tid not in retried and tid not in self.rows:
+                self.rows[tid] = upgrade_row(row)
 
     def __getstate__(self):
         d = dict(self.__dict__)
@@ -380,6 +361,14 @@ def quiet_tune_logs() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new console output prints every trial error
     for name in ("ray.tune", "ray.train", "ray.air"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+#: Tune's experiment snapshot holds every trial it knows (O(N) bytes): the scheduler has it saved when the trials
+#: added or started since the last one reach 1/SNAPSHOT_FRACTION of them, and Tune's own timer is off
+#: (``TUNE_GLOBAL_CHECKPOINT_S``), so bytes written per trial stay flat as a sweep grows. What a snapshot
+#: misses the ledger has: rows and starts (``orchestrator.ledger``), the searcher's work, the MLflow runs.
+SNAPSHOT_FRACTION = 8
+SNAPSHOT_TIMER_S = "86400"
 
 
 def _snapshot_soon(tune_controller) -> None:
@@ -492,19 +481,27 @@ class LedgerScheduler(CellPruningScheduler):
     files the trial under its status — marks such a trial finished (the searcher counts its work from
     the row; a failed one runs again only under ``--retry-failed``, as a new trial). A restored trial
     without a row runs again from a checkpoint that exists (``_restorable_checkpoint``), and the searcher
-    adopts it so its work is not emitted twice. Every added trial also makes Tune save its snapshot at the
-    end of the step (``_snapshot_soon``)."""
+    adopts it so its work is not emitted twice. Added and started trials also make Tune save its snapshot at
+    the end of the step, geometrically (``SNAPSHOT_FRACTION``)."""
 
     def __init__(self, searcher, prune: bool = True, ledger: Optional[dict] = None):
         super().__init__(searcher)
         self.prune = prune
         self.ledger = dict(ledger or {})
         self._controller = None
+        self._known = 0  # trials Tune holds (each one's state is in every snapshot)
+        self._events = 0  # trials added or started since the last snapshot this scheduler asked for
 
-    def snapshot_soon(self) -> None:
-        """Tune saves its experiment snapshot at the end of the current step (see ``_snapshot_soon``)."""
-        if self._controller is not None:
+    def _event(self) -> None:
+        """A trial was added or started: Tune saves its snapshot at the end of the step once such events reach
+        1/SNAPSHOT_FRACTION of the trials it holds (every event while a sweep is small)."""
+        self._events += 1
+        if self._controller is not None and self._events * SNAPSHOT_FRACTION >= self._known:
+            self._events = 0
             _snapshot_soon(self._controller)
+
+    def trial_started(self) -> None:
+        self._event()
 
     def on_trial_add(self, tune_controller, trial) -> None:
         import sys
@@ -513,7 +510,8 @@ class LedgerScheduler(CellPruningScheduler):
 
         super().on_trial_add(tune_controller, trial)
         self._controller = tune_controller
-        _snapshot_soon(tune_controller)
+        self._known += 1
+        self._event()
         if trial.status != Trial.PENDING:
             return
         row = self.ledger.get(trial.trial_id)
@@ -584,11 +582,13 @@ def build_tuner(out_dir: Path, searcher, callbacks: list, cpu: float, gpu: float
     # (it reads a ConcurrencyLimiter's limit, which the searcher does not need: it limits itself), so trials would
     # start one by one; the documented variable says how many may wait at once
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max(1, int(max_concurrent))))
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", SNAPSHOT_TIMER_S)  # snapshots come from the scheduler
     trainable = sweep_trainable(sweep_name, cpu, gpu)
     path = experiment_path(out_dir)
     results_cb = next((cb for cb in callbacks if isinstance(cb, ResultsCallback)), None)
     ledger = dict(results_cb.ledger) if results_cb is not None else {}
-    searcher.set_ledger(ledger.values(), retry_failed=retry_failed)
+    searcher.set_ledger(ledger.values(), retry_failed=retry_failed,
+                        starts=results_cb.open_starts if results_cb is not None else None)
     scheduler = LedgerScheduler(searcher, use_pruning, ledger)
     if results_cb is not None:
         results_cb.scheduler = scheduler
