@@ -10,7 +10,7 @@ Ray's public API does not cover four things the sweep needs:
 * having Tune save its experiment snapshot at the end of the current step (the experiment-state manager's
   force flag, which Tune itself sets after ``num_to_keep`` checkpoints), and registering an existing
   checkpoint as a restored trial's latest (``ray.train._internal.session._TrainingResult``, the trial's
-  storage index).
+  storage index and directory, ``ray.train._internal.storage.StorageContext``).
 
 ``check()`` verifies, once per driver, that each name exists and has the shape used here; when one does not,
 the sweep stops with one line naming the installed Ray and ``TESTED_RAY`` (the version CI runs, and the range
@@ -54,6 +54,15 @@ def _problems() -> list[str]:
             out.append("_TrainingResult(checkpoint=, metrics=)")
     except (ImportError, TypeError, ValueError) as exc:
         out.append(f"ray.train._internal.session._TrainingResult ({exc})")
+    try:
+        from ray.train._internal.storage import StorageContext
+
+        src = inspect.getsource(StorageContext)
+        for name in ("storage_filesystem", "trial_fs_path", "trial_dir_name", "current_checkpoint_index"):
+            if name not in src:
+                out.append(f"StorageContext.{name}")
+    except (ImportError, OSError, TypeError) as exc:
+        out.append(f"ray.train._internal.storage.StorageContext ({exc})")
     try:
         from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
         from ray.tune.execution.tune_controller import TuneController
@@ -147,3 +156,11 @@ def register_checkpoint(trial, checkpoint, metrics: dict, index: int) -> None:
 
     trial.on_checkpoint(_TrainingResult(checkpoint=checkpoint, metrics=metrics))
     trial.storage.current_checkpoint_index = index  # the index of its latest checkpoint (the next is index + 1)
+
+
+def trial_storage(trial) -> Optional[tuple[Any, str]]:
+    """``(pyarrow filesystem, path)`` of a trial's directory on the experiment's storage (None for a trial that
+    has no directory yet: a new one)."""
+    if getattr(trial.storage, "trial_dir_name", None) is None:
+        return None
+    return trial.storage.storage_filesystem, trial.storage.trial_fs_path

@@ -18,15 +18,17 @@ scheduler, and building or restoring the one ``Tuner`` that runs every trial.
   and the Optuna journal, never from Tune's saved copy) and a ``LedgerScheduler`` (the cell pruner plus the
   ledger): a restored trial Tune lists as unfinished but whose row is in the ledger (it finished after
   Tune's last snapshot) is not run again — it is marked finished; any other restored trial runs again from
-  its checkpoint (one that exists: a checkpoint Tune had already deleted is replaced by the next one on
-  storage), adopted by the searcher so its work is not emitted twice. The same path continues a sweep
-  whose spec grew or whose failed trials are retried: the fresh searcher emits whatever planned work has no
-  row. Tune's experiment snapshot holds every trial (O(N) bytes), so it is saved when the trials added or
-  started since the last one reach 1/``SNAPSHOT_FRACTION`` of them (every one while a sweep is small) and
-  Tune's own timer is off; work an older snapshot misses is emitted again by the searcher (from the
-  ledger), and a trial that takes up work an earlier driver had started continues that trial's MLflow run
-  (``continues`` in its config). Resume events print one ``resume:`` line each. Private Ray names are used
-  through ``orchestrator.ray_internals`` only.
+  the newest checkpoint on storage that loads (whatever its snapshot names), adopted by the searcher so its
+  work is not emitted twice. The same path continues a sweep whose spec grew or whose failed trials are
+  retried: the fresh searcher emits whatever planned work has no row. Tune's experiment snapshot holds every
+  trial (O(N) bytes), so it is saved (and Tune's trial logs synced to storage) when the trials added,
+  started or checkpointed since the last one reach 1/``SNAPSHOT_FRACTION`` of them (every one while a sweep
+  is small), and Tune's own timer is off; a trial's older checkpoints are deleted by the driver
+  (``ResultsCallback.on_checkpoint``) rather than by Tune's ``num_to_keep``, which would force a snapshot
+  per checkpoint. Work an older snapshot misses is emitted again by the searcher (from the ledger), and a
+  trial that takes up work an earlier driver had started continues that trial's MLflow run (``continues``
+  in its config). Resume events print one ``resume:`` line each. Private Ray names are used through
+  ``orchestrator.ray_internals`` only.
   Tune writes its state files in place, so a write cut short (a full disk) leaves one unreadable, and
   Tune, failing to restore, would quietly start a one-trial run: ``set_aside_damaged_state`` finds such
   a file first, renames the state files of that save ``*.damaged``, and the sweep continues from the
@@ -310,7 +312,23 @@ class ResultsCallback(Callback):
         self.book.started(trial.trial_id, work_key(c["cell_id"], c["stage"], c["seed"], c.get("optuna_number")),
                           run_id)
         if self.scheduler is not None:
-            self.scheduler.trial_started()
+            self.scheduler.trial_event()
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        """Delete the trial's older checkpoints once a newer one is registered (Tune keeps them all: with
+        ``num_to_keep`` it would save its O(N) snapshot at every trial checkpoint)."""
+        folder, _, name = checkpoint.path.rstrip("/").rpartition("/")
+        if not (name.startswith("checkpoint_") and name[len("checkpoint_"):].isdigit()):
+            return
+        newest = int(name[len("checkpoint_"):])
+        if self.scheduler is not None:
+            self.scheduler.trial_event()  # Tune's snapshot, and the sync of its trial logs to storage
+        for idx, path in _checkpoints_on_storage(checkpoint.filesystem, folder):
+            if idx < newest:
+                try:
+                    checkpoint.filesystem.delete_dir(path)
+                except OSError:  # gone already (Tune's own num_to_keep in a sweep started before)
+                    pass
 
     def get_state(self) -> Optional[dict]:
         return None  # the ledger is on disk; Tune's snapshot need not carry every row (O(N) per snapshot)
@@ -364,7 +382,7 @@ def quiet_tune_logs() -> None:
 
 
 #: Tune's experiment snapshot holds every trial it knows (O(N) bytes): the scheduler has it saved when the trials
-#: added or started since the last one reach 1/SNAPSHOT_FRACTION of them, and Tune's own timer is off
+#: added, started or checkpointed since the last one reach 1/SNAPSHOT_FRACTION of them, and Tune's own timer is off
 #: (``TUNE_GLOBAL_CHECKPOINT_S``), so bytes written per trial stay flat as a sweep grows. What a snapshot
 #: misses the ledger has: rows and starts (``orchestrator.ledger``), the searcher's work, the MLflow runs.
 SNAPSHOT_FRACTION = 8
@@ -423,39 +441,57 @@ def set_aside_damaged_state(path: Path) -> Optional[str]:
             f"full disk; its files are kept as *{DAMAGED_SUFFIX} and the sweep continues from trials.arrow")
 
 
-def _restorable_checkpoint(trial) -> Optional[str]:
-    """Point a restored trial whose checkpoint is gone at the next one that is there; returns its path.
-
-    With ``num_to_keep=1`` Tune deletes a trial's previous checkpoint as soon as it registers a new one,
-    but uploads the experiment snapshot that names the new one in the background: a driver killed in
-    between leaves a snapshot naming a deleted checkpoint, and Tune's restore of that trial fails every
-    retry ("does not exist on storage anymore"). The trial directory still holds the checkpoints written
-    after it; the oldest of them that loads (a newer one may be half copied) becomes the trial's latest,
-    so the trial resumes there (the epochs after the deleted checkpoint's are not trained twice)."""
+def _checkpoints_on_storage(fs, folder: str) -> list[tuple[int, str]]:
+    """``(index, path)`` of the ``checkpoint_<index>`` folders in a trial's directory."""
     import re
 
     import pyarrow.fs as pafs
 
-    cur = trial.checkpoint
-    if cur is None or cur.filesystem.get_file_info(cur.path).type != pafs.FileType.NotFound:
-        return None
+    pattern = re.compile(r"checkpoint_(\d+)")
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    except OSError:
+        return []
+    return [(int(m.group(1)), info.path) for info in infos
+            if info.type == pafs.FileType.Directory and (m := pattern.fullmatch(info.base_name))]
+
+
+def _restorable_checkpoint(trial) -> Optional[str]:
+    """Point a restored trial whose checkpoint is gone (or that names none) at the next one on storage that
+    loads; returns its path.
+
+    The driver deletes a trial's older checkpoints as a newer one arrives (``ResultsCallback.on_checkpoint``;
+    Tune itself did so with ``num_to_keep=1`` in sweeps started before), while the experiment snapshot that
+    names the newer one is saved at the end of Tune's step, or later in a large sweep (``SNAPSHOT_FRACTION``):
+    a driver killed in between leaves a snapshot naming a deleted checkpoint, or none when the trial
+    checkpointed only after it, and Tune's restore of that trial would fail every retry ("does not exist on
+    storage anymore") or start it from scratch. The trial directory still holds the checkpoints written
+    since; the oldest of them that loads (a newer one may be half copied; the oldest is the one closest to
+    the trial's log, which is synced with the snapshot) becomes the trial's latest, so the trial resumes
+    there. A named checkpoint that exists is kept: the snapshot's log and checkpoint agree."""
+    import pyarrow.fs as pafs
     from ray.tune import Checkpoint
 
     from orchestrator import checkpoint as trial_checkpoint
 
-    fs = cur.filesystem
-    parent, _, name = cur.path.rstrip("/").rpartition("/")
-    pattern = re.compile(r"checkpoint_(\d+)")
-    m = pattern.fullmatch(name)
-    if m is None:
-        return None
-    gone = int(m.group(1))
-    later = []
-    for info in fs.get_file_info(pafs.FileSelector(parent)):
-        mm = pattern.fullmatch(info.base_name)
-        if info.type == pafs.FileType.Directory and mm and int(mm.group(1)) > gone:
-            later.append((int(mm.group(1)), info.path))
-    for idx, path in sorted(later):
+    cur = trial.checkpoint
+    gone = -1
+    if cur is not None:
+        if cur.filesystem.get_file_info(cur.path).type != pafs.FileType.NotFound:
+            return None
+        fs = cur.filesystem
+        folder, _, name = cur.path.rstrip("/").rpartition("/")
+        if not (name.startswith("checkpoint_") and name[len("checkpoint_"):].isdigit()):
+            return None
+        gone = int(name[len("checkpoint_"):])
+    else:
+        where = ray_internals.trial_storage(trial)
+        if where is None:
+            return None  # a new trial
+        fs, folder = where
+    for idx, path in sorted(_checkpoints_on_storage(fs, folder)):
+        if idx <= gone:
+            continue
         candidate = Checkpoint(path=path, filesystem=fs)
         try:
             with candidate.as_directory() as d:
@@ -466,7 +502,8 @@ def _restorable_checkpoint(trial) -> Optional[str]:
         metrics = dict(latest.metrics or {}) if latest is not None else {}
         if isinstance(metrics.get("training_iteration"), int):
             metrics["training_iteration"] += idx - gone
-        fs.create_dir(cur.path)  # stand-in: registering the new one deletes the old one (raises if it is gone)
+        if cur is not None:
+            fs.create_dir(cur.path)  # stand-in: registering may delete the old one (raises if it is gone)
         ray_internals.register_checkpoint(trial, candidate, metrics, idx)
         return path
     return None
@@ -481,8 +518,8 @@ class LedgerScheduler(CellPruningScheduler):
     files the trial under its status — marks such a trial finished (the searcher counts its work from
     the row; a failed one runs again only under ``--retry-failed``, as a new trial). A restored trial
     without a row runs again from a checkpoint that exists (``_restorable_checkpoint``), and the searcher
-    adopts it so its work is not emitted twice. Added and started trials also make Tune save its snapshot at
-    the end of the step, geometrically (``SNAPSHOT_FRACTION``)."""
+    adopts it so its work is not emitted twice. Added, started and checkpointed trials also make Tune save its
+    snapshot at the end of the step, geometrically (``SNAPSHOT_FRACTION``)."""
 
     def __init__(self, searcher, prune: bool = True, ledger: Optional[dict] = None):
         super().__init__(searcher)
@@ -492,16 +529,14 @@ class LedgerScheduler(CellPruningScheduler):
         self._known = 0  # trials Tune holds (each one's state is in every snapshot)
         self._events = 0  # trials added or started since the last snapshot this scheduler asked for
 
-    def _event(self) -> None:
-        """A trial was added or started: Tune saves its snapshot at the end of the step once such events reach
-        1/SNAPSHOT_FRACTION of the trials it holds (every event while a sweep is small)."""
+    def trial_event(self) -> None:
+        """A trial was added, started or checkpointed: Tune saves its snapshot (and syncs its trial logs to
+        storage) at the end of the step once such events reach 1/SNAPSHOT_FRACTION of the trials it holds —
+        at every event while a sweep is small, as Tune itself does after each checkpoint with ``num_to_keep``."""
         self._events += 1
         if self._controller is not None and self._events * SNAPSHOT_FRACTION >= self._known:
             self._events = 0
             _snapshot_soon(self._controller)
-
-    def trial_started(self) -> None:
-        self._event()
 
     def on_trial_add(self, tune_controller, trial) -> None:
         import sys
@@ -511,7 +546,7 @@ class LedgerScheduler(CellPruningScheduler):
         super().on_trial_add(tune_controller, trial)
         self._controller = tune_controller
         self._known += 1
-        self._event()
+        self.trial_event()
         if trial.status != Trial.PENDING:
             return
         row = self.ledger.get(trial.trial_id)
@@ -604,6 +639,9 @@ def build_tuner(out_dir: Path, searcher, callbacks: list, cpu: float, gpu: float
         tune_config.search_alg = SweepSearch(searcher)
         tune_config.scheduler = scheduler
         tune_config.max_concurrent_trials = None  # the searcher limits its trials itself
+        from ray.tune import CheckpointConfig
+
+        run_config.checkpoint_config = CheckpointConfig()  # no snapshot forced per checkpoint (on_checkpoint prunes)
         return tuner
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig
 
@@ -611,5 +649,5 @@ def build_tuner(out_dir: Path, searcher, callbacks: list, cpu: float, gpu: float
                              reuse_actors=True, trial_dirname_creator=trial_dirname)
     run_config = RunConfig(name=EXPERIMENT_NAME, storage_path=str(Path(out_dir).resolve()), verbose=0,
                            callbacks=callbacks, failure_config=FailureConfig(max_failures=max_retries),
-                           checkpoint_config=CheckpointConfig(num_to_keep=1), log_to_file=True)
+                           checkpoint_config=CheckpointConfig(), log_to_file=True)
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)

@@ -508,9 +508,13 @@ def test_ledger_scheduler_does_not_rerun_a_restored_trial_that_has_a_row():
     ledger = {"done": {"status": "FINISHED", "val_acc": 40.0}, "failed": {"status": "ERROR", "val_acc": None}}
     sched = LedgerScheduler(searcher, prune=False, ledger=ledger)
 
+    import pyarrow.fs as pafs
+
     class FakeTrial:
         checkpoint = None
         config = {}
+        storage = SimpleNamespace(storage_filesystem=pafs.LocalFileSystem(),  # no checkpoint on storage either
+                                  trial_fs_path="/nonexistent-promptsweep-trial")
 
         def __init__(self, trial_id):
             self.trial_id, self.status = trial_id, Trial.PENDING  # as Tune re-queues a restored unfinished trial

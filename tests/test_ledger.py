@@ -106,6 +106,59 @@ def test_epoch_rows_travel_with_the_next_row(tmp_path):
     assert {k for k in again.epochs if k[0] == "t99"} == {("t99", 1), ("t99", 2)}
 
 
+def test_a_restored_trial_that_names_no_checkpoint_resumes_from_the_one_on_storage(tmp_path):
+    """In a large sweep Tune's snapshot may predate a trial's first checkpoint: the trial resumes from the
+    checkpoint on storage, not from scratch (a half-copied newer one is skipped); a new trial has no folder."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs as pafs
+    import torch
+
+    from orchestrator import checkpoint as C
+    from orchestrator.tune_runner import _restorable_checkpoint
+
+    trial_dir = tmp_path / "trial"
+    C.save(trial_dir / "checkpoint_000003", {"method": {"ctx": torch.zeros(2)}, "epoch": 4})
+    (trial_dir / "checkpoint_000002").mkdir()  # a leftover that does not load
+    (trial_dir / "checkpoint_000004").mkdir()  # being copied when the driver died
+    registered = []
+
+    class FakeTrial:
+        checkpoint = None
+        storage = SimpleNamespace(storage_filesystem=pafs.LocalFileSystem(), trial_fs_path=str(trial_dir),
+                                  trial_dir_name="trial", current_checkpoint_index=-1)
+        run_metadata = SimpleNamespace(checkpoint_manager=SimpleNamespace(latest_checkpoint_result=None))
+
+        def on_checkpoint(self, result):
+            registered.append(result)
+            self.checkpoint = result.checkpoint
+
+    t = FakeTrial()
+    assert _restorable_checkpoint(t) == str(trial_dir / "checkpoint_000003")
+    assert t.storage.current_checkpoint_index == 3 and len(registered) == 1
+    assert _restorable_checkpoint(t) is None  # it names one that exists now
+    new = FakeTrial()
+    new.storage = SimpleNamespace(trial_dir_name=None)
+    assert _restorable_checkpoint(new) is None
+
+
+def test_the_driver_keeps_only_a_trials_newest_checkpoint(tmp_path):
+    from types import SimpleNamespace
+
+    import pyarrow.fs as pafs
+
+    from orchestrator.tune_runner import ResultsCallback
+
+    for i in range(4):
+        (tmp_path / "trial" / f"checkpoint_00000{i}").mkdir(parents=True)
+    (tmp_path / "trial" / "result.json").write_text("")
+    cb = ResultsCallback(tmp_path / "out", {"sweep": "t"}, [])
+    ckpt = SimpleNamespace(path=str(tmp_path / "trial" / "checkpoint_000002"), filesystem=pafs.LocalFileSystem())
+    cb.on_checkpoint(0, [], None, ckpt)
+    assert sorted(p.name for p in (tmp_path / "trial").iterdir()) == ["checkpoint_000002", "checkpoint_000003",
+                                                                       "result.json"]
+
+
 # --- the sweep: work an older snapshot lost is taken up by a new trial that continues its MLflow run ----------
 
 @pytest.mark.slow

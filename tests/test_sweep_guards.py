@@ -200,7 +200,9 @@ def _rerun_completes_each_trial_once(spec: Path, out: Path, uri: str) -> None:
 def test_sigterm_stops_the_sweep_like_ctrl_c_and_a_rerun_completes_it(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    spec, uri = _spec(tmp_path), f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # 400 optimizer steps per trial: with 1-step trials the other three could finish before the driver handles
+    # the signal (seen in CI)
+    spec, uri = _spec(tmp_path, train={"defaults": {"epochs": 80, "batch_size": 2}}), f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = _start(spec, tmp_path / "out", uri)
     _wait_for(tmp_path / "out" / "g" / "trials.arrow", proc)
     proc.send_signal(signal.SIGTERM)
