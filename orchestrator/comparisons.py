@@ -71,12 +71,11 @@ def comparison_records(cells: list[dict], settings) -> list[dict]:
     none for a protocol without a baseline."""
     out = []
     groups: dict[tuple, list[dict]] = {}
-    for c in cells:
-        groups.setdefault((c["protocol"], c["shots"]), []).append(c)
-    for (protocol, shots), group in groups.items():
+    for c in cells:  # a method is compared with the baseline on the same backbone
+        groups.setdefault((c.get("backbone"), c["protocol"], c["shots"]), []).append(c)
+    for (backbone, protocol, shots), group in groups.items():
         baseline = settings.baseline_for(protocol)
         if baseline is None:
             continue
-        backbone = next((c.get("backbone") for c in group), None)
         out += [dict(r, protocol=protocol, shots=shots, backbone=backbone) for r in _compare_group(group, baseline)]
     return out

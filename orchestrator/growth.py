@@ -1,11 +1,13 @@
 """What a rerun with a changed spec may do to a sweep that has already run: continue it, grown, or refuse.
 
-A spec that only *adds* — seeds, datasets, shots, methods, protocols, Optuna proposals — continues the sweep
-in the same output directory: the new plan has more work, the searcher counts every finished trial from its
-row (``orchestrator.searcher``), so nothing that finished runs again. A change that alters what a finished
+A spec that only *adds* — seeds, datasets, shots, methods, protocols, backbones (after the first), Optuna
+proposals — continues the sweep in the same output directory: the new plan has more work, the searcher counts
+every finished trial from its row (``orchestrator.searcher``), so nothing that finished runs again. A change that alters what a finished
 trial means is refused, naming each affected cell and the key:
 
-* settings that every trial computes with (``backbone``, ``device``) — the whole sweep;
+* settings that every trial computes with (``backbone``, the first of ``backbones``; ``device``) — the whole
+  sweep (a further backbone's cells have ids of their own, ``...@<backbone>``: dropping one that has finished
+  trials drops its cells, which is refused as below);
 * per cell with finished trials: its training / method overrides, its transfer targets, its search space,
   search seeds, metric, sampler or pruner; fewer proposals than it has run; a final seed dropped; the cell
   itself dropped; more proposals for a cell whose final runs have run (their parameters are the best of the
@@ -27,7 +29,8 @@ from fewshot.errors import ConfigError
 #: keys whose change leaves every trial's result as it is
 FREE_KEYS = {"name", "output", "tracking", "resources", "max_retries", "data_root", "count_tolerance", "report"}
 #: keys compared cell by cell (through the two plans)
-CELL_KEYS = {"protocol", "methods", "datasets", "shots", "by_protocol", "seeds", "targets", "train", "search"}
+CELL_KEYS = {"protocol", "methods", "datasets", "shots", "by_protocol", "seeds", "targets", "train", "search",
+             "backbones"}
 
 
 @dataclass
@@ -61,7 +64,7 @@ def compare(old_spec: dict, new_spec, rows: Iterable[dict]) -> Growth:
     """Compare the normalized spec a sweep ran with (``sweep.json``) and ``new_spec`` given the sweep's finished
     rows; ``Growth.refused`` lists what cannot continue."""
     from orchestrator.planner import plan
-    from orchestrator.spec import parse_spec
+    from orchestrator.spec import SweepSpec, parse_spec
 
     out = Growth()
     new_norm = new_spec.normalized()
@@ -72,7 +75,7 @@ def compare(old_spec: dict, new_spec, rows: Iterable[dict]) -> Growth:
             out.refused.append(f"{key}: {_show(old_spec.get(key))} -> {_show(new_norm.get(key))} changes every "
                                "trial of the sweep")
     try:
-        old_plan = plan(parse_spec({k: v for k, v in old_spec.items() if k in new_norm}))
+        old_plan = plan(parse_spec({k: v for k, v in old_spec.items() if k in SweepSpec.model_fields}))
     except ConfigError as exc:  # written by a version whose specs this one no longer reads
         out.refused.append(f"the spec the sweep ran with no longer loads ({exc})")
         return out

@@ -1,4 +1,4 @@
-"""Expands a validated spec into cells (protocol, method, dataset, shots) and counts their trials.
+"""Expands a validated spec into cells (protocol, backbone, method, dataset, shots) and counts their trials.
 
 A cell owns its search space (possibly empty), its number of Optuna proposals, its search and
 final seeds, its spec-level training overrides and the method defaults for the searched keys.
@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from fewshot.errors import ConfigError
 from fewshot.protocols import OTHER_CLASS_PROTOCOLS
-from orchestrator.spec import MethodSearch, ParamSpec, SweepSpec
+from orchestrator.spec import BackboneSpec, MethodSearch, ParamSpec, SweepSpec
 
 
 @dataclass(frozen=True)
@@ -30,10 +30,13 @@ class Cell:
     search: MethodSearch
     final_seeds: tuple[int, ...]
     overrides: dict[str, Any] = field(hash=False, compare=False)
+    #: the cell's backbone (None: the spec's one backbone) and what its id ends with (``SweepSpec.backbone_suffix``)
+    backbone: Optional[BackboneSpec] = field(default=None, hash=False, compare=False)
+    backbone_suffix: str = ""
 
     @property
     def cell_id(self) -> str:
-        return f"{self.protocol}.{self.method}.{self.dataset}.{self.shots}shot"
+        return f"{self.protocol}.{self.method}.{self.dataset}.{self.shots}shot{self.backbone_suffix}"
 
     @property
     def space(self) -> dict[str, ParamSpec]:
@@ -179,16 +182,17 @@ def check_evaluable(cells: list[Cell]) -> None:
 
 
 def plan(spec: SweepSpec) -> Plan:
-    """Cells in a stable order: protocol, method, dataset, shots (the spec's order; a protocol's datasets and
+    """Cells in a stable order: protocol, backbone, method, dataset, shots (the spec's order; a protocol's datasets and
     shots are its ``by_protocol`` entry's where it has one); ConfigError for a cell
     that cannot be evaluated (``check_evaluable``)."""
     cells = []
-    for protocol in spec.protocol:
+    for protocol, backbone in itertools.product(spec.protocol, spec.all_backbones()):
         axes = itertools.product(spec.methods, spec.datasets_for(protocol), spec.shots_for(protocol))
         cells += [Cell(
             protocol=protocol, method=method, dataset=dataset, shots=shots, targets=tuple(spec.targets_for(protocol)),
             search=spec.search_for(method), final_seeds=tuple(spec.seeds),
-            overrides=spec.train_overrides(method, dataset),
+            overrides=spec.train_overrides(method, dataset), backbone=backbone,
+            backbone_suffix=spec.backbone_suffix(backbone),
         ) for method, dataset, shots in axes]
     check_evaluable(cells)
     return Plan(spec=spec, cells=cells)

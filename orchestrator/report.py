@@ -430,6 +430,21 @@ def _planned_final_runs(cells_path: Path) -> dict[str, int]:
     return {k: int(v) for k, v in _schema_meta(cells_path, "planned_final_runs", {}).items()}
 
 
+def backbones_side_by_side(cells: list[dict], trials: list[dict], comparisons: list[dict]) -> tuple[list, list, list]:
+    """With more than one backbone, every row's ``method`` reads ``<backbone> · <method>`` (and a comparison's
+    ``baseline`` too), so each table, plot and section shows a column, curve or line per backbone and method —
+    the backbones side by side, grouped in the spec's order — instead of mixing their numbers. One backbone:
+    the rows as they are."""
+    if len({c.get("backbone") for c in cells}) < 2:
+        return cells, trials, comparisons
+
+    def relabel(row: dict, *keys: str) -> dict:
+        return dict(row, **{k: f"{row.get('backbone')} · {row[k]}" for k in keys if row.get(k) is not None})
+
+    return ([relabel(c, "method") for c in cells], [relabel(t, "method") for t in trials],
+            [relabel(r, "method", "baseline") for r in comparisons])
+
+
 def write_report(results_dir: Path) -> Path:
     """Regenerate report.md and the plots in ``results_dir`` from its cells.arrow (and trials.arrow)."""
     results_dir = Path(results_dir)
@@ -444,6 +459,7 @@ def write_report(results_dir: Path) -> Path:
     sweep = _schema_meta(cells_path, "sweep", None) or results_dir.name
     settings = report_settings(read_meta(cells_path))
     trials, comparisons = (_rows(results_dir / name) for name in (TRIALS_FILE, COMPARISONS_FILE))
+    cells, trials, comparisons = backbones_side_by_side(cells, trials, comparisons)
     baselines = {p: b for p in _ordered(c["protocol"] for c in cells) if (b := settings.baseline_for(p))}
     tables = Tables()
     md = render_markdown(cells, title=f"promptsweep results: {sweep}", targets=_schema_meta(cells_path, "targets", []),

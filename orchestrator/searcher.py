@@ -344,7 +344,7 @@ class CellSearcher(Searcher):
         """What optuna-dashboard shows about a study: the metric's name and the cell it searches (written once)."""
         if study.metric_names != [cell.search.metric]:
             study.set_metric_names([cell.search.metric])
-        backbone = self.request_base.get("backbone") or {}
+        backbone = self._backbone(cell)
         attrs = {"protocol": cell.protocol, "method": cell.method, "dataset": cell.dataset, "shots": cell.shots,
                  "search_seeds": list(cell.search_seeds),
                  "backbone": f"{backbone.get('arch')}/{backbone.get('pretrained') or 'random init'}"}
@@ -437,11 +437,17 @@ class CellSearcher(Searcher):
             st["best_source"] = "defaults"
         st["stage"] = "final"
 
+    def _backbone(self, cell: Cell) -> dict:
+        """The cell's backbone as a request's ``{arch, pretrained}`` (the request base's for a cell without one)."""
+        if cell.backbone is not None:
+            return {"arch": cell.backbone.arch, "pretrained": cell.backbone.pretrained}
+        return dict(self.request_base.get("backbone") or {})
+
     def _config(self, cell: Cell, stage: str, seed: int, number: Optional[int], params: dict) -> dict:
         overrides = dict(cell.overrides)
         overrides.update(params)
         request = dict(self.request_base, method=cell.method, dataset=cell.dataset, shots=cell.shots, seed=seed,
-                       protocol=cell.protocol, stage=stage, overrides=overrides)
+                       protocol=cell.protocol, stage=stage, overrides=overrides, backbone=self._backbone(cell))
         if cell.targets:
             request["targets"] = list(cell.targets)
         return {"cell_id": cell.cell_id, "stage": stage, "seed": seed, "optuna_number": number,

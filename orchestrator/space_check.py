@@ -55,34 +55,38 @@ def proposals(space: dict[str, ParamSpec]) -> Iterator[dict[str, Any]]:
 
 def check_plan(plan, backbone=None) -> int:
     """Check every cell of ``plan`` — each proposal of a searched cell, the settings of the others; returns how
-    many proposals were checked. ``backbone``: the backbone to check against (default: a random-init one of the
-    spec's arch, built once and dropped again)."""
-    if backbone is None:
-        import logging
+    many proposals were checked. ``backbone``: the backbone to check every cell against (default: a random-init
+    one of each cell's arch, built once per arch and dropped again)."""
+    if backbone is not None:
+        return _check(plan.cells, backbone)
+    import logging
 
-        from methods.backbone import load_backbone
+    from methods.backbone import clear_cache, load_backbone
 
+    by_arch: dict[str, list] = {}
+    for cell in plan.cells:
+        by_arch.setdefault(cell.backbone.arch if cell.backbone is not None else plan.spec.backbone.arch, []).append(cell)
+    checked = 0
+    for arch, cells in by_arch.items():
         logging.disable(logging.WARNING)  # open_clip's "no pretrained weights loaded": random init is the point
         try:
-            backbone = load_backbone(plan.spec.backbone.arch, None, "cpu")  # the arch's tokenizer and shapes
+            bb = load_backbone(arch, None, "cpu")  # the arch's tokenizer and shapes
         finally:
             logging.disable(logging.NOTSET)
         try:
-            return _check(plan, backbone)
+            checked += _check(cells, bb)
         finally:
-            from methods.backbone import clear_cache
-
             clear_cache()  # the driver trains nothing: its memory goes back
-    return _check(plan, backbone)
+    return checked
 
 
-def _check(plan, backbone) -> int:
+def _check(cells, backbone) -> int:
     from methods.defaults import resolve
     from methods.registry import get_method
     from orchestrator.trial import TrialRequest, build_configs
 
     checked, outcome = 0, {}  # (method, the cell's resolved defaults, overrides + proposal) -> refusal or None
-    for cell in plan.cells:
+    for cell in cells:
         cls = get_method(cell.method)
         defaults = json.dumps(resolve(cell.method, cell.dataset, cell.shots, cell.protocol), sort_keys=True, default=str)
         space = cell.space if cell.n_trials else {}  # a cell without a search: its own settings, one "proposal"

@@ -133,6 +133,20 @@ class BackboneSpec(_Strict):
     arch: str = Field("promptsweep-tiny", min_length=1)
     pretrained: Optional[str] = None
 
+    def label(self) -> str:
+        """``arch:pretrained`` (``random-init`` without weights): the ``backbone`` column of the result files."""
+        return f"{self.arch}:{self.pretrained or 'random-init'}"
+
+    def key(self) -> str:
+        """A short name safe in cell ids: ``arch`` or ``arch-tag`` (a checkpoint path: its file stem and a hash
+        of the whole path, so two files of one name stay apart)."""
+        tag = self.pretrained
+        if tag and ("/" in tag or "\\" in tag or tag.endswith((".pt", ".pth", ".bin", ".safetensors"))):
+            digest = hashlib.sha256(tag.encode()).hexdigest()[:6]
+            tag = f"{Path(tag).stem}-{digest}"
+        text = self.arch if not tag else f"{self.arch}-{tag}"
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", text)
+
 
 class TrainSpec(_Strict):
     defaults: dict[str, Any] = Field(default_factory=dict)
@@ -208,6 +222,8 @@ class SweepSpec(_Strict):
     by_protocol: dict[Protocol, ProtocolAxes] = Field(default_factory=dict)
     seeds: list[Int] = Field(default_factory=lambda: [1, 2, 3], min_length=1)
     backbone: BackboneSpec = Field(default_factory=BackboneSpec)
+    #: several backbones: cells expand by backbone (``backbone`` then is the first; give one or the other)
+    backbones: Optional[list[BackboneSpec]] = Field(None, min_length=1)
     data_root: Optional[str] = Field(None, min_length=1)
     count_tolerance: Optional[Float] = Field(COUNT_TOLERANCE, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -224,10 +240,47 @@ class SweepSpec(_Strict):
     def _one_or_many(cls, v):
         return [v] if isinstance(v, str) else v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_backbone_key(cls, data):
+        if not isinstance(data, dict) or data.get("backbones") is None or data.get("backbone") is None:
+            return data
+
+        def arch_and_weights(b):
+            return (b.get("arch"), b.get("pretrained")) if isinstance(b, dict) else b
+
+        listed = data["backbones"]
+        if not (isinstance(listed, list) and listed and arch_and_weights(data["backbone"]) == arch_and_weights(listed[0])):
+            raise ValueError("give either backbone (one) or backbones (a list), not both")
+        return data  # the canonical form names both (backbone = the first of backbones)
+
+    @model_validator(mode="after")
+    def _first_backbone(self):
+        if self.backbones is not None:
+            keys = [b.key() for b in self.backbones]
+            twice = sorted({k for k in keys if keys.count(k) > 1})
+            if twice:
+                raise ValueError(f"backbones: {', '.join(twice)} listed more than once")
+            self.backbone = self.backbones[0]
+        return self
+
     # --- derived -------------------------------------------------------------------------
     def normalized(self) -> dict:
-        """JSON-able canonical form (defaults filled in) used for the hash and the change check."""
-        return json.loads(self.model_dump_json())
+        """JSON-able canonical form (defaults filled in) used for the hash and the change check (``backbones``
+        only when given, so a one-backbone spec keeps its hash)."""
+        out = json.loads(self.model_dump_json())
+        if out.get("backbones") is None:
+            out.pop("backbones", None)
+        return out
+
+    def all_backbones(self) -> list[BackboneSpec]:
+        """The backbones cells expand over: ``backbones``, or the one ``backbone``."""
+        return list(self.backbones) if self.backbones is not None else [self.backbone]
+
+    def backbone_suffix(self, backbone: BackboneSpec) -> str:
+        """What a cell id of ``backbone`` ends with: nothing for the first backbone (so a sweep that adds
+        backbones keeps its cells), ``@<key>`` for the others."""
+        return "" if backbone.key() == self.all_backbones()[0].key() else f"@{backbone.key()}"
 
     def spec_hash(self) -> str:
         """Hash of what the trials are: the normalized spec less ``PRESENTATION_KEYS``."""
@@ -592,7 +645,11 @@ def _check_prompt_lengths(spec: SweepSpec) -> None:
     propose) must fit the backbone's text context; the methods' own defaults are checked in the trial."""
     from methods.backbone import text_context_length
 
-    ctx = text_context_length(spec.backbone.arch)
+    for backbone in spec.all_backbones():
+        _check_prompt_lengths_for(spec, backbone.arch, text_context_length(backbone.arch))
+
+
+def _check_prompt_lengths_for(spec: SweepSpec, arch: str, ctx: Optional[int]) -> None:
     if ctx is None:
         return
     limit = ctx - 3
@@ -611,7 +668,7 @@ def _check_prompt_lengths(spec: SweepSpec) -> None:
                 found.append((f"{_sub(_sub('search', m) + '.space', k)}.high", p.high))
     for path, v in found:
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v > limit:
-            raise ConfigError(f"{path}: {v:g} learned tokens do not fit the text context of {spec.backbone.arch} "
+            raise ConfigError(f"{path}: {v:g} learned tokens do not fit the text context of {arch} "
                               f"({ctx} tokens, of which the start and end tokens and at least one class-name token "
                               f"need 3): use at most {limit}")
 
@@ -623,19 +680,24 @@ def _check_backbone(spec: SweepSpec) -> None:
         archs = available_archs()
     except Exception:  # open_clip not importable here: the trial reports it
         return
-    arch = spec.backbone.arch
+    for i, backbone in enumerate(spec.all_backbones()):
+        _check_one_backbone(spec, backbone, "backbone" if spec.backbones is None else f"backbones[{i}]", archs)
+
+
+def _check_one_backbone(spec: SweepSpec, backbone: BackboneSpec, where: str, archs: list[str]) -> None:
+    arch = backbone.arch
     if arch not in archs:
         close = difflib.get_close_matches(arch, archs, n=5)
-        raise ConfigError(f"backbone.arch: unknown architecture '{arch}' (open_clip names such as ViT-B-16, "
+        raise ConfigError(f"{where}.arch: unknown architecture '{arch}' (open_clip names such as ViT-B-16, "
                           f"ViT-B-32, promptsweep-tiny{'; similar: ' + ', '.join(close) if close else ''})")
     from fewshot.errors import CheckpointError
     from methods.backbone import PROJECT_TAG, _resolve_pretrained
 
-    if spec.backbone.pretrained != PROJECT_TAG:
+    if backbone.pretrained != PROJECT_TAG:
         try:  # a checkpoint path must name an existing file now, not fail every trial later
-            _resolve_pretrained(arch, spec.backbone.pretrained)
+            _resolve_pretrained(arch, backbone.pretrained)
         except CheckpointError as exc:
-            raise ConfigError(f"backbone.pretrained: {exc}") from None
+            raise ConfigError(f"{where}.pretrained: {exc}") from None
     from methods.families import family_of_arch, refusal
     from methods.registry import get_method
 
@@ -643,7 +705,7 @@ def _check_backbone(spec: SweepSpec) -> None:
     for i, m in enumerate(spec.methods):
         why = refusal(get_method(m), arch, family)
         if why:
-            raise ConfigError(f"{'backbone.arch' if family.name is None else f'methods[{i}]'}: {why}")
+            raise ConfigError(f"{f'{where}.arch' if family.name is None else f'methods[{i}]'}: {why}")
 
 
 def _check_shots(path: str, shots: list[int]) -> None:

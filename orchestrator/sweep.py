@@ -176,7 +176,7 @@ def _preflight(spec, plan, data_root: Optional[str]) -> None:
     t0 = time.perf_counter()
     # the caches every trial writes (splits, features; the model cache when the project backbone is still to
     # be built: one already there is only read, so a read-only model cache is fine then)
-    builds = spec.backbone.pretrained == PROJECT_TAG and not checkpoint_path(spec.backbone.arch).is_file()
+    builds = any(b.pretrained == PROJECT_TAG and not checkpoint_path(b.arch).is_file() for b in spec.all_backbones())
     check_cache_writable([(model_dir(), "PROMPTSWEEP_MODEL_CACHE")] if builds else [])
     needs: dict[str, set] = {}
     for c in plan.cells:

@@ -217,7 +217,10 @@ class MlflowTracking(Callback):
             self._submit(self._parent_op())
         if cid not in self.state["cells"]:
             req = config["request"]
+            from orchestrator.results import backbone_label
+
             tags = {"sweep": self.sweep_name, "cell_id": cid, "level": "cell", "protocol": req["protocol"],
+                    "backbone": str(backbone_label(req.get("backbone"))),
                     "method": req["method"], "dataset": req["dataset"], "shots": str(req["shots"]),
                     "spec_hash": self.spec_hash, "git_commit": self.commit}
             self.state["cells"][cid] = None
@@ -230,12 +233,12 @@ class MlflowTracking(Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         if trial.trial_id in self.state["trials"]:
             return  # a resumed or retried trial keeps its run
-        from orchestrator.results import config_hash
+        from orchestrator.results import backbone_label, config_hash
 
         cfg = trial.config
         req = cfg["request"]
         cell = self._cell_key(cfg)
-        tags = {"sweep": self.sweep_name, "level": "trial",
+        tags = {"sweep": self.sweep_name, "level": "trial", "backbone": str(backbone_label(req.get("backbone"))),
                 "cell_id": cfg["cell_id"], "protocol": req["protocol"], "method": req["method"],
                 "dataset": req["dataset"], "shots": str(req["shots"]), "seed": str(cfg["seed"]),
                 "stage": cfg["stage"], "optuna_trial_number": str(cfg.get("optuna_number")),
