@@ -18,6 +18,7 @@ each ratio is the same sweep's first tenth. Also printed: the total wall time ov
 (10,000 one-second trials on 16 CPUs within 28 % over their floor).
 
     python benchmarks/scale.py [--n 100,1000] [--concurrency 2] [--sample-s 0.25]
+    python benchmarks/scale.py --n 1000 --method coop --shots 16 --epochs 3 --batch-size 2   # ~1 s trials
 """
 from __future__ import annotations
 
@@ -57,12 +58,13 @@ def _at(samples: list, t: float) -> tuple:
     return best
 
 
-def run_n(n: int, work: Path, env: dict, concurrency: int, period: float) -> dict:
+def run_n(n: int, work: Path, env: dict, concurrency: int, period: float, method: str = "zeroshot", shots: int = 1,
+          train: dict | None = None) -> dict:
     import threading
 
-    name = f"scale{n}"
-    spec = write_spec(work / f"{name}.yaml", name=name, methods=["zeroshot"], seeds=list(range(1, n + 1)),
-                      output=work / "sweeps", arch="promptsweep-tiny", shots=1)
+    name = f"scale{n}" if method == "zeroshot" else f"scale{n}-{method}"
+    spec = write_spec(work / f"{name}.yaml", name=name, methods=[method], seeds=list(range(1, n + 1)),
+                      output=work / "sweeps", arch="promptsweep-tiny", shots=shots, train=train)
     cmd = [sys.executable, "-m", "orchestrator.sweep", str(spec), "--tracking-uri", f"sqlite:///{work / name}.db",
            "--max-concurrent", str(concurrency)]
     samples: list = []
@@ -105,13 +107,20 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--sample-s", type=float, default=0.25)
     ap.add_argument("--work", default=None, help="working folder (default: a temporary one)")
+    ap.add_argument("--method", default="zeroshot", help="the trials' method (coop with --epochs: trials that train, "
+                                                          "report and checkpoint every epoch)")
+    ap.add_argument("--shots", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=None)
     args = ap.parse_args(argv)
+    train = {"defaults": {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
+                                            ("num_workers", 0)) if v is not None}}
     work = Path(args.work or tempfile.mkdtemp(prefix="promptsweep-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     env = bench_env(work)
     results = []
     for n in [int(x) for x in args.n.split(",") if x]:
-        r = run_n(n, work, env, args.concurrency, args.sample_s)
+        r = run_n(n, work, env, args.concurrency, args.sample_s, args.method, args.shots, train)
         results.append(r)
         f, last, q = r["first_tenth"], r["last_tenth"], r["ratio_last_first"]
         print(f"\nN = {n}: wall {r['wall_s']:.0f} s, the trials' own compute {r['trials_compute_s']:.0f} s "
@@ -120,8 +129,9 @@ def main(argv=None) -> int:
         for key in ("gap_ms", "cpu_ms_per_trial", "kb_written_per_trial", "rss_mb"):
             print(f"| {key} | {f[key]:.1f} | {last[key]:.1f} | {q[key]:.2f} |" if q[key] is not None else
                   f"| {key} | {f[key]:.1f} | {last[key]:.1f} | - |")
-    print(f"\n{cpu_model()}, {args.concurrency} trials at a time")
-    emit({"benchmark": "scale", "concurrency": args.concurrency, "device_name": cpu_model(), "runs": results})
+    print(f"\n{cpu_model()}, {args.concurrency} trials at a time, {args.method} on digits {args.shots}-shot")
+    emit({"benchmark": "scale", "concurrency": args.concurrency, "device_name": cpu_model(), "method": args.method,
+          "shots": args.shots, "train": train, "runs": results})
     return 0
 
 

@@ -31,28 +31,64 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+class Tally:
+    """The counts behind the summary line, kept up to date one finished trial at a time (``sync(rows, tid)``:
+    O(1) per trial; a whole recount only when ``rows`` changed in another way, e.g. a retried row replaced)."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.n_final = {c.cell_id: c.n_final_runs for c in plan.cells}
+        self.rebuild({})
+
+    def rebuild(self, rows: dict[str, dict]) -> None:
+        self.counted: dict[str, dict] = {}
+        self.failed = 0
+        self.finals: dict[str, int] = {}
+        self.best: dict[str, float] = {}
+        self.done_cells = 0
+        for tid, r in rows.items():
+            self._add(tid, r)
+
+    def _add(self, tid: str, r: dict) -> None:
+        self.counted[tid] = r
+        self.failed += r["status"] not in (OK_STATUS, PRUNED_STATUS)
+        cid = r["cell_id"]
+        if r["stage"] == "final" and cid in self.n_final:
+            self.finals[cid] = self.finals.get(cid, 0) + 1
+            self.done_cells += self.finals[cid] == self.n_final[cid]
+        if r["stage"] == "search" and r.get("val_acc") is not None and cid in self.n_final:
+            self.best[cid] = max(self.best.get(cid, r["val_acc"]), r["val_acc"])
+
+    def sync(self, rows: dict[str, dict], tid: Optional[str] = None) -> None:
+        """Count the row of trial ``tid`` (just finished); recount when ``rows`` holds anything else new."""
+        if tid is not None and tid in rows and tid not in self.counted:
+            retried = rows[tid].get("retry_of_trial")
+            if retried in self.counted and retried not in rows:  # the new attempt replaced a failed row
+                self.rebuild(rows)
+                return
+            self._add(tid, rows[tid])
+        if len(self.counted) != len(rows):
+            self.rebuild(rows)
+
+    def line(self, running: int, elapsed: Optional[float] = None, eta: Optional[float] = None,
+             max_best: int = 4) -> str:
+        line = (f"cells {self.done_cells}/{len(self.plan.cells)} done | trials {running} running, "
+                f"{len(self.counted)}/{self.plan.n_trials} finished, {self.failed} failed")
+        if elapsed is not None:
+            line += f" | {_duration(elapsed)} elapsed" + (f", ETA {_duration(eta)}" if eta is not None else "")
+        if self.best:
+            shown = sorted(self.best.items())[:max_best]
+            more = f" (+{len(self.best) - max_best} cells)" if len(self.best) > max_best else ""
+            line += " | best val: " + ", ".join(f"{k} {v:.1f}" for k, v in shown) + more
+        return line
+
+
 def summary_line(plan: Plan, rows: dict[str, dict], running: int, elapsed: Optional[float] = None,
                  eta: Optional[float] = None, max_best: int = 4) -> str:
-    finished = list(rows.values())
-    failed = sum(1 for r in finished if r["status"] not in (OK_STATUS, PRUNED_STATUS))
-    done_cells = 0
-    best: dict[str, float] = {}
-    for c in plan.cells:
-        rs = [r for r in finished if r["cell_id"] == c.cell_id]
-        if sum(1 for r in rs if r["stage"] == "final") >= c.n_final_runs:
-            done_cells += 1
-        vals = [r["val_acc"] for r in rs if r["stage"] == "search" and r["val_acc"] is not None]
-        if vals:
-            best[c.cell_id] = max(vals)
-    line = (f"cells {done_cells}/{len(plan.cells)} done | trials {running} running, "
-            f"{len(finished)}/{plan.n_trials} finished, {failed} failed")
-    if elapsed is not None:
-        line += f" | {_duration(elapsed)} elapsed" + (f", ETA {_duration(eta)}" if eta is not None else "")
-    if best:
-        shown = sorted(best.items())[:max_best]
-        more = f" (+{len(best) - max_best} cells)" if len(best) > max_best else ""
-        line += " | best val: " + ", ".join(f"{k} {v:.1f}" for k, v in shown) + more
-    return line
+    """The progress line for ``rows`` (Tune trial id -> trials.arrow row)."""
+    tally = Tally(plan)
+    tally.rebuild(rows)
+    return tally.line(running, elapsed, eta, max_best)
 
 
 class ProgressPrinter(Callback):
@@ -72,6 +108,7 @@ class ProgressPrinter(Callback):
         self._last_key: Optional[tuple] = None
         self._last_print = float("-inf")
         self._pending: Optional[str] = None
+        self.tally = Tally(plan)
 
     # --- the state -----------------------------------------------------------------------------
     def _eta(self, finished: int, elapsed: float) -> Optional[float]:
@@ -80,10 +117,11 @@ class ProgressPrinter(Callback):
             return None
         return max(0.0, (self.plan.n_trials - finished) * elapsed / here)
 
-    def line(self) -> str:
+    def line(self, tid: Optional[str] = None) -> str:
         rows = self.results_callback.rows
+        self.tally.sync(rows, tid)
         elapsed = self._clock() - self._start
-        return summary_line(self.plan, rows, len(self.running), elapsed, self._eta(len(rows), elapsed))
+        return self.tally.line(len(self.running), elapsed, self._eta(len(rows), elapsed))
 
     # --- output ---------------------------------------------------------------------------------
     def _out(self):
@@ -95,9 +133,9 @@ class ProgressPrinter(Callback):
             self._interactive = bool(isatty and isatty())
         return self._interactive
 
-    def _emit(self) -> None:
+    def _emit(self, tid: Optional[str] = None) -> None:
         rows = self.results_callback.rows
-        line = self.line()
+        line = self.line(tid)
         if self._is_interactive():
             from tqdm import tqdm
 
@@ -107,7 +145,7 @@ class ProgressPrinter(Callback):
             self._bar.n = len(rows)
             self._bar.set_description_str(line)  # refreshes the bar
             return
-        key = (len(rows), sum(1 for r in rows.values() if r["status"] not in (OK_STATUS, PRUNED_STATUS)))
+        key = (len(rows), self.tally.failed)
         if key == self._last_key:
             return
         now = self._clock()
@@ -136,11 +174,11 @@ class ProgressPrinter(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)
-        self._emit()
+        self._emit(trial.trial_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)
-        self._emit()
+        self._emit(trial.trial_id)
 
     def __getstate__(self):
         d = dict(self.__dict__)

@@ -120,6 +120,7 @@ class CellSearcher(Searcher):
         self.max_concurrent = int(max_concurrent)  # 0: no limit
         self.state: dict[str, dict] = {c.cell_id: _new_cell_state() for c in self.cells}
         self.trials: dict[str, dict] = {}      # tune trial id -> the work it runs (suggested here or adopted)
+        self._running = 0                      # trials entries not done
         self._rr = 0
         self._studies: dict[str, optuna.Study] = {}
         self._ledger: dict[tuple, dict] = {}   # work key -> the row that finished it (set_ledger)
@@ -170,7 +171,7 @@ class CellSearcher(Searcher):
         info = {k: config[k] for k in ("cell_id", "stage", "seed", "optuna_number")}
         if info["cell_id"] not in self.state:
             return  # a cell the plan no longer has (cannot happen for a resumed spec; checked by the driver)
-        self.trials[trial_id] = info | {"done": False}
+        self._register(trial_id, info)
         self._live[self._key_of(info)] = trial_id
 
     @staticmethod
@@ -225,8 +226,16 @@ class CellSearcher(Searcher):
         return optuna.pruners.NopPruner()
 
     # --- Tune Searcher API ----------------------------------------------------------------
+    def _register(self, trial_id: str, info: dict) -> None:
+        """``trials[trial_id]`` = the work it runs, not done yet (``_running`` counts those: O(1) per suggest)."""
+        old = self.trials.get(trial_id)
+        if old is not None and not old["done"]:
+            self._running -= 1
+        self.trials[trial_id] = info | {"done": False}
+        self._running += 1
+
     def running(self) -> int:
-        return sum(1 for info in self.trials.values() if not info["done"])
+        return self._running
 
     def suggest(self, trial_id: str) -> Optional[dict]:
         if self.max_concurrent and self.running() >= self.max_concurrent:
@@ -240,7 +249,7 @@ class CellSearcher(Searcher):
                 self._rr = idx + 1
                 break
         if cfg is not None:
-            self.trials[trial_id] = {k: cfg[k] for k in ("cell_id", "stage", "seed", "optuna_number")} | {"done": False}
+            self._register(trial_id, {k: cfg[k] for k in ("cell_id", "stage", "seed", "optuna_number")})
             key = self._key_of(cfg)
             self._live[key] = trial_id
             started = self._starts.pop(key, None)
@@ -259,6 +268,7 @@ class CellSearcher(Searcher):
         if info is None or info["done"]:
             return
         info["done"] = True
+        self._running -= 1
         key = self._key_of(info)
         self._done_here.add(key)
         if self._live.get(key) == trial_id:
@@ -394,7 +404,7 @@ class CellSearcher(Searcher):
             row = self._ledger.get(key)
             if row is not None:
                 tid = row["tune_trial_id"]
-                self.trials[tid] = {k: cfg[k] for k in ("cell_id", "stage", "seed", "optuna_number")} | {"done": False}
+                self._register(tid, {k: cfg[k] for k in ("cell_id", "stage", "seed", "optuna_number")})
                 self.on_trial_complete(tid, self.ledger_result(row), error=row.get("status") == ERROR_STATUS)
                 continue
             if key in self._live or key in self._done_here:

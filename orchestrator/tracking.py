@@ -122,7 +122,7 @@ class MlflowTracking(Callback):
         self.spec_hash = spec_hash
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.commit = git_commit()
-        self.state: dict[str, Any] = {"parent": parent_run_id, "cells": {}, "trials": {}, "closed": [],
+        self.state: dict[str, Any] = {"parent": parent_run_id, "cells": {}, "trials": {}, "closed": {},
                                       "experiment_id": None}
         self._client = None
         self._restored = False  # set by set_state: trial runs are then looked up before they are created
@@ -201,8 +201,7 @@ class MlflowTracking(Callback):
 
     def _reopen(self, key: str) -> None:
         """Set the ended run ``key`` RUNNING again (a grown sweep adds work to it); it is closed again at the end."""
-        if key in self.state["closed"]:
-            self.state["closed"].remove(key)
+        self.state["closed"].pop(key, None)
         if key not in self._reopened:
             self._reopened.add(key)
             self._submit(ReopenRun(key=key))
@@ -288,7 +287,7 @@ class MlflowTracking(Callback):
     def _end(self, key: str, status: str) -> None:
         if key not in self.state["closed"]:
             self._submit(SetTerminated(key=key, status=status))
-            self.state["closed"].append(key)
+            self.state["closed"][key] = True
 
     def _close(self, trial, status: str, error_tags: Optional[dict[str, str]] = None):
         key = f"trial:{trial.trial_id}"
@@ -403,7 +402,7 @@ class MlflowTracking(Callback):
         for c in state.get("closed", []):  # older states list closed run ids, newer ones keys
             c = by_run.get(c, c)
             if c not in s["closed"] and c not in self._reopened:
-                s["closed"].append(c)
+                s["closed"][c] = True
 
     def __getstate__(self):
         d = dict(self.__dict__)
@@ -418,6 +417,8 @@ class MlflowTracking(Callback):
         self.__dict__.setdefault("on_cell_run", None)
         self.__dict__.setdefault("_reopened", set())
         self.__dict__.setdefault("restarted_cells", set())
+        if isinstance(self.state.get("closed"), list):  # pickled when closed runs were a list (O(N) lookups)
+            self.state["closed"] = dict.fromkeys(self.state["closed"], True)
         if "sender" not in d:  # pickled before the queue had its own object: its operations were in the state
             self.sender = Sender(self, mask_uri(self.tracking_uri), d.get("background", False),
                                  listed_in=str(self.backlog_path or BACKLOG_FILE))

@@ -98,3 +98,14 @@ def test_mini_benchmark_prints_both_tables_and_json(mini_backbone):
     assert set(out["fewshot"]) == {"zeroshot", "coop"} and set(out["fewshot"]["coop"]) == {"1", "2"}
     assert set(out["base2novel"]["coop"]) == {"base", "novel", "hm"}
     assert set(out["gain_vs_zeroshot"]["coop"]) == {"1", "2"} and out["wall_s"]["coop"] > 0
+
+
+@pytest.mark.slow
+def test_scale_benchmark_runs_trials_that_train_and_prints_both_tenths(tmp_path):
+    out = _run("scale.py", "--n", "10", "--method", "coop", "--epochs", "2", "--batch-size", "8",
+               "--work", str(tmp_path))
+    assert out["benchmark"] == "scale" and out["method"] == "coop" and [r["n"] for r in out["runs"]] == [10]
+    run = out["runs"][0]
+    for part in ("first_tenth", "last_tenth", "ratio_last_first"):
+        assert set(run[part]) == {"gap_ms", "cpu_ms_per_trial", "kb_written_per_trial", "rss_mb"}, part
+    assert run["trials_compute_s"] > 0 and run["wall_s"] > run["trials_compute_s"] / 2

@@ -330,7 +330,7 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert f"resuming: {len(first)} of 4 trials already recorded" in r.stdout, r.stdout[-2000:]
     final = feather.read_table(rows).to_pylist()
-    assert len(final) == 4 and sorted(x["seed"] for x in final) == [1, 2, 3, 4]
+    assert len(final) == 4 and sorted(x["seed"] for x in final) == [1, 2, 3, 4], ([(x["seed"], x["tune_trial_id"], x["status"]) for x in final], first.keys(), r.stdout[-3000:])
     for tid, row in first.items():  # rows finished before the interrupt are kept, not re-run
         again = [x for x in final if x["tune_trial_id"] == tid]
         assert len(again) == 1 and again[0]["finished_at"] == row["finished_at"]
