@@ -8,7 +8,8 @@
    ``TrainConfig`` field or a field of the method's ``Config``; unknown keys and bad values are
    ``ConfigError``);
 3. gradient methods train for ``epochs`` (or ``max_iters``) with the optimizer/schedule of
-   ``orchestrator.training``; after every epoch the val accuracy is measured, a checkpoint written
+   ``orchestrator.training``, one ``training_loss(images, labels, indices=...)`` per step (``indices``: each
+   sample's position in the training split, for methods that pair it with per-image data); after every epoch the val accuracy is measured, a checkpoint written
    (when ``output_dir`` is given) and ``report(metrics, checkpoint_dir)`` called; a NaN/inf loss stops
    at once (``TrainingError`` with ``error_class="nan_loss"``); ``selection: best_val`` evaluates the
    best-val state. With ``max_trial_s`` a run of the trial that passes that much wall time (checked before
@@ -226,27 +227,27 @@ class _Stepper:
         self.method, self.opt, self.cfg, self.device = method, opt, cfg, device
         self.micro: Optional[int] = None  # None = whole batch
 
-    def step_retrying(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> float:
+    def step_retrying(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, step: int) -> float:
         """``step``, retried with smaller micro-batches after each out-of-memory (``on_oom``)."""
         while True:
             try:
-                return self.step(images, labels, step)
+                return self.step(images, labels, indices, step)
             except RuntimeError as exc:  # torch.OutOfMemoryError is one
                 if not is_oom(exc):
                     raise
                 self.on_oom(exc, step)
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> float:
+    def step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, step: int) -> float:
         cfg, n = self.cfg, len(labels)
         size = n if self.micro is None else min(self.micro, n)
         self.opt.zero_grad(set_to_none=True)
         total = None
         for i in range(0, n, size):
-            x, y = images[i:i + size], labels[i:i + size]
+            x, y, idx = images[i:i + size], labels[i:i + size], indices[i:i + size]
             if cfg.fault == "oom" and step >= cfg.fault_step and len(y) > cfg.fault_oom_batch:
                 raise torch.OutOfMemoryError(f"injected out-of-memory for a micro-batch of {len(y)} (fault: oom)")
             with _autocast(self.device, cfg):
-                loss, _parts = self.method.training_loss(x, y)
+                loss, _parts = self.method.training_loss(x, y, indices=idx)
             if cfg.fault in ("nan_loss", "inf_loss") and step >= cfg.fault_step:
                 loss = loss + (float("nan") if cfg.fault == "nan_loss" else float("inf"))
             part = loss * (len(y) / n)
@@ -301,7 +302,8 @@ class _Views:
             return ImageDataset(items, self.eval_tf, split=split)
         from orchestrator.feature_cache import FeatureDataset
 
-        return FeatureDataset([self._features(items, self.eval_tf, "eval", split)], [it.label for it in items], split)
+        return FeatureDataset([self._features(items, self.eval_tf, "eval", split)], [it.label for it in items], split,
+                              items=items)
 
     def train(self, items):
         from fewshot.images import ImageDataset
@@ -314,7 +316,7 @@ class _Views:
         lo, hi = self.cfg.crop_scale  # part of a view's key: views drawn with another crop range are other views
         views = [self._features(items, self.train_tf, f"train-{i}-crop{lo:g}-{hi:g}", "train", seed=1000 + i)
                  for i in range(k)]
-        return FeatureDataset(views, [it.label for it in items], "train")
+        return FeatureDataset(views, [it.label for it in items], "train", items=items)
 
 
 @dataclass
@@ -508,10 +510,10 @@ def _run_epoch(run: _Run, schedule: _Schedule, stepper: "_Stepper", progress: _P
     run.method.train()
     total_loss, seen = 0.0, 0
     loop_t0, val_s = time.perf_counter(), 0.0
-    for images, labels in run.loader:
+    for images, labels, indices in run.loader:
         if progress.step >= schedule.n_total:
             break
-        loss_value = _train_step(run, schedule, stepper, progress, epoch, images, labels)
+        loss_value = _train_step(run, schedule, stepper, progress, epoch, images, labels, indices)
         total_loss += loss_value * len(labels)
         seen += len(labels)
         if _validates_mid_epoch(cfg, progress.step, schedule.steps_per_epoch):
@@ -531,11 +533,12 @@ def _validates_mid_epoch(cfg: TrainConfig, step: int, steps_per_epoch: int) -> b
 
 
 def _train_step(run: _Run, schedule: _Schedule, stepper: "_Stepper", progress: _Progress, epoch: int,
-                images: torch.Tensor, labels: torch.Tensor) -> float:
+                images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> float:
     """One optimizer step (time limit checked first; NaN/inf loss stops the trial); returns the batch loss."""
     cfg, where = run.train_cfg, f"at epoch {epoch + 1} step {progress.step + 1}"
     run.limit.check(where)
-    loss_value = stepper.step_retrying(images.to(run.device), labels.to(run.device), progress.step + 1)
+    batch = (images.to(run.device), labels.to(run.device), indices.to(run.device))
+    loss_value = stepper.step_retrying(*batch, progress.step + 1)
     if not math.isfinite(loss_value):
         raise TrainingError(f"loss became {loss_value} {where}: lower the learning rate (lr={cfg.lr}) or enable "
                             "grad_clip", error_class="nan_loss")
