@@ -3,12 +3,13 @@
 * ``setup(arch, device)``: the frozen backbone through ``methods.backbone.load_backbone``;
 * ``build(name, bb, n_classes, batch_size, dataset)``: a registered method with its project defaults
   (``methods.defaults.resolve`` for ``dataset`` / 16 shots / fewshot), synthetic class names
-  ``"class 0" .. "class C-1"``, its ``prepare`` run on synthetic images (one per class, so SEP's
-  prototypes cover every class; each image has a synthetic description in a temporary
+  ``"class 0" .. "class C-1"``, its ``prepare`` run on synthetic images (one per class, image i of class
+  i, so SEP's prototypes cover every class; each image has a synthetic description in a temporary
   ``captions.txt``, so TGP-T's content loss is on as in a run with captions), and its optimizer from
   ``orchestrator.training.build_optimizer`` over ``method.param_groups``;
 * ``train_step(...)``: one step exactly as ``orchestrator.trial`` runs it (autocast as the trial
-  sets it — bf16 on CUDA, fp32 on CPU —, ``training_loss``, ``zero_grad(set_to_none)``, backward,
+  sets it — bf16 on CUDA, fp32 on CPU —, ``training_loss`` with the samples' indices — a synthetic
+  sample of class c stands for image c of the prepared split —, ``zero_grad(set_to_none)``, backward,
   optional grad clipping, ``optimizer.step``);
 * ``build_floor(bb, batch_size)`` / ``timed_step(built, images, labels)``: the *floor* — forward and
   backward through the frozen image tower to a learnable input perturbation (``step_time.py``'s
@@ -106,7 +107,7 @@ def build(name: str, bb: Backbone, n_classes: int, batch_size: int, dataset: str
 def train_step(b: Built, images: torch.Tensor, labels: torch.Tensor) -> float:
     """One optimisation step, as ``orchestrator.trial.run_trial`` runs it; returns the loss."""
     with _autocast(images.device, b.train_cfg):
-        loss, _ = b.method.training_loss(images, labels)
+        loss, _ = b.method.training_loss(images, labels, indices=labels)  # image c of the split is of class c
     b.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if b.train_cfg.grad_clip:
@@ -125,7 +126,7 @@ class Floor(PromptMethod):
         size = backbone.image_size
         self.delta = nn.Parameter(torch.zeros(3, size, size, device=backbone.device))
 
-    def training_loss(self, images, labels):
+    def training_loss(self, images, labels, indices=None):
         feats = towers.encode_image(self.backbone, images + self.delta)
         loss = feats.float().square().mean()
         return loss, {"floor": float(loss.detach())}

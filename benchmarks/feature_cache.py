@@ -75,11 +75,8 @@ def main(argv=None) -> int:
                "speedup_cold": off_s / cold_s, "agree": agree,
                "test_acc_off": [o["test_acc"] for o in off], "test_acc_warm": [o["test_acc"] for o in warm]}
         if args.train_views:
-            # TGP-T's content loss pairs images with captions by path, which cached views do not carry: it is refused
-            # with train_feature_views, so that way trains TGP-T without it
-            views_extra = {**extra, "lambda_con": 0.0} if method == "tgpt" else extra
             views_s, views = run_way(args, method, {"feature_cache": True, "train_feature_views": args.train_views,
-                                                    **views_extra})
+                                                    **extra})
             rec.update(views_s=views_s, speedup_views=off_s / views_s, test_acc_views=[o["test_acc"] for o in views])
         per_method[method] = rec
 

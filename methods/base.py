@@ -10,10 +10,13 @@ Life of a method inside a trial (``orchestrator.trial``):
 
 1. ``cls(backbone, classnames, dataset, cfg)``, ``cfg`` an instance of ``cls.Config``;
 2. ``prepare(train_loader)`` for data-dependent initialisation (SPT prototypes, SEP's class
-   prototypes); default: nothing;
-3. gradient training: ``training_loss(images, labels)`` per step with an optimizer over
-   ``param_groups(train_cfg)``; or, when ``trains_by_gradient`` is False, one call to
-   ``fit(train_loader, val_loader)`` (linear probe);
+   prototypes, TGP-T's per-image captions); default: nothing. The trial's training loader yields
+   ``(images, labels, indices)`` (``indices``: each sample's position in ``train_loader.dataset``, whose
+   ``items`` name the images), so a method's own loops over it unpack ``images, labels, *_``;
+3. gradient training: ``training_loss(images, labels, indices=...)`` per step with an optimizer over
+   ``param_groups(train_cfg)`` — the trial always passes the batch's ``indices``; a method that pairs a sample
+   with per-image data read in ``prepare`` uses them, every other method ignores them —; or, when
+   ``trains_by_gradient`` is False, one call to ``fit(train_loader, val_loader)`` (linear probe);
 4. evaluation: ``forward(images)`` gives logits over the current classnames; before each test set the
    trial calls ``set_classnames(names, dataset)`` — base-to-novel's novel classes, or a cross-dataset /
    domain-generalization target — and every hand-crafted template is then that dataset's own
@@ -256,8 +259,10 @@ class PromptMethod(nn.Module):
         """Logits [B, C] over the current classnames."""
         raise NotImplementedError
 
-    def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss for one training step and named float components for logging (default: CE)."""
+    def training_loss(self, images: torch.Tensor, labels: torch.Tensor,
+                      indices: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss for one training step and named float components for logging (default: CE). ``indices``: the
+        samples' positions in the training loader's dataset (see the module docstring; unused here)."""
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
         return loss, {"ce": float(loss.detach())}

@@ -50,7 +50,8 @@ class KgCoOp(CoOp):
         """1 − mean_c cos(w_c, w_c^clip)."""
         return 1.0 - F.cosine_similarity(text_features.float(), self.clip_text_features.float(), dim=-1).mean()
 
-    def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_loss(self, images: torch.Tensor, labels: torch.Tensor,
+                      indices: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
         text = self.text_features()
         logits = self.clip_logits(self.backbone.encode_image(images, normalize=True), text)
         ce = F.cross_entropy(logits, labels)

@@ -51,7 +51,7 @@ class LinearProbeConfig(MethodConfig):
 
 def _features(bb: Backbone, loader: Iterable) -> tuple[np.ndarray, np.ndarray]:
     feats, labels = [], []
-    for images, y in loader:
+    for images, y, *_ in loader:  # a training loader's batches carry indices too
         feats.append(bb.encode_image(images, normalize=True).cpu())
         labels.append(torch.as_tensor(y).cpu())
     if not feats:
@@ -160,7 +160,7 @@ class LinearProbe(PromptMethod):
     def param_breakdown(self) -> dict[str, int]:
         return {"classifier_weight": self.weight.numel(), "classifier_bias": self.bias.numel()}
 
-    def training_loss(self, images: torch.Tensor, labels: torch.Tensor):
+    def training_loss(self, images: torch.Tensor, labels: torch.Tensor, indices: Optional[torch.Tensor] = None):
         raise ConfigError("linear_probe is fitted in closed form (fit); it has no gradient training step")
 
     @classmethod

@@ -224,7 +224,8 @@ class SEP(PromptMethod):
         return self.logit_scale() * f_hat @ g_hat.t() + self.logit_bias()
 
     # --- training ---------------------------------------------------------------------------
-    def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_loss(self, images: torch.Tensor, labels: torch.Tensor,
+                      indices: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
         if self.prototypes.shape[0] != len(self.classnames):
             raise ConfigError(f"SEP's prototype head has {self.prototypes.shape[0]} classes but the method now has "
@@ -248,7 +249,7 @@ class SEP(PromptMethod):
         C, E = len(self.classnames), self.backbone.embed_dim
         sums = torch.zeros(C, E, device=self.device)
         counts = torch.zeros(C, device=self.device)
-        for images, labels in train_loader:
+        for images, labels, *_ in train_loader:
             labels = labels.to(self.device)
             f0 = F.normalize(self.frozen_image(images), dim=-1)
             sums.index_add_(0, labels, f0)

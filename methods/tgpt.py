@@ -29,22 +29,27 @@ Two image-conditioned prompts per image, whatever the number of classes:
    everything after it ignored) and of a description of the image (content). Loss = CE + λ_cat·L_cat +
    λ_con·L_con (λ = 1 in the reference).
 
-Descriptions (content loss). ``captions.txt`` (``fewshot.captions``) is looked up in ``prepare``:
-``cfg.captions_file`` when set, else the nearest ``captions.txt`` above the training images. The
-contract gives ``training_loss`` only (images, labels), so per-image descriptions cannot be paired
-with augmented image tensors without changing the trial; instead ``prepare`` reads the training
-loader's items, keeps the descriptions of *this split's training images* grouped by class, and each
-step supervises a sample's content queries with a description drawn at random from the training
-images of its class (documented fallback: per-class pools of per-image descriptions). With no
-captions file (or no matching line) the content loss is OFF: ``content_loss_enabled`` is False, a
-warning is logged once and ``run_notes()`` says so for the trial's params / the report.
+Descriptions (content loss), as the reference pairs them: each training image's content queries are
+supervised with the tokens of *that image's own* description. ``captions.txt`` (``fewshot.captions``) is
+looked up in ``prepare``: ``cfg.captions_file`` when set, else the nearest ``captions.txt`` above the
+training images. ``prepare`` reads the training loader's ``dataset.items`` (the split's images by position;
+``ImageDataset`` and cached ``FeatureDataset`` views alike) and tokenises each image's caption into row
+``i`` of ``_con_targets`` [N, n_con]; an image without a caption line gets an all-ignore row. Each step,
+``training_loss(images, labels, indices)`` takes the rows of the batch's ``indices`` (each sample's
+position in the split, which the trial's training batches carry), so a sample without a caption
+contributes nothing to the content CE (averaged over the batch's non-ignored positions, as the
+reference's); ``indices`` missing while the content loss is on is an error, never a silent fallback.
+``run_notes()`` says how many training images are paired with their caption. With no captions file (or
+no matching line) the content loss is OFF: ``content_loss_enabled`` is False, a warning is logged once
+and ``run_notes()`` says so for the trial's params / the report.
 
 Image tower: untouched and run under ``no_grad``, so what TGP-T reads from it — the pooled feature
 ``v`` and the projected token map ``F`` — is a fixed function of the image: ``frozen_image_output``
 stacks them as ``[B, 1 + L, E]`` (row 0 = ``v``), which the frozen-feature cache stores
 (``frozen_output_kind`` "pooled+tokens"; ``orchestrator.feature_cache``) and ``_image`` unpacks in
 place of an image batch. Evaluation from the cache is exact; it is large (0.4 MB per image on
-ViT-B/16).
+ViT-B/16). Cached training views (``train_feature_views``) keep the split's items, so the content loss
+pairs them with their captions exactly as image batches.
 
 Schedule: iteration-based (``max_iters`` in methods/defaults/tgpt.yaml). An explicit ``epochs`` override
 without ``max_iters`` trains for those epochs instead; both at once is refused (``methods.defaults``).
@@ -107,13 +112,6 @@ class TGPT(PromptMethod):
     needs_image_tokens = True
 
     @classmethod
-    def check_training(cls, train, cfg: TGPTConfig) -> None:
-        if train.train_feature_views and cfg.lambda_con > 0:
-            raise ConfigError("tgpt: train_feature_views trains on cached features, which carry no image paths to pair "
-                              "with their captions, so the content loss would be off; set lambda_con: 0 (no content "
-                              "loss) or leave train_feature_views out")
-
-    @classmethod
     def check_settings(cls, cfg: TGPTConfig, backbone: Backbone) -> None:
         limit = backbone.context_length - 3
         for field in ("n_cat", "n_con"):
@@ -141,8 +139,8 @@ class TGPT(PromptMethod):
         head_templates(cfg.head_templates, dataset)  # no templates for this dataset: ConfigError now
         self._pseudo: dict[int, LearnedContextText] = {}  # "X X ... X." per query count (built on first use)
         self.register_buffer("cat_targets", self._targets([f"a photo of a {_clean(c)}." for c in self.classnames], cfg.n_cat), persistent=False)
-        # content descriptions: per class, token targets [M_c, n_con] (filled by prepare)
-        self._con_targets: list[torch.Tensor] = []
+        # content targets: row i = tokens of training image i's own caption, all-ignore without one (prepare)
+        self._con_targets = torch.empty(0, cfg.n_con, dtype=torch.long, device=dev)
         self.content_loss_enabled = False
         self._content_note = "off: prepare() was not called, so no captions were read"
         self._warned = False
@@ -180,35 +178,43 @@ class TGPT(PromptMethod):
 
     # --- captions -----------------------------------------------------------------------------
     def prepare(self, train_loader: Iterable) -> None:
-        """Read the descriptions of this split's training images (content loss), grouped by class."""
+        """Pair each training image (its position in the training loader's dataset) with its own caption."""
         from fewshot.captions import find_captions_file, match_captions, read_captions
 
         self._ensure_head()
         items = list(getattr(getattr(train_loader, "dataset", None), "items", None) or [])
-        path = self.cfg.captions_file or (find_captions_file([it.impath for it in items]) if items else None)
-        per_class: list[list[str]] = [[] for _ in self.classnames]
+        impaths = [it.impath for it in items]
+        path = self.cfg.captions_file or (find_captions_file(impaths) if items else None)
+        matched = {}
         if path is not None and items and self.cfg.lambda_con > 0:
-            matched = match_captions([it.impath for it in items], read_captions(path))
-            for it in items:
-                if it.impath in matched and 0 <= it.label < len(per_class):
-                    per_class[it.label].append(matched[it.impath])
-        n_desc = sum(len(p) for p in per_class)
-        self._con_targets = [self._targets(p, self.cfg.n_con) if p else torch.empty(0, self.cfg.n_con, dtype=torch.long, device=self.device) for p in per_class]
-        self.content_loss_enabled = n_desc > 0
-        if self.cfg.lambda_con == 0:
-            self._content_note = "off: lambda_con = 0"
-        elif not items:
-            self._content_note = "off: the training loader has no dataset items to match captions against"
-        elif path is None:
-            self._content_note = f"off: no captions.txt found for {self.dataset} (put one in the dataset folder or set method.captions_file)"
-        elif n_desc == 0:
-            self._content_note = f"off: {path} has no line for any of the {len(items)} training images"
-        else:
-            covered = sum(1 for p in per_class if p)
-            self._content_note = f"on: {n_desc}/{len(items)} training images described ({covered}/{len(per_class)} classes) from {path}"
+            matched = match_captions(impaths, read_captions(path))
+        self._con_targets = self._caption_targets([matched.get(p) for p in impaths])
+        n_paired = int((self._con_targets != IGNORE).any(dim=1).sum())
+        self.content_loss_enabled = n_paired > 0
+        self._content_note = self._content_status(path, len(items), n_paired)
         if not self.content_loss_enabled and self.cfg.lambda_con > 0 and not self._warned:
             log.warning("TGP-T content loss is OFF for %s: %s", self.dataset, self._content_note)
             self._warned = True
+
+    def _caption_targets(self, captions: list[Optional[str]]) -> torch.Tensor:
+        """[N, n_con]: row i = the content targets of caption i, all-ignore where it is None."""
+        out = torch.full((len(captions), self.cfg.n_con), IGNORE, dtype=torch.long, device=self.device)
+        rows = [i for i, c in enumerate(captions) if c is not None]
+        if rows:
+            out[rows] = self._targets([captions[i] for i in rows], self.cfg.n_con).to(self.device)
+        return out
+
+    def _content_status(self, path: Optional[Path | str], n_items: int, n_paired: int) -> str:
+        """The content loss on or off, and why (``run_notes``)."""
+        if self.cfg.lambda_con == 0:
+            return "off: lambda_con = 0"
+        if not n_items:
+            return "off: the training loader has no dataset items to match captions against"
+        if path is None:
+            return f"off: no captions.txt found for {self.dataset} (put one in the dataset folder or set method.captions_file)"
+        if n_paired == 0:
+            return f"off: {path} has no line for any of the {n_items} training images"
+        return f"on: {n_paired}/{n_items} training images paired with their own caption from {path}"
 
     def run_notes(self) -> dict[str, str]:
         """Facts about this run the trial should record as params (content supervision on/off and why)."""
@@ -256,7 +262,10 @@ class TGPT(PromptMethod):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
                                label_smoothing=self.cfg.label_smoothing)
 
-    def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_loss(self, images: torch.Tensor, labels: torch.Tensor,
+                      indices: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """CE + λ_cat·L_cat + λ_con·L_con; ``indices`` (the samples' positions in the training split) select each
+        sample's own caption targets for L_con."""
         labels = labels.to(self.device)
         logits, o_cat, o_con = self._run(images)
         ce = F.cross_entropy(logits, labels)
@@ -266,23 +275,20 @@ class TGPT(PromptMethod):
             loss = loss + self.cfg.lambda_cat * l_cat
             parts["l_cat"] = float(l_cat.detach())
         if self.content_loss_enabled and self.cfg.lambda_con > 0:
-            targets = self._content_targets(labels)
+            targets = self._content_targets(indices)
             if (targets != IGNORE).any():
                 l_con = self._token_loss(o_con, targets)
                 loss = loss + self.cfg.lambda_con * l_con
                 parts["l_con"] = float(l_con.detach())
         return loss, parts
 
-    def _content_targets(self, labels: torch.Tensor) -> torch.Tensor:
-        """One description per sample, drawn from the training images of its class (all-ignore if none)."""
-        rows = []
-        for y in labels.tolist():
-            pool = self._con_targets[y]
-            if len(pool) == 0:
-                rows.append(torch.full((self.cfg.n_con,), IGNORE, dtype=torch.long, device=self.device))
-            else:
-                rows.append(pool[int(torch.randint(len(pool), (1,)))])
-        return torch.stack(rows)
+    def _content_targets(self, indices: Optional[torch.Tensor]) -> torch.Tensor:
+        """[B, n_con]: each sample's own caption targets by its position in the training split (all-ignore: no
+        caption)."""
+        if indices is None:
+            raise ValueError("tgpt: the content loss pairs each sample with its own image's caption, so training_loss "
+                             "needs indices (the samples' positions in the training loader's dataset read by prepare)")
+        return self._con_targets[indices.to(self._con_targets.device).long()]
 
     # --- protocol / optimisation -----------------------------------------------------------------
     @classmethod

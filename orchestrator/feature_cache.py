@@ -84,14 +84,17 @@ class FeatureDataset(Dataset):
     or several cached views.
 
     ``images_read`` counts examples served (the counterpart of ``ImageDataset.images_read``), so a
-    trial's ``test_images_read`` means the same with or without the cache.
+    trial's ``test_images_read`` means the same with or without the cache. ``items``: the split's ``Item``s
+    position by position (as ``ImageDataset.items``; None when not given), so a training sample's index names
+    its image in every view.
     """
 
     in_memory = True  # orchestrator.training loads it without worker processes
 
-    def __init__(self, views: list[np.ndarray], labels: list[int], split: str):
+    def __init__(self, views: list[np.ndarray], labels: list[int], split: str, items: Optional[list[Item]] = None):
         self.views = views
         self.labels = list(labels)
+        self.items = None if items is None else list(items)
         self.split = split
         self.view = 0
         self.images_read = 0

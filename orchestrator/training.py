@@ -7,8 +7,11 @@
   constant at ``warmup_lr`` (CoOp/Dassl) or linear from ``warmup_lr`` to ``lr``; then cosine from
   ``lr`` to ``min_lr`` over the total steps (``constant`` keeps ``lr``). Factors are relative to
   ``lr``, so groups with their own lr keep their ratio.
-* ``train_loader``: seeded shuffling generator, ``drop_last`` only when ``len >= batch_size``;
-  in-memory datasets (cached features) are loaded without worker processes.
+* ``train_loader``: batches ``(inputs, labels, indices)`` — ``indices`` each sample's position in the
+  training split (``IndexedDataset``), which the trial passes to ``training_loss`` so a method can pair a
+  sample with per-image data it read in ``prepare`` (TGP-T's captions); seeded shuffling generator,
+  ``drop_last`` only when ``len >= batch_size``; in-memory datasets (cached features) are loaded without
+  worker processes.
 """
 from __future__ import annotations
 
@@ -56,8 +59,28 @@ def _workers(data: Dataset, cfg: TrainConfig) -> int:
     return 0 if getattr(data, "in_memory", False) else cfg.num_workers  # cached features need no workers
 
 
+class IndexedDataset(Dataset):
+    """``(input, label, index)`` for each sample of ``data``: the index is the sample's position in ``data``, whose
+    ``items`` (when it has them: ``ImageDataset``, ``FeatureDataset``) name the image at that position."""
+
+    def __init__(self, data: Dataset):
+        self.data = data
+
+    @property
+    def items(self):
+        return getattr(self.data, "items", None)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        x, label = self.data[index]
+        return x, label, index
+
+
 def train_loader(data: Dataset, cfg: TrainConfig, generator: torch.Generator) -> DataLoader:
-    return DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=generator,
+    """Shuffled training batches ``(inputs, labels, indices)`` over ``data`` (see the module docstring)."""
+    return DataLoader(IndexedDataset(data), batch_size=cfg.batch_size, shuffle=True, generator=generator,
                       drop_last=cfg.drop_last and len(data) >= cfg.batch_size, num_workers=_workers(data, cfg),
                       persistent_workers=False)
 

@@ -8,7 +8,8 @@
    ``TrainConfig`` field or a field of the method's ``Config``; unknown keys and bad values are
    ``ConfigError``);
 3. gradient methods train for ``epochs`` (or ``max_iters``) with the optimizer/schedule of
-   ``orchestrator.training``; after every epoch the val accuracy is measured, a checkpoint written
+   ``orchestrator.training``, one ``training_loss(images, labels, indices=...)`` per step (``indices``: each
+   sample's position in the training split, for methods that pair it with per-image data); after every epoch the val accuracy is measured, a checkpoint written
    (when ``output_dir`` is given) and ``report(metrics, checkpoint_dir)`` called; a NaN/inf loss stops
    at once (``TrainingError`` with ``error_class="nan_loss"``); ``selection: best_val`` evaluates the
    best-val state. With ``max_trial_s`` a run of the trial that passes that much wall time (checked before
@@ -38,6 +39,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
@@ -225,17 +227,27 @@ class _Stepper:
         self.method, self.opt, self.cfg, self.device = method, opt, cfg, device
         self.micro: Optional[int] = None  # None = whole batch
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> float:
+    def step_retrying(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, step: int) -> float:
+        """``step``, retried with smaller micro-batches after each out-of-memory (``on_oom``)."""
+        while True:
+            try:
+                return self.step(images, labels, indices, step)
+            except RuntimeError as exc:  # torch.OutOfMemoryError is one
+                if not is_oom(exc):
+                    raise
+                self.on_oom(exc, step)
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, step: int) -> float:
         cfg, n = self.cfg, len(labels)
         size = n if self.micro is None else min(self.micro, n)
         self.opt.zero_grad(set_to_none=True)
         total = None
         for i in range(0, n, size):
-            x, y = images[i:i + size], labels[i:i + size]
+            x, y, idx = images[i:i + size], labels[i:i + size], indices[i:i + size]
             if cfg.fault == "oom" and step >= cfg.fault_step and len(y) > cfg.fault_oom_batch:
                 raise torch.OutOfMemoryError(f"injected out-of-memory for a micro-batch of {len(y)} (fault: oom)")
             with _autocast(self.device, cfg):
-                loss, _parts = self.method.training_loss(x, y)
+                loss, _parts = self.method.training_loss(x, y, indices=idx)
             if cfg.fault in ("nan_loss", "inf_loss") and step >= cfg.fault_step:
                 loss = loss + (float("nan") if cfg.fault == "nan_loss" else float("inf"))
             part = loss * (len(y) / n)
@@ -290,7 +302,8 @@ class _Views:
             return ImageDataset(items, self.eval_tf, split=split)
         from orchestrator.feature_cache import FeatureDataset
 
-        return FeatureDataset([self._features(items, self.eval_tf, "eval", split)], [it.label for it in items], split)
+        return FeatureDataset([self._features(items, self.eval_tf, "eval", split)], [it.label for it in items], split,
+                              items=items)
 
     def train(self, items):
         from fewshot.images import ImageDataset
@@ -303,23 +316,102 @@ class _Views:
         lo, hi = self.cfg.crop_scale  # part of a view's key: views drawn with another crop range are other views
         views = [self._features(items, self.train_tf, f"train-{i}-crop{lo:g}-{hi:g}", "train", seed=1000 + i)
                  for i in range(k)]
-        return FeatureDataset(views, [it.label for it in items], "train")
+        return FeatureDataset(views, [it.label for it in items], "train", items=items)
+
+
+@dataclass
+class _Run:
+    """One run of a trial once built (``_build``): its settings, method, datasets and loaders, and the
+    validation images it has scored (part of its cost: ``images_evaluated``)."""
+
+    req: TrialRequest
+    cls: type
+    train_cfg: TrainConfig
+    limit: TimeLimit
+    device: torch.device
+    classnames: list[str]
+    test_sets: list
+    views: _Views
+    method: PromptMethod
+    train_ds: Any
+    loader: Any
+    val_loader: Any
+    gen: torch.Generator
+    state: Optional[dict]  # the checkpoint this run resumes from
+    resume_from: Optional[Path]
+    val_images: int = 0
+
+    def val_acc(self) -> float:
+        acc = evaluate(self.method, self.val_loader, self.device, self.train_cfg,
+                       f"the validation split of {self.req.dataset}", self.limit)
+        self.val_images += len(self.val_loader.dataset)
+        return acc
+
+
+@dataclass
+class _Progress:
+    """Where training stands — what a checkpoint saves and a resume restores (epochs, step, best and last val) —
+    plus this run's own counts: examples stepped, seconds in its training loops, the micro-batch OOM retries
+    left it with."""
+
+    epochs_run: int = 0
+    step: int = 0
+    best_val: float = -1.0
+    best_state: Optional[dict] = None
+    last_val: Optional[float] = None
+    train_images: int = 0
+    train_s: float = 0.0
+    micro_batch: Optional[int] = None
+
+    def keep_if_best(self, val: Optional[float], method: PromptMethod) -> None:
+        """Remember the method's state when ``val`` beats the best validation accuracy so far."""
+        if val is not None and val > self.best_val:
+            self.best_val, self.best_state = val, copy.deepcopy(method.trainable_state_dict())
+
+
+@dataclass
+class _Schedule:
+    """The optimizer, its per-step learning-rate schedule and the trial's length in steps and epochs."""
+
+    opt: torch.optim.Optimizer
+    sched: Any
+    steps_per_epoch: int
+    n_total: int
+    n_epochs: int
 
 
 def run_trial(req: TrialRequest, *, output_dir: Optional[Path] = None, report: Optional[Report] = None,
               resume_from: Optional[Path] = None) -> dict:
-    """Run one trial and return its final metrics (see the module docstring)."""
-    from methods.backbone import load_backbone
-    from methods.registry import get_method
-
+    """Run one trial and return its final metrics (see the module docstring): ``_build`` (settings, checkpoint,
+    data, method), then ``_train`` (epochs of ``_train_step``s, each epoch ended by ``_end_epoch``) or ``_fit``,
+    then ``_final_metrics`` (with ``_test``)."""
     t0 = time.time()
     report = report or (lambda metrics, checkpoint_dir=None: None)
+    run = _build(req, t0, resume_from)
+    progress = _train(run, output_dir, report) if run.cls.trains_by_gradient else _fit(run)
+    final = _final_metrics(run, progress, t0)
+    report(final, None)
+    return final
+
+
+def _method_class(req: TrialRequest):
+    """The request's method class; ConfigError when it cannot run the request's protocol."""
+    from methods.registry import get_method
+
     cls = get_method(req.method)
     if req.protocol not in cls.protocols:
         raise ConfigError(f"method {req.method} does not support protocol {req.protocol} (it supports: "
                           f"{', '.join(cls.protocols)})")
     if req.protocol in TRANSFER_PROTOCOLS and not req.targets:
         raise ConfigError(f"protocol {req.protocol} needs targets: the datasets to evaluate on (e.g. --target imagenet_v2)")
+    return cls
+
+
+def _build(req: TrialRequest, t0: float, resume_from: Optional[Path]) -> _Run:
+    """Settings, checkpoint (read before anything heavy), seeded backbone, splits, method and loaders."""
+    from methods.backbone import load_backbone
+
+    cls = _method_class(req)
     train_cfg, method_cfg = build_configs(req, cls)
     limit = TimeLimit(train_cfg, t0)
     device = _device(req)
@@ -343,126 +435,166 @@ def run_trial(req: TrialRequest, *, output_dir: Optional[Path] = None, report: O
     loader = training.train_loader(train_ds, train_cfg, gen)
     if len(train_ds) == 0:
         raise EmptySplitError(f"the {req.shots}-shot training split of {req.dataset} is empty")
+    return _Run(req, cls, train_cfg, limit, device, classnames, test_sets, views, method, train_ds, loader,
+                val_loader, gen, state, resume_from)
 
-    val_images = 0  # validation images scored by this run (part of its cost: images_evaluated)
 
-    def val_acc() -> float:
-        nonlocal val_images
-        acc = evaluate(method, val_loader, device, train_cfg, f"the validation split of {req.dataset}", limit)
-        val_images += len(val_loader.dataset)
-        return acc
+def _fit(run: _Run) -> _Progress:
+    """A closed-form method: one ``fit`` on the training split, then the validation accuracy."""
+    progress = _Progress()
+    run.method.prepare(run.loader)
+    run.method.fit(run.loader, run.val_loader)
+    if type(run.method).fit is not PromptMethod.fit:  # a closed-form fit reads the training split once
+        progress.train_images = len(run.train_ds)
+    run.limit.check("after fitting")
+    progress.last_val = run.val_acc()
+    return progress
 
-    epochs_run, last_val = 0, None
-    train_images, train_s = 0, 0.0  # examples stepped by this run and the time its training loops took
-    if not cls.trains_by_gradient:
-        method.prepare(loader)
-        method.fit(loader, val_loader)
-        if type(method).fit is not PromptMethod.fit:  # a closed-form fit reads the training split once
-            train_images = len(train_ds)
-        limit.check("after fitting")
-        last_val = val_acc()
-    else:
-        method.prepare(loader)
-        opt = training.build_optimizer(method.param_groups(train_cfg), train_cfg)
-        steps_per_epoch = len(loader)
-        sched = training.build_scheduler(opt, train_cfg, steps_per_epoch)
-        n_total = training.total_steps(train_cfg, steps_per_epoch)
-        n_epochs = math.ceil(n_total / steps_per_epoch) if train_cfg.max_iters else train_cfg.epochs
-        step, start_epoch, best = 0, 0, {"val": -1.0, "state": None}
-        if state is not None:
-            try:
-                method.load_trainable_state_dict(state["method"])
-                opt.load_state_dict(state["optimizer"])
-                sched.load_state_dict(state["scheduler"])
-            except (RuntimeError, KeyError, ValueError) as exc:
-                raise CheckpointError(f"checkpoint {resume_from} does not fit this trial ({req.method}, its "
-                                      f"configuration): {str(exc)[:200]}; resume only with the same request") from None
-            start_epoch, step, epochs_run = state["epoch"], state["step"], state["epoch"]
-            best = {"val": state["best_val"], "state": state.get("best_state")}
-            last_val = state.get("last_val")
-            ckpt.restore_rng(state["rng"], gen)
-        prev_dir = None
-        stepper = _Stepper(method, opt, train_cfg, device)
-        for epoch in range(start_epoch, n_epochs):
-            if hasattr(train_ds, "set_epoch"):
-                train_ds.set_epoch(epoch)  # cached augmented views: epoch e trains on view e mod k
-            method.train()
-            total_loss, seen = 0.0, 0
-            loop_t0, val_s = time.perf_counter(), 0.0
-            for images, labels in loader:
-                if step >= n_total:
-                    break
-                limit.check(f"at epoch {epoch + 1} step {step + 1}")
-                images, labels = images.to(device), labels.to(device)
-                while True:
-                    try:
-                        loss_value = stepper.step(images, labels, step + 1)
-                        break
-                    except RuntimeError as exc:  # torch.OutOfMemoryError is one
-                        if not is_oom(exc):
-                            raise
-                        stepper.on_oom(exc, step + 1)
-                if not math.isfinite(loss_value):
-                    raise TrainingError(f"loss became {loss_value} at epoch {epoch + 1} step {step + 1}: lower the "
-                                        f"learning rate (lr={train_cfg.lr}) or enable grad_clip", error_class="nan_loss")
-                if train_cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], train_cfg.grad_clip)
-                opt.step()
-                sched.step()
-                step += 1
-                total_loss += loss_value * len(labels)
-                seen += len(labels)
-                if (train_cfg.selection == "best_val" and train_cfg.eval_every_iters
-                        and step % train_cfg.eval_every_iters == 0 and step % steps_per_epoch != 0):
-                    val_t0 = time.perf_counter()
-                    v = val_acc()
-                    if v is not None and v > best["val"]:
-                        best = {"val": v, "state": copy.deepcopy(method.trainable_state_dict())}
-                    method.train()
-                    val_s += time.perf_counter() - val_t0
-            train_s += time.perf_counter() - loop_t0 - val_s
-            train_images += seen
-            epochs_run = epoch + 1
-            last_val = val_acc()
-            if last_val is not None and last_val > best["val"]:
-                best = {"val": last_val, "state": copy.deepcopy(method.trainable_state_dict())}
-            metrics = {"epoch": epochs_run, "train_loss": total_loss / max(1, seen), "lr": opt.param_groups[0]["lr"],
-                       "step": step}
-            if last_val is not None:
-                metrics["val_acc"] = last_val
-            ckpt_dir = None
-            if output_dir is not None:
-                ckpt_dir = ckpt.save(Path(output_dir) / "checkpoints" / f"epoch_{epochs_run:04d}", {
-                    "method": method.trainable_state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "epoch": epochs_run, "step": step, "best_val": best["val"],
-                    "best_state": best["state"], "last_val": last_val, "rng": ckpt.rng_state(gen)})
-            print(f"[trial] epoch {epochs_run}/{n_epochs} loss {metrics['train_loss']:.4f}"
-                  + (f" val {last_val:.2f}" if last_val is not None else ""), file=sys.stderr, flush=True)
-            report(metrics, ckpt_dir)
-            if prev_dir is not None and prev_dir != ckpt_dir:
-                shutil.rmtree(prev_dir, ignore_errors=True)
-            prev_dir = ckpt_dir
-            if step >= n_total:
-                break
-        if train_cfg.selection == "best_val" and best["state"] is not None:
-            method.load_trainable_state_dict(best["state"])
-            last_val = best["val"]
 
-    final: dict[str, Any] = {"val_acc": last_val, "epochs_run": epochs_run, "images_trained": train_images}
-    if train_images and cls.trains_by_gradient:  # training throughput of this run (data loading included; validation not)
-        final.update(train_images=train_images, train_images_per_s=train_images / max(train_s, 1e-9))
-    if cls.trains_by_gradient and stepper.micro is not None:
-        final["micro_batch"] = stepper.micro  # out-of-memory retries shrank it (gradients accumulated)
-    if req.stage == "final":
-        final.update(_test(req, method, views, test_sets, train_cfg, device, limit))
-        method.set_classnames(classnames, req.dataset)
+def _train(run: _Run, output_dir: Optional[Path], report: Report) -> _Progress:
+    """A gradient method: epochs from the checkpoint (or the start) to the schedule's end, each validated,
+    checkpointed and reported; then, with ``selection: best_val``, the best-val state is the one kept."""
+    run.method.prepare(run.loader)
+    schedule = _schedule(run)
+    progress = _restore(run, schedule) if run.state is not None else _Progress()
+    stepper = _Stepper(run.method, schedule.opt, run.train_cfg, run.device)
+    prev_dir = None
+    for epoch in range(progress.epochs_run, schedule.n_epochs):
+        train_loss = _run_epoch(run, schedule, stepper, progress, epoch)
+        progress.epochs_run = epoch + 1
+        ckpt_dir = _end_epoch(run, schedule, progress, train_loss, output_dir, report)
+        if prev_dir is not None and prev_dir != ckpt_dir:
+            shutil.rmtree(prev_dir, ignore_errors=True)  # only the newest checkpoint is kept
+        prev_dir = ckpt_dir
+        if progress.step >= schedule.n_total:
+            break
+    progress.micro_batch = stepper.micro
+    if run.train_cfg.selection == "best_val" and progress.best_state is not None:
+        run.method.load_trainable_state_dict(progress.best_state)
+        progress.last_val = progress.best_val
+    return progress
+
+
+def _schedule(run: _Run) -> _Schedule:
+    cfg = run.train_cfg
+    opt = training.build_optimizer(run.method.param_groups(cfg), cfg)
+    steps_per_epoch = len(run.loader)
+    sched = training.build_scheduler(opt, cfg, steps_per_epoch)
+    n_total = training.total_steps(cfg, steps_per_epoch)
+    n_epochs = math.ceil(n_total / steps_per_epoch) if cfg.max_iters else cfg.epochs
+    return _Schedule(opt, sched, steps_per_epoch, n_total, n_epochs)
+
+
+def _restore(run: _Run, schedule: _Schedule) -> _Progress:
+    """Method, optimizer, schedule, progress and RNG states from the checkpoint the run resumes from."""
+    state = run.state
+    try:
+        run.method.load_trainable_state_dict(state["method"])
+        schedule.opt.load_state_dict(state["optimizer"])
+        schedule.sched.load_state_dict(state["scheduler"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {run.resume_from} does not fit this trial ({run.req.method}, its "
+                              f"configuration): {str(exc)[:200]}; resume only with the same request") from None
+    progress = _Progress(epochs_run=state["epoch"], step=state["step"], best_val=state["best_val"],
+                         best_state=state.get("best_state"), last_val=state.get("last_val"))
+    ckpt.restore_rng(state["rng"], run.gen)
+    return progress
+
+
+def _run_epoch(run: _Run, schedule: _Schedule, stepper: "_Stepper", progress: _Progress, epoch: int) -> float:
+    """Train epoch ``epoch`` (up to the schedule's last step); returns its mean training loss. With
+    ``selection: best_val`` and ``eval_every_iters`` the best state is also looked for within the epoch."""
+    cfg = run.train_cfg
+    if hasattr(run.train_ds, "set_epoch"):
+        run.train_ds.set_epoch(epoch)  # cached augmented views: epoch e trains on view e mod k
+    run.method.train()
+    total_loss, seen = 0.0, 0
+    loop_t0, val_s = time.perf_counter(), 0.0
+    for images, labels, indices in run.loader:
+        if progress.step >= schedule.n_total:
+            break
+        loss_value = _train_step(run, schedule, stepper, progress, epoch, images, labels, indices)
+        total_loss += loss_value * len(labels)
+        seen += len(labels)
+        if _validates_mid_epoch(cfg, progress.step, schedule.steps_per_epoch):
+            val_t0 = time.perf_counter()
+            progress.keep_if_best(run.val_acc(), run.method)
+            run.method.train()
+            val_s += time.perf_counter() - val_t0
+    progress.train_s += time.perf_counter() - loop_t0 - val_s
+    progress.train_images += seen
+    return total_loss / max(1, seen)
+
+
+def _validates_mid_epoch(cfg: TrainConfig, step: int, steps_per_epoch: int) -> bool:
+    """True after a step ``eval_every_iters`` asks to validate at (an epoch's last step is validated anyway)."""
+    return bool(cfg.selection == "best_val" and cfg.eval_every_iters and step % cfg.eval_every_iters == 0
+                and step % steps_per_epoch != 0)
+
+
+def _train_step(run: _Run, schedule: _Schedule, stepper: "_Stepper", progress: _Progress, epoch: int,
+                images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> float:
+    """One optimizer step (time limit checked first; NaN/inf loss stops the trial); returns the batch loss."""
+    cfg, where = run.train_cfg, f"at epoch {epoch + 1} step {progress.step + 1}"
+    run.limit.check(where)
+    batch = (images.to(run.device), labels.to(run.device), indices.to(run.device))
+    loss_value = stepper.step_retrying(*batch, progress.step + 1)
+    if not math.isfinite(loss_value):
+        raise TrainingError(f"loss became {loss_value} {where}: lower the learning rate (lr={cfg.lr}) or enable "
+                            "grad_clip", error_class="nan_loss")
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for g in schedule.opt.param_groups for p in g["params"]], cfg.grad_clip)
+    schedule.opt.step()
+    schedule.sched.step()
+    progress.step += 1
+    return loss_value
+
+
+def _end_epoch(run: _Run, schedule: _Schedule, progress: _Progress, train_loss: float, output_dir: Optional[Path],
+               report: Report) -> Optional[Path]:
+    """Validate, keep the best state, write the checkpoint (with ``output_dir``) and report the epoch's metrics;
+    returns the checkpoint directory."""
+    progress.last_val = run.val_acc()
+    progress.keep_if_best(progress.last_val, run.method)
+    metrics = {"epoch": progress.epochs_run, "train_loss": train_loss, "lr": schedule.opt.param_groups[0]["lr"],
+               "step": progress.step}
+    if progress.last_val is not None:
+        metrics["val_acc"] = progress.last_val
+    ckpt_dir = _save_checkpoint(run, schedule, progress, output_dir) if output_dir is not None else None
+    print(f"[trial] epoch {progress.epochs_run}/{schedule.n_epochs} loss {train_loss:.4f}"
+          + (f" val {progress.last_val:.2f}" if progress.last_val is not None else ""), file=sys.stderr, flush=True)
+    report(metrics, ckpt_dir)
+    return ckpt_dir
+
+
+def _save_checkpoint(run: _Run, schedule: _Schedule, progress: _Progress, output_dir: Path) -> Path:
+    """``<output_dir>/checkpoints/epoch_NNNN``: everything ``_restore`` reads back (``orchestrator.checkpoint``)."""
+    return ckpt.save(Path(output_dir) / "checkpoints" / f"epoch_{progress.epochs_run:04d}", {
+        "method": run.method.trainable_state_dict(), "optimizer": schedule.opt.state_dict(),
+        "scheduler": schedule.sched.state_dict(), "epoch": progress.epochs_run, "step": progress.step,
+        "best_val": progress.best_val, "best_state": progress.best_state, "last_val": progress.last_val,
+        "rng": ckpt.rng_state(run.gen)})
+
+
+def _final_metrics(run: _Run, progress: _Progress, t0: float) -> dict:
+    """The trial's result: validation accuracy, cost in images and time, test accuracies (``stage="final"``) and
+    the method's run notes."""
+    final: dict[str, Any] = {"val_acc": progress.last_val, "epochs_run": progress.epochs_run,
+                             "images_trained": progress.train_images}
+    if progress.train_images and run.cls.trains_by_gradient:  # training throughput (data loading in; validation not)
+        final.update(train_images=progress.train_images,
+                     train_images_per_s=progress.train_images / max(progress.train_s, 1e-9))
+    if progress.micro_batch is not None:
+        final["micro_batch"] = progress.micro_batch  # out-of-memory retries shrank it (gradients accumulated)
+    if run.req.stage == "final":
+        final.update(_test(run.req, run.method, run.views, run.test_sets, run.train_cfg, run.device, run.limit))
+        run.method.set_classnames(run.classnames, run.req.dataset)
     final.setdefault("test_images_read", 0)
-    final["images_evaluated"] = val_images + final["test_images_read"]
-    notes = method.run_notes()
+    final["images_evaluated"] = run.val_images + final["test_images_read"]
+    notes = run.method.run_notes()
     if notes:
         final["run_notes"] = json.dumps(notes, sort_keys=True)
     final["wall_time_s"] = time.time() - t0
-    report(final, None)
     return final
 
 

@@ -69,14 +69,16 @@ def test_every_shipped_search_space_passes():
 
 
 def test_every_cell_is_checked_not_only_the_searched_ones(tiny_backbone):
-    """TGP-T's content loss needs image paths, which cached training views do not carry: refused up front."""
-    spec = parse_spec({"name": "t", "methods": ["tgpt"], "datasets": ["digits"], "shots": [1], "seeds": [1],
+    """A cell without a search is checked with its own settings: one its method refuses stops the sweep up front.
+    TGP-T with cached training views (which keep the split's items, so its content loss pairs them) is accepted."""
+    spec = parse_spec({"name": "t", "methods": ["tgpt", "coop"], "datasets": ["digits"], "shots": [1], "seeds": [1],
                        "backbone": {"arch": "promptsweep-tiny", "pretrained": None},
-                       "train": {"defaults": {"train_feature_views": 2}}})
+                       "train": {"defaults": {"train_feature_views": 2},
+                                 "methods": {"coop": {"ctx_init": "a photo of a", "n_ctx": 2}}}})
     with pytest.raises(ConfigError) as err:
         check_plan(plan(spec), backbone=tiny_backbone)
-    assert str(err.value).startswith("cell fewshot.tgpt.digits.1shot: tgpt refuses its settings: tgpt: "
-                                     "train_feature_views trains on cached features")
+    assert str(err.value).startswith("cell fewshot.coop.digits.1shot: coop refuses its settings: ctx_init 'a photo "
+                                     "of a' is 4 tokens but n_ctx=2")
     ok = parse_spec({**spec.model_dump(mode="json"), "train": {"defaults": {"train_feature_views": 2},
-                                                               "methods": {"tgpt": {"lambda_con": 0.0}}}})
+                                                               "methods": {"coop": {"n_ctx": 2}}}})
     assert check_plan(plan(ok), backbone=tiny_backbone) == 0

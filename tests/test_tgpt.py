@@ -29,17 +29,26 @@ def _make(bb, names, dataset="digits", **kw):
     return TGPT(bb, names, dataset, TGPTConfig(**kw))
 
 
-def _captions_file(tmp_path, loader, skip_label=None):
-    """A captions.txt keyed by path relative to the image dir, one distinct description per image."""
-    lines = []
-    for i, it in enumerate(loader.dataset.items):
+def _captions_file(tmp_path, items, skip_label=None):
+    """A captions.txt keyed by path relative to the image dir, one distinct description per image (its position in
+    ``items``), none for the images of ``skip_label``; returns (path, {impath: description})."""
+    lines, own = [], {}
+    for i, it in enumerate(items):
         if it.label == skip_label:
             continue
+        own[it.impath] = f"a picture of the digit {it.classname} number {i}"
         rel = "/".join(it.impath.replace("\\", "/").split("/")[-2:])
-        lines.append(f"{rel}\ta picture of the digit {it.classname} number {i}\tdigit")
+        lines.append(f"{rel}\t{own[it.impath]}\tdigit")
     path = tmp_path / "captions.txt"
     path.write_text("# comment\n\n" + "\n".join(lines) + "\n")
-    return path
+    return path, own
+
+
+def _own_targets(m, items, own, indices):
+    """[B, n_con]: the tokens of each indexed image's own description, all-ignore for an image without one."""
+    rows = [m._targets([own[items[i].impath]], m.cfg.n_con)[0] if items[i].impath in own
+            else torch.full((m.cfg.n_con,), IGNORE, dtype=torch.long) for i in indices]
+    return torch.stack(rows)
 
 
 # ------------------------------------------------------------------------------------------- shapes
@@ -175,26 +184,115 @@ def test_content_loss_off_without_captions_is_loud(tiny_backbone, digits, caplog
     assert set(parts) == {"ce", "l_cat"}
 
 
-def test_content_loss_uses_training_image_descriptions_of_the_class(tiny_backbone, digits, tmp_path):
+def test_content_targets_are_each_images_own_caption_by_index(tiny_backbone, digits, tmp_path):
     names, loader = digits
-    path = _captions_file(tmp_path, loader, skip_label=0)
+    items = loader.dataset.items
+    path, own = _captions_file(tmp_path, items, skip_label=0)
     m = _make(tiny_backbone, names, captions_file=str(path))
     m.prepare(loader)
-    assert m.content_loss_enabled and m.run_notes()["tgpt_content_loss"].startswith("on: ")
-    per_class = sum(1 for it in loader.dataset.items if it.label == 1)
-    assert len(m._con_targets[1]) == per_class and len(m._con_targets[0]) == 0
-    # each sample's content target is the tokenised description of a training image of its own class
-    labels = torch.tensor([1, 1, 0, 2])
-    targets = m._content_targets(labels)
-    allowed = {1: {tuple(r.tolist()) for r in m._con_targets[1]}, 2: {tuple(r.tolist()) for r in m._con_targets[2]}}
-    assert tuple(targets[0].tolist()) in allowed[1] and tuple(targets[3].tolist()) in allowed[2]
-    assert (targets[2] == IGNORE).all()  # class without descriptions: no content supervision
-    x, y = _batch(loader)
-    loss, parts = m.training_loss(x, y)
-    assert set(parts) == {"ce", "l_cat", "l_con"}
+    assert m.content_loss_enabled
+    assert m.run_notes()["tgpt_content_loss"] == (f"on: {len(own)}/{len(items)} training images paired with their "
+                                                  f"own caption from {path}")
+    every = _own_targets(m, items, own, range(len(items)))
+    assert len({tuple(r.tolist()) for r in every if (r != IGNORE).any()}) == len(own)  # distinct, so by index
+    # a batch in any order: each sample's targets are its own image's, an image without a caption all-ignore
+    undescribed = [i for i, it in enumerate(items) if it.label == 0]
+    order = [len(items) - 1, undescribed[0], 3, 7, undescribed[-1], 1]
+    indices = torch.tensor(order)
+    assert torch.equal(m._content_targets(indices), _own_targets(m, items, own, order))
+    # the step's content loss is the CE against those targets over the described samples only
+    x = torch.stack([loader.dataset[i][0] for i in order])
+    y = torch.tensor([items[i].label for i in order])
+    described = torch.tensor([items[i].impath in own for i in order])
+    _, _, o_con = m._run(x)
+    _, parts = m.training_loss(x, y, indices=indices)
+    want = m._token_loss(o_con[described], _own_targets(m, items, own, order)[described])
+    assert parts["l_con"] == pytest.approx(float(want.detach()), rel=1e-5)
+    # a sample without a caption contributes nothing to it: no gradient reaches its content queries
+    out = o_con.detach().requires_grad_()
+    m._token_loss(out, m._content_targets(indices)).backward()
+    assert (out.grad[~described] == 0).all() and (out.grad[described] != 0).any()
+    with pytest.raises(ValueError, match="needs indices"):
+        m.training_loss(x, y)  # the content loss is on: a batch without sample identities is refused
+    only_undescribed = torch.tensor(undescribed[:2])
+    _, parts = m.training_loss(x[:2], torch.zeros(2, dtype=torch.long), indices=only_undescribed)
+    assert set(parts) == {"ce", "l_cat"}  # no described sample in the batch: no content loss at all
     off = _make(tiny_backbone, names, captions_file=str(path), lambda_con=0.0)
     off.prepare(loader)
     assert not off.content_loss_enabled and off.run_notes()["tgpt_content_loss"] == "off: lambda_con = 0"
+
+
+@pytest.mark.parametrize("views", [None, 2], ids=["images", "cached-train-views"])
+def test_trial_steps_supervise_each_sample_with_its_own_caption(tiny_backbone, tmp_path, monkeypatch, views):
+    """Through ``run_trial`` (fresh augmentations, and cached training views): every step's content targets are
+    the captions of the images at the batch's indices; the backbone stays bit-identical."""
+    import json
+
+    from fewshot.registry import load_dataset
+    from methods.backbone import TINY_ARCH
+    from orchestrator.trial import TrialRequest, run_trial
+    from tests.method_harness import assert_backbone_untouched, backbone_snapshot
+
+    path, own = _captions_file(tmp_path, load_dataset("digits").train, skip_label=0)
+    seen = {"steps": []}
+    real_prepare, real_loss, real_token_loss = TGPT.prepare, TGPT.training_loss, TGPT._token_loss
+
+    def prepare(self, train_loader):
+        seen.update(items=list(train_loader.dataset.items), method=self, snapshot=backbone_snapshot(self.backbone))
+        real_prepare(self, train_loader)
+
+    def training_loss(self, images, labels, indices=None):
+        seen["steps"].append({"indices": indices.tolist(), "labels": labels.tolist()})
+        return real_loss(self, images, labels, indices=indices)
+
+    def token_loss(self, out, targets):
+        if targets.shape[1] == self.cfg.n_con:  # n_con != n_cat here: the content call
+            seen["steps"][-1]["con"] = targets.clone()
+        return real_token_loss(self, out, targets)
+
+    monkeypatch.setattr(TGPT, "prepare", prepare)
+    monkeypatch.setattr(TGPT, "training_loss", training_loss)
+    monkeypatch.setattr(TGPT, "_token_loss", token_loss)
+    over = {"max_iters": 10, "batch_size": 4, "n_cat": 4, "n_con": 12, "captions_file": str(path),
+            "train_feature_views": views, "num_workers": 0}
+    final = run_trial(TrialRequest(method="tgpt", dataset="digits", shots=2, seed=1, device="cpu", stage="search",
+                                   overrides=over))
+    m, items, steps = seen["method"], seen["items"], seen["steps"]
+    assert m.backbone.arch == TINY_ARCH and len(steps) == 10
+    described = sum(it.impath in own for it in items)
+    assert 0 < described < len(items)  # the label-0 images have no caption
+    assert json.loads(final["run_notes"])["tgpt_content_loss"].startswith(
+        f"on: {described}/{len(items)} training images paired with their own caption")
+    for step in steps:
+        assert step["labels"] == [items[i].label for i in step["indices"]]  # an index names the sample served
+        want = _own_targets(m, items, own, step["indices"])
+        if (want != IGNORE).any():
+            assert torch.equal(step["con"], want), step["indices"]
+        else:
+            assert "con" not in step  # only undescribed images in the batch: no content loss
+    assert {i for step in steps for i in step["indices"]} == set(range(len(items)))  # every image was stepped
+    assert_backbone_untouched(m.backbone, seen["snapshot"])
+
+
+def test_trial_cli_runs_tgpt_with_paired_captions(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from fewshot.registry import load_dataset
+
+    path, _ = _captions_file(tmp_path, load_dataset("digits").train)
+    r = subprocess.run([sys.executable, "-m", "orchestrator.trial", "--method", "tgpt", "--dataset", "digits",
+                        "--shots", "1", "--seed", "1", "--device", "cpu", "--set", "max_iters=3", "--set",
+                        "batch_size=4", "--set", "n_cat=4", "--set", "n_con=12", "--set", f"captions_file={path}",
+                        "--json"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["epochs_run"] >= 1 and 0 <= out["test_acc"] <= 100 and out["images_trained"] > 0
+    assert json.loads(out["run_notes"])["tgpt_content_loss"] == (
+        f"on: 10/10 training images paired with their own caption from {path}")
 
 
 # -------------------------------------------------------------------------------------- protocols

@@ -76,9 +76,9 @@ def test_search_stage_reads_no_test_images(tiny_backbone, monkeypatch, feature_c
         splits.append(split)
         orig_img(self, items, transform, split)
 
-    def spy_feat(self, views, labels, split):
+    def spy_feat(self, views, labels, split, items=None):
         splits.append(split)
-        orig_feat(self, views, labels, split)
+        orig_feat(self, views, labels, split, items)
 
     monkeypatch.setattr(images.ImageDataset, "__init__", spy_img)
     monkeypatch.setattr(fc.FeatureDataset, "__init__", spy_feat)
@@ -112,7 +112,7 @@ def test_training_throughput_counts_the_examples_stepped(tiny_backbone):
 def test_nan_loss_stops_with_nan_loss_error(tiny_backbone, monkeypatch):
     from methods.coop import CoOp
 
-    def bad_loss(self, images, labels):
+    def bad_loss(self, images, labels, indices=None):
         return torch.tensor(float("nan"), requires_grad=True), {}
 
     monkeypatch.setattr(CoOp, "training_loss", bad_loss)
