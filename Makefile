@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: setup pretrain demo test test-fast clean
+.PHONY: setup pretrain demo lint format test test-fast clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,16 @@ demo: setup
 	$(PY) -m methods pretrain
 	RAY_AUTH_MODE=disabled $(PY) -m orchestrator.sweep search_spaces/demo.yaml
 
-test: setup
+# the linter (ruff: lint + format check, settings in pyproject.toml); `make format` applies both
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: setup lint
 	RAY_AUTH_MODE=disabled $(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup

@@ -218,3 +218,36 @@ def test_a_trial_missing_from_tunes_snapshot_continues_its_mlflow_run(tmp_path):
     assert len(cont) == 1 and cont[0].data.tags["tune_trial_id"] == mine["tune_trial_id"]
     if lost["mlflow_run_id"]:
         assert cont[0].info.run_id == lost["mlflow_run_id"]
+
+
+def test_the_scheduler_picks_the_first_waiting_trial_without_scanning_finished_ones():
+    from types import SimpleNamespace
+
+    from ray.tune.experiment import Trial
+
+    from orchestrator.tune_runner import LedgerScheduler
+
+    class FakeTrial:
+        checkpoint, config = None, {}
+        storage = SimpleNamespace(trial_dir_name=None)
+
+        def __init__(self, tid, status):
+            self.trial_id, self.status = tid, status
+
+    sched = LedgerScheduler(SimpleNamespace(adopt=lambda *a: None), prune=False)
+    controller = SimpleNamespace(get_live_trials=lambda: set(),
+                                 _checkpoint_manager=SimpleNamespace(_should_force_sync_up=False))
+    done = [FakeTrial(f"d{i}", Trial.RUNNING) for i in range(500)]
+    waiting = [FakeTrial("p1", Trial.PENDING), FakeTrial("p2", Trial.PENDING)]
+    for t in [*done, *waiting]:
+        sched.on_trial_add(controller, t)
+    for t in done:
+        t.status = Trial.TERMINATED
+    assert sched.choose_trial_to_run(controller) is waiting[0]
+    assert list(sched._unfinished) == ["p1", "p2"]  # finished trials are not looked at again
+    waiting[0].status = Trial.RUNNING
+    assert sched.choose_trial_to_run(controller) is waiting[1]
+    waiting[1].status = Trial.PAUSED
+    assert sched.choose_trial_to_run(controller) is waiting[1]
+    waiting[1].status = Trial.ERROR
+    assert sched.choose_trial_to_run(controller) is None
