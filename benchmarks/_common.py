@@ -19,6 +19,7 @@
   ``packing.py``);
 * ``emit(figures)``: prints the JSON object that is every benchmark's last stdout line.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,8 +69,9 @@ class _SyntheticLoader:
         self.bb, self.batch_size, self.n = bb, batch_size, len(classnames)
         items = [Item(str(folder / f"img{i}.png"), i, c) for i, c in enumerate(classnames)]
         self.dataset = SimpleNamespace(items=items)
-        (folder / "captions.txt").write_text("".join(f"img{i}.png\ta small photo of {c} on a table\n"
-                                                     for i, c in enumerate(classnames)))
+        (folder / "captions.txt").write_text(
+            "".join(f"img{i}.png\ta small photo of {c} on a table\n" for i, c in enumerate(classnames))
+        )
 
     def __len__(self) -> int:
         return -(-self.n // self.batch_size)
@@ -111,7 +113,9 @@ def train_step(b: Built, images: torch.Tensor, labels: torch.Tensor) -> float:
     b.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if b.train_cfg.grad_clip:
-        torch.nn.utils.clip_grad_norm_([p for g in b.optimizer.param_groups for p in g["params"]], b.train_cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(
+            [p for g in b.optimizer.param_groups for p in g["params"]], b.train_cfg.grad_clip
+        )
     b.optimizer.step()
     return float(loss.detach())
 
@@ -152,14 +156,36 @@ def timed_step(b: Built, images, labels) -> float:
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_spec(path: Path, *, name: str, methods: list[str], seeds: list[int], output: Path, arch: str,
-               dataset: str = "digits", shots: int = 1, train: dict | None = None, resources: dict | None = None,
-               device: str = "auto") -> Path:
+def write_spec(
+    path: Path,
+    *,
+    name: str,
+    methods: list[str],
+    seeds: list[int],
+    output: Path,
+    arch: str,
+    dataset: str = "digits",
+    shots: int = 1,
+    train: dict | None = None,
+    resources: dict | None = None,
+    device: str = "auto",
+) -> Path:
     """A final-stage-only sweep spec (no search) for a benchmark, as YAML data."""
-    spec = {"name": name, "protocol": "fewshot", "methods": methods, "datasets": [dataset], "shots": [shots],
-            "seeds": seeds, "backbone": {"arch": arch, "pretrained": None}, "device": device,
-            "train": train or {}, "resources": resources or {"cpu": 1, "gpu": 0}, "max_retries": 0,
-            "tracking": {"experiment": f"benchmark-{name}"}, "output": str(output)}
+    spec = {
+        "name": name,
+        "protocol": "fewshot",
+        "methods": methods,
+        "datasets": [dataset],
+        "shots": [shots],
+        "seeds": seeds,
+        "backbone": {"arch": arch, "pretrained": None},
+        "device": device,
+        "train": train or {},
+        "resources": resources or {"cpu": 1, "gpu": 0},
+        "max_retries": 0,
+        "tracking": {"experiment": f"benchmark-{name}"},
+        "output": str(output),
+    }
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
 
@@ -210,8 +236,13 @@ def cpu_model() -> str:
 def environment(bb: Backbone) -> dict:
     dev = bb.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model()
-    return {"device": dev.type, "device_name": name, "arch": bb.arch, "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+    return {
+        "device": dev.type,
+        "device_name": name,
+        "arch": bb.arch,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def emit(figures: dict) -> None:

@@ -14,6 +14,7 @@ Figures: seconds per trial for each way and the ratio off / warm. The last stdou
 object. Usage: ``python benchmarks/feature_cache.py [--arch promptsweep-tiny] [--dataset digits]
 [--shots 4] [--seeds 3] [--epochs 2] [--max-iters 4] [--train-views 0]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,15 @@ def run_way(args, method: str, overrides: dict) -> tuple[float, list[dict]]:
 
     outs, t0 = [], time.perf_counter()
     for seed in range(1, args.seeds + 1):
-        req = TrialRequest(method=method, dataset=args.dataset, shots=args.shots, seed=seed,
-                           backbone=BackboneRef(arch=args.arch, pretrained=None), device=args.device,
-                           overrides={**({} if "max_iters" in overrides else {"epochs": args.epochs}), **overrides})
+        req = TrialRequest(
+            method=method,
+            dataset=args.dataset,
+            shots=args.shots,
+            seed=seed,
+            backbone=BackboneRef(arch=args.arch, pretrained=None),
+            device=args.device,
+            overrides={**({} if "max_iters" in overrides else {"epochs": args.epochs}), **overrides},
+        )
         outs.append(run_trial(req))
     return (time.perf_counter() - t0) / args.seeds, outs
 
@@ -71,23 +78,45 @@ def main(argv=None) -> int:
         warm_s, warm = run_way(args, method, {"feature_cache": True, **extra})
         keys = ("val_acc", "test_acc")
         agree = all(a[k] == b[k] for a, b in zip(off, warm) for k in keys)
-        rec = {"off_s": off_s, "cold_s": cold_s, "warm_s": warm_s, "speedup_warm": off_s / warm_s,
-               "speedup_cold": off_s / cold_s, "agree": agree,
-               "test_acc_off": [o["test_acc"] for o in off], "test_acc_warm": [o["test_acc"] for o in warm]}
+        rec = {
+            "off_s": off_s,
+            "cold_s": cold_s,
+            "warm_s": warm_s,
+            "speedup_warm": off_s / warm_s,
+            "speedup_cold": off_s / cold_s,
+            "agree": agree,
+            "test_acc_off": [o["test_acc"] for o in off],
+            "test_acc_warm": [o["test_acc"] for o in warm],
+        }
         if args.train_views:
-            views_s, views = run_way(args, method, {"feature_cache": True, "train_feature_views": args.train_views,
-                                                    **extra})
+            views_s, views = run_way(
+                args, method, {"feature_cache": True, "train_feature_views": args.train_views, **extra}
+            )
             rec.update(views_s=views_s, speedup_views=off_s / views_s, test_acc_views=[o["test_acc"] for o in views])
         per_method[method] = rec
 
-    print(f"{args.arch}, {args.dataset} {args.shots}-shot, {args.epochs} epoch(s), {args.seeds} seeds per way; "
-          f"seconds per trial (cache under {cache_root()})")
+    print(
+        f"{args.arch}, {args.dataset} {args.shots}-shot, {args.epochs} epoch(s), {args.seeds} seeds per way; "
+        f"seconds per trial (cache under {cache_root()})"
+    )
     print(f"{'method':<14} {'off':>8} {'cold':>8} {'warm':>8} {'off/warm':>9} {'accuracies agree':>17}")
     for m, r in per_method.items():
-        print(f"{m:<14} {r['off_s']:>8.3f} {r['cold_s']:>8.3f} {r['warm_s']:>8.3f} {r['speedup_warm']:>9.2f} "
-              f"{str(r['agree']):>17}")
-    print(json.dumps({"arch": args.arch, "dataset": args.dataset, "shots": args.shots, "epochs": args.epochs,
-                      "seeds": args.seeds, "methods": per_method}))
+        print(
+            f"{m:<14} {r['off_s']:>8.3f} {r['cold_s']:>8.3f} {r['warm_s']:>8.3f} {r['speedup_warm']:>9.2f} "
+            f"{str(r['agree']):>17}"
+        )
+    print(
+        json.dumps(
+            {
+                "arch": args.arch,
+                "dataset": args.dataset,
+                "shots": args.shots,
+                "epochs": args.epochs,
+                "seeds": args.seeds,
+                "methods": per_method,
+            }
+        )
+    )
     return 0 if all(r["agree"] for r in per_method.values()) else 1
 
 

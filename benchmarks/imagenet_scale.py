@@ -24,6 +24,7 @@ checkout by copying this file into that checkout's ``benchmarks/``: the calls it
 Usage: ``python benchmarks/imagenet_scale.py [--root /tmp/promptsweep-imagenet] [--classes 1000]
 [--per-class 0 (= ImageNet's 1,281,167 in all)] [--val-per-class 50]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -119,8 +120,18 @@ def main(argv=None) -> int:
     kw = {"tolerance": None} if _accepts(check_sweep_data, "tolerance") else {}
     timed("preflight", lambda: check_sweep_data({"imagenet": {(16, s) for s in (1, 2, 3)}}, root, **kw), figures)
     figures["ratio_load_cold_to_split_cached"] = round(figures["load_cold"] / max(figures["split_cached"], 1e-6), 1)
-    print(json.dumps({"benchmark": "imagenet_scale", "train_images": len(ds.train), "test_images": len(ds.test),
-                      "classes": ds.num_classes, "check_status": status[0], **figures}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "imagenet_scale",
+                "train_images": len(ds.train),
+                "test_images": len(ds.test),
+                "classes": ds.num_classes,
+                "check_status": status[0],
+                **figures,
+            }
+        )
+    )
     return 0
 
 

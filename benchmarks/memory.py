@@ -26,6 +26,7 @@ last stdout line, one JSON object with the peaks and ``ratio_largest_to_smallest
     python benchmarks/memory.py                                  # tiny backbone, CPU
     python benchmarks/memory.py --arch ViT-B-16 --device cuda --batch-size 32
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import build, emit, environment, setup, synthetic_batch, train_step  # noqa: E402
 from methods.backbone import TINY_ARCH  # noqa: E402
 
-MiB = 2 ** 20
+MiB = 2**20
 
 
 def _cpu_allocations(prof) -> list[tuple[int, int, int]]:
@@ -105,18 +106,28 @@ def main(argv=None) -> int:
 
     lo = str(classes[0])
     ratios = {m: {c: v / p[lo] for c, v in p.items()} for m, p in peaks.items()}
-    print(f"peak memory of one training step (MiB; x = ratio to C={lo}), {bb.arch} on {args.device}, batch {args.batch_size}")
+    print(
+        f"peak memory of one training step (MiB; x = ratio to C={lo}), {bb.arch} on {args.device}, batch {args.batch_size}"
+    )
     print(f"{'method':<8}" + "".join(f"{'C=' + str(c):>22}" for c in classes))
     for m in methods:
         print(f"{m:<8}" + "".join(f"{peaks[m][str(c)]:>12.2f} ({ratios[m][str(c)]:>6.2f}x)" for c in classes))
-    emit({
-        "benchmark": "memory", **environment(bb), "batch_size": args.batch_size, "classes": classes,
-        "measure": ("torch.cuda.max_memory_allocated above the pre-step allocation" if args.device == "cuda" else
-                    "torch.profiler profile_memory: c10 CPU allocator running total, peak above the pre-step total"),
-        "peak_mib": peaks,
-        "ratio_to_smallest_c": ratios,
-        "ratio_largest_to_smallest_c": {m: ratios[m][str(classes[-1])] for m in methods},
-    })
+    emit(
+        {
+            "benchmark": "memory",
+            **environment(bb),
+            "batch_size": args.batch_size,
+            "classes": classes,
+            "measure": (
+                "torch.cuda.max_memory_allocated above the pre-step allocation"
+                if args.device == "cuda"
+                else "torch.profiler profile_memory: c10 CPU allocator running total, peak above the pre-step total"
+            ),
+            "peak_mib": peaks,
+            "ratio_to_smallest_c": ratios,
+            "ratio_largest_to_smallest_c": {m: ratios[m][str(classes[-1])] for m in methods},
+        }
+    )
     return 0
 
 

@@ -18,6 +18,7 @@ the training classes).
     python benchmarks/mini_benchmark.py [--dataset shapes-32] [--shots 1,2,4,8,16] [--seeds 1]
         [--methods zeroshot,coop,...] [--epochs 10] [--b2n-dataset shapes-32] [--b2n-shots 16] [--threads 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,18 +43,34 @@ def overrides(method: str, args) -> dict:
     if not cls.trains_by_gradient:
         return {}
     if method == "tgpt":  # TGP-T's 32 category + 64 content tokens do not fit promptsweep-mini's 32-token text tower
-        return {"max_iters": args.tgpt_iters, "eval_every_iters": max(1, args.tgpt_iters // 4), "n_cat": 16,
-                "n_con": 24}
+        return {
+            "max_iters": args.tgpt_iters,
+            "eval_every_iters": max(1, args.tgpt_iters // 4),
+            "n_cat": 16,
+            "n_con": 24,
+        }
     over = {"epochs": args.epochs}
-    if method == "cocoop":  # CoCoOp encodes B x C prompts per step (its reference batch is 1): small batches, 1/5 the epochs
+    if (
+        method == "cocoop"
+    ):  # CoCoOp encodes B x C prompts per step (its reference batch is 1): small batches, 1/5 the epochs
         over.update(batch_size=4, epochs=max(1, args.epochs // 5))
     return over
 
 
 def run(method: str, dataset: str, shots: int, seed: int, protocol: str, args) -> tuple[dict, float]:
     t0 = time.perf_counter()
-    out = run_trial(TrialRequest(method=method, dataset=dataset, shots=shots, seed=seed, protocol=protocol,
-                                 device=args.device, backbone=BACKBONE, overrides=overrides(method, args)))
+    out = run_trial(
+        TrialRequest(
+            method=method,
+            dataset=dataset,
+            shots=shots,
+            seed=seed,
+            protocol=protocol,
+            device=args.device,
+            backbone=BACKBONE,
+            overrides=overrides(method, args),
+        )
+    )
     return out, time.perf_counter() - t0
 
 
@@ -66,8 +83,11 @@ def main(argv=None) -> int:
     ap.add_argument("--dataset", default="shapes-32")
     ap.add_argument("--shots", default="1,2,4,8,16")
     ap.add_argument("--b2n-shots", type=int, default=16)
-    ap.add_argument("--b2n-dataset", default="shapes-32", help="base-to-novel dataset (its novel half: pairs the "
-                    "pretraining corpus never showed)")
+    ap.add_argument(
+        "--b2n-dataset",
+        default="shapes-32",
+        help="base-to-novel dataset (its novel half: pairs the pretraining corpus never showed)",
+    )
     ap.add_argument("--seeds", default="1")
     ap.add_argument("--methods", default=",".join(method_names()))
     ap.add_argument("--epochs", type=int, default=10)
@@ -112,8 +132,10 @@ def main(argv=None) -> int:
         print(f"[mini_benchmark] {m}: {wall[m]:.1f} s", file=sys.stderr, flush=True)
     total = time.perf_counter() - t_all
 
-    print(f"\nFew-shot on {args.dataset} (test accuracy %, mean over seeds {seeds}; promptsweep-mini; "
-          f"{args.epochs} epochs, TGP-T {args.tgpt_iters} iterations)\n")
+    print(
+        f"\nFew-shot on {args.dataset} (test accuracy %, mean over seeds {seeds}; promptsweep-mini; "
+        f"{args.epochs} epochs, TGP-T {args.tgpt_iters} iterations)\n"
+    )
     print("| method | " + " | ".join(f"{k} shot" for k in shots) + " | wall s |")
     print("|---|" + "---:|" * (len(shots) + 1))
     for m in methods:
@@ -124,17 +146,33 @@ def main(argv=None) -> int:
         print("|---|---:|---:|---:|")
         for m, r in b2n.items():
             print(f"| {m} | {r['base']:.1f} | {r['novel']:.1f} | {r['hm']:.1f} |")
-    print(f"\nwall time {total:.0f} s for {len(methods)} methods (+ {load_s:.0f} s backbone load/pretraining); "
-          f"{cpu_model()}, {args.threads} threads, torch {torch.__version__}\n")
+    print(
+        f"\nwall time {total:.0f} s for {len(methods)} methods (+ {load_s:.0f} s backbone load/pretraining); "
+        f"{cpu_model()}, {args.threads} threads, torch {torch.__version__}\n"
+    )
 
     zs = fewshot.get("zeroshot")
     gain = {m: {k: round(fewshot[m][k] - zs[k], 2) for k in shots} for m in methods} if zs else {}
-    emit({"benchmark": "mini_benchmark", "dataset": args.dataset, "b2n_dataset": args.b2n_dataset, "shots": shots, "seeds": seeds,
-          "epochs": args.epochs, "fewshot": {m: {str(k): round(v, 2) for k, v in r.items()} for m, r in fewshot.items()},
-          "base2novel": {m: {k: round(v, 2) for k, v in r.items()} for m, r in b2n.items()},
-          "gain_vs_zeroshot": gain, "wall_s": {m: round(v, 1) for m, v in wall.items()},
-          "total_s": round(total, 1), "backbone_load_s": round(load_s, 1), "device": args.device,
-          "device_name": cpu_model(), "threads": args.threads, "torch": torch.__version__})
+    emit(
+        {
+            "benchmark": "mini_benchmark",
+            "dataset": args.dataset,
+            "b2n_dataset": args.b2n_dataset,
+            "shots": shots,
+            "seeds": seeds,
+            "epochs": args.epochs,
+            "fewshot": {m: {str(k): round(v, 2) for k, v in r.items()} for m, r in fewshot.items()},
+            "base2novel": {m: {k: round(v, 2) for k, v in r.items()} for m, r in b2n.items()},
+            "gain_vs_zeroshot": gain,
+            "wall_s": {m: round(v, 1) for m, v in wall.items()},
+            "total_s": round(total, 1),
+            "backbone_load_s": round(load_s, 1),
+            "device": args.device,
+            "device_name": cpu_model(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+        }
+    )
     return 0
 
 

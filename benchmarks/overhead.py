@@ -27,6 +27,7 @@ reports): once per worker for promptsweep, once per trial elsewhere.
 Usage: ``python benchmarks/overhead.py [--n 20] [--method coop] [--concurrency 1]``. The last
 stdout line is one JSON object with every figure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,14 @@ from benchmarks._common import bench_env, run_sweep, trial_finals, write_spec  #
 
 
 def _request(method: str, shots: int, seed: int, cache: bool, epochs: int) -> dict:
-    return {"method": method, "dataset": "digits", "shots": shots, "seed": seed, "stage": "final",
-            "overrides": {"epochs": epochs, "feature_cache": cache}}
+    return {
+        "method": method,
+        "dataset": "digits",
+        "shots": shots,
+        "seed": seed,
+        "stage": "final",
+        "overrides": {"epochs": epochs, "feature_cache": cache},
+    }
 
 
 def floor(args, cache: bool) -> float:
@@ -63,16 +70,31 @@ def floor(args, cache: bool) -> float:
 def process_loop(args, env) -> dict:
     t0 = time.perf_counter()
     for s in range(1, args.n + 1):
-        cmd = [sys.executable, "-m", "orchestrator.trial", "--method", args.method, "--dataset", "digits",
-               "--shots", str(args.shots), "--seed", str(s), "--set", f"epochs={args.epochs}",
-               "--set", "feature_cache=false", "--json"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "orchestrator.trial",
+            "--method",
+            args.method,
+            "--dataset",
+            "digits",
+            "--shots",
+            str(args.shots),
+            "--seed",
+            str(s),
+            "--set",
+            f"epochs={args.epochs}",
+            "--set",
+            "feature_cache=false",
+            "--json",
+        ]
         p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         if p.returncode != 0:
             raise SystemExit(f"process_loop trial {s} failed: {p.stderr[-2000:]}")
     return {"wall_s": time.perf_counter() - t0, "backbone_loads_per_trial": 1.0}
 
 
-_TUNE_DEFAULT = r'''
+_TUNE_DEFAULT = r"""
 import json, os, sys, time
 import ray
 from ray import tune
@@ -98,15 +120,20 @@ wall = time.perf_counter() - t0
 loads = [r.metrics.get("backbone_loads") for r in grid]
 ray.shutdown()
 print(json.dumps({"wall_s": wall, "errors": grid.num_errors, "loads": loads}))
-'''
+"""
 
 
 def tune_default(args, env, work: Path) -> dict:
-    payload = {"n": args.n, "concurrency": args.concurrency, "storage": str(work / "tune_default"),
-               "request": _request(args.method, args.shots, 1, False, args.epochs)}
+    payload = {
+        "n": args.n,
+        "concurrency": args.concurrency,
+        "storage": str(work / "tune_default"),
+        "request": _request(args.method, args.shots, 1, False, args.epochs),
+    }
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", _TUNE_DEFAULT, json.dumps(payload)], cwd=REPO, env=env,
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-c", _TUNE_DEFAULT, json.dumps(payload)], cwd=REPO, env=env, capture_output=True, text=True
+    )
     total = time.perf_counter() - t0
     if p.returncode != 0:
         raise SystemExit(f"tune_default failed: {p.stderr[-3000:]}")
@@ -114,16 +141,26 @@ def tune_default(args, env, work: Path) -> dict:
     if out["errors"]:
         raise SystemExit(f"tune_default: {out['errors']} trial(s) failed")
     loads = [x for x in out["loads"] if x is not None]
-    return {"wall_s": total, "tuner_fit_s": out["wall_s"],
-            "backbone_loads_per_trial": (sum(loads) / len(loads)) if loads else None}
+    return {
+        "wall_s": total,
+        "tuner_fit_s": out["wall_s"],
+        "backbone_loads_per_trial": (sum(loads) / len(loads)) if loads else None,
+    }
 
 
 def promptsweep(args, env, work: Path, cache: bool) -> dict:
     name = "overhead_cache" if cache else "overhead_nocache"
     shutil.rmtree(Path(env["PROMPTSWEEP_CACHE"]) / "features", ignore_errors=True)  # the sweep starts cold
-    spec = write_spec(work / f"{name}.yaml", name=name, methods=[args.method], seeds=list(range(1, args.n + 1)),
-                      output=work / "sweeps", arch="promptsweep-tiny", shots=args.shots,
-                      train={"defaults": {"epochs": args.epochs, "feature_cache": cache}})
+    spec = write_spec(
+        work / f"{name}.yaml",
+        name=name,
+        methods=[args.method],
+        seeds=list(range(1, args.n + 1)),
+        output=work / "sweeps",
+        arch="promptsweep-tiny",
+        shots=args.shots,
+        train={"defaults": {"epochs": args.epochs, "feature_cache": cache}},
+    )
     t0 = time.time()
     wall = run_sweep(spec, work, env, args.concurrency)
     finals = trial_finals(work / "sweeps" / name)
@@ -137,11 +174,16 @@ def promptsweep(args, env, work: Path, cache: bool) -> dict:
     order = sorted(finals, key=lambda f: f["start"])
     gaps = [b["start"] - a["end"] for a, b in zip(order, order[1:])]  # one trial's end to the next one's start
     fifth = max(1, len(gaps) // 5)
-    return {"wall_s": wall, "startup_s": min(starts) - t0, "trials_span_s": max(ends) - min(starts),
-            "gap_first_fifth_ms": 1e3 * sum(gaps[:fifth]) / fifth if gaps else None,
-            "gap_last_fifth_ms": 1e3 * sum(gaps[-fifth:]) / fifth if gaps else None,
-            "worker_processes": len(by_pid), "backbone_loads_per_worker": sorted(by_pid.values()),
-            "backbone_loads_per_trial": sum(by_pid.values()) / args.n}
+    return {
+        "wall_s": wall,
+        "startup_s": min(starts) - t0,
+        "trials_span_s": max(ends) - min(starts),
+        "gap_first_fifth_ms": 1e3 * sum(gaps[:fifth]) / fifth if gaps else None,
+        "gap_last_fifth_ms": 1e3 * sum(gaps[-fifth:]) / fifth if gaps else None,
+        "worker_processes": len(by_pid),
+        "backbone_loads_per_worker": sorted(by_pid.values()),
+        "backbone_loads_per_trial": sum(by_pid.values()) / args.n,
+    }
 
 
 def main(argv=None) -> int:
@@ -151,15 +193,26 @@ def main(argv=None) -> int:
     ap.add_argument("--shots", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--concurrency", type=int, default=1)
-    ap.add_argument("--skip", action="append", default=[], choices=["process_loop", "tune_default", "promptsweep_nocache"],
-                    help="leave a way out (repeatable)")
+    ap.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=["process_loop", "tune_default", "promptsweep_nocache"],
+        help="leave a way out (repeatable)",
+    )
     args = ap.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="ps-overhead-"))
     env = bench_env(work)
 
-    figures: dict = {"n": args.n, "method": args.method, "shots": args.shots, "epochs": args.epochs,
-                     "concurrency": args.concurrency, "cpus": os.cpu_count()}
+    figures: dict = {
+        "n": args.n,
+        "method": args.method,
+        "shots": args.shots,
+        "epochs": args.epochs,
+        "concurrency": args.concurrency,
+        "cpus": os.cpu_count(),
+    }
     figures["floor_nocache_s"] = floor(args, cache=False)
     figures["floor_cache_s"] = floor(args, cache=True)
     ways = {}
@@ -181,22 +234,34 @@ def main(argv=None) -> int:
     figures["ways"] = ways
     figures["speedup_vs"] = {name: w["wall_s"] / ref for name, w in ways.items() if name != "promptsweep"}
 
-    print(f"{args.n} trials of {args.method} (digits, {args.shots} shot, {args.epochs} epoch), "
-          f"{args.concurrency} at a time, {os.cpu_count()} CPUs")
-    print(f"compute floor (in-process, warm): {figures['floor_nocache_s']:.1f} s without / "
-          f"{figures['floor_cache_s']:.1f} s with the feature cache")
-    print(f"{'way':<22} {'wall s':>8} {'per trial s':>12} {'overhead/trial s':>17} {'loads/trial':>12} {'promptsweep x':>14}")
+    print(
+        f"{args.n} trials of {args.method} (digits, {args.shots} shot, {args.epochs} epoch), "
+        f"{args.concurrency} at a time, {os.cpu_count()} CPUs"
+    )
+    print(
+        f"compute floor (in-process, warm): {figures['floor_nocache_s']:.1f} s without / "
+        f"{figures['floor_cache_s']:.1f} s with the feature cache"
+    )
+    print(
+        f"{'way':<22} {'wall s':>8} {'per trial s':>12} {'overhead/trial s':>17} {'loads/trial':>12} {'promptsweep x':>14}"
+    )
     for name, w in ways.items():
         x = ref / ref if name == "promptsweep" else w["wall_s"] / ref
-        print(f"{name:<22} {w['wall_s']:>8.1f} {w['per_trial_s']:>12.2f} {w['per_trial_overhead_s']:>17.2f} "
-              f"{w['backbone_loads_per_trial'] or float('nan'):>12.2f} {x:>14.2f}")
+        print(
+            f"{name:<22} {w['wall_s']:>8.1f} {w['per_trial_s']:>12.2f} {w['per_trial_overhead_s']:>17.2f} "
+            f"{w['backbone_loads_per_trial'] or float('nan'):>12.2f} {x:>14.2f}"
+        )
     ps = ways["promptsweep"]
-    print(f"promptsweep start-up (Ray, MLflow, plan) {ps['startup_s']:.1f} s; {ps['worker_processes']} worker "
-          f"process(es) loaded weights {ps['backbone_loads_per_worker']} time(s)")
+    print(
+        f"promptsweep start-up (Ray, MLflow, plan) {ps['startup_s']:.1f} s; {ps['worker_processes']} worker "
+        f"process(es) loaded weights {ps['backbone_loads_per_worker']} time(s)"
+    )
     if ps["gap_first_fifth_ms"] is not None:
-        print(f"promptsweep gap between one trial's end and the next one's start (driver + Tune): "
-              f"{ps['gap_first_fifth_ms']:.0f} ms in the first fifth of the trials, {ps['gap_last_fifth_ms']:.0f} ms "
-              "in the last fifth")
+        print(
+            f"promptsweep gap between one trial's end and the next one's start (driver + Tune): "
+            f"{ps['gap_first_fifth_ms']:.0f} ms in the first fifth of the trials, {ps['gap_last_fifth_ms']:.0f} ms "
+            "in the last fifth"
+        )
     print(json.dumps(figures, default=float))
     return 0
 

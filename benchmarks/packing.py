@@ -27,6 +27,7 @@ trials at once, each with ``--cpu`` CPUs and no GPU (a smoke run of the script, 
 
 The last stdout line is one JSON object with every figure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import (bench_env, build_floor, emit, environment, run_sweep, setup, synthetic_batch,  # noqa: E402
-                                timed_step, trial_finals, write_spec)
+from benchmarks._common import (  # noqa: E402
+    bench_env,
+    build_floor,
+    emit,
+    environment,
+    run_sweep,
+    setup,
+    synthetic_batch,
+    timed_step,
+    trial_finals,
+    write_spec,
+)
 from methods.backbone import TINY_ARCH  # noqa: E402
 
 
@@ -111,9 +122,19 @@ def packed_sweep(args, k: int, work: Path, env: dict) -> dict:
     train = {"defaults": {"epochs": args.epochs}}
     if "tgpt" in args.methods.split(","):
         train["methods"] = {"tgpt": {"max_iters": args.max_iters}}
-    spec = write_spec(work / f"{name}.yaml", name=name, methods=args.methods.split(","), seeds=seeds,
-                      output=work / "sweeps", arch=args.arch, dataset=args.dataset, shots=args.shots, train=train,
-                      resources=resources, device=args.device)
+    spec = write_spec(
+        work / f"{name}.yaml",
+        name=name,
+        methods=args.methods.split(","),
+        seeds=seeds,
+        output=work / "sweeps",
+        arch=args.arch,
+        dataset=args.dataset,
+        shots=args.shots,
+        train=train,
+        resources=resources,
+        device=args.device,
+    )
     with GpuSampler(args.sample_s) as sampler:
         wall = run_sweep(spec, work, env, max_concurrent=None if gpu else k)
     finals = trial_finals(work / "sweeps" / name)
@@ -124,10 +145,16 @@ def packed_sweep(args, k: int, work: Path, env: dict) -> dict:
     for f in finals:
         if f.get("train_images_per_s"):
             per_method.setdefault(f["config"]["request"]["method"], []).append(f["train_images_per_s"])
-    return {"trials": len(finals), "wall_s": wall, "span_s": span, "trials_per_hour": len(finals) / span * 3600,
-            "gpu_util_mean": util, "gpu_mem_max_mib": mem,
-            "train_images_per_s": sum(f.get("train_images") or 0 for f in finals) / span,
-            "per_method_train_images_per_s": {m: statistics.fmean(v) for m, v in per_method.items()}}
+    return {
+        "trials": len(finals),
+        "wall_s": wall,
+        "span_s": span,
+        "trials_per_hour": len(finals) / span * 3600,
+        "gpu_util_mean": util,
+        "gpu_mem_max_mib": mem,
+        "train_images_per_s": sum(f.get("train_images") or 0 for f in finals) / span,
+        "per_method_train_images_per_s": {m: statistics.fmean(v) for m, v in per_method.items()},
+    }
 
 
 def main(argv=None) -> int:
@@ -148,9 +175,17 @@ def main(argv=None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="ps-packing-"))
     env = bench_env(work)
-    figures: dict = {"benchmark": "packing", "arch": args.arch, "device": args.device, "dataset": args.dataset,
-                     "shots": args.shots, "seeds": args.seeds, "methods": args.methods.split(","),
-                     "epochs": args.epochs, "cpu_per_trial": args.cpu}
+    figures: dict = {
+        "benchmark": "packing",
+        "arch": args.arch,
+        "device": args.device,
+        "dataset": args.dataset,
+        "shots": args.shots,
+        "seeds": args.seeds,
+        "methods": args.methods.split(","),
+        "epochs": args.epochs,
+        "cpu_per_trial": args.cpu,
+    }
     figures["bare"] = bare_throughput(args)
     runs = {int(k): packed_sweep(args, int(k), work, env) for k in args.per_gpu.split(",")}
     base = runs[min(runs)]
@@ -162,16 +197,24 @@ def main(argv=None) -> int:
     figures["method_vs_bare"] = {m: v / bare for m, v in base["per_method_train_images_per_s"].items()}
 
     unit = "per GPU" if args.device != "cpu" else "at once (CPU: no packing, smoke run)"
-    print(f"{args.arch} on {figures['bare']['device_name']}: bare backbone forward+backward "
-          f"{bare:.1f} images/s (batch {args.batch_size})")
-    print(f"{'trials ' + unit:<44} {'span s':>8} {'trials/h':>9} {'x':>6} {'img/s':>8} {'GPU util %':>11} {'GPU MiB':>8}")
+    print(
+        f"{args.arch} on {figures['bare']['device_name']}: bare backbone forward+backward "
+        f"{bare:.1f} images/s (batch {args.batch_size})"
+    )
+    print(
+        f"{'trials ' + unit:<44} {'span s':>8} {'trials/h':>9} {'x':>6} {'img/s':>8} {'GPU util %':>11} {'GPU MiB':>8}"
+    )
     for k, r in runs.items():
         util = "—" if r["gpu_util_mean"] is None else f"{r['gpu_util_mean']:.0f}"
         mem = "—" if r["gpu_mem_max_mib"] is None else f"{r['gpu_mem_max_mib']:.0f}"
-        print(f"{k:<44} {r['span_s']:>8.1f} {r['trials_per_hour']:>9.0f} {r['trials_per_hour_vs_fewest']:>6.2f} "
-              f"{r['train_images_per_s']:>8.1f} {util:>11} {mem:>8}")
-    print("per-trial training images/s at the fewest per GPU, / bare backbone: "
-          + ", ".join(f"{m} {x:.2f}" for m, x in figures["method_vs_bare"].items()))
+        print(
+            f"{k:<44} {r['span_s']:>8.1f} {r['trials_per_hour']:>9.0f} {r['trials_per_hour_vs_fewest']:>6.2f} "
+            f"{r['train_images_per_s']:>8.1f} {util:>11} {mem:>8}"
+        )
+    print(
+        "per-trial training images/s at the fewest per GPU, / bare backbone: "
+        + ", ".join(f"{m} {x:.2f}" for m, x in figures["method_vs_bare"].items())
+    )
     emit(figures)
     return 0
 

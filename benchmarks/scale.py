@@ -20,6 +20,7 @@ each ratio is the same sweep's first tenth. Also printed: the total wall time ov
     python benchmarks/scale.py [--n 100,1000] [--concurrency 2] [--sample-s 0.25]
     python benchmarks/scale.py --n 1000 --method coop --shots 16 --epochs 3 --batch-size 2   # ~1 s trials
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,15 +59,39 @@ def _at(samples: list, t: float) -> tuple:
     return best
 
 
-def run_n(n: int, work: Path, env: dict, concurrency: int, period: float, method: str = "zeroshot", shots: int = 1,
-          train: dict | None = None) -> dict:
+def run_n(
+    n: int,
+    work: Path,
+    env: dict,
+    concurrency: int,
+    period: float,
+    method: str = "zeroshot",
+    shots: int = 1,
+    train: dict | None = None,
+) -> dict:
     import threading
 
     name = f"scale{n}" if method == "zeroshot" else f"scale{n}-{method}"
-    spec = write_spec(work / f"{name}.yaml", name=name, methods=[method], seeds=list(range(1, n + 1)),
-                      output=work / "sweeps", arch="promptsweep-tiny", shots=shots, train=train)
-    cmd = [sys.executable, "-m", "orchestrator.sweep", str(spec), "--tracking-uri", f"sqlite:///{work / name}.db",
-           "--max-concurrent", str(concurrency)]
+    spec = write_spec(
+        work / f"{name}.yaml",
+        name=name,
+        methods=[method],
+        seeds=list(range(1, n + 1)),
+        output=work / "sweeps",
+        arch="promptsweep-tiny",
+        shots=shots,
+        train=train,
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "orchestrator.sweep",
+        str(spec),
+        "--tracking-uri",
+        f"sqlite:///{work / name}.db",
+        "--max-concurrent",
+        str(concurrency),
+    ]
     samples: list = []
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -90,15 +115,26 @@ def run_n(n: int, work: Path, env: dict, concurrency: int, period: float, method
         a, b = _at(samples, t_lo), _at(samples, t_hi)
         k = hi - lo
         rss = max((s[3] for s in samples if t_lo <= s[0] <= t_hi), default=b[3])
-        g = gaps[lo:hi - 1] if hi - 1 > lo else gaps[lo:lo + 1]
-        return {"gap_ms": 1e3 * sum(g) / max(1, len(g)), "cpu_ms_per_trial": 1e3 * (b[1] - a[1]) / k,
-                "kb_written_per_trial": (b[2] - a[2]) / 1024 / k, "rss_mb": rss / 2**20}
+        g = gaps[lo : hi - 1] if hi - 1 > lo else gaps[lo : lo + 1]
+        return {
+            "gap_ms": 1e3 * sum(g) / max(1, len(g)),
+            "cpu_ms_per_trial": 1e3 * (b[1] - a[1]) / k,
+            "kb_written_per_trial": (b[2] - a[2]) / 1024 / k,
+            "rss_mb": rss / 2**20,
+        }
 
     first, last = window(0, tenth), window(n - tenth, n)
     compute = sum(f["time_total_s"] for f in finals) / concurrency
     ratio = {k: (last[k] / first[k] if first[k] else None) for k in first}
-    return {"n": n, "wall_s": wall, "trials_compute_s": compute, "over_floor": wall / compute - 1 if compute else None,
-            "first_tenth": first, "last_tenth": last, "ratio_last_first": ratio}
+    return {
+        "n": n,
+        "wall_s": wall,
+        "trials_compute_s": compute,
+        "over_floor": wall / compute - 1 if compute else None,
+        "first_tenth": first,
+        "last_tenth": last,
+        "ratio_last_first": ratio,
+    }
 
 
 def main(argv=None) -> int:
@@ -107,14 +143,22 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--sample-s", type=float, default=0.25)
     ap.add_argument("--work", default=None, help="working folder (default: a temporary one)")
-    ap.add_argument("--method", default="zeroshot", help="the trials' method (coop with --epochs: trials that train, "
-                                                          "report and checkpoint every epoch)")
+    ap.add_argument(
+        "--method",
+        default="zeroshot",
+        help="the trials' method (coop with --epochs: trials that train, report and checkpoint every epoch)",
+    )
     ap.add_argument("--shots", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=None)
     args = ap.parse_args(argv)
-    train = {"defaults": {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
-                                            ("num_workers", 0)) if v is not None}}
+    train = {
+        "defaults": {
+            k: v
+            for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("num_workers", 0))
+            if v is not None
+        }
+    }
     work = Path(args.work or tempfile.mkdtemp(prefix="promptsweep-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     env = bench_env(work)
@@ -123,15 +167,29 @@ def main(argv=None) -> int:
         r = run_n(n, work, env, args.concurrency, args.sample_s, args.method, args.shots, train)
         results.append(r)
         f, last, q = r["first_tenth"], r["last_tenth"], r["ratio_last_first"]
-        print(f"\nN = {n}: wall {r['wall_s']:.0f} s, the trials' own compute {r['trials_compute_s']:.0f} s "
-              f"({100 * (r['over_floor'] or 0):.0f} % over it)")
+        print(
+            f"\nN = {n}: wall {r['wall_s']:.0f} s, the trials' own compute {r['trials_compute_s']:.0f} s "
+            f"({100 * (r['over_floor'] or 0):.0f} % over it)"
+        )
         print("| figure | first tenth | last tenth | last / first |\n|---|---:|---:|---:|")
         for key in ("gap_ms", "cpu_ms_per_trial", "kb_written_per_trial", "rss_mb"):
-            print(f"| {key} | {f[key]:.1f} | {last[key]:.1f} | {q[key]:.2f} |" if q[key] is not None else
-                  f"| {key} | {f[key]:.1f} | {last[key]:.1f} | - |")
+            print(
+                f"| {key} | {f[key]:.1f} | {last[key]:.1f} | {q[key]:.2f} |"
+                if q[key] is not None
+                else f"| {key} | {f[key]:.1f} | {last[key]:.1f} | - |"
+            )
     print(f"\n{cpu_model()}, {args.concurrency} trials at a time, {args.method} on digits {args.shots}-shot")
-    emit({"benchmark": "scale", "concurrency": args.concurrency, "device_name": cpu_model(), "method": args.method,
-          "shots": args.shots, "train": train, "runs": results})
+    emit(
+        {
+            "benchmark": "scale",
+            "concurrency": args.concurrency,
+            "device_name": cpu_model(),
+            "method": args.method,
+            "shots": args.shots,
+            "train": train,
+            "runs": results,
+        }
+    )
     return 0
 
 

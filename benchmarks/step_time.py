@@ -20,6 +20,7 @@ around each step on GPU). Reported: the median step time per method and its rati
     python benchmarks/step_time.py                                    # tiny backbone, CPU
     python benchmarks/step_time.py --arch ViT-B-16 --device cuda --batch-size 32
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", default=TINY_ARCH, help="open_clip arch, random init (default: %(default)s)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--methods", default=",".join(gradient), help="comma-separated registry names (default: all gradient-trained)")
+    ap.add_argument(
+        "--methods", default=",".join(gradient), help="comma-separated registry names (default: all gradient-trained)"
+    )
     ap.add_argument("--classes", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
@@ -65,18 +68,28 @@ def main(argv=None) -> int:
     median_ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
     floor = median_ms["floor"]
     ratios = {m: median_ms[m] / floor for m in names}
-    print(f"median training step time, {bb.arch} on {args.device}, batch {args.batch_size}, C={args.classes}, "
-          f"{args.steps} steps after {args.warmup} warm-up")
+    print(
+        f"median training step time, {bb.arch} on {args.device}, batch {args.batch_size}, C={args.classes}, "
+        f"{args.steps} steps after {args.warmup} warm-up"
+    )
     print(f"{'method':<14}{'ms':>10}{'x floor':>10}")
     print(f"{'floor':<14}{floor:>10.2f}{1.0:>10.2f}")
     for m in names:
         print(f"{m:<14}{median_ms[m]:>10.2f}{ratios[m]:>10.2f}")
-    emit({
-        "benchmark": "step_time", **environment(bb), "batch_size": args.batch_size, "classes": args.classes,
-        "warmup": args.warmup, "steps": args.steps,
-        "floor": "frozen image tower forward+backward to a learnable input perturbation, SGD step",
-        "floor_ms": floor, "median_ms": {m: median_ms[m] for m in names}, "ratio_to_floor": ratios,
-    })
+    emit(
+        {
+            "benchmark": "step_time",
+            **environment(bb),
+            "batch_size": args.batch_size,
+            "classes": args.classes,
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "floor": "frozen image tower forward+backward to a learnable input perturbation, SGD step",
+            "floor_ms": floor,
+            "median_ms": {m: median_ms[m] for m in names},
+            "ratio_to_floor": ratios,
+        }
+    )
     return 0
 
 

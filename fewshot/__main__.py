@@ -1,4 +1,5 @@
 """Entry point of ``python -m fewshot`` (see fewshot.cli)."""
+
 import sys
 
 from fewshot.cli import main

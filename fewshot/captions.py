@@ -11,6 +11,7 @@ files use (e.g. ``n01440764/n01440764_10026.JPEG``).
 * ``match_captions(impaths, captions) -> {impath: description}`` matches absolute image paths to
   the relative keys by path suffix (so it works whatever the data root is).
 """
+
 from __future__ import annotations
 
 import os
@@ -28,7 +29,9 @@ def read_captions(path: str | os.PathLike) -> dict[str, str]:
     """``{relative image path: description}`` from a captions file; DataError on a malformed line."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"captions file {path} does not exist: create it (lines '<image relpath>\\t<description>') or remove the setting")
+        raise DataError(
+            f"captions file {path} does not exist: create it (lines '<image relpath>\\t<description>') or remove the setting"
+        )
     out: dict[str, str] = {}
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):

@@ -6,6 +6,7 @@ counts within ``--count-tolerance`` of the published sizes, every test image the
 also every image of those few-shot splits decodes), ``mismatch`` (counts off: the line says which),
 ``malformed`` (the line names the file and the fix) or ``missing``. Exit 0 only when all are present.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,7 +53,9 @@ def check_one(name: str, data_root, shots=(), seeds=(1, 2, 3), tolerance=COUNT_T
         return "malformed", str(exc)
     got = (len(ds.train), len(ds.val), len(ds.test))
     cells = [f"classes {_count(ds.num_classes, n_cls)}"] + [
-        f"{part} {_count(g, sizes[i] if sizes else None)}" for i, (part, g) in enumerate(zip(("train", "val", "test"), got))]
+        f"{part} {_count(g, sizes[i] if sizes else None)}"
+        for i, (part, g) in enumerate(zip(("train", "val", "test"), got))
+    ]
     counts = "  ".join(cells)
     if ds.num_classes != n_cls:
         return "malformed", counts + f"  (expected {n_cls} classes)"
@@ -66,7 +69,11 @@ def check_one(name: str, data_root, shots=(), seeds=(1, 2, 3), tolerance=COUNT_T
         return "mismatch", f"{counts}  ({exc})"
     except DataError as exc:
         return "malformed", f"{counts}  ({exc})"
-    note = "  (image counts differ from CoOp's split, within the tolerance)" if sizes and tuple(got) != tuple(sizes) else ""
+    note = (
+        "  (image counts differ from CoOp's split, within the tolerance)"
+        if sizes and tuple(got) != tuple(sizes)
+        else ""
+    )
     if n_images is not None:
         note += f"  ({n_images} few-shot images decode)"
     return "present", counts + note
@@ -102,8 +109,10 @@ def cmd_split(args) -> int:
     if args.json:
         print(json.dumps({"train": rows(split.train), "val": rows(split.val)}))
     else:
-        print(f"{ds.name}: {args.shots}-shot seed {args.seed}: {len(split.train)} train, {len(split.val)} val images, "
-              f"{ds.num_classes} classes (paths relative to {ds.image_root}; add --json for the lists)")
+        print(
+            f"{ds.name}: {args.shots}-shot seed {args.seed}: {len(split.train)} train, {len(split.val)} val images, "
+            f"{ds.num_classes} classes (paths relative to {ds.image_root}; add --json for the lists)"
+        )
     return 0
 
 
@@ -135,25 +144,43 @@ def _tolerance(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m fewshot", description="promptsweep datasets: check the data root, print few-shot splits")
+    p = _Parser(
+        prog="python -m fewshot", description="promptsweep datasets: check the data root, print few-shot splits"
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     c = sub.add_parser("check", help="report which datasets are present / missing / malformed")
     c.add_argument("--data-root", default=None, help="folder holding the datasets (default: $PROMPTSWEEP_DATA)")
     c.add_argument("datasets", nargs="*", help="dataset keys (default: the 15 standard datasets)")
-    c.add_argument("--shots", type=_positive_ints, metavar="K,K,...",
-                   help="also decode every image of these K-shot train/val splits (e.g. --shots 1,2,4,8,16)")
-    c.add_argument("--seeds", type=_positive_ints, default=[1, 2, 3], metavar="S,S,...",
-                   help="seeds of the splits checked with --shots (default: 1,2,3)")
-    c.add_argument("--count-tolerance", type=_tolerance, default=COUNT_TOLERANCE, metavar="F",
-                   help=f"relative difference allowed between each split's image count and the published size "
-                        f"(default {COUNT_TOLERANCE}; 'none' skips the comparison, e.g. for a deliberate subset)")
+    c.add_argument(
+        "--shots",
+        type=_positive_ints,
+        metavar="K,K,...",
+        help="also decode every image of these K-shot train/val splits (e.g. --shots 1,2,4,8,16)",
+    )
+    c.add_argument(
+        "--seeds",
+        type=_positive_ints,
+        default=[1, 2, 3],
+        metavar="S,S,...",
+        help="seeds of the splits checked with --shots (default: 1,2,3)",
+    )
+    c.add_argument(
+        "--count-tolerance",
+        type=_tolerance,
+        default=COUNT_TOLERANCE,
+        metavar="F",
+        help=f"relative difference allowed between each split's image count and the published size "
+        f"(default {COUNT_TOLERANCE}; 'none' skips the comparison, e.g. for a deliberate subset)",
+    )
     c.set_defaults(func=cmd_check)
     s = sub.add_parser("split", help="print the K-shot train/val split of a dataset")
     s.add_argument("--dataset", required=True)
     s.add_argument("--shots", type=int, required=True)
     s.add_argument("--seed", type=int, required=True)
     s.add_argument("--data-root", default=None)
-    s.add_argument("--json", action="store_true", help="print {'train': [[relpath, label, classname], ...], 'val': [...]}")
+    s.add_argument(
+        "--json", action="store_true", help="print {'train': [[relpath, label, classname], ...], 'val': [...]}"
+    )
     s.set_defaults(func=cmd_split)
     return p
 

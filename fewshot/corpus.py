@@ -25,6 +25,7 @@ a val or test image of ``shapes-64`` or ``digits``.
 ``build_corpus(cfg, image_size)`` returns the images through the CLIP evaluation transform (the
 view zero-shot evaluation sees) and their captions. Deterministic for a given config.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,8 +35,17 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from fewshot.offline import (COLOURS, DIGIT_NAMES, DIGITS_SIZE, SHAPES, SHAPES_SIZE, digit_image,
-                             digits_split_indices, render_shape_with_attributes, shape_classes)
+from fewshot.offline import (
+    COLOURS,
+    DIGIT_NAMES,
+    DIGITS_SIZE,
+    SHAPES,
+    SHAPES_SIZE,
+    digit_image,
+    digits_split_indices,
+    render_shape_with_attributes,
+    shape_classes,
+)
 
 #: first element of every corpus seed sequence (the offline datasets use ``SPLIT_SEED`` = 0)
 CORPUS_STREAM = 7919
@@ -48,7 +58,7 @@ NOVEL_DATASET_CLASSES = 32
 def default_held_out() -> list[str]:
     """The novel half of ``shapes-32`` (``subsample_classes('new')`` keeps labels 16..31)."""
     n = NOVEL_DATASET_CLASSES
-    return [f"{c} {s}" for c, s in shape_classes(n)[n // 2:]]
+    return [f"{c} {s}" for c, s in shape_classes(n)[n // 2 :]]
 
 
 class CorpusConfig(BaseModel):
@@ -59,10 +69,16 @@ class CorpusConfig(BaseModel):
     seed: int = Field(1, ge=0)
     shape_images: int = Field(20000, ge=1)
     digit_views: int = Field(3, ge=0, description="copies of each digits training image (the first unshifted)")
-    augmented_fraction: float = Field(0.5, ge=0, le=1, description="share of shape images seen through the few-shot "
-                                      "training transform (random resized crop + flip) instead of the evaluation one")
-    held_out_pairs: list[str] = Field(default_factory=default_held_out,
-                                      description="'colour shape' pairs that never occur together")
+    augmented_fraction: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="share of shape images seen through the few-shot "
+        "training transform (random resized crop + flip) instead of the evaluation one",
+    )
+    held_out_pairs: list[str] = Field(
+        default_factory=default_held_out, description="'colour shape' pairs that never occur together"
+    )
 
 
 #: caption templates; none is a downstream dataset's template ("a photo of a {}.", "a photo of the digit
@@ -77,8 +93,12 @@ SHAPE_TEMPLATES = [
     "{colour} {shape}",
 ]
 #: for cropped / flipped views, whose size and position words would be wrong
-PLAIN_TEMPLATES = ["a {colour} {shape}.", "{colour} {shape}", "a {shape} coloured {colour}.",
-                   "part of a {colour} {shape}."]
+PLAIN_TEMPLATES = [
+    "a {colour} {shape}.",
+    "{colour} {shape}",
+    "a {shape} coloured {colour}.",
+    "part of a {colour} {shape}.",
+]
 DIGIT_TEMPLATES = [
     "the digit {name}.",
     "a handwritten {name}.",
@@ -107,8 +127,13 @@ def _bg_word(level: float) -> str:
 def shape_caption(colour: str, shape: str, attrs: dict, rng: np.random.Generator, plain: bool = False) -> str:
     templates = PLAIN_TEMPLATES if plain else SHAPE_TEMPLATES
     t = templates[int(rng.integers(len(templates)))]
-    return t.format(colour=colour, shape=shape, size=_size_word(attrs["radius"]), pos=_pos_words(attrs["centre"]),
-                    bg=_bg_word(attrs["background"]))
+    return t.format(
+        colour=colour,
+        shape=shape,
+        size=_size_word(attrs["radius"]),
+        pos=_pos_words(attrs["centre"]),
+        bg=_bg_word(attrs["background"]),
+    )
 
 
 def shape_pairs(cfg: CorpusConfig) -> list[tuple[str, str]]:
@@ -120,7 +145,7 @@ def shape_pairs(cfg: CorpusConfig) -> list[tuple[str, str]]:
 class Corpus:
     images: torch.Tensor  # [N, 3, S, S] float32, CLIP-normalised evaluation view
     captions: list[str]
-    kinds: list[str]      # "shape" | "digit" per example
+    kinds: list[str]  # "shape" | "digit" per example
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -169,7 +194,7 @@ def iter_raw(cfg: CorpusConfig, workers: int = 1):
         from sklearn.datasets import load_digits
 
         pixels = load_digits().images
-        for label, cname, train, _val, _test in digits_split_indices():
+        for label, _cname, train, _val, _test in digits_split_indices():
             for i in train:
                 base = digit_image(pixels[i], DIGITS_SIZE)
                 for v in range(cfg.digit_views):

@@ -4,6 +4,7 @@ Every error a user can cause (bad YAML, unknown method or dataset, missing data,
 checkpoint, NaN loss) is raised as a ``UserError`` subclass; the CLIs print its message on one
 line and exit with code 2 instead of showing a traceback.
 """
+
 from __future__ import annotations
 
 import re

@@ -9,6 +9,7 @@ The counter lives in shared memory, so reads done in DataLoader worker processes
 (fork or spawn); if the dataset is pickled outside process start-up (e.g. sent through Ray), the
 copy gets its own counter starting at the current value.
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -55,16 +56,22 @@ def _open_error(path: str, exc: BaseException) -> DataError:
     why = " ".join(str(exc).split())
     # PIL's "cannot identify image file <file object>" adds nothing
     why = "" if path in why or isinstance(exc, UnidentifiedImageError) else why[:100]
-    return ImageError(f"image file {path} is corrupt or not an image ({exc.__class__.__name__}"
-                      f"{': ' + why if why else ''}): replace it")
+    return ImageError(
+        f"image file {path} is corrupt or not an image ({exc.__class__.__name__}"
+        f"{': ' + why if why else ''}): replace it"
+    )
 
 
-_IMAGE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-                 EOFError)
+_IMAGE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError)
 
 
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
-          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
 
 
 def _kind(mode: int) -> str:
@@ -83,8 +90,10 @@ def file_problem(path: str) -> Optional[DataError]:
     except OSError as exc:
         return _open_error(path, exc)
     if not stat.S_ISREG(mode):
-        return ImageError(f"image file {path} is {_kind(mode)}, not an image file: replace it by the image or fix "
-                          "the dataset's split/list file")
+        return ImageError(
+            f"image file {path} is {_kind(mode)}, not an image file: replace it by the image or fix "
+            "the dataset's split/list file"
+        )
     return None
 
 

@@ -11,6 +11,7 @@ Each is written to ``<cache>/offline/<name>/`` as ``images/<class>/<n>.png`` plu
 folder is built in a temp dir and renamed into place, so concurrent creators are safe: the first
 rename wins and the others discard their copy.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,14 @@ from fewshot.types import DatasetSplits, Item
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 SHAPES = ["circle", "square", "triangle", "star", "diamond", "cross", "hexagon", "ring"]
 COLOURS = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
-    "purple": (140, 50, 170), "orange": (240, 140, 30), "cyan": (40, 200, 210), "white": (245, 245, 245),
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 210, 40),
+    "purple": (140, 50, 170),
+    "orange": (240, 140, 30),
+    "cyan": (40, 200, 210),
+    "white": (245, 245, 245),
 }
 SPLIT_SEED = 0
 DIGITS_SIZE = 32
@@ -127,8 +134,15 @@ def digits_split_indices() -> list[tuple[int, str, list[int], list[int], list[in
         idx = np.flatnonzero(target == label)
         idx = idx[rng.permutation(len(idx))]
         n_train, n_val = _split_counts(len(idx))
-        out.append((label, cname, [int(i) for i in idx[:n_train]], [int(i) for i in idx[n_train:n_train + n_val]],
-                    [int(i) for i in idx[n_train + n_val:]]))
+        out.append(
+            (
+                label,
+                cname,
+                [int(i) for i in idx[:n_train]],
+                [int(i) for i in idx[n_train : n_train + n_val]],
+                [int(i) for i in idx[n_train + n_val :]],
+            )
+        )
     return out
 
 
@@ -155,7 +169,7 @@ def _polygon(cx, cy, r, n, rot, inner=None):
     steps = n * 2 if inner else n
     for j in range(steps):
         a = rot + 2 * math.pi * j / steps
-        rr = (inner if (inner and j % 2) else r)
+        rr = inner if (inner and j % 2) else r
         pts.append((cx + rr * math.cos(a), cy + rr * math.sin(a)))
     return pts
 
@@ -191,8 +205,9 @@ def render_shape(colour: str, shape: str, rng: np.random.Generator, size: int = 
     return render_shape_with_attributes(colour, shape, rng, size)[0]
 
 
-def render_shape_with_attributes(colour: str, shape: str, rng: np.random.Generator,
-                                 size: int = SHAPES_SIZE) -> tuple[Image.Image, dict]:
+def render_shape_with_attributes(
+    colour: str, shape: str, rng: np.random.Generator, size: int = SHAPES_SIZE
+) -> tuple[Image.Image, dict]:
     """``render_shape``'s image plus what it drew: ``radius`` and ``centre`` (fractions of the image
     side) and ``background`` (mean grey level 0..255 of the tint). The generator is consumed exactly as
     ``render_shape`` always did, so the offline datasets' images do not change."""

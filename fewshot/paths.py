@@ -7,6 +7,7 @@ backlog, the searcher's saved state) and every trial checkpoint goes through it.
 ``first_escape`` is the one containment rule for listed image paths: each must be free of NUL bytes and
 resolve (symbolic links included) inside its image folder's real path. ``check_cache_writable`` refuses,
 up front, a cache folder that is not a writable directory."""
+
 from __future__ import annotations
 
 import errno
@@ -14,7 +15,6 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-
 from typing import Callable, Iterable, Optional
 
 from fewshot.errors import ConfigError, MissingDataError
@@ -38,7 +38,9 @@ def resolve_data_root(data_root: str | os.PathLike | None = None) -> Path:
         data_root = env
     root = Path(data_root).expanduser()
     if not root.is_dir():
-        raise MissingDataError(f"data root {root} does not exist or is not a directory: create it and put the datasets there (see {DOCS})")
+        raise MissingDataError(
+            f"data root {root} does not exist or is not a directory: create it and put the datasets there (see {DOCS})"
+        )
     return root.resolve()
 
 
@@ -114,13 +116,16 @@ def check_cache_writable(extra: Iterable[tuple[Path, str]] = ()) -> None:
     for folder, env in [(cache_root(), "PROMPTSWEEP_CACHE"), *extra]:
         why = _cache_problem(Path(folder))
         if why is not None:
-            raise ConfigError(f"cache folder {folder} (${env}) is unusable: {why}; set {env} to a writable folder "
-                              "or fix its permissions")
+            raise ConfigError(
+                f"cache folder {folder} (${env}) is unusable: {why}; set {env} to a writable folder "
+                "or fix its permissions"
+            )
 
 
 @contextmanager
-def atomic_open(path: Path, mode: str = "w", encoding: str | None = None,
-                before_replace: Optional[Callable[[], None]] = None):
+def atomic_open(
+    path: Path, mode: str = "w", encoding: str | None = None, before_replace: Optional[Callable[[], None]] = None
+):
     """Open a temp file beside ``path``; on success it is fsynced, given ``FILE_MODE`` and
     ``os.replace``d onto ``path``, and the folder is fsynced so the rename itself survives a power loss
     (``before_replace`` runs just before the rename: a test hook).

@@ -1,6 +1,7 @@
 """The evaluation protocols of the field, defined once: few-shot (all classes), base-to-novel (train on the
 base half, test base and novel), cross-dataset and domain generalization (train on a source, test targets).
 The data layer splits by them; specs, trials and methods name them from here."""
+
 from __future__ import annotations
 
 from typing import Literal

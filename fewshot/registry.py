@@ -13,6 +13,7 @@ read again.
 ImageNet-V2 / -Sketch (the same 1,000) and ImageNet-A / -R (200 of them) are of ImageNet — what a
 method whose classifier is tied to its training classes can still be evaluated on.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,13 +27,26 @@ from fewshot import offline
 from fewshot.errors import DataError, MissingDataError
 from fewshot.paths import DOCS, resolve_data_root
 from fewshot.readers.aircraft import read_aircraft
-from fewshot.readers.imagenet import (read_imagenet, read_imagenet_a, read_imagenet_r, read_imagenet_sketch,
-                                      read_imagenet_v2)
+from fewshot.readers.imagenet import (
+    read_imagenet,
+    read_imagenet_a,
+    read_imagenet_r,
+    read_imagenet_sketch,
+    read_imagenet_v2,
+)
 from fewshot.readers.json_split import read_json_split_dataset
 from fewshot.types import DatasetSplits
 
-__all__ = ["DatasetInfo", "CATALOG", "COUNT_TOLERANCE", "dataset_names", "dataset_info", "load_dataset",
-           "label_subset_of", "resolve_data_root"]
+__all__ = [
+    "DatasetInfo",
+    "CATALOG",
+    "COUNT_TOLERANCE",
+    "dataset_names",
+    "dataset_info",
+    "load_dataset",
+    "label_subset_of",
+    "resolve_data_root",
+]
 
 #: how far (relative, per split) a standard dataset's train/val/test image counts may be from the
 #: published split sizes before ``fewshot check`` and the sweep refuse it (a partial download, a flat
@@ -59,26 +73,36 @@ class DatasetInfo:
 def _json(image_subdir: str, split_name: str):
     def read(name, dataset_dir, num_classes):
         return read_json_split_dataset(name, dataset_dir, image_subdir, split_name, num_classes)
+
     return read
 
 
-CATALOG: dict[str, DatasetInfo] = {d.name: d for d in [
-    DatasetInfo("imagenet", "imagenet", 1000, (1281167, 50000, 50000), read_imagenet, listing_depth=3),
-    DatasetInfo("caltech101", "caltech-101", 100, (4128, 1649, 2465), _json("101_ObjectCategories", "Caltech101")),
-    DatasetInfo("oxford_pets", "oxford_pets", 37, (2944, 736, 3669), _json("images", "OxfordPets")),
-    DatasetInfo("stanford_cars", "stanford_cars", 196, (6509, 1635, 8041), _json("", "StanfordCars")),
-    DatasetInfo("oxford_flowers", "oxford_flowers", 102, (4093, 1633, 2463), _json("jpg", "OxfordFlowers")),
-    DatasetInfo("food101", "food-101", 101, (50500, 20200, 30300), _json("images", "Food101")),
-    DatasetInfo("fgvc_aircraft", "fgvc_aircraft", 100, (3334, 3333, 3333), read_aircraft),
-    DatasetInfo("sun397", "sun397", 397, (15880, 3970, 19850), _json("SUN397", "SUN397")),
-    DatasetInfo("dtd", "dtd", 47, (2820, 1128, 1692), _json("images", "DescribableTextures")),
-    DatasetInfo("eurosat", "eurosat", 10, (13500, 5400, 8100), _json("2750", "EuroSAT")),
-    DatasetInfo("ucf101", "ucf101", 101, (7639, 1898, 3783), _json("UCF-101-midframes", "UCF101")),
-    DatasetInfo("imagenet_v2", "imagenetv2", 1000, (0, 0, 10000), read_imagenet_v2, "imagenet", listing_depth=2),
-    DatasetInfo("imagenet_sketch", "imagenet-sketch", 1000, (0, 0, 50889), read_imagenet_sketch, "imagenet", listing_depth=2),
-    DatasetInfo("imagenet_a", "imagenet-adversarial", 200, (0, 0, 7500), read_imagenet_a, "imagenet", listing_depth=2),
-    DatasetInfo("imagenet_r", "imagenet-rendition", 200, (0, 0, 30000), read_imagenet_r, "imagenet", listing_depth=2),
-]}
+CATALOG: dict[str, DatasetInfo] = {
+    d.name: d
+    for d in [
+        DatasetInfo("imagenet", "imagenet", 1000, (1281167, 50000, 50000), read_imagenet, listing_depth=3),
+        DatasetInfo("caltech101", "caltech-101", 100, (4128, 1649, 2465), _json("101_ObjectCategories", "Caltech101")),
+        DatasetInfo("oxford_pets", "oxford_pets", 37, (2944, 736, 3669), _json("images", "OxfordPets")),
+        DatasetInfo("stanford_cars", "stanford_cars", 196, (6509, 1635, 8041), _json("", "StanfordCars")),
+        DatasetInfo("oxford_flowers", "oxford_flowers", 102, (4093, 1633, 2463), _json("jpg", "OxfordFlowers")),
+        DatasetInfo("food101", "food-101", 101, (50500, 20200, 30300), _json("images", "Food101")),
+        DatasetInfo("fgvc_aircraft", "fgvc_aircraft", 100, (3334, 3333, 3333), read_aircraft),
+        DatasetInfo("sun397", "sun397", 397, (15880, 3970, 19850), _json("SUN397", "SUN397")),
+        DatasetInfo("dtd", "dtd", 47, (2820, 1128, 1692), _json("images", "DescribableTextures")),
+        DatasetInfo("eurosat", "eurosat", 10, (13500, 5400, 8100), _json("2750", "EuroSAT")),
+        DatasetInfo("ucf101", "ucf101", 101, (7639, 1898, 3783), _json("UCF-101-midframes", "UCF101")),
+        DatasetInfo("imagenet_v2", "imagenetv2", 1000, (0, 0, 10000), read_imagenet_v2, "imagenet", listing_depth=2),
+        DatasetInfo(
+            "imagenet_sketch", "imagenet-sketch", 1000, (0, 0, 50889), read_imagenet_sketch, "imagenet", listing_depth=2
+        ),
+        DatasetInfo(
+            "imagenet_a", "imagenet-adversarial", 200, (0, 0, 7500), read_imagenet_a, "imagenet", listing_depth=2
+        ),
+        DatasetInfo(
+            "imagenet_r", "imagenet-rendition", 200, (0, 0, 30000), read_imagenet_r, "imagenet", listing_depth=2
+        ),
+    ]
+}
 
 OFFLINE_NAMES = ["digits", "shapes"]
 
@@ -152,7 +176,9 @@ def load_dataset(name: str, data_root: str | os.PathLike | None = None) -> Datas
     info = CATALOG[name]
     folder = resolve_data_root(data_root) / info.folder
     if not folder.is_dir():
-        raise MissingDataError(f"dataset '{name}' not found: folder {folder} is missing; download it as described in {DOCS}")
+        raise MissingDataError(
+            f"dataset '{name}' not found: folder {folder} is missing; download it as described in {DOCS}"
+        )
     key = (name, str(folder))
     sig = _signature(folder, info.listing_depth)
     with _loaded_lock:

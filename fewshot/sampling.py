@@ -7,6 +7,7 @@ unchanged; the train list is sampled first, then val with ``min(K, 4)`` from the
 A private ``Random(seed)`` gives exactly what Dassl gets after ``random.seed(seed)`` without
 touching the global stream.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -90,10 +91,14 @@ def fewshot_split(ds: DatasetSplits, shots: int, seed: int, cache_dir: str | os.
     val_pos = sample_positions(ds.val, min(shots, 4), rng)
     train, val = [ds.train[p] for p in train_pos], [ds.val[p] for p in val_pos]
     payload = {
-        "dataset": ds.name, "shots": shots, "seed": seed, "source": source,
+        "dataset": ds.name,
+        "shots": shots,
+        "seed": seed,
+        "source": source,
         "train": [[_relative(it.impath, root), it.label, it.classname] for it in train],
         "val": [[_relative(it.impath, root), it.label, it.classname] for it in val],
-        "train_positions": train_pos, "val_positions": val_pos,
+        "train_positions": train_pos,
+        "val_positions": val_pos,
     }
     write_text_atomic(path, json.dumps(payload, indent=1))
     return FewShotSplit(train, val)
@@ -111,7 +116,7 @@ def _relative(path: str, root: str) -> str:
     """``os.path.relpath(path, root)``, by slicing when ``path`` lies under ``root`` (10x faster: it is
     called for every image of the dataset)."""
     prefix = root.rstrip(os.sep) + os.sep
-    return path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)
+    return path[len(prefix) :] if path.startswith(prefix) else os.path.relpath(path, root)
 
 
 def _fingerprint(ds: DatasetSplits, root: str) -> str:
@@ -158,13 +163,22 @@ def _read_cache(path: Path, ds: DatasetSplits, root: str, source: str) -> FewSho
             raise DataError(f"few-shot split cache {path} is corrupt ('{part}' is not a list): {fix}")
         listed = getattr(ds, part)
         positions = data.get(f"{part}_positions")
-        if not (isinstance(positions, list) and len(positions) == len(entries)
-                and all(type(p) is int and 0 <= p < len(listed) for p in positions)):
+        if not (
+            isinstance(positions, list)
+            and len(positions) == len(entries)
+            and all(type(p) is int and 0 <= p < len(listed) for p in positions)
+        ):
             positions = None  # written before positions were stored: look the paths up
         items = []
         for i, e in enumerate(entries):
-            ok = (isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and isinstance(e[1], int)
-                  and not isinstance(e[1], bool) and isinstance(e[2], str))
+            ok = (
+                isinstance(e, list)
+                and len(e) == 3
+                and isinstance(e[0], str)
+                and isinstance(e[1], int)
+                and not isinstance(e[1], bool)
+                and isinstance(e[2], str)
+            )
             if not ok:
                 item = None
             elif positions is not None:
@@ -175,7 +189,8 @@ def _read_cache(path: Path, ds: DatasetSplits, root: str, source: str) -> FewSho
             if item is None or item.label != e[1] or item.classname != e[2]:
                 raise DataError(
                     f"few-shot split cache {path} is corrupt ('{part}' entry {i} = {json.dumps(e)[:100]} "
-                    f"is not an image of dataset '{ds.name}' with that label): {fix}")
+                    f"is not an image of dataset '{ds.name}' with that label): {fix}"
+                )
             items.append(item)
         out.append(items)
     return FewShotSplit(out[0], out[1])

@@ -7,6 +7,7 @@ Every label ``0..C-1`` has one class name and at least one ``train`` entry. Ever
 ``image_dir`` once resolved (no ``..`` out of it, no NUL byte, no symbolic link pointing elsewhere:
 ``fewshot.paths.first_escape``).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,9 @@ SPLITS = ("train", "val", "test")
 def parse_entries(entries, image_dir: str, num_classes: int | None, where: str, part: str) -> list[Item]:
     """Validate ``[relpath, label, classname]`` entries and turn them into Items under ``image_dir``."""
     if not isinstance(entries, list):
-        raise DataError(f"{where}: '{part}' must be a list of [path, label, classname] entries, got {type(entries).__name__}")
+        raise DataError(
+            f"{where}: '{part}' must be a list of [path, label, classname] entries, got {type(entries).__name__}"
+        )
     items = []
     for i, entry in enumerate(entries):
         if (
@@ -39,8 +42,9 @@ def parse_entries(entries, image_dir: str, num_classes: int | None, where: str, 
             )
         path, label, classname = entry
         if not path.strip() or os.path.isabs(path):
-            raise DataError(f"{where}: '{part}' entry {i} has path {json.dumps(path)}, expected a file path relative "
-                            f"to {image_dir}")
+            raise DataError(
+                f"{where}: '{part}' entry {i} has path {json.dumps(path)}, expected a file path relative to {image_dir}"
+            )
         if label < 0 or (num_classes is not None and label >= num_classes):
             bound = f"0..{num_classes - 1}" if num_classes is not None else ">= 0"
             raise DataError(f"{where}: '{part}' entry {i} has label {label}, outside {bound}")
@@ -54,8 +58,10 @@ def check_inside(items: list[Item], listed: list[str], image_dir: str, where: st
     bad = first_escape(image_dir, [it.impath for it in items])
     if bad is not None:
         i, why = bad
-        raise DataError(f"{where}: '{part}' entry {i} has path {json.dumps(listed[i])}, which {why}: every image "
-                        f"must be a file inside {image_dir}; fix the entry (or re-download the split file, see {DOCS})")
+        raise DataError(
+            f"{where}: '{part}' entry {i} has path {json.dumps(listed[i])}, which {why}: every image "
+            f"must be a file inside {image_dir}; fix the entry (or re-download the split file, see {DOCS})"
+        )
 
 
 def _shown(value) -> str:
@@ -85,17 +91,22 @@ def read_split_file(split_file: Path, image_dir: Path, num_classes: int | None =
     """Read a split JSON -> ``(train, val, test, classnames)``; DataError naming the file and the problem."""
     split_file = Path(split_file)
     if not split_file.is_file():
-        raise MissingDataError(f"split file {split_file} is missing: download it (links in {DOCS}) into {split_file.parent}")
+        raise MissingDataError(
+            f"split file {split_file} is missing: download it (links in {DOCS}) into {split_file.parent}"
+        )
     try:
         with open(split_file, encoding="utf-8") as fh:
             data = json.load(fh)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"split file {split_file} is not valid JSON ({exc}): re-download it (see {DOCS})") from None
     except RecursionError:  # [[[[...]]]] nested deeper than Python's recursion limit
-        raise DataError(f"split file {split_file} is not a split file (its JSON is nested too deeply): re-download "
-                        f"it (see {DOCS})") from None
+        raise DataError(
+            f"split file {split_file} is not a split file (its JSON is nested too deeply): re-download it (see {DOCS})"
+        ) from None
     if not isinstance(data, dict):
-        raise DataError(f"split file {split_file} must hold a JSON object with keys train/val/test, got {type(data).__name__}")
+        raise DataError(
+            f"split file {split_file} must hold a JSON object with keys train/val/test, got {type(data).__name__}"
+        )
     missing = [k for k in SPLITS if k not in data]
     if missing:
         raise DataError(f"split file {split_file} lacks key(s) {', '.join(missing)} (needs train, val, test)")
@@ -112,12 +123,15 @@ def check_train_covers_classes(train: list[Item], classnames: list[str], where: 
     empty = [lab for lab in range(len(classnames)) if lab not in have]
     if empty:
         shown = ", ".join(f"{lab} '{classnames[lab]}'" for lab in empty[:5]) + (" ..." if len(empty) > 5 else "")
-        raise DataError(f"{where}: {len(empty)} class(es) have no 'train' entries ({shown}); every class needs "
-                        f"training images: re-download the split file (see {DOCS})")
+        raise DataError(
+            f"{where}: {len(empty)} class(es) have no 'train' entries ({shown}); every class needs "
+            f"training images: re-download the split file (see {DOCS})"
+        )
 
 
 def dump_split(train, val, test, image_dir: str) -> str:
     """Serialise Items to the split-file JSON text (paths relative to ``image_dir``, 4-space indent)."""
+
     def rows(items):
         return [[os.path.relpath(it.impath, image_dir), it.label, it.classname] for it in items]
 

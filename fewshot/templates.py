@@ -3,6 +3,7 @@ and CoOp's ZeroshotCLIP2 ensemble (7 ImageNet "select" templates + the dataset's
 
 Templates contain one ``{}`` for the class name (callers replace ``_`` by a space first).
 """
+
 from __future__ import annotations
 
 from fewshot.errors import ConfigError

@@ -4,6 +4,7 @@ Train: RandomResizedCrop(size, scale=crop_scale) -> RandomHorizontalFlip -> ToTe
        is CoOp's (0.08, 1) unless the trial's ``crop_scale`` setting says otherwise.
 Eval:  Resize(size) (shorter side) -> CenterCrop(size) -> ToTensor -> Normalize (= CLIP's preprocess).
 """
+
 from __future__ import annotations
 
 from torchvision import transforms as T
@@ -22,15 +23,19 @@ def clip_transform(image_size: int, train: bool, crop_scale: tuple[float, float]
     training crop's area range, as fractions of the image)."""
     normalize = T.Normalize(CLIP_MEAN, CLIP_STD)
     if train:
-        return T.Compose([
-            T.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(p=0.5),
+        return T.Compose(
+            [
+                T.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=InterpolationMode.BICUBIC),
+                T.RandomHorizontalFlip(p=0.5),
+                T.ToTensor(),
+                normalize,
+            ]
+        )
+    return T.Compose(
+        [
+            T.Resize(image_size, interpolation=InterpolationMode.BICUBIC),
+            T.CenterCrop(image_size),
             T.ToTensor(),
             normalize,
-        ])
-    return T.Compose([
-        T.Resize(image_size, interpolation=InterpolationMode.BICUBIC),
-        T.CenterCrop(image_size),
-        T.ToTensor(),
-        normalize,
-    ])
+        ]
+    )

@@ -1,4 +1,5 @@
 """The two value types of the data layer: one labelled image (``Item``) and a built dataset (``DatasetSplits``)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

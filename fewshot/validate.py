@@ -15,6 +15,7 @@ missing test image stops the sweep before training rather than a trial after it.
 lists are checked structurally (labels, class coverage) without touching the files.
 Every problem is a one-line ``DataError`` naming the file (or folder) to fix.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,17 +46,21 @@ def check_labels(ds: DatasetSplits) -> None:
     training images (test-only datasets such as ImageNet-A skip the second rule)."""
     n = ds.num_classes
     for part in ("train", "val", "test"):
-        for i, it in enumerate(getattr(ds, part)):
+        for it in getattr(ds, part):
             if isinstance(it.label, bool) or not isinstance(it.label, int) or not 0 <= it.label < n:
-                raise DataError(f"{_where(ds)}: {part} image {it.impath} has label {it.label!r}, outside 0..{n - 1} "
-                                f"({n} classes): fix the split/list file")
+                raise DataError(
+                    f"{_where(ds)}: {part} image {it.impath} has label {it.label!r}, outside 0..{n - 1} "
+                    f"({n} classes): fix the split/list file"
+                )
     if ds.train:
         have = {it.label for it in ds.train}
         empty = [lab for lab in range(n) if lab not in have]
         if empty:
             shown = ", ".join(f"{lab} '{ds.classnames[lab]}'" for lab in empty[:5]) + (" ..." if len(empty) > 5 else "")
-            raise DataError(f"{_where(ds)}: {len(empty)} class(es) have no training images ({shown}): "
-                            "add their images or fix the split/list file")
+            raise DataError(
+                f"{_where(ds)}: {len(empty)} class(es) have no training images ({shown}): "
+                "add their images or fix the split/list file"
+            )
 
 
 def check_sizes(ds: DatasetSplits, needs_train: bool = True, tolerance: Optional[float] = COUNT_TOLERANCE) -> None:
@@ -66,21 +71,28 @@ def check_sizes(ds: DatasetSplits, needs_train: bool = True, tolerance: Optional
     wanted = PARTS if needs_train else ("test",)
     empty = [p for p in wanted if got[p] == 0]
     if empty:
-        raise EmptySplitError(f"{_where(ds)}: the {'/'.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty "
-                              f"(train {got['train']}, val {got['val']}, test {got['test']} images): nothing to "
-                              f"{'train on or ' if 'train' in empty else ''}evaluate; fix the dataset folder or its "
-                              f"split file (see {DOCS})")
+        raise EmptySplitError(
+            f"{_where(ds)}: the {'/'.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty "
+            f"(train {got['train']}, val {got['val']}, test {got['test']} images): nothing to "
+            f"{'train on or ' if 'train' in empty else ''}evaluate; fix the dataset folder or its "
+            f"split file (see {DOCS})"
+        )
     info = CATALOG.get(ds.name)
     if info is None or tolerance is None:
         return
-    off = [(p, got[p], want) for p, want in zip(PARTS, info.sizes)
-           if want and abs(got[p] - want) > tolerance * want and (needs_train or p == "test")]
+    off = [
+        (p, got[p], want)
+        for p, want in zip(PARTS, info.sizes)
+        if want and abs(got[p] - want) > tolerance * want and (needs_train or p == "test")
+    ]
     if off:
         shown = ", ".join(f"{p} {g} (published: {w})" for p, g, w in off)
-        raise SizeMismatchError(f"{_where(ds)}: image counts differ from the published split by more than "
-                        f"{tolerance:.0%}: {shown}; complete the download (see {DOCS}), or, for a deliberate "
-                        "subset, raise the tolerance (count_tolerance in the spec, --count-tolerance for "
-                        "python -m fewshot check; null / none skips the comparison)")
+        raise SizeMismatchError(
+            f"{_where(ds)}: image counts differ from the published split by more than "
+            f"{tolerance:.0%}: {shown}; complete the download (see {DOCS}), or, for a deliberate "
+            "subset, raise the tolerance (count_tolerance in the spec, --count-tolerance for "
+            "python -m fewshot check; null / none skips the comparison)"
+        )
 
 
 def check_files_exist(items: Iterable[Item], what: str, workers: int | None = None) -> int:
@@ -94,8 +106,10 @@ def check_files_exist(items: Iterable[Item], what: str, workers: int | None = No
         problems = [e for e in pool.map(file_problem, paths, chunksize=512) if e is not None]
     if problems:
         missing = all(isinstance(e, MissingImageError) for e in problems)
-        raise type(problems[0])(f"{problems[0]} [{len(problems)} of the {len(paths)} images of {what} are "
-                                f"{'missing' if missing else 'missing or not image files'}]")
+        raise type(problems[0])(
+            f"{problems[0]} [{len(problems)} of the {len(paths)} images of {what} are "
+            f"{'missing' if missing else 'missing or not image files'}]"
+        )
     return len(paths)
 
 
@@ -141,10 +155,14 @@ def check_fewshot(ds: DatasetSplits, pairs: Iterable[tuple[int, int]], workers: 
     return check_images(items, what, workers)
 
 
-def check_sweep_data(needs: Mapping[str, Iterable[tuple[int, int]]], data_root=None,
-                     targets: Iterable[str] = (), workers: int | None = None,
-                     tolerance: Optional[float] = COUNT_TOLERANCE,
-                     progress: Optional[Callable[[str], None]] = None) -> dict[str, int]:
+def check_sweep_data(
+    needs: Mapping[str, Iterable[tuple[int, int]]],
+    data_root=None,
+    targets: Iterable[str] = (),
+    workers: int | None = None,
+    tolerance: Optional[float] = COUNT_TOLERANCE,
+    progress: Optional[Callable[[str], None]] = None,
+) -> dict[str, int]:
     """For each source dataset: read it, check its labels and sizes, the images of its ``(shots, seed)``
     splits (decoded) and its test list (exists); for each target (evaluated on its test split only): read
     it and check its labels, sizes and test list. Returns ``{dataset: few-shot images decoded}``; the first
@@ -160,6 +178,8 @@ def check_sweep_data(needs: Mapping[str, Iterable[tuple[int, int]]], data_root=N
         checked[name] = check_fewshot(ds, pairs, workers) if pairs is not None else 0
         n_test = check_files_exist(ds.test, f"the test split of '{name}'", workers)
         decoded = f"{checked[name]} few-shot images decode, " if pairs is not None else ""
-        say(f"  {i}/{len(todo)} {name} ({'source' if pairs is not None else 'target'}): {decoded}{n_test} test images "
-            f"present ({time.perf_counter() - t0:.1f} s)")
+        say(
+            f"  {i}/{len(todo)} {name} ({'source' if pairs is not None else 'target'}): {decoded}{n_test} test images "
+            f"present ({time.perf_counter() - t0:.1f} s)"
+        )
     return checked

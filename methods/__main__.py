@@ -16,6 +16,7 @@ the checkpoint of ``load_backbone(arch, "promptsweep")`` (``methods.pretrain``) 
 ``--eval`` adds the zero-shot accuracies on the offline test splits (``methods.zeroshot_eval``).
 User errors: ``error: ...`` on stderr, exit 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,7 +61,7 @@ def _list() -> int:
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     print("\nbackbone families (python -m methods families; every other open_clip config is refused):")
-    for f, (tokens, what) in FAMILIES.items():
+    for f, (_tokens, what) in FAMILIES.items():
         print(f"  {f:<9} {what}")
     return 0
 
@@ -97,7 +98,9 @@ def _info(args) -> int:
     sets = parse_sets(args.set)
     unknown = set(sets) - set(cls.Config.model_fields)
     if unknown:
-        raise ConfigError(f"unknown {args.method} option(s) {sorted(unknown)} (valid: {', '.join(sorted(cls.Config.model_fields))})")
+        raise ConfigError(
+            f"unknown {args.method} option(s) {sorted(unknown)} (valid: {', '.join(sorted(cls.Config.model_fields))})"
+        )
     meth.update(sets)
     try:
         cfg = cls.Config(**meth)
@@ -107,13 +110,18 @@ def _info(args) -> int:
     classnames = [f"class {i}" for i in range(args.classes)]
     with torch.no_grad():
         method = cls(bb, classnames, args.dataset, cfg)
-    out = {"trainable_params": method.num_trainable(), "frozen_params": method.frozen_param_count(),
-           "breakdown": method.param_breakdown()}
+    out = {
+        "trainable_params": method.num_trainable(),
+        "frozen_params": method.frozen_param_count(),
+        "breakdown": method.param_breakdown(),
+    }
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"{args.method} on {args.arch} ({args.classes} classes): trainable {out['trainable_params']:,}, "
-              f"frozen {out['frozen_params']:,}")
+        print(
+            f"{args.method} on {args.arch} ({args.classes} classes): trainable {out['trainable_params']:,}, "
+            f"frozen {out['frozen_params']:,}"
+        )
         for k, v in out["breakdown"].items():
             print(f"  {k}: {v:,}")
     return 0
@@ -127,8 +135,13 @@ def _pretrain(args) -> int:
 
     t0 = time.time()
     path = pretrained_checkpoint(args.arch)
-    out = {"arch": args.arch, "checkpoint": str(path), "bytes": path.stat().st_size,
-           "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "seconds": round(time.time() - t0, 1)}
+    out = {
+        "arch": args.arch,
+        "checkpoint": str(path),
+        "bytes": path.stat().st_size,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "seconds": round(time.time() - t0, 1),
+    }
     if args.eval:
         from methods.backbone import load_backbone
         from methods.zeroshot_eval import zero_shot_report
@@ -164,8 +177,12 @@ def main(argv=None) -> int:
     pre.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     try:
-        return {"list": lambda: _list(), "families": lambda: _families(args), "info": lambda: _info(args),
-                "pretrain": lambda: _pretrain(args)}[args.cmd]()
+        return {
+            "list": lambda: _list(),
+            "families": lambda: _families(args),
+            "info": lambda: _info(args),
+            "pretrain": lambda: _pretrain(args),
+        }[args.cmd]()
     except UserError as exc:
         print(error_line(exc), file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ process: a Ray worker that runs many trials loads its weights once. Every parame
 (``requires_grad=False``) and the model is kept in eval mode. Random init is drawn under a fixed
 seed (``RANDOM_INIT_SEED``), so every process builds the same random backbone.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -248,8 +249,14 @@ class Backbone:
         return nn.functional.normalize(feats, dim=-1) if normalize else feats
 
     @torch.no_grad()
-    def template_text_features(self, classnames: list[str], templates: list[str], normalize: bool = True,
-                               average: str = "normalized", clean: bool = True) -> torch.Tensor:
+    def template_text_features(
+        self,
+        classnames: list[str],
+        templates: list[str],
+        normalize: bool = True,
+        average: str = "normalized",
+        clean: bool = True,
+    ) -> torch.Tensor:
         """Class text features from hand-crafted templates, averaged over templates when several.
 
         ``template.format(name)`` for each class (``_`` in names becomes a space when ``clean``); with several
@@ -264,8 +271,9 @@ class Backbone:
         if hit is not None:
             return hit
         names = [c.replace("_", " ") for c in classnames] if clean else list(classnames)
-        per_template = [self.encode_text([t.format(n) for n in names], normalize=average == "normalized")
-                        for t in templates]
+        per_template = [
+            self.encode_text([t.format(n) for n in names], normalize=average == "normalized") for t in templates
+        ]
         feats = torch.stack(per_template).mean(0)
         feats = nn.functional.normalize(feats, dim=-1) if normalize else feats
         if len(self._text_feature_cache) > 64:
@@ -299,9 +307,18 @@ class Backbone:
         elif not src:
             src = f"random-init-seed{RANDOM_INIT_SEED}"
         cfg = open_clip.get_model_config(self.arch) or {}
-        blob = json.dumps({"arch": self.arch, "weights": src, "config": cfg, "precision": self.precision,
-                           "quickgelu_env": os.environ.get("PROMPTSWEEP_QUICKGELU", "1"),
-                           "open_clip": getattr(open_clip, "__version__", "?")}, sort_keys=True, default=str)
+        blob = json.dumps(
+            {
+                "arch": self.arch,
+                "weights": src,
+                "config": cfg,
+                "precision": self.precision,
+                "quickgelu_env": os.environ.get("PROMPTSWEEP_QUICKGELU", "1"),
+                "open_clip": getattr(open_clip, "__version__", "?"),
+            },
+            sort_keys=True,
+            default=str,
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -378,8 +395,13 @@ def load_backbone(
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(RANDOM_INIT_SEED)  # random init is the same in every process
                 model = open_clip.create_model(
-                    arch, pretrained=pt, device="cpu", precision=precision, force_quick_gelu=quick,
-                    weights_only=True, require_pretrained=pt is not None,
+                    arch,
+                    pretrained=pt,
+                    device="cpu",
+                    precision=precision,
+                    force_quick_gelu=quick,
+                    weights_only=True,
+                    require_pretrained=pt is not None,
                 ).to(device)
         except CheckpointError:
             raise
@@ -405,11 +427,20 @@ def load_backbone(
             try:
                 tokenizer = open_clip.get_tokenizer(arch)
             except Exception as exc:  # noqa: BLE001 - e.g. SigLIP's tokenizer without transformers / the hub
-                raise ConfigError(f"could not load the tokenizer of {arch}: {type(exc).__name__}: {str(exc)[:200]} "
-                                  "(SigLIP tokenizers need the transformers package and the Hugging Face hub or its "
-                                  "cache)") from exc
-        bb = Backbone(model=model, tokenizer=tokenizer, arch=arch, pretrained=pretrained, device=device,
-                      precision=precision, family=family)
+                raise ConfigError(
+                    f"could not load the tokenizer of {arch}: {type(exc).__name__}: {str(exc)[:200]} "
+                    "(SigLIP tokenizers need the transformers package and the Hugging Face hub or its "
+                    "cache)"
+                ) from exc
+        bb = Backbone(
+            model=model,
+            tokenizer=tokenizer,
+            arch=arch,
+            pretrained=pretrained,
+            device=device,
+            precision=precision,
+            family=family,
+        )
         _CACHE[key] = bb
         LOAD_COUNT += 1
         return bb

@@ -39,6 +39,7 @@ the backbone), ``clip_logits`` (CLIP's scaled cosine logits, plus the logit bias
 Per-method defaults (training schedule and method hyperparameters, per dataset / shots / protocol)
 live in ``methods/defaults/<name>.yaml`` and are resolved by ``methods.defaults``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -64,7 +65,9 @@ class TrainConfig(StrictModel):
     """Optimisation and schedule shared by all methods (defaults overridable by YAML / --set)."""
 
     epochs: int = Field(10, ge=0, le=100_000, description="training epochs (ignored when max_iters is set)")
-    max_iters: Optional[int] = Field(None, ge=1, le=100_000_000, description="iteration-based schedule (TGP-T); overrides epochs")
+    max_iters: Optional[int] = Field(
+        None, ge=1, le=100_000_000, description="iteration-based schedule (TGP-T); overrides epochs"
+    )
     batch_size: int = Field(32, ge=1, le=65_536)
     eval_batch_size: int = Field(100, ge=1, le=65_536)
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
@@ -75,31 +78,57 @@ class TrainConfig(StrictModel):
     eps: float = Field(1e-8, gt=0)
     scheduler: Literal["cosine", "constant"] = "cosine"
     min_lr: float = Field(0.0, ge=0)
-    warmup_epochs: float = Field(1.0, ge=0, description="warm-up length in epochs (or in iterations when warmup_iters is set)")
+    warmup_epochs: float = Field(
+        1.0, ge=0, description="warm-up length in epochs (or in iterations when warmup_iters is set)"
+    )
     warmup_iters: Optional[int] = Field(None, ge=0)
     warmup_type: Literal["constant", "linear"] = "constant"
     warmup_lr: float = Field(1e-5, ge=0)
     grad_clip: Optional[float] = Field(None, gt=0)
-    selection: Literal["last", "best_val"] = Field("last", description="final model: last step (CoOp family) or best on the few-shot val split (TGP-T)")
-    eval_every_iters: Optional[int] = Field(None, ge=1, description="validation period in iterations for best_val selection (default: every epoch)")
+    selection: Literal["last", "best_val"] = Field(
+        "last", description="final model: last step (CoOp family) or best on the few-shot val split (TGP-T)"
+    )
+    eval_every_iters: Optional[int] = Field(
+        None, ge=1, description="validation period in iterations for best_val selection (default: every epoch)"
+    )
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader workers (sized to the trial's CPUs by the sweep)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU")
     drop_last: bool = True
-    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="area range (fractions of the image) of the "
-                                            "training augmentation's RandomResizedCrop; CoOp's (0.08, 1) for natural "
-                                            "images, narrower for the offline sets (methods/defaults/_datasets.yaml)")
-    feature_cache: bool = Field(True, description="methods with frozen_image_features: evaluate on cached frozen image "
-                                                  "features (exact; orchestrator.feature_cache)")
-    train_feature_views: Optional[int] = Field(None, ge=1, le=1000, description="train on k cached augmented views (epoch e uses "
-                                               "view e mod k) instead of fresh augmentations (None, the exact default)")
-    oom_retry: bool = Field(False, description="on out-of-memory, halve the micro-batch and accumulate gradients "
-                                               "(same effective batch) instead of failing the trial with error class oom")
-    max_trial_s: Optional[float] = Field(None, gt=0, allow_inf_nan=False,
-                                         description="wall-time limit of one run of a trial in seconds (None: no "
-                                                     "limit); past it the trial fails with error class timeout")
+    crop_scale: tuple[float, float] = Field(
+        (0.08, 1.0),
+        description="area range (fractions of the image) of the "
+        "training augmentation's RandomResizedCrop; CoOp's (0.08, 1) for natural "
+        "images, narrower for the offline sets (methods/defaults/_datasets.yaml)",
+    )
+    feature_cache: bool = Field(
+        True,
+        description="methods with frozen_image_features: evaluate on cached frozen image "
+        "features (exact; orchestrator.feature_cache)",
+    )
+    train_feature_views: Optional[int] = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="train on k cached augmented views (epoch e uses "
+        "view e mod k) instead of fresh augmentations (None, the exact default)",
+    )
+    oom_retry: bool = Field(
+        False,
+        description="on out-of-memory, halve the micro-batch and accumulate gradients "
+        "(same effective batch) instead of failing the trial with error class oom",
+    )
+    max_trial_s: Optional[float] = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="wall-time limit of one run of a trial in seconds (None: no "
+        "limit); past it the trial fails with error class timeout",
+    )
     fault: Optional[Literal["nan_loss", "inf_loss", "oom"]] = Field(
-        None, description="fault injection for reliability tests: from optimizer step fault_step on, the loss becomes "
-                          "NaN/inf, or a micro-batch larger than fault_oom_batch raises out-of-memory")
+        None,
+        description="fault injection for reliability tests: from optimizer step fault_step on, the loss becomes "
+        "NaN/inf, or a micro-batch larger than fault_oom_batch raises out-of-memory",
+    )
     fault_step: int = Field(1, ge=1, description="first optimizer step (1-based) at which the injected fault fires")
     fault_oom_batch: int = Field(0, ge=0, description="with fault: oom, micro-batches up to this size still fit")
 
@@ -201,18 +230,30 @@ class PromptMethod(nn.Module):
         ``kind`` (coop | kgcoop | sep), or CoOp's ensemble for ``kind="ensemble"``."""
         from fewshot.templates import ensemble_templates, template
 
-        return list(ensemble_templates(self.eval_dataset)) if kind == "ensemble" else [template(self.eval_dataset, kind)]
+        return (
+            list(ensemble_templates(self.eval_dataset)) if kind == "ensemble" else [template(self.eval_dataset, kind)]
+        )
 
-    def template_text_features(self, templates: Sequence[str], names: Optional[Sequence[str]] = None,
-                               average: Literal["normalized", "raw"] = "normalized", clean: bool = True,
-                               normalize: bool = True) -> torch.Tensor:
+    def template_text_features(
+        self,
+        templates: Sequence[str],
+        names: Optional[Sequence[str]] = None,
+        average: Literal["normalized", "raw"] = "normalized",
+        clean: bool = True,
+        normalize: bool = True,
+    ) -> torch.Tensor:
         """Frozen CLIP text features [C, E] of ``names`` (default: the current classnames) under hand-crafted
         ``templates``: each ``template.format(name)`` (``_`` in names becomes a space unless ``clean`` is False)
         through the frozen text tower; several templates are averaged after normalising each (``normalized``,
         CLIP's ensembling) or as raw features (``raw``, TGP-T's head init). A fresh tensor the method may keep."""
         names = self.classnames if names is None else list(names)
-        return self.backbone.template_text_features(names, list(templates), normalize=normalize, average=average,
-                                                    clean=clean).detach().clone()
+        return (
+            self.backbone.template_text_features(
+                names, list(templates), normalize=normalize, average=average, clean=clean
+            )
+            .detach()
+            .clone()
+        )
 
     def hand_text_features(self, kind: str) -> torch.Tensor:
         """Normalised ``template_text_features`` of the current classnames under ``hand_templates(kind)``."""
@@ -228,10 +269,12 @@ class PromptMethod(nn.Module):
         unseen = [n for n in names if n not in row]
         if unseen:
             shown = ", ".join(f"'{n}'" for n in unseen[:5]) + (" ..." if len(unseen) > 5 else "")
-            raise ConfigError(f"{self.name}: its classifier is tied to its {len(row)} training classes and cannot "
-                              f"score {len(unseen)} class(es) it never trained on ({shown}); evaluate it only on "
-                              "those classes or a subset of them (fewshot; domain_generalization to ImageNet's "
-                              "variants), or use a text-based method")
+            raise ConfigError(
+                f"{self.name}: its classifier is tied to its {len(row)} training classes and cannot "
+                f"score {len(unseen)} class(es) it never trained on ({shown}); evaluate it only on "
+                "those classes or a subset of them (fewshot; domain_generalization to ImageNet's "
+                "variants), or use a text-based method"
+            )
         return torch.tensor([row[n] for n in names], dtype=torch.long, device=self.device)
 
     def eval_text_features(self) -> torch.Tensor:
@@ -259,8 +302,9 @@ class PromptMethod(nn.Module):
         """Logits [B, C] over the current classnames."""
         raise NotImplementedError
 
-    def training_loss(self, images: torch.Tensor, labels: torch.Tensor,
-                      indices: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_loss(
+        self, images: torch.Tensor, labels: torch.Tensor, indices: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss for one training step and named float components for logging (default: CE). ``indices``: the
         samples' positions in the training loader's dataset (see the module docstring; unused here)."""
         logits = self(images)
@@ -333,7 +377,9 @@ class PromptMethod(nn.Module):
         self.load_state_dict(state, strict=True)
 
 
-def cosine_logits(image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+def cosine_logits(
+    image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor | float
+) -> torch.Tensor:
     """``scale * norm(img) @ norm(txt).T`` — the CLIP classifier (``PromptMethod.clip_logits`` adds the bias)."""
     img = F.normalize(image_features.float(), dim=-1)
     txt = F.normalize(text_features.float(), dim=-1)

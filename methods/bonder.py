@@ -17,6 +17,7 @@ One block, pre-LayerNorm residuals, exactly the reference layout (EricTan7/TGP-T
 ``W_q``: dim -> kv_dim, ``W_o``: kv_dim -> dim otherwise. The reference's unused ``norm_text`` /
 ``norm_img`` LayerNorms (they receive no gradient, spec §8) are not replicated.
 """
+
 from __future__ import annotations
 
 import torch

@@ -12,6 +12,7 @@ batch; ``batched`` does that in one pass (chunks of ``images_per_pass`` images b
 and ``batched: false`` loops over the images one at a time as the reference does — both give the same
 logits (tested).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -30,10 +31,16 @@ class CoCoOpConfig(MethodConfig):
     """CoCoOp hyperparameters (schedule in TrainConfig / methods/defaults/cocoop.yaml)."""
 
     n_ctx: int = Field(4, ge=1, description="learned context tokens")
-    ctx_init: Optional[str] = Field("a photo of a", description="words initialising the context (None = random N(0, 0.02²))")
+    ctx_init: Optional[str] = Field(
+        "a photo of a", description="words initialising the context (None = random N(0, 0.02²))"
+    )
     meta_reduction: int = Field(16, ge=1, description="meta-net hidden width = embed_dim // meta_reduction")
-    batched: bool = Field(True, description="encode all images' prompts in one text-tower pass (False: one image at a time)")
-    images_per_pass: Optional[int] = Field(None, ge=1, description="batched mode: images per text-tower pass (None = whole batch)")
+    batched: bool = Field(
+        True, description="encode all images' prompts in one text-tower pass (False: one image at a time)"
+    )
+    images_per_pass: Optional[int] = Field(
+        None, ge=1, description="batched mode: images per text-tower pass (None = whole batch)"
+    )
 
 
 class CoCoOp(PromptMethod):
@@ -50,7 +57,9 @@ class CoCoOp(PromptMethod):
         self.ctx = nn.Parameter(self.text.initial_context())
         e, d_t, dev = backbone.embed_dim, backbone.text_width, backbone.device
         hidden = max(1, e // cfg.meta_reduction)
-        self.meta_net = nn.Sequential(nn.Linear(e, hidden, device=dev), nn.ReLU(inplace=True), nn.Linear(hidden, d_t, device=dev))
+        self.meta_net = nn.Sequential(
+            nn.Linear(e, hidden, device=dev), nn.ReLU(inplace=True), nn.Linear(hidden, d_t, device=dev)
+        )
 
     @classmethod
     def check_settings(cls, cfg: CoCoOpConfig, backbone) -> None:

@@ -10,6 +10,7 @@ Base-to-novel with ``csc``: class-specific context has no vectors for unseen cla
 ``set_classnames`` to a different class list falls back to the mean context over the trained classes
 (documented choice; CoOp's paper evaluates novel classes with shared context only).
 """
+
 from __future__ import annotations
 
 from typing import Literal, Optional

@@ -22,6 +22,7 @@ overrides win; user overrides (spec / ``--set``) are applied on top by the calle
 iterations (TGP-T's ``max_iters``), and ``epochs`` with a ``max_iters`` is refused — neither is ever
 silently ignored.
 """
+
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
@@ -54,7 +55,9 @@ def _load(method: str) -> dict:
     for i, ov in enumerate(data.get("overrides") or []):
         bad = set(ov.get("when", {})) - _WHEN_KEYS
         if bad:
-            raise ConfigError(f"{path}: overrides[{i}].when has unknown key(s) {sorted(bad)} (allowed: {sorted(_WHEN_KEYS)})")
+            raise ConfigError(
+                f"{path}: overrides[{i}].when has unknown key(s) {sorted(bad)} (allowed: {sorted(_WHEN_KEYS)})"
+            )
     return data
 
 
@@ -62,8 +65,7 @@ def _matches(when: dict, ctx: dict) -> bool:
     for key, allowed in when.items():
         allowed = allowed if isinstance(allowed, list) else [allowed]
         value = ctx.get(key)
-        if not any(value == a or (key == "dataset" and isinstance(a, str) and fnmatchcase(value, a))
-                   for a in allowed):
+        if not any(value == a or (key == "dataset" and isinstance(a, str) and fnmatchcase(value, a)) for a in allowed):
             return False
     return True
 
@@ -97,6 +99,8 @@ def schedule_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
     if "epochs" not in overrides:
         return dict(overrides)
     if overrides.get("max_iters") is not None:
-        raise ConfigError(f"epochs={overrides['epochs']} and max_iters={overrides['max_iters']} are both set and max_iters "
-                          "would win: set only one of them (max_iters: null trains for the epochs)")
+        raise ConfigError(
+            f"epochs={overrides['epochs']} and max_iters={overrides['max_iters']} are both set and max_iters "
+            "would win: set only one of them (max_iters: null trains for the epochs)"
+        )
     return {**overrides, "max_iters": None}

@@ -24,6 +24,7 @@ multilingual text towers, ...) is refused with one line saying why.
 The timm trunk kinds are recognised by their timm model names (the loader then checks the built trunk's class:
 ``methods.towers.check_family``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,15 +33,22 @@ from typing import Optional
 #: supported family -> (has image tokens, one-line description)
 FAMILIES: dict[str, tuple[bool, str]] = {
     "clip-vit": (True, "open_clip ViT (class-token pooling) + causal CLIP-BPE text tower"),
-    "siglip": (True, "SigLIP / SigLIP 2: timm ViT with attention-pool head + non-causal text pooled at the last "
-                     "token, logit bias"),
+    "siglip": (
+        True,
+        "SigLIP / SigLIP 2: timm ViT with attention-pool head + non-causal text pooled at the last token, logit bias",
+    ),
     "eva": (True, "EVA / EVA-02: timm EVA trunk (class-token pooling, rotary embeddings) + causal CLIP-BPE text"),
     "resnet": (False, "OpenAI ModifiedResNet (no image tokens) + causal CLIP-BPE text"),
     "convnext": (False, "timm ConvNeXt (no image tokens) + causal CLIP-BPE text"),
 }
 #: image kind + text kind -> family
-_COMBOS = {("clip-vit", "clip"): "clip-vit", ("siglip-vit", "siglip"): "siglip", ("eva", "clip"): "eva",
-           ("resnet", "clip"): "resnet", ("convnext", "clip"): "convnext"}
+_COMBOS = {
+    ("clip-vit", "clip"): "clip-vit",
+    ("siglip-vit", "siglip"): "siglip",
+    ("eva", "clip"): "eva",
+    ("resnet", "clip"): "resnet",
+    ("convnext", "clip"): "convnext",
+}
 
 
 @dataclass(frozen=True)
@@ -90,8 +98,10 @@ def _text_kind(cfg: dict, t: dict) -> tuple[Optional[str], str]:
         return "clip", ""
     if "siglip" in tok.lower() and not causal and pool == "last":
         return "siglip", ""
-    return None, (f"its text tower ({'causal' if causal else 'non-causal'}, pooled by '{pool}', tokenizer "
-                  f"{tok or 'CLIP BPE'}) is not a supported family")
+    return None, (
+        f"its text tower ({'causal' if causal else 'non-causal'}, pooled by '{pool}', tokenizer "
+        f"{tok or 'CLIP BPE'}) is not a supported family"
+    )
 
 
 def family_of_config(cfg: Optional[dict]) -> Family:
@@ -127,8 +137,10 @@ def refusal(method_cls, arch: str, family: Family) -> Optional[str]:
         from methods.registry import get_method, method_names
 
         allowed = [m for m in method_names() if not get_method(m).needs_image_tokens]
-        return (f"method '{method_cls.name}' needs image tokens, which backbone '{arch}' (family {family.name}) does "
-                f"not have; on this backbone run: {', '.join(allowed)}")
+        return (
+            f"method '{method_cls.name}' needs image tokens, which backbone '{arch}' (family {family.name}) does "
+            f"not have; on this backbone run: {', '.join(allowed)}"
+        )
     return None
 
 
@@ -136,5 +148,7 @@ def matrix() -> dict[str, dict[str, bool]]:
     """method -> family -> allowed."""
     from methods.registry import get_method, method_names
 
-    return {m: {f: not get_method(m).needs_image_tokens or tokens for f, (tokens, _) in FAMILIES.items()}
-            for m in method_names()}
+    return {
+        m: {f: not get_method(m).needs_image_tokens or tokens for f, (tokens, _) in FAMILIES.items()}
+        for m in method_names()
+    }

@@ -12,6 +12,7 @@ and λ = ``kg_weight`` (8.0 in the reference). With λ = 0 it is exactly CoOp. O
 trains; the template features are a non-persistent buffer rebuilt on ``set_classnames``.
 Defaults follow the reference: 4 context tokens initialised from "a photo of a".
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -28,8 +29,12 @@ class KgCoOpConfig(CoOpConfig):
     """CoOp's hyperparameters with KgCoOp's defaults, plus the guidance weight λ."""
 
     n_ctx: int = Field(4, ge=1, description="learned context tokens")
-    ctx_init: Optional[str] = Field("a photo of a", description="init words (must be n_ctx tokens), null = random N(0, 0.02^2)")
-    kg_weight: float = Field(8.0, ge=0, description="λ: weight of 1 - mean cos(learned, hand-crafted class text features)")
+    ctx_init: Optional[str] = Field(
+        "a photo of a", description="init words (must be n_ctx tokens), null = random N(0, 0.02^2)"
+    )
+    kg_weight: float = Field(
+        8.0, ge=0, description="λ: weight of 1 - mean cos(learned, hand-crafted class text features)"
+    )
 
 
 class KgCoOp(CoOp):
@@ -50,8 +55,9 @@ class KgCoOp(CoOp):
         """1 − mean_c cos(w_c, w_c^clip)."""
         return 1.0 - F.cosine_similarity(text_features.float(), self.clip_text_features.float(), dim=-1).mean()
 
-    def training_loss(self, images: torch.Tensor, labels: torch.Tensor,
-                      indices: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_loss(
+        self, images: torch.Tensor, labels: torch.Tensor, indices: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         text = self.text_features()
         logits = self.clip_logits(self.backbone.encode_image(images, normalize=True), text)
         ce = F.cross_entropy(logits, labels)

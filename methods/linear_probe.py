@@ -22,6 +22,7 @@ from the training labels get a bias of -1e4 (never predicted). The classifier is
 training classes, so the only protocol is ``fewshot`` and ``set_classnames`` with other names is a
 ``ConfigError``.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,11 @@ _ABSENT_BIAS = -1e4
 class LinearProbeConfig(MethodConfig):
     """Linear probe hyperparameters (no gradient training: TrainConfig's optimiser fields are unused)."""
 
-    c_grid: list[float] = Field(default_factory=lambda: [1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6], min_length=1,
-                                description="coarse grid of inverse regularisation strengths C")
+    c_grid: list[float] = Field(
+        default_factory=lambda: [1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6],
+        min_length=1,
+        description="coarse grid of inverse regularisation strengths C",
+    )
     search_steps: int = Field(8, ge=0, description="binary-search refinement steps around the best grid C")
     max_iter: int = Field(1000, ge=1, description="lbfgs iterations")
     c: Optional[float] = Field(None, gt=0, description="fixed C (skips the validation search)")
@@ -112,15 +116,19 @@ class LinearProbe(PromptMethod):
         if len(y) == 0:
             raise ConfigError("linear_probe: the training loader is empty (check the dataset's few-shot train split)")
         if len(np.unique(y)) < 2:
-            raise ConfigError("linear_probe: the training split has a single class; logistic regression needs at least 2")
+            raise ConfigError(
+                "linear_probe: the training split has a single class; logistic regression needs at least 2"
+            )
         self.search_log = []
         if self.cfg.c is not None:
             c = float(self.cfg.c)
         else:
             xv, yv = _features(self.backbone, val_loader) if val_loader is not None else (None, np.zeros(0))
             if len(yv) == 0:
-                raise ConfigError("linear_probe: no validation images to choose C on "
-                                  "(provide a few-shot val split, or set the method option c to a fixed value)")
+                raise ConfigError(
+                    "linear_probe: no validation images to choose C on "
+                    "(provide a few-shot val split, or set the method option c to a fixed value)"
+                )
             c = self.select_c(x, y, xv, yv)
         clf = self._fit_clf(x, y, c)
         self._store(clf, c)
@@ -169,5 +177,7 @@ class LinearProbe(PromptMethod):
 
     def set_classnames(self, classnames: list[str], dataset: Optional[str] = None) -> None:
         if list(classnames) != self.classnames:
-            raise ConfigError("linear_probe: the fitted classifier only scores its training classes "
-                              "(use protocol fewshot; base2novel/cross-dataset need a text-based method)")
+            raise ConfigError(
+                "linear_probe: the fitted classifier only scores its training classes "
+                "(use protocol fewshot; base2novel/cross-dataset need a text-based method)"
+            )

@@ -20,6 +20,7 @@ blocks), so the default 9 is 9 on ViT-B/16 and 3 on the 3-block tiny test model.
 (``methods.families``): refused on ResNet / ConvNeXt backbones. Trainable parameters:
 J·n_ctx·D_t + J·(D_t·D_v + D_v) (ViT-B/16, n_ctx 2, J 9: 9,216 + 3,545,856 = 3,555,072).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -50,16 +51,23 @@ def split_ctx_init(bb: Backbone, ctx_init: Optional[str], n_ctx: int) -> tuple[O
             return head, " ".join(words[k:])
         if n > n_ctx:
             break
-    raise ConfigError(f"ctx_init '{ctx_init}': no leading words tokenise to exactly n_ctx={n_ctx} tokens "
-                      f"(use fewer/more context tokens or another ctx_init, or ctx_init: null)")
+    raise ConfigError(
+        f"ctx_init '{ctx_init}': no leading words tokenise to exactly n_ctx={n_ctx} tokens "
+        f"(use fewer/more context tokens or another ctx_init, or ctx_init: null)"
+    )
 
 
 class MaPLeConfig(MethodConfig):
     """MaPLe hyperparameters (schedule in TrainConfig / methods/defaults/maple.yaml)."""
 
     n_ctx: int = Field(2, ge=1, description="learned context tokens per layer (text), = visual prompt tokens")
-    ctx_init: Optional[str] = Field("a photo of a", description="prompt prefix whose first n_ctx words initialise the context; None = random 'X' context")
-    prompt_depth: int = Field(9, ge=1, description="J: layers 0..J-1 get coupled prompts (clipped to the backbone depth)")
+    ctx_init: Optional[str] = Field(
+        "a photo of a",
+        description="prompt prefix whose first n_ctx words initialise the context; None = random 'X' context",
+    )
+    prompt_depth: int = Field(
+        9, ge=1, description="J: layers 0..J-1 get coupled prompts (clipped to the backbone depth)"
+    )
 
 
 class MaPLe(PromptMethod):
@@ -78,7 +86,8 @@ class MaPLe(PromptMethod):
         d_t, d_v, dev = backbone.text_width, backbone.vision_width, backbone.device
         self.ctx = nn.Parameter(self.text.initial_context())
         self.deep_text = nn.ParameterList(
-            [nn.Parameter(torch.randn(cfg.n_ctx, d_t, device=dev) * 0.02) for _ in range(self.depth - 1)])
+            [nn.Parameter(torch.randn(cfg.n_ctx, d_t, device=dev) * 0.02) for _ in range(self.depth - 1)]
+        )
         self.proj = nn.Linear(d_t, d_v, device=dev)
         self.deep_proj = clones(nn.Linear(d_t, d_v, device=dev), self.depth - 1)
 
@@ -117,7 +126,7 @@ class MaPLe(PromptMethod):
             if i == 0 or i >= self.depth:
                 return x
             p = self.deep_text[i - 1].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
-            return torch.cat([x[:, :s], p, x[:, s + n:]], dim=1)
+            return torch.cat([x[:, :s], p, x[:, s + n :]], dim=1)
 
         return self.text.encode(self.ctx, hook=hook)
 

@@ -17,6 +17,7 @@ on stderr says so, then a progress bar — or ahead of time by ``python -m metho
   cache: an exclusive ``flock`` on ``.<name>.lock``; the first builds and ``os.replace``s the file into
   place (``fewshot.paths.atomic_open``); the others wait and then use it.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -71,8 +72,10 @@ def load_config(arch: str = MINI_ARCH) -> PretrainConfig:
     path = _CONFIG_DIR / f"{arch}.pretrain.yaml"
     if not path.is_file():
         known = sorted(p.name[: -len(".pretrain.yaml")] for p in _CONFIG_DIR.glob("*.pretrain.yaml"))
-        raise ConfigError(f"arch '{arch}' has no project pretraining (pretrained tag '{PROJECT_TAG}' exists for: "
-                          f"{', '.join(known)}); use pretrained: null or a checkpoint path")
+        raise ConfigError(
+            f"arch '{arch}' has no project pretraining (pretrained tag '{PROJECT_TAG}' exists for: "
+            f"{', '.join(known)}); use pretrained: null or a checkpoint path"
+        )
     try:
         return PretrainConfig(**(yaml.safe_load(path.read_text()) or {}))
     except (ValidationError, yaml.YAMLError) as exc:
@@ -83,9 +86,17 @@ def content_key(arch: str, cfg: PretrainConfig) -> str:
     import open_clip
 
     model_cfg = json.loads((_CONFIG_DIR / f"{arch}.json").read_text())
-    blob = json.dumps({"arch": arch, "model": model_cfg, "pretrain": cfg.model_dump(mode="json"),
-                       "format": FORMAT_VERSION, "torch": torch.__version__,
-                       "open_clip": getattr(open_clip, "__version__", "?")}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "arch": arch,
+            "model": model_cfg,
+            "pretrain": cfg.model_dump(mode="json"),
+            "format": FORMAT_VERSION,
+            "torch": torch.__version__,
+            "open_clip": getattr(open_clip, "__version__", "?"),
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -99,8 +110,7 @@ def checkpoint_path(arch: str = MINI_ARCH, cfg: Optional[PretrainConfig] = None)
     return model_dir() / f"{arch}-{content_key(arch, cfg)}.pt"
 
 
-def pretrained_checkpoint(arch: str = MINI_ARCH, cfg: Optional[PretrainConfig] = None, *,
-                          verbose: bool = True) -> Path:
+def pretrained_checkpoint(arch: str = MINI_ARCH, cfg: Optional[PretrainConfig] = None, *, verbose: bool = True) -> Path:
     """The checkpoint file of ``arch``'s project pretraining (``cfg``: its ``.pretrain.yaml`` unless given),
     built once per cache (see the module docstring)."""
     cfg = cfg or load_config(arch)
@@ -114,15 +124,23 @@ def pretrained_checkpoint(arch: str = MINI_ARCH, cfg: Optional[PretrainConfig] =
             if path.is_file():
                 return path
             if verbose:
-                print(f"[promptsweep] pretraining backbone {arch} once ({cfg.steps} steps; a few minutes on a CPU); "
-                      f"cached at {path}", file=sys.stderr, flush=True)
+                print(
+                    f"[promptsweep] pretraining backbone {arch} once ({cfg.steps} steps; a few minutes on a CPU); "
+                    f"cached at {path}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             t0 = time.time()
             state = pretrain(arch, cfg, progress=verbose)
             with atomic_open(path, "wb") as fh:
                 torch.save(state, fh)
             if verbose:
-                print(f"[promptsweep] {arch} pretrained in {time.time() - t0:.0f} s "
-                      f"({path.stat().st_size / 2**20:.1f} MiB)", file=sys.stderr, flush=True)
+                print(
+                    f"[promptsweep] {arch} pretrained in {time.time() - t0:.0f} s "
+                    f"({path.stat().st_size / 2**20:.1f} MiB)",
+                    file=sys.stderr,
+                    flush=True,
+                )
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return path
@@ -142,8 +160,9 @@ def clip_loss(model, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     txt = torch.nn.functional.normalize(model.encode_text(ids), dim=-1)
     logits = model.logit_scale.exp().clamp(max=100) * img @ txt.t()
     target = torch.arange(len(images))
-    return 0.5 * (torch.nn.functional.cross_entropy(logits, target)
-                  + torch.nn.functional.cross_entropy(logits.t(), target))
+    return 0.5 * (
+        torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.t(), target)
+    )
 
 
 def pretrain(arch: str, cfg: PretrainConfig, progress: bool = False) -> dict:
@@ -163,25 +182,40 @@ def pretrain(arch: str, cfg: PretrainConfig, progress: bool = False) -> dict:
             tokenizer = open_clip.get_tokenizer(arch)
             size = model.visual.image_size
             size = int(size[0] if isinstance(size, (tuple, list)) else size)
-            with tqdm(total=corpus_size(cfg.corpus), desc=f"{arch}: corpus", unit="img", disable=not progress, file=sys.stderr,
-                      mininterval=1.0) as bar:
+            with tqdm(
+                total=corpus_size(cfg.corpus),
+                desc=f"{arch}: corpus",
+                unit="img",
+                disable=not progress,
+                file=sys.stderr,
+                mininterval=1.0,
+            ) as bar:
                 corpus = build_corpus(cfg.corpus, size, progress=bar.update, workers=cfg.threads)
             ids = tokenizer(corpus.captions)
             decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
             no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-            opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                     {"params": no_decay, "weight_decay": 0.0}],
-                                    lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+            opt = torch.optim.AdamW(
+                [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                lr=cfg.lr,
+                betas=tuple(cfg.betas),
+                eps=cfg.eps,
+            )
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
             gen = torch.Generator().manual_seed(cfg.seed)
             order, pos = torch.randperm(len(corpus), generator=gen), 0
             model.train()
-            with tqdm(total=cfg.steps, desc=f"{arch}: pretraining", unit="step", disable=not progress,
-                      file=sys.stderr, mininterval=2.0) as bar:
+            with tqdm(
+                total=cfg.steps,
+                desc=f"{arch}: pretraining",
+                unit="step",
+                disable=not progress,
+                file=sys.stderr,
+                mininterval=2.0,
+            ) as bar:
                 for _step in range(cfg.steps):
                     if pos + cfg.batch_size > len(order):
                         order, pos = torch.randperm(len(corpus), generator=gen), 0
-                    idx = order[pos:pos + cfg.batch_size]
+                    idx = order[pos : pos + cfg.batch_size]
                     pos += cfg.batch_size
                     loss = clip_loss(model, corpus.images[idx], ids[idx])
                     opt.zero_grad(set_to_none=True)

@@ -37,6 +37,7 @@ everything else is a frozen tensor. The text tower always runs through ``methods
 persistent state, so a method's ``state_dict`` only carries its own context parameters. Rebuild it
 on ``set_classnames``.
 """
+
 from __future__ import annotations
 
 from typing import Literal, Optional
@@ -66,19 +67,30 @@ def check_context(backbone: Backbone, n_ctx: int, ctx_init: Optional[str] = None
     prefix_text = ctx_init or " ".join(["X"] * n_ctx)
     n_init = n_text_tokens(backbone, prefix_text)
     if n_init != n_ctx and ctx_init:
-        raise ConfigError(f"ctx_init '{ctx_init}' is {n_init} tokens but n_ctx={n_ctx}: set n_ctx={n_init} "
-                          "or ctx_init to null (random init)")
+        raise ConfigError(
+            f"ctx_init '{ctx_init}' is {n_init} tokens but n_ctx={n_ctx}: set n_ctx={n_init} "
+            "or ctx_init to null (random init)"
+        )
     if n_init != n_ctx:  # each placeholder X must be one token for the context to replace it
-        raise ConfigError(f"the placeholder '{prefix_text}' is {n_init} tokens for the tokenizer of {backbone.arch}, "
-                          f"not n_ctx={n_ctx}: this tokenizer does not fit the learned-context prompt path")
+        raise ConfigError(
+            f"the placeholder '{prefix_text}' is {n_init} tokens for the tokenizer of {backbone.arch}, "
+            f"not n_ctx={n_ctx}: this tokenizer does not fit the learned-context prompt path"
+        )
     return prefix_text
 
 
 class LearnedContextText:
     """Frozen prompt pieces for ``classnames`` and the assembly/encoding of learned context."""
 
-    def __init__(self, backbone: Backbone, classnames: list[str], n_ctx: int, ctx_init: Optional[str] = None,
-                 position: ClassTokenPosition = "end", cut_after_eot: bool = True):
+    def __init__(
+        self,
+        backbone: Backbone,
+        classnames: list[str],
+        n_ctx: int,
+        ctx_init: Optional[str] = None,
+        position: ClassTokenPosition = "end",
+        cut_after_eot: bool = True,
+    ):
         if position not in ("end", "middle", "front"):
             raise ConfigError(f"class_token_position must be end, middle or front (got {position!r})")
         self.backbone = backbone
@@ -90,17 +102,17 @@ class LearnedContextText:
         names = [c.replace("_", " ") for c in self.classnames]
         self.name_lens = [n_text_tokens(backbone, n) for n in names]
         self.prompts = [f"{prefix_text} {n}." for n in names]
-        ids = backbone.tokenize(self.prompts)                       # [C, context length]
-        self.eot_index = backbone.eot_positions(ids)                # [C]
+        ids = backbone.tokenize(self.prompts)  # [C, context length]
+        self.eot_index = backbone.eot_positions(ids)  # [C]
         if cut_after_eot and backbone.text_tower.causal:  # padding after the last EOT never reaches an EOT feature
-            ids = ids[:, :int(self.eot_index.max()) + 1]
-        self.token_ids = ids                                        # [C, L]
-        p = self.ctx_start = backbone.token_rule.prefix             # special tokens before the text
+            ids = ids[:, : int(self.eot_index.max()) + 1]
+        self.token_ids = ids  # [C, L]
+        p = self.ctx_start = backbone.token_rule.prefix  # special tokens before the text
         with torch.no_grad():
             emb = towers.text_token_embeddings(backbone, ids).detach()  # [C, L, D]
-        self.prefix = emb[:, :p]                                    # SOT (CLIP BPE) or nothing (SigLIP)
-        self.ctx_slots = emb[:, p:p + n_ctx]                        # placeholder / init-word embeddings
-        self.suffix = emb[:, p + n_ctx:]                            # CLASS . EOT pad
+        self.prefix = emb[:, :p]  # SOT (CLIP BPE) or nothing (SigLIP)
+        self.ctx_slots = emb[:, p : p + n_ctx]  # placeholder / init-word embeddings
+        self.suffix = emb[:, p + n_ctx :]  # CLASS . EOT pad
 
     @property
     def n_classes(self) -> int:
@@ -111,8 +123,11 @@ class LearnedContextText:
         if self.ctx_init:
             ctx = self.ctx_slots[0].clone()
             return ctx.unsqueeze(0).repeat(self.n_classes, 1, 1) if class_specific else ctx
-        shape = (self.n_classes, self.n_ctx, self.backbone.text_width) if class_specific else \
-            (self.n_ctx, self.backbone.text_width)
+        shape = (
+            (self.n_classes, self.n_ctx, self.backbone.text_width)
+            if class_specific
+            else (self.n_ctx, self.backbone.text_width)
+        )
         return torch.randn(shape, device=self.backbone.device) * CTX_INIT_STD
 
     # ------------------------------------------------------------------------------------ assembly
@@ -130,12 +145,12 @@ class LearnedContextText:
         rows = []
         half = self.n_ctx // 2
         for i, n in enumerate(self.name_lens):
-            cls_tok, rest = suffix[i:i + 1, :n], suffix[i:i + 1, n:]
-            c = ctx[i:i + 1]
+            cls_tok, rest = suffix[i : i + 1, :n], suffix[i : i + 1, n:]
+            c = ctx[i : i + 1]
             if self.position == "middle":
-                rows.append(torch.cat([prefix[i:i + 1], c[:, :half], cls_tok, c[:, half:], rest], dim=1))
+                rows.append(torch.cat([prefix[i : i + 1], c[:, :half], cls_tok, c[:, half:], rest], dim=1))
             else:  # front
-                rows.append(torch.cat([prefix[i:i + 1], cls_tok, c, rest], dim=1))
+                rows.append(torch.cat([prefix[i : i + 1], cls_tok, c, rest], dim=1))
         return torch.cat(rows, dim=0)
 
     def encode(self, ctx: torch.Tensor, hook: Optional[towers.LayerHook] = None) -> torch.Tensor:
@@ -147,8 +162,9 @@ class LearnedContextText:
         B, C = ctx.shape[0], self.n_classes
         if self.position == "end":  # one concatenation: every image's context in front of every class's suffix
             rows = ctx.unsqueeze(1).expand(B, C, *ctx.shape[1:]).reshape(B * C, *ctx.shape[1:])
-            embeds = torch.cat([self.prefix.to(ctx.dtype).repeat(B, 1, 1), rows,
-                                self.suffix.to(ctx.dtype).repeat(B, 1, 1)], dim=1)  # [B*C, L, D]
+            embeds = torch.cat(
+                [self.prefix.to(ctx.dtype).repeat(B, 1, 1), rows, self.suffix.to(ctx.dtype).repeat(B, 1, 1)], dim=1
+            )  # [B*C, L, D]
         else:
             embeds = torch.cat([self.assemble(ctx[b]) for b in range(B)], dim=0)  # [B*C, L, D]
         eot = self.eot_index.repeat(B)

@@ -26,6 +26,7 @@ pooled vectors window-major (``mean_pool`` / ``max_pool``: the reference stacks 
 one ``torch.rand`` per row from the given generator and keeps the rows of the M smallest values
 (``argsort(rand)[:M]``); it still streams, keeping only the chosen rows.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -107,8 +108,8 @@ class Reservoir:
         start = self.seen
         fill = max(0, min(n, self.k - start))
         if fill:
-            self.buf[start:start + fill] = items[:fill].float()
-            self.index[start:start + fill] = torch.arange(start, start + fill)
+            self.buf[start : start + fill] = items[:fill].float()
+            self.index[start : start + fill] = torch.arange(start, start + fill)
         rest = n - fill
         if rest:
             t = np.arange(start + fill, start + n, dtype=np.float64)

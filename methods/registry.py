@@ -2,6 +2,7 @@
 
 Modules are imported lazily so that ``python -m methods list`` and the sweep planner stay cheap.
 """
+
 from __future__ import annotations
 
 import importlib

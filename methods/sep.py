@@ -39,6 +39,7 @@ M_t·d_t + M_v·d_v + |S_t|·T(d_t) + |S_v|·T(d_v) + C·E with T(d) = 4d² + 8d
 ViT-B/16 with layers 1..11: 44,814,380 + 512·C. (The reference registers 13 modules per branch with
 3 LNs each: 52,994,612 + 512·C; its used-only count is 44,842,540 + 512·C.)
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -57,9 +58,26 @@ from methods.token_fusion import AttentionAxis, TokenFusion, TopKScope, select_t
 
 #: the reference's L_IND presets (SEP_main/trainers/sep.py), fusion layer sets for both branches
 LAYER_PRESETS: dict[int, tuple[int, ...]] = {
-    0: tuple(range(1, 12)), 1: tuple(range(1, 9)), 2: tuple(range(5, 12)), 3: (1, 3, 5, 7, 9, 11),
-    4: (2, 4, 6, 8, 10), 5: (3, 6, 9), 6: (4, 8, 10), 7: (4, 8), 8: (4, 10), 9: (4, 6), 10: (8, 10),
-    11: (2,), 12: (6,), 13: (1,), 14: (3,), 15: (5,), 16: (7,), 17: (9,), 18: (10,), 19: (11,),
+    0: tuple(range(1, 12)),
+    1: tuple(range(1, 9)),
+    2: tuple(range(5, 12)),
+    3: (1, 3, 5, 7, 9, 11),
+    4: (2, 4, 6, 8, 10),
+    5: (3, 6, 9),
+    6: (4, 8, 10),
+    7: (4, 8),
+    8: (4, 10),
+    9: (4, 6),
+    10: (8, 10),
+    11: (2,),
+    12: (6,),
+    13: (1,),
+    14: (3,),
+    15: (5,),
+    16: (7,),
+    17: (9,),
+    18: (10,),
+    19: (11,),
 }
 PROTOTYPE_SCALE = 10.0
 CTX_STD = 0.02
@@ -70,12 +88,22 @@ class SEPConfig(MethodConfig):
 
     n_ctx_text: int = Field(6, ge=1, description="M_t: learnable text prompt tokens")
     n_ctx_visual: int = Field(4, ge=1, description="M_v: learnable visual prompt tokens")
-    selected_text: Optional[int] = Field(None, ge=1, description="K_t selected text tokens (null = M_t; != M_t needs sample attention)")
-    selected_visual: Optional[int] = Field(None, ge=1, description="K_v selected visual tokens (null = M_v; != M_v needs sample attention)")
-    fusion_layers: Optional[list[int]] = Field(None, description="explicit fusion layer set (block indices, clipped to the tower)")
+    selected_text: Optional[int] = Field(
+        None, ge=1, description="K_t selected text tokens (null = M_t; != M_t needs sample attention)"
+    )
+    selected_visual: Optional[int] = Field(
+        None, ge=1, description="K_v selected visual tokens (null = M_v; != M_v needs sample attention)"
+    )
+    fusion_layers: Optional[list[int]] = Field(
+        None, description="explicit fusion layer set (block indices, clipped to the tower)"
+    )
     fusion_depth: Optional[int] = Field(None, ge=1, description="fuse layers 1..depth")
-    fusion_preset: Optional[int] = Field(None, ge=0, le=19, description="the reference's L_IND preset (default 0: layers 1..11)")
-    tfm_attention_axis: AttentionAxis = Field("batch", description="batch = reference batch-axis attention; sample = per-sample")
+    fusion_preset: Optional[int] = Field(
+        None, ge=0, le=19, description="the reference's L_IND preset (default 0: layers 1..11)"
+    )
+    tfm_attention_axis: AttentionAxis = Field(
+        "batch", description="batch = reference batch-axis attention; sample = per-sample"
+    )
     topk_scope: TopKScope = Field("batch_mean", description="visual top-K scores: batch mean (reference) or per sample")
     tfm_hidden: int = Field(256, ge=1, description="TFM MLP hidden width")
     tfm_scale_init: float = Field(0.75, description="initial s1, s2")
@@ -87,16 +115,22 @@ class SEPConfig(MethodConfig):
     def _check(self) -> "SEPConfig":
         chosen = [k for k in ("fusion_layers", "fusion_depth", "fusion_preset") if getattr(self, k) is not None]
         if len(chosen) > 1:
-            raise ValueError(f"set only one of fusion_layers, fusion_depth, fusion_preset (got {', '.join(chosen)}); "
-                             f"set the others to null")
+            raise ValueError(
+                f"set only one of fusion_layers, fusion_depth, fusion_preset (got {', '.join(chosen)}); "
+                f"set the others to null"
+            )
         if self.fusion_layers is not None and (not self.fusion_layers or min(self.fusion_layers) < 0):
             raise ValueError("fusion_layers must be a non-empty list of block indices >= 0")
         if self.tfm_attention_axis == "batch":
-            for k, m, name in ((self.selected_text, self.n_ctx_text, "selected_text"),
-                               (self.selected_visual, self.n_ctx_visual, "selected_visual")):
+            for k, m, name in (
+                (self.selected_text, self.n_ctx_text, "selected_text"),
+                (self.selected_visual, self.n_ctx_visual, "selected_visual"),
+            ):
                 if k is not None and k != m:
-                    raise ValueError(f"{name}={k} differs from the prompt length {m}: batch-axis attention needs "
-                                     f"K == M; set tfm_attention_axis: sample or {name}: null")
+                    raise ValueError(
+                        f"{name}={k} differs from the prompt length {m}: batch-axis attention needs "
+                        f"K == M; set tfm_attention_axis: sample or {name}: null"
+                    )
         return self
 
     def layer_set(self) -> tuple[int, ...]:
@@ -132,20 +166,24 @@ class SEP(PromptMethod):
         self.prototypes = nn.Parameter(torch.zeros(len(self.classnames), bb.embed_dim, device=dev))
         from fewshot.templates import template
 
-        template(dataset, "sep")                       # unknown dataset: ConfigError now, not at first use
-        object.__setattr__(self, "_template", None)   # frozen g⁰, computed on first use (not state)
+        template(dataset, "sep")  # unknown dataset: ConfigError now, not at first use
+        object.__setattr__(self, "_template", None)  # frozen g⁰, computed on first use (not state)
 
     @classmethod
     def check_settings(cls, cfg: SEPConfig, backbone: Backbone) -> None:
         k_text, k_visual = cfg.selected_text or cfg.n_ctx_text, cfg.selected_visual or cfg.n_ctx_visual
         if k_visual > backbone.image_tokens:
-            raise ConfigError(f"selected_visual={k_visual} exceeds the {backbone.image_tokens} pre-trained image tokens: "
-                              f"choose at most {backbone.image_tokens}")
+            raise ConfigError(
+                f"selected_visual={k_visual} exceeds the {backbone.image_tokens} pre-trained image tokens: "
+                f"choose at most {backbone.image_tokens}"
+            )
         check_context(backbone, cfg.n_ctx_text)
         room = backbone.context_length - backbone.token_rule.prefix
         if cfg.n_ctx_text + k_text > room:
-            raise ConfigError(f"n_ctx_text + selected_text = {cfg.n_ctx_text + k_text} exceeds the text context "
-                              f"{room}: use fewer tokens")
+            raise ConfigError(
+                f"n_ctx_text + selected_text = {cfg.n_ctx_text + k_text} exceeds the text context "
+                f"{room}: use fewer tokens"
+            )
 
     # --- construction helpers ---------------------------------------------------------------
     def _build_text(self, classnames: list[str]) -> LearnedContextText:
@@ -159,16 +197,32 @@ class SEP(PromptMethod):
         return self._template
 
     @staticmethod
-    def expected_trainable(n_ctx_text: int, n_ctx_visual: int, n_text_layers: int, n_visual_layers: int,
-                           d_t: int, d_v: int, embed_dim: int, n_classes: int, hidden: int = 256) -> int:
+    def expected_trainable(
+        n_ctx_text: int,
+        n_ctx_visual: int,
+        n_text_layers: int,
+        n_visual_layers: int,
+        d_t: int,
+        d_v: int,
+        embed_dim: int,
+        n_classes: int,
+        hidden: int = 256,
+    ) -> int:
         """M_t·d_t + M_v·d_v + |S_t|·T(d_t) + |S_v|·T(d_v) + C·E (TFMs only for the fused layers)."""
-        return (n_ctx_text * d_t + n_ctx_visual * d_v + n_text_layers * TokenFusion.param_count(d_t, hidden)
-                + n_visual_layers * TokenFusion.param_count(d_v, hidden) + n_classes * embed_dim)
+        return (
+            n_ctx_text * d_t
+            + n_ctx_visual * d_v
+            + n_text_layers * TokenFusion.param_count(d_t, hidden)
+            + n_visual_layers * TokenFusion.param_count(d_v, hidden)
+            + n_classes * embed_dim
+        )
 
     def param_breakdown(self) -> dict[str, int]:
         """Counts per part; the TFM keys name the fused layers (modules exist only for those)."""
+
         def count(mod):
             return sum(p.numel() for p in mod.parameters())
+
         return {
             "ctx_text": self.ctx_text.numel(),
             "ctx_visual": self.ctx_visual.numel(),
@@ -183,8 +237,8 @@ class SEP(PromptMethod):
             return x
         M, K, s = self.cfg.n_ctx_text, self.k_text, self.text.ctx_start
         tfm = self.text_fusion[self.text_layers.index(i)]
-        z = tfm(x[:, s + M:s + M + K], x[:, s:s + M])
-        return torch.cat([x[:, :s], z.to(x.dtype), x[:, s + M:]], dim=1)
+        z = tfm(x[:, s + M : s + M + K], x[:, s : s + M])
+        return torch.cat([x[:, :s], z.to(x.dtype), x[:, s + M :]], dim=1)
 
     def text_features(self) -> torch.Tensor:
         """Prompted class text features g [C, E] (unnormalised)."""
@@ -224,12 +278,15 @@ class SEP(PromptMethod):
         return self.logit_scale() * f_hat @ g_hat.t() + self.logit_bias()
 
     # --- training ---------------------------------------------------------------------------
-    def training_loss(self, images: torch.Tensor, labels: torch.Tensor,
-                      indices: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_loss(
+        self, images: torch.Tensor, labels: torch.Tensor, indices: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
         if self.prototypes.shape[0] != len(self.classnames):
-            raise ConfigError(f"SEP's prototype head has {self.prototypes.shape[0]} classes but the method now has "
-                              f"{len(self.classnames)}: train on the classes the method was built with")
+            raise ConfigError(
+                f"SEP's prototype head has {self.prototypes.shape[0]} classes but the method now has "
+                f"{len(self.classnames)}: train on the classes the method was built with"
+            )
         labels = labels.to(self.device)
         f_hat, g_hat, f0 = self.fused_features(images)
         ce = F.cross_entropy(self.logit_scale() * f_hat @ g_hat.t() + self.logit_bias(), labels)
@@ -237,12 +294,21 @@ class SEP(PromptMethod):
         text_cons = 1 - F.cosine_similarity(g_hat, g0, dim=-1).mean()
         vis_cons = 1 - F.cosine_similarity(f0, f_hat, dim=-1).mean()
         mu = F.normalize(self.prototypes.float(), dim=-1)
-        proto = (F.cross_entropy(PROTOTYPE_SCALE * f_hat @ mu.t(), labels)
-                 + F.cross_entropy(PROTOTYPE_SCALE * f0 @ mu.t(), labels))
-        loss = (ce + cfg.text_consistency_weight * text_cons + cfg.visual_consistency_weight * vis_cons
-                + cfg.prototype_loss_weight * proto)
-        return loss, {"ce": float(ce.detach()), "text_consistency": float(text_cons.detach()),
-                      "visual_consistency": float(vis_cons.detach()), "prototype_ce": float(proto.detach())}
+        proto = F.cross_entropy(PROTOTYPE_SCALE * f_hat @ mu.t(), labels) + F.cross_entropy(
+            PROTOTYPE_SCALE * f0 @ mu.t(), labels
+        )
+        loss = (
+            ce
+            + cfg.text_consistency_weight * text_cons
+            + cfg.visual_consistency_weight * vis_cons
+            + cfg.prototype_loss_weight * proto
+        )
+        return loss, {
+            "ce": float(ce.detach()),
+            "text_consistency": float(text_cons.detach()),
+            "visual_consistency": float(vis_cons.detach()),
+            "prototype_ce": float(proto.detach()),
+        }
 
     def prepare(self, train_loader) -> None:
         """μ ← the L2-normalised per-class mean of the frozen image features over the training loader."""
@@ -256,8 +322,9 @@ class SEP(PromptMethod):
             counts.index_add_(0, labels, torch.ones_like(labels, dtype=counts.dtype))
         if bool((counts == 0).any()):
             missing = [self.classnames[i] for i in (counts == 0).nonzero().flatten().tolist()[:5]]
-            raise ConfigError(f"SEP prepare: no training images for class(es) {missing}: the training loader must "
-                              f"cover every class")
+            raise ConfigError(
+                f"SEP prepare: no training images for class(es) {missing}: the training loader must cover every class"
+            )
         with torch.no_grad():
             self.prototypes.copy_(F.normalize(sums / counts[:, None], dim=-1))
 

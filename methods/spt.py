@@ -45,6 +45,7 @@ Optimisation: ``param_groups`` gives prompts wd = ``train.weight_decay``, head w
 ``head_weight_decay``, head bias (1-D) wd 0; AdamW with linear warm-up then cosine comes from
 ``TrainConfig`` (see ``methods/defaults/spt.yaml``).
 """
+
 from __future__ import annotations
 
 from typing import Iterable, Literal, Optional
@@ -69,28 +70,48 @@ class SPTConfig(MethodConfig):
     """SPT's own hyperparameters (training schedule lives in ``TrainConfig``)."""
 
     n_prompts: int = Field(20, ge=1, description="prompt tokens per prompted layer (M)")
-    deep: bool = Field(True, description="deep: replaced before every block < depth; shallow: inserted once before block 0")
-    depth: Optional[int] = Field(None, ge=1, description="deep: blocks 0..depth-1 get their own prompts (None = all; clipped to the backbone depth)")
+    deep: bool = Field(
+        True, description="deep: replaced before every block < depth; shallow: inserted once before block 0"
+    )
+    depth: Optional[int] = Field(
+        None,
+        ge=1,
+        description="deep: blocks 0..depth-1 get their own prompts (None = all; clipped to the backbone depth)",
+    )
     init: Literal["random", "mean_pool", "max_pool", "kmeans", "xavier"] = Field(
-        "random", description="prompt initialisation: token prototypes (random/mean_pool/max_pool/kmeans) or VPT xavier")
-    head: Literal["linear", "text"] = Field("linear", description="linear head (reference, fewshot only) or frozen class-text cosine head")
+        "random", description="prompt initialisation: token prototypes (random/mean_pool/max_pool/kmeans) or VPT xavier"
+    )
+    head: Literal["linear", "text"] = Field(
+        "linear", description="linear head (reference, fewshot only) or frozen class-text cosine head"
+    )
     head_weight_decay: float = Field(1.0, ge=0, description="AdamW weight decay of the linear head's weight")
     head_init_std: float = Field(0.02, gt=0, description="trunc-normal std of the linear head's weight")
     text_template: Literal["coop", "kgcoop", "sep", "ensemble"] = Field(
-        "coop", description="text head: the dataset's hand-crafted template kind, or CoOp's template ensemble")
-    init_seed: Optional[int] = Field(None, description="seed of the prototype sampling; None = drawn from torch's seeded RNG")
-    init_max_images: Optional[int] = Field(None, ge=1, description="use at most this many training images for the statistics "
-                                           "(reference sampling: the number of images drawn)")
+        "coop", description="text head: the dataset's hand-crafted template kind, or CoOp's template ensemble"
+    )
+    init_seed: Optional[int] = Field(
+        None, description="seed of the prototype sampling; None = drawn from torch's seeded RNG"
+    )
+    init_max_images: Optional[int] = Field(
+        None,
+        ge=1,
+        description="use at most this many training images for the statistics "
+        "(reference sampling: the number of images drawn)",
+    )
     kmeans_passes: int = Field(1, ge=1, description="passes over the training loader for kmeans")
     init_sampling: Literal["streaming", "reference"] = Field(
-        "streaming", description="streaming: reservoir sampling over the training loader (O(M·D) memory); reference: "
-                                 "the reference's images drawn with replacement and argsort(rand) row choice")
+        "streaming",
+        description="streaming: reservoir sampling over the training loader (O(M·D) memory); reference: "
+        "the reference's images drawn with replacement and argsort(rand) row choice",
+    )
 
     @model_validator(mode="after")
     def _reference_rules(self) -> "SPTConfig":
         if self.init_sampling == "reference" and self.init not in ("random", "mean_pool", "max_pool"):
-            raise ValueError(f"init_sampling: reference covers init random, mean_pool and max_pool (got init: {self.init}); "
-                             "use init_sampling: streaming")
+            raise ValueError(
+                f"init_sampling: reference covers init random, mean_pool and max_pool (got init: {self.init}); "
+                "use init_sampling: streaming"
+            )
         return self
 
 
@@ -186,8 +207,10 @@ class SPT(PromptMethod):
         ``ReferenceSampler`` row choice from the same generator, and the sampled images in batches."""
         data = getattr(train_loader, "dataset", None)
         if data is None or not hasattr(data, "__getitem__") or not hasattr(data, "__len__") or len(data) == 0:
-            raise ConfigError("SPT init_sampling: reference samples images by index: the training loader needs a "
-                              "non-empty indexable dataset (use init_sampling: streaming)")
+            raise ConfigError(
+                "SPT init_sampling: reference samples images by index: the training loader needs a "
+                "non-empty indexable dataset (use init_sampling: streaming)"
+            )
         gen = torch.Generator().manual_seed(seed)
         n = len(data)
         index = torch.randint(n, (self.cfg.init_max_images or n,), generator=gen)
@@ -196,7 +219,7 @@ class SPT(PromptMethod):
 
         def batches():
             for start in range(0, len(index), step):
-                yield torch.stack([data[int(j)][0] for j in index[start:start + step]])
+                yield torch.stack([data[int(j)][0] for j in index[start : start + step]])
 
         return collectors, batches()
 
@@ -207,7 +230,7 @@ class SPT(PromptMethod):
             return x
         p = self.prompts[i].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
         # block 0: insert after the class token; deeper blocks: replace the previous layer's prompt outputs
-        return torch.cat([x[:, :npt], p, x[:, npt + (m if i else 0):]], dim=1)
+        return torch.cat([x[:, :npt], p, x[:, npt + (m if i else 0) :]], dim=1)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Image feature [B, E] of the prompted image tower (the family's pooling and projection)."""
@@ -243,4 +266,3 @@ class SPT(PromptMethod):
             groups.append({"params": [self.head.weight], "weight_decay": self.cfg.head_weight_decay, "name": "head"})
             groups.append({"params": [self.head.bias], "weight_decay": 0.0, "name": "head_bias"})
         return groups
-

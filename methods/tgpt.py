@@ -61,6 +61,7 @@ Protocols: ``fewshot`` and ``domain_generalization``. The linear head is tied to
 with its rows for their 200 classes (``set_classnames`` selects them by name); classes the head never
 trained on are a ConfigError, and the planner refuses such cells before any trial starts.
 """
+
 from __future__ import annotations
 
 import logging
@@ -90,15 +91,23 @@ class TGPTConfig(MethodConfig):
 
     n_cat: int = Field(32, ge=1, le=74, description="category-wise queries (text-encoder prompt length)")
     n_con: int = Field(64, ge=1, le=74, description="content-wise queries")
-    ctx_init: Optional[str] = Field("a photo of a", description="words whose token embeddings initialise the first category queries")
-    bonder_heads: int = Field(8, ge=1, description="self-attention heads of each Bonder (cross-attention is single-head)")
+    ctx_init: Optional[str] = Field(
+        "a photo of a", description="words whose token embeddings initialise the first category queries"
+    )
+    bonder_heads: int = Field(
+        8, ge=1, description="self-attention heads of each Bonder (cross-attention is single-head)"
+    )
     lambda_cat: float = Field(1.0, ge=0, description="weight of the category token loss")
     lambda_con: float = Field(1.0, ge=0, description="weight of the content token loss (0 turns it off)")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing of both token losses")
-    captions_file: Optional[str] = Field(None, description="captions.txt path (default: the nearest one above the training images)")
+    captions_file: Optional[str] = Field(
+        None, description="captions.txt path (default: the nearest one above the training images)"
+    )
     head_templates: Literal["ensemble", "reference"] = Field(
-        "ensemble", description="head init: ensemble = CoOp's 8 ensemble templates over cleaned class names; reference = "
-                                "the reference's 21 mined templates per dataset over raw class names")
+        "ensemble",
+        description="head init: ensemble = CoOp's 8 ensemble templates over cleaned class names; reference = "
+        "the reference's 21 mined templates per dataset over raw class names",
+    )
 
 
 class TGPT(PromptMethod):
@@ -116,8 +125,10 @@ class TGPT(PromptMethod):
         limit = backbone.context_length - 3
         for field in ("n_cat", "n_con"):
             if getattr(cfg, field) > limit:
-                raise ConfigError(f"tgpt {field}={getattr(cfg, field)} does not fit the {backbone.context_length}-token "
-                                  f"text encoder: use at most {limit}")
+                raise ConfigError(
+                    f"tgpt {field}={getattr(cfg, field)} does not fit the {backbone.context_length}-token "
+                    f"text encoder: use at most {limit}"
+                )
 
     def __init__(self, backbone: Backbone, classnames: list[str], dataset: str, cfg: TGPTConfig):
         super().__init__(backbone, classnames, dataset, cfg)
@@ -128,7 +139,7 @@ class TGPT(PromptMethod):
             ids, p = backbone.tokenize([cfg.ctx_init])[0], backbone.token_rule.prefix
             n = min(n_text_tokens(backbone, cfg.ctx_init), cfg.n_cat)
             with torch.no_grad():
-                self.q_cat[:n] = backbone.token_embedding(ids[p:p + n]).float()
+                self.q_cat[:n] = backbone.token_embedding(ids[p : p + n]).float()
         self.bonder_cat = Bonder(d, e, cfg.bonder_heads).to(dev)
         self.bonder_con = Bonder(d, e, cfg.bonder_heads).to(dev)
         # zero-shot init is deferred to first use (prepare / forward): encoding C x templates prompts
@@ -138,7 +149,11 @@ class TGPT(PromptMethod):
         self.head_rows: Optional[torch.Tensor] = None  # the head's rows for the classes scored now (None: all)
         head_templates(cfg.head_templates, dataset)  # no templates for this dataset: ConfigError now
         self._pseudo: dict[int, LearnedContextText] = {}  # "X X ... X." per query count (built on first use)
-        self.register_buffer("cat_targets", self._targets([f"a photo of a {_clean(c)}." for c in self.classnames], cfg.n_cat), persistent=False)
+        self.register_buffer(
+            "cat_targets",
+            self._targets([f"a photo of a {_clean(c)}." for c in self.classnames], cfg.n_cat),
+            persistent=False,
+        )
         # content targets: row i = tokens of training image i's own caption, all-ignore without one (prepare)
         self._con_targets = torch.empty(0, cfg.n_con, dtype=torch.long, device=dev)
         self.content_loss_enabled = False
@@ -150,8 +165,13 @@ class TGPT(PromptMethod):
         """normalize([z_c; z_c]), z_c = mean of unnormalised CLIP text features over the ``head_templates``."""
         reference = self.cfg.head_templates == "reference"
         names = list(classnames) if reference else [_clean(c) for c in classnames]
-        z = self.template_text_features(head_templates(self.cfg.head_templates, self.dataset), names, average="raw",
-                                        clean=not reference, normalize=False)
+        z = self.template_text_features(
+            head_templates(self.cfg.head_templates, self.dataset),
+            names,
+            average="raw",
+            clean=not reference,
+            normalize=False,
+        )
         return F.normalize(torch.cat([z, z], dim=-1), dim=-1).to(self.device)
 
     def _ensure_head(self) -> None:
@@ -171,7 +191,7 @@ class TGPT(PromptMethod):
         ids = bb.tokenize(texts)
         p = bb.token_rule.prefix
         after_eot = torch.arange(ids.shape[1], device=ids.device)[None] > bb.eot_positions(ids)[:, None]
-        ids = ids.masked_fill(after_eot, IGNORE)[:, p:p + n].clone()
+        ids = ids.masked_fill(after_eot, IGNORE)[:, p : p + n].clone()
         if ids.shape[1] < n:  # a context shorter than n + prefix: the missing positions are ignored
             ids = torch.cat([ids, ids.new_full((ids.shape[0], n - ids.shape[1]), IGNORE)], dim=1)
         return ids.long()
@@ -259,11 +279,16 @@ class TGPT(PromptMethod):
     def _token_loss(self, out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         vocab = self.backbone.text_tower.token_embedding.weight  # tied, frozen, by reference
         logits = out @ vocab.t().to(out.dtype)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
-                               label_smoothing=self.cfg.label_smoothing)
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=IGNORE,
+            label_smoothing=self.cfg.label_smoothing,
+        )
 
-    def training_loss(self, images: torch.Tensor, labels: torch.Tensor,
-                      indices: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_loss(
+        self, images: torch.Tensor, labels: torch.Tensor, indices: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """CE + λ_cat·L_cat + λ_con·L_con; ``indices`` (the samples' positions in the training split) select each
         sample's own caption targets for L_con."""
         labels = labels.to(self.device)
@@ -286,8 +311,10 @@ class TGPT(PromptMethod):
         """[B, n_con]: each sample's own caption targets by its position in the training split (all-ignore: no
         caption)."""
         if indices is None:
-            raise ValueError("tgpt: the content loss pairs each sample with its own image's caption, so training_loss "
-                             "needs indices (the samples' positions in the training loader's dataset read by prepare)")
+            raise ValueError(
+                "tgpt: the content loss pairs each sample with its own image's caption, so training_loss "
+                "needs indices (the samples' positions in the training loader's dataset read by prepare)"
+            )
         return self._con_targets[indices.to(self._con_targets.device).long()]
 
     # --- protocol / optimisation -----------------------------------------------------------------
@@ -327,8 +354,10 @@ def head_templates(kind: str, dataset: str) -> list[str]:
     mined = _mined_templates()
     key = "imagenet" if dataset.startswith("imagenet") else dataset
     if key not in mined:
-        raise ConfigError(f"tgpt head_templates: reference has the reference's mined templates for {', '.join(mined)} "
-                          f"(and ImageNet's variants) only, not '{dataset}': use head_templates: ensemble")
+        raise ConfigError(
+            f"tgpt head_templates: reference has the reference's mined templates for {', '.join(mined)} "
+            f"(and ImageNet's variants) only, not '{dataset}': use head_templates: ensemble"
+        )
     return list(mined[key])
 
 

@@ -24,6 +24,7 @@ Selection helpers: ``select_top_energy`` scores pre-trained tokens by their mean
 (the reference's rule) and takes the top K, either one index set from the batch-mean score
 (``batch_mean``, reference) or per sample (``per_sample``).
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -43,8 +44,9 @@ class QuickGELU(nn.Module):
 class TokenFusion(nn.Module):
     """One TFM (one fused layer of one branch)."""
 
-    def __init__(self, width: int, hidden: int = 256, scale_init: float = 0.75, axis: AttentionAxis = "batch",
-                 device=None):
+    def __init__(
+        self, width: int, hidden: int = 256, scale_init: float = 0.75, axis: AttentionAxis = "batch", device=None
+    ):
         super().__init__()
         if axis not in ("batch", "sample"):
             raise ValueError(f"attention axis must be batch or sample (got {axis!r})")
@@ -55,8 +57,11 @@ class TokenFusion(nn.Module):
         self.ln_a = nn.LayerNorm(width, device=device)
         self.attn = nn.MultiheadAttention(width, heads, batch_first=True, device=device)
         self.ln_b = nn.LayerNorm(width, device=device)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden, bias=False, device=device), QuickGELU(),
-                                 nn.Linear(hidden, width, bias=False, device=device))
+        self.mlp = nn.Sequential(
+            nn.Linear(width, hidden, bias=False, device=device),
+            QuickGELU(),
+            nn.Linear(hidden, width, bias=False, device=device),
+        )
         self.s1 = nn.Parameter(torch.tensor(float(scale_init), device=device))
         self.s2 = nn.Parameter(torch.tensor(float(scale_init), device=device))
 
@@ -89,11 +94,11 @@ def select_top_energy(tokens: torch.Tensor, k: int, scope: TopKScope) -> torch.T
     """
     if k > tokens.shape[1]:
         raise ValueError(f"cannot select {k} of {tokens.shape[1]} tokens")
-    energy = tokens.float().pow(2).mean(dim=-1)                                  # [N, L]
+    energy = tokens.float().pow(2).mean(dim=-1)  # [N, L]
     if scope == "batch_mean":
-        idx = energy.mean(dim=0).topk(k).indices                                 # [k]
+        idx = energy.mean(dim=0).topk(k).indices  # [k]
         return tokens[:, idx]
     if scope == "per_sample":
-        idx = energy.topk(k, dim=1).indices                                      # [N, k]
+        idx = energy.topk(k, dim=1).indices  # [N, k]
         return torch.gather(tokens, 1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
     raise ValueError(f"topk scope must be batch_mean or per_sample (got {scope!r})")

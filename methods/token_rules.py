@@ -13,6 +13,7 @@ the sequence's end-of-text token is. That depends on the tokenizer, not on the i
 
 ``TokenRule.of(tokenizer)`` reads the rule off the tokenizer object; any other tokenizer is a ConfigError.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,8 +39,10 @@ class TokenRule:
         inner = getattr(tokenizer, "tokenizer", None)
         eos = getattr(inner, "eos_token_id", None)
         if eos is None:
-            raise ConfigError(f"tokenizer {type(tokenizer).__name__} is not supported by the prompt path (CLIP BPE "
-                              "or SigLIP sentencepiece tokenizers only): use a backbone of a supported family")
+            raise ConfigError(
+                f"tokenizer {type(tokenizer).__name__} is not supported by the prompt path (CLIP BPE "
+                "or SigLIP sentencepiece tokenizers only): use a backbone of a supported family"
+            )
         bos = getattr(inner, "bos_token_id", None)
         first = int(tokenizer(["x"])[0, 0])
         return cls(prefix=1 if bos is not None and first == int(bos) else 0, eot_id=int(eos), by_argmax=False)
@@ -50,9 +53,11 @@ class TokenRule:
             return ids.argmax(dim=-1)
         hit = ids == self.eot_id
         if not bool(hit.any(dim=-1).all()):
-            raise ConfigError(f"a tokenised text has no end-of-text token (id {self.eot_id}): it was cut at the context "
-                              "length (use shorter class names or prompts), or the tokenizer appends none (use a "
-                              "tokenizer that ends each text with its EOS, as open_clip's SigLIP tokenizers do)")
+            raise ConfigError(
+                f"a tokenised text has no end-of-text token (id {self.eot_id}): it was cut at the context "
+                "length (use shorter class names or prompts), or the tokenizer appends none (use a "
+                "tokenizer that ends each text with its EOS, as open_clip's SigLIP tokenizers do)"
+            )
         return hit.int().argmax(dim=-1)
 
     def n_tokens(self, ids: torch.Tensor) -> torch.Tensor:

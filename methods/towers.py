@@ -35,6 +35,7 @@ Text sequences carry their EOT position explicitly (``eot_index``), because prom
 All functions are differentiable w.r.t. whatever the hooks add; the frozen weights never receive
 gradients (``requires_grad=False``).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Literal, Optional
@@ -52,14 +53,15 @@ TokenHook = Callable[[torch.Tensor], torch.Tensor]
 PromptsAt = Literal["end", "after_prefix"]
 
 
-def _run_blocks(transformer: nn.Module, x: torch.Tensor, mask_full: Optional[torch.Tensor],
-                        hook: Optional[LayerHook]) -> torch.Tensor:
+def _run_blocks(
+    transformer: nn.Module, x: torch.Tensor, mask_full: Optional[torch.Tensor], hook: Optional[LayerHook]
+) -> torch.Tensor:
     """open_clip's ``Transformer``: its residual blocks one by one (a causal mask sliced to the length)."""
     batch_first = getattr(transformer, "batch_first", True)
     for i, block in enumerate(transformer.resblocks):
         if hook is not None:
             x = hook(i, x)
-        mask = None if mask_full is None else mask_full[:x.shape[1], :x.shape[1]].to(x.dtype)
+        mask = None if mask_full is None else mask_full[: x.shape[1], : x.shape[1]].to(x.dtype)
         x = block(x, attn_mask=mask) if batch_first else block(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
     return x
 
@@ -76,8 +78,14 @@ class TextTower:
     def __getattr__(self, name: str):
         # token_embedding, positional_embedding, transformer, ln_final, text_projection, attn_mask (None:
         # bidirectional, SigLIP), read from the module at each use (a buffer is a new tensor after .to())
-        if name in ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection",
-                    "attn_mask"):
+        if name in (
+            "token_embedding",
+            "positional_embedding",
+            "transformer",
+            "ln_final",
+            "text_projection",
+            "attn_mask",
+        ):
             return getattr(self.__dict__["module"], name)
         raise AttributeError(name)
 
@@ -278,7 +286,9 @@ class _TimmEva(_TimmViT):
         if extra < 0:
             raise ValueError(f"{length} tokens cannot hold the {rope.shape[-2]} patch tokens of this EVA tower")
         half = rope.shape[-1] // 2
-        ident = torch.cat([rope.new_zeros(*rope.shape[:-2], extra, half), rope.new_ones(*rope.shape[:-2], extra, half)], -1)
+        ident = torch.cat(
+            [rope.new_zeros(*rope.shape[:-2], extra, half), rope.new_ones(*rope.shape[:-2], extra, half)], -1
+        )
         return torch.cat([rope, ident] if prompts_at == "end" else [ident, rope], dim=-2)
 
 
@@ -290,21 +300,30 @@ def check_family(model: nn.Module, family: str, arch: str) -> None:
 
     v = model.visual
     trunk = getattr(v, "trunk", None)
-    kind = {"clip-vit": lambda: isinstance(v, VisionTransformer) and v.attn_pool is None and v.pool_type == "tok",
-            "siglip": lambda: type(trunk).__name__ == "VisionTransformer" and trunk.attn_pool is not None
-            and hasattr(trunk, "_pos_embed"),
-            "eva": lambda: type(trunk).__name__ == "Eva" and hasattr(trunk, "_pos_embed")
-            and not getattr(trunk, "rope_mixed", False),
-            "resnet": lambda: isinstance(v, ModifiedResNet),
-            "convnext": lambda: type(trunk).__name__ == "ConvNeXt"}[family]
+    kind = {
+        "clip-vit": lambda: isinstance(v, VisionTransformer) and v.attn_pool is None and v.pool_type == "tok",
+        "siglip": lambda: (
+            type(trunk).__name__ == "VisionTransformer" and trunk.attn_pool is not None and hasattr(trunk, "_pos_embed")
+        ),
+        "eva": lambda: (
+            type(trunk).__name__ == "Eva" and hasattr(trunk, "_pos_embed") and not getattr(trunk, "rope_mixed", False)
+        ),
+        "resnet": lambda: isinstance(v, ModifiedResNet),
+        "convnext": lambda: type(trunk).__name__ == "ConvNeXt",
+    }[family]
     text = getattr(model, "text", None)
-    text_ok = (isinstance(text, TextTransformer) and text.cls_emb is None) if text is not None else \
-        hasattr(model, "token_embedding")
+    text_ok = (
+        (isinstance(text, TextTransformer) and text.cls_emb is None)
+        if text is not None
+        else hasattr(model, "token_embedding")
+    )
     if not (kind() and text_ok):
-        raise ConfigError(f"backbone '{arch}' was built as {type(trunk or v).__name__} + "
-                          f"{type(text).__name__ if text is not None else 'CLIP text'}, not the {family} towers the "
-                          "prompt path runs (an open_clip / timm version this promptsweep does not know): use a "
-                          "backbone of another family or the open_clip_torch / timm versions of pyproject.toml")
+        raise ConfigError(
+            f"backbone '{arch}' was built as {type(trunk or v).__name__} + "
+            f"{type(text).__name__ if text is not None else 'CLIP text'}, not the {family} towers the "
+            "prompt path runs (an open_clip / timm version this promptsweep does not know): use a "
+            "backbone of another family or the open_clip_torch / timm versions of pyproject.toml"
+        )
 
 
 _ADAPTERS = {"clip-vit": _ClipViT, "siglip": _TimmViT, "eva": _TimmEva}
@@ -314,8 +333,10 @@ def image_tower(bb: "Backbone") -> _ImageTower:
     """The image tower adapter of ``bb``'s family; ConfigError for families without image tokens."""
     cls = _ADAPTERS.get(bb.family.name)
     if cls is None:
-        raise ConfigError(f"backbone '{bb.arch}' (family {bb.family.name}) has no image tokens to prompt: use a "
-                          "method that leaves the image tower untouched (python -m methods list)")
+        raise ConfigError(
+            f"backbone '{bb.arch}' (family {bb.family.name}) has no image tokens to prompt: use a "
+            "method that leaves the image tower untouched (python -m methods list)"
+        )
     return cls(bb.model.visual)
 
 

@@ -19,6 +19,7 @@ Needs image tokens (``methods.families``): refused on ResNet / ConvNeXt backbone
 Initialisation: VPT's Xavier uniform U(-a, a), a = sqrt(6 / (3·patch² + D)) (≈ 0.0625 on ViT-B/16).
 ``prompt_dropout`` applies dropout to the prompt vectors each time they are inserted (training only).
 """
+
 from __future__ import annotations
 
 import math
@@ -37,11 +38,16 @@ class VPTConfig(MethodConfig):
     """VPT hyperparameters (schedule in TrainConfig / methods/defaults/vpt.yaml)."""
 
     n_prompts: int = Field(8, ge=1, description="prompt tokens per prompted layer")
-    deep: bool = Field(True, description="deep: fresh prompts replaced before every block < depth; shallow: layer 0 only")
-    depth: Optional[int] = Field(None, ge=1, description="prompted blocks for deep VPT (None = all; clipped to the backbone depth)")
+    deep: bool = Field(
+        True, description="deep: fresh prompts replaced before every block < depth; shallow: layer 0 only"
+    )
+    depth: Optional[int] = Field(
+        None, ge=1, description="prompted blocks for deep VPT (None = all; clipped to the backbone depth)"
+    )
     prompt_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the prompt vectors (training)")
     text_template: Literal["coop", "kgcoop", "sep", "ensemble"] = Field(
-        "coop", description="frozen text classifier: the dataset's hand-crafted template kind, or CoOp's ensemble")
+        "coop", description="frozen text classifier: the dataset's hand-crafted template kind, or CoOp's ensemble"
+    )
 
 
 class VPT(PromptMethod):
@@ -59,7 +65,10 @@ class VPT(PromptMethod):
         d = backbone.vision_width
         a = self.xavier_bound(backbone)
         self.prompts = nn.ParameterList(
-            [nn.Parameter(torch.empty(cfg.n_prompts, d, device=backbone.device).uniform_(-a, a)) for _ in range(self.n_layers)]
+            [
+                nn.Parameter(torch.empty(cfg.n_prompts, d, device=backbone.device).uniform_(-a, a))
+                for _ in range(self.n_layers)
+            ]
         )
         self.dropout = nn.Dropout(cfg.prompt_dropout)
         self.register_buffer("text_features", self.hand_text_features(cfg.text_template), persistent=False)
@@ -67,7 +76,7 @@ class VPT(PromptMethod):
     @staticmethod
     def xavier_bound(bb: Backbone) -> float:
         """VPT's Xavier-uniform bound sqrt(6 / (3·patch² + D))."""
-        return math.sqrt(6.0 / (3 * bb.patch_size ** 2 + bb.vision_width))
+        return math.sqrt(6.0 / (3 * bb.patch_size**2 + bb.vision_width))
 
     # --- image side -------------------------------------------------------------------------
     def _prompt(self, i: int, batch: int, dtype: torch.dtype) -> torch.Tensor:

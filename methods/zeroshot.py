@@ -5,6 +5,7 @@ Class text features come from the dataset's CoOp template (``fewshot.templates.t
 the normalised features over ``ensemble_templates(dataset)`` (CLIP's prompt ensembling). Logits are
 ``logit_scale * norm(image) @ norm(text).T``. ``trains_by_gradient`` is False and ``fit`` does nothing.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -35,8 +36,9 @@ class ZeroShotCLIP(PromptMethod):
 
     def set_classnames(self, classnames: list[str], dataset: Optional[str] = None) -> None:
         super().set_classnames(classnames, dataset)
-        self.register_buffer("text_features", self.hand_text_features("ensemble" if self.cfg.ensemble else "coop"),
-                             persistent=False)
+        self.register_buffer(
+            "text_features", self.hand_text_features("ensemble" if self.cfg.ensemble else "coop"), persistent=False
+        )
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:

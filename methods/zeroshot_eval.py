@@ -5,6 +5,7 @@
 (``fewshot.sampling.subsample_classes``) as in base-to-novel. ``python -m methods pretrain --eval``
 prints it for the project backbone; ``tests/test_pretrain.py`` asserts on it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,11 @@ def zero_shot_accuracy(bb, classnames: list[str], items, dataset: str, batch_siz
     from fewshot.transforms import clip_transform
 
     text = bb.template_text_features(classnames, [template(dataset)])
-    loader = DataLoader(ImageDataset(items, clip_transform(bb.image_size, train=False), split="test"),
-                        batch_size=batch_size, shuffle=False)
+    loader = DataLoader(
+        ImageDataset(items, clip_transform(bb.image_size, train=False), split="test"),
+        batch_size=batch_size,
+        shuffle=False,
+    )
     correct = total = 0
     for images, labels in loader:
         pred = (bb.encode_image(images) @ text.t()).argmax(-1).cpu()

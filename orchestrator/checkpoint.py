@@ -6,6 +6,7 @@ numpy, torch, the shuffling generator) so a resumed trial continues exactly as a
 one on CPU. Everything is stored as tensors / plain containers so that it loads with
 ``torch.load(weights_only=True)``; a missing or unreadable checkpoint raises ``CheckpointError``.
 """
+
 from __future__ import annotations
 
 import random
@@ -22,10 +23,19 @@ STATE_FILE = "state.pt"
 
 def rng_state(generator: torch.Generator) -> dict:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "torch": torch.get_rng_state(), "generator": generator.get_state(),
-            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "generator": generator.get_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def restore_rng(state: dict, generator: torch.Generator) -> None:
@@ -57,8 +67,9 @@ def load(directory: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}): delete it and restart the "
-                              f"trial without resume") from None
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable ({type(exc).__name__}): delete it and restart the trial without resume"
+        ) from None
     if not isinstance(state, dict) or "epoch" not in state or "method" not in state:
         raise CheckpointError(f"checkpoint {path} is not a promptsweep trial checkpoint (missing epoch/method)")
     return state

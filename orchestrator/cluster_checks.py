@@ -7,6 +7,7 @@ URI (``s3://``, ``gs://``, ...) or a path under a mount the user declared shared
 in ``$PROMPTSWEEP_SHARED_STORAGE`` (``os.pathsep``-separated, e.g. ``/mnt/cluster_storage``) or
 passed in ``shared_roots`` (e.g. from the spec).
 """
+
 from __future__ import annotations
 
 import os
@@ -34,7 +35,7 @@ def shared_roots(extra: Iterable[Union[str, Path]] = ()) -> list[Path]:
 def _local_path(path: Union[str, Path]) -> Path:
     s = str(path)
     if s.startswith("file://"):
-        s = s[len("file://"):]
+        s = s[len("file://") :]
     return Path(s).expanduser().resolve()
 
 
@@ -56,7 +57,9 @@ def _is_alive(node) -> bool:
     return bool(node.get("Alive", node.get("alive", True))) if isinstance(node, dict) else True
 
 
-def check_shared_storage(output: Union[str, Path], nodes: Iterable, extra_roots: Iterable[Union[str, Path]] = ()) -> None:
+def check_shared_storage(
+    output: Union[str, Path], nodes: Iterable, extra_roots: Iterable[Union[str, Path]] = ()
+) -> None:
     """Refuse a node-local ``output`` when more than one node is alive.
 
     ``nodes`` is ``ray.nodes()`` (dicts; dead ones are ignored) or a list of node addresses.
@@ -71,7 +74,8 @@ def check_shared_storage(output: Union[str, Path], nodes: Iterable, extra_roots:
         f"sweep output {output} is not shared storage, but the Ray cluster has {len(alive)} nodes ({shown}): "
         "trials on other nodes could not write their results and checkpoints there; "
         "pass --output with an s3:// or gs:// URI or a path on a mount every node shares (EFS, Filestore, NFS, "
-        f"/mnt/cluster_storage) and declare that mount with {SHARED_STORAGE_ENV}=<mount> (see cluster/README.md)")
+        f"/mnt/cluster_storage) and declare that mount with {SHARED_STORAGE_ENV}=<mount> (see cluster/README.md)"
+    )
 
 
 def alive_nodes() -> list[dict]:
@@ -100,20 +104,23 @@ def check_ray_address(address: str, flag: str = "--address") -> None:
     addr = address.strip()
     if addr == "auto":
         addr = _running_local_cluster(flag)
-    hostport = addr[len("ray://"):] if addr.startswith("ray://") else addr
+    hostport = addr[len("ray://") :] if addr.startswith("ray://") else addr
     host, sep, port_text = hostport.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ConfigError(f"{flag}: '{address}' is not a Ray address; use HOST:PORT of the head's GCS (e.g. "
-                          "10.0.0.5:6379), ray://HOST:10001 for Ray Client, or auto for the cluster this machine "
-                          "runs")
+        raise ConfigError(
+            f"{flag}: '{address}' is not a Ray address; use HOST:PORT of the head's GCS (e.g. "
+            "10.0.0.5:6379), ray://HOST:10001 for Ray Client, or auto for the cluster this machine "
+            "runs"
+        )
     try:
         with socket.create_connection((host, int(port_text)), timeout=ADDRESS_TIMEOUT_S):
             pass
     except OSError as exc:
-        raise ConfigError(f"{flag}: no Ray cluster answers at {hostport} within {ADDRESS_TIMEOUT_S:g} s "
-                          f"({exc.strerror or type(exc).__name__}); start it (ray start --head) or fix the address"
-                          ) from None
+        raise ConfigError(
+            f"{flag}: no Ray cluster answers at {hostport} within {ADDRESS_TIMEOUT_S:g} s "
+            f"({exc.strerror or type(exc).__name__}); start it (ray start --head) or fix the address"
+        ) from None
 
 
 def _running_local_cluster(flag: str) -> str:
@@ -124,6 +131,8 @@ def _running_local_cluster(flag: str) -> str:
 
     found = local_cluster_address()
     if not found:
-        raise ConfigError(f"{flag}: auto finds no Ray cluster running on this machine; start one (ray start "
-                          "--head) or pass its address as HOST:PORT (or leave the flag out for a local Ray)")
+        raise ConfigError(
+            f"{flag}: auto finds no Ray cluster running on this machine; start one (ray start "
+            "--head) or pass its address as HOST:PORT (or leave the flag out for a local Ray)"
+        )
     return found

@@ -5,6 +5,7 @@ Average over the datasets (when there are several) with the better / worse count
 Works on cells.arrow records (their ``seeds`` and ``<metric>_values``); the numbers come from
 ``orchestrator.statistics``, the columns from ``orchestrator.results.COMPARISON_COLUMNS``.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,10 +34,19 @@ def _compare(metric: str, method: dict, baseline: dict) -> S.Paired:
 
 def _comparison_record(paired, **ids) -> dict:
     lo, hi = paired.ci
-    return dict(ids, seeds=list(paired.seeds), method_mean=paired.method_mean, baseline_mean=paired.baseline_mean,
-                diff_mean=paired.diff, diff_ci_low=lo, diff_ci_high=hi, ci_method=paired.ci_method,
-                ci_excludes_zero=paired.excludes_zero if paired.diff is not None else None,
-                p_ttest=paired.p_ttest, p_wilcoxon=paired.p_wilcoxon)
+    return dict(
+        ids,
+        seeds=list(paired.seeds),
+        method_mean=paired.method_mean,
+        baseline_mean=paired.baseline_mean,
+        diff_mean=paired.diff,
+        diff_ci_low=lo,
+        diff_ci_high=hi,
+        ci_method=paired.ci_method,
+        ci_excludes_zero=paired.excludes_zero if paired.diff is not None else None,
+        p_ttest=paired.p_ttest,
+        p_wilcoxon=paired.p_wilcoxon,
+    )
 
 
 def _compare_group(cells: list[dict], baseline: str) -> list[dict]:
@@ -52,8 +62,15 @@ def _compare_group(cells: list[dict], baseline: str) -> list[dict]:
             for c, b in mine:
                 mc, bc = _per_seed(c, metric), _per_seed(b, metric)
                 p = _compare(metric, mc, bc)
-                ids = dict(dataset=c["dataset"], metric=metric, method=method, baseline=baseline, cell_id=c["cell_id"],
-                           baseline_cell_id=b["cell_id"], n_pairs=len(p.seeds))
+                ids = dict(
+                    dataset=c["dataset"],
+                    metric=metric,
+                    method=method,
+                    baseline=baseline,
+                    cell_id=c["cell_id"],
+                    baseline_cell_id=b["cell_id"],
+                    n_pairs=len(p.seeds),
+                )
                 out.append(_comparison_record(p, **ids))
                 if p.diff is not None:  # the dataset's shared seeds: [method components, baseline components]
                     pairs.append(p)
@@ -61,8 +78,18 @@ def _compare_group(cells: list[dict], baseline: str) -> list[dict]:
             if len({c["dataset"] for c in cells}) > 1 and pairs:
                 avg = S.compare_average(pairs, rows, S.hm_of_means if metric == "hm" else S.mean_of_means)
                 better, worse, n = S.sign_count([p.diff for p in pairs])
-                out.append(_comparison_record(avg, dataset=AVERAGE, metric=metric, method=method, baseline=baseline,
-                                              n_pairs=n, datasets_better=better, datasets_worse=worse))
+                out.append(
+                    _comparison_record(
+                        avg,
+                        dataset=AVERAGE,
+                        metric=metric,
+                        method=method,
+                        baseline=baseline,
+                        n_pairs=n,
+                        datasets_better=better,
+                        datasets_worse=worse,
+                    )
+                )
     return out
 
 

@@ -30,6 +30,7 @@ Views:
   ``e mod k``. This is an approximation of fresh augmentation and therefore an explicit option; the
   default (``None``) trains on fresh augmentations through the image tower, as the references do.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -71,11 +72,21 @@ def items_fingerprint(items: list[Item]) -> str:
     return h.hexdigest()
 
 
-def entry_key(backbone_id: str, image_size: int, device_kind: str, items: list[Item], view: str,
-              output: str = "pooled") -> str:
-    blob = json.dumps({"backbone": backbone_id, "image_size": image_size, "device": device_kind,
-                       "items": items_fingerprint(items), "n": len(items), "view": view, "output": output},
-                      sort_keys=True)
+def entry_key(
+    backbone_id: str, image_size: int, device_kind: str, items: list[Item], view: str, output: str = "pooled"
+) -> str:
+    blob = json.dumps(
+        {
+            "backbone": backbone_id,
+            "image_size": image_size,
+            "device": device_kind,
+            "items": items_fingerprint(items),
+            "n": len(items),
+            "view": view,
+            "output": output,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -177,12 +188,19 @@ class FeatureCache:
                     return arr
                 if existed:
                     STATS["rejected"] += 1
-                    print(f"[feature cache] entry {path} fails its checksum (damaged): recomputing it",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"[feature cache] entry {path} fails its checksum (damaged): recomputing it",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 arr = np.ascontiguousarray(compute(), dtype=np.float32)
                 if arr.nbytes > LARGE_ENTRY_BYTES:
-                    print(f"[feature cache] writing {arr.nbytes / 2**30:.1f} GB ({' x '.join(map(str, arr.shape))} "
-                          f"floats) to {path}", file=sys.stderr, flush=True)
+                    print(
+                        f"[feature cache] writing {arr.nbytes / 2**30:.1f} GB ({' x '.join(map(str, arr.shape))} "
+                        f"floats) to {path}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 with atomic_open(path, "wb") as fh:
                     writer = _HashingWriter(fh)
                     np.save(writer, arr)
@@ -198,8 +216,17 @@ class FeatureCache:
 
 
 @torch.no_grad()
-def encode_split(backbone, items: list[Item], transform, split: str, batch_size: int, num_workers: int, autocast,
-                 seed: Optional[int] = None, encode: Optional[Callable] = None) -> np.ndarray:
+def encode_split(
+    backbone,
+    items: list[Item],
+    transform,
+    split: str,
+    batch_size: int,
+    num_workers: int,
+    autocast,
+    seed: Optional[int] = None,
+    encode: Optional[Callable] = None,
+) -> np.ndarray:
     """fp32 ``encode(backbone, images)`` of every item, stacked: by default (``PromptMethod.frozen_image_output``)
     the unnormalised image features [N, D] (``seed`` fixes a random transform's draws)."""
     from torch.utils.data import DataLoader
@@ -208,8 +235,12 @@ def encode_split(backbone, items: list[Item], transform, split: str, batch_size:
     from methods.base import PromptMethod
 
     encode = encode or PromptMethod.frozen_image_output
-    loader = DataLoader(ImageDataset(items, transform, split=split), batch_size=batch_size, shuffle=False,
-                        num_workers=0 if seed is not None else num_workers)
+    loader = DataLoader(
+        ImageDataset(items, transform, split=split),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=0 if seed is not None else num_workers,
+    )
     out = []
     rng = torch.random.fork_rng(devices=[]) if seed is not None else nullcontext()
     with rng:
@@ -223,10 +254,23 @@ def encode_split(backbone, items: list[Item], transform, split: str, batch_size:
     return torch.cat(out).numpy()
 
 
-def cached_split(cache: FeatureCache, backbone, items: list[Item], transform, view: str, split: str,
-                 batch_size: int, num_workers: int, autocast, device_kind: str, seed: Optional[int] = None,
-                 encode: Optional[Callable] = None, output: str = "pooled") -> np.ndarray:
+def cached_split(
+    cache: FeatureCache,
+    backbone,
+    items: list[Item],
+    transform,
+    view: str,
+    split: str,
+    batch_size: int,
+    num_workers: int,
+    autocast,
+    device_kind: str,
+    seed: Optional[int] = None,
+    encode: Optional[Callable] = None,
+    output: str = "pooled",
+) -> np.ndarray:
     """The cached ``encode`` outputs of a split (``output`` names what ``encode`` returns, for the key)."""
     key = entry_key(backbone.identity(), backbone.image_size, device_kind, items, view, output)
-    return cache.get(key, lambda: encode_split(backbone, items, transform, split, batch_size, num_workers, autocast,
-                                               seed, encode))
+    return cache.get(
+        key, lambda: encode_split(backbone, items, transform, split, batch_size, num_workers, autocast, seed, encode)
+    )

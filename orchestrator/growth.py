@@ -17,6 +17,7 @@ Keys that change no trial (``name``, ``output``, ``tracking``, ``resources``, ``
 ``count_tolerance``, ``report``) may change freely. Cells without a finished trial may change in any way.
 A refusal names the two ways on: ``--fresh`` (the whole sweep) or ``--restart-cells`` (just those cells).
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -29,17 +30,27 @@ from fewshot.errors import ConfigError
 #: keys whose change leaves every trial's result as it is
 FREE_KEYS = {"name", "output", "tracking", "resources", "max_retries", "data_root", "count_tolerance", "report"}
 #: keys compared cell by cell (through the two plans)
-CELL_KEYS = {"protocol", "methods", "datasets", "shots", "by_protocol", "seeds", "targets", "train", "search",
-             "backbones"}
+CELL_KEYS = {
+    "protocol",
+    "methods",
+    "datasets",
+    "shots",
+    "by_protocol",
+    "seeds",
+    "targets",
+    "train",
+    "search",
+    "backbones",
+}
 
 
 @dataclass
 class Growth:
     """The outcome of comparing the spec a sweep ran with and the new one."""
 
-    new_cells: list[str] = field(default_factory=list)      #: cells the old plan did not have
-    grown_cells: list[str] = field(default_factory=list)    #: cells with more seeds or proposals than before
-    refused: list[str] = field(default_factory=list)        #: one line per change that alters a finished trial
+    new_cells: list[str] = field(default_factory=list)  #: cells the old plan did not have
+    grown_cells: list[str] = field(default_factory=list)  #: cells with more seeds or proposals than before
+    refused: list[str] = field(default_factory=list)  #: one line per change that alters a finished trial
 
     @property
     def grows(self) -> bool:
@@ -49,11 +60,15 @@ class Growth:
 def _cell_meaning(cell) -> dict:
     """What a cell's finished trials computed with (besides the backbone and device)."""
     s = cell.search
-    return {"overrides": cell.overrides, "targets": list(cell.targets),
-            "search.space": {k: v.model_dump(mode="json") for k, v in s.space.items()} if cell.n_trials else {},
-            "search.seeds": list(cell.search_seeds), "search.metric": s.metric if cell.n_trials else None,
-            "search.sampler": s.sampler.model_dump(mode="json") if cell.n_trials else None,
-            "search.pruner": s.pruner.model_dump(mode="json") if cell.n_trials else None}
+    return {
+        "overrides": cell.overrides,
+        "targets": list(cell.targets),
+        "search.space": {k: v.model_dump(mode="json") for k, v in s.space.items()} if cell.n_trials else {},
+        "search.seeds": list(cell.search_seeds),
+        "search.metric": s.metric if cell.n_trials else None,
+        "search.sampler": s.sampler.model_dump(mode="json") if cell.n_trials else None,
+        "search.pruner": s.pruner.model_dump(mode="json") if cell.n_trials else None,
+    }
 
 
 def _show(value) -> str:
@@ -72,8 +87,9 @@ def compare(old_spec: dict, new_spec, rows: Iterable[dict]) -> Growth:
         if key in FREE_KEYS or key in CELL_KEYS:
             continue
         if old_spec.get(key, new_norm.get(key)) != new_norm.get(key):
-            out.refused.append(f"{key}: {_show(old_spec.get(key))} -> {_show(new_norm.get(key))} changes every "
-                               "trial of the sweep")
+            out.refused.append(
+                f"{key}: {_show(old_spec.get(key))} -> {_show(new_norm.get(key))} changes every trial of the sweep"
+            )
     try:
         old_plan = plan(parse_spec({k: v for k, v in old_spec.items() if k in SweepSpec.model_fields}))
     except ConfigError as exc:  # written by a version whose specs this one no longer reads
@@ -91,8 +107,10 @@ def compare(old_spec: dict, new_spec, rows: Iterable[dict]) -> Growth:
         new = new_cells.get(old.cell_id)
         if new is None:
             if finished:
-                out.refused.append(f"cell {old.cell_id}: has {len(finished)} finished trial(s) but is not in the new "
-                                   "spec (a sweep only grows)")
+                out.refused.append(
+                    f"cell {old.cell_id}: has {len(finished)} finished trial(s) but is not in the new "
+                    "spec (a sweep only grows)"
+                )
             continue
         if new.n_trials > old.n_trials or set(new.final_seeds) - set(old.final_seeds):
             out.grown_cells.append(old.cell_id)
@@ -101,28 +119,36 @@ def compare(old_spec: dict, new_spec, rows: Iterable[dict]) -> Growth:
         before, after = _cell_meaning(old), _cell_meaning(new)
         for key in before:
             if before[key] != after[key]:
-                out.refused.append(f"cell {old.cell_id}: {key} {_show(before[key])} -> {_show(after[key])} "
-                                   f"({len(finished)} finished trial(s) ran with the first)")
+                out.refused.append(
+                    f"cell {old.cell_id}: {key} {_show(before[key])} -> {_show(after[key])} "
+                    f"({len(finished)} finished trial(s) ran with the first)"
+                )
         if new.n_trials < old.n_trials:
-            out.refused.append(f"cell {old.cell_id}: search n_trials {old.n_trials} -> {new.n_trials} (fewer "
-                               "proposals than it has run)")
+            out.refused.append(
+                f"cell {old.cell_id}: search n_trials {old.n_trials} -> {new.n_trials} (fewer "
+                "proposals than it has run)"
+            )
         dropped = sorted(set(old.final_seeds) - set(new.final_seeds))
         if dropped:
             out.refused.append(f"cell {old.cell_id}: final seed(s) {dropped} dropped (a sweep only grows)")
         if new.n_trials > old.n_trials and any(r["stage"] == "final" for r in finished):
-            out.refused.append(f"cell {old.cell_id}: search n_trials {old.n_trials} -> {new.n_trials} after its final "
-                               "runs used the best of the first proposals (more could change the best)")
+            out.refused.append(
+                f"cell {old.cell_id}: search n_trials {old.n_trials} -> {new.n_trials} after its final "
+                "runs used the best of the first proposals (more could change the best)"
+            )
     return out
 
 
 def refusal(growth: Growth, sweep: str, out_dir) -> ConfigError:
-    cells = sorted({line.split(":")[0][len("cell "):] for line in growth.refused if line.startswith("cell ")})
+    cells = sorted({line.split(":")[0][len("cell ") :] for line in growth.refused if line.startswith("cell ")})
     shown = "; ".join(growth.refused[:5]) + (f"; and {len(growth.refused) - 5} more" if len(growth.refused) > 5 else "")
     ways = "rerun with --fresh to start the whole sweep over"
     if cells:
         ways += f", or --restart-cells {','.join(cells)} to rerun just those cells"
-    return ConfigError(f"the spec changed since sweep '{sweep}' started in {out_dir} in a way that alters finished "
-                       f"trials ({shown}); {ways}, or restore the old spec")
+    return ConfigError(
+        f"the spec changed since sweep '{sweep}' started in {out_dir} in a way that alters finished "
+        f"trials ({shown}); {ways}, or restore the old spec"
+    )
 
 
 def matching_cells(patterns: str, cell_ids: Iterable[str]) -> list[str]:
@@ -133,8 +159,10 @@ def matching_cells(patterns: str, cell_ids: Iterable[str]) -> list[str]:
     for pat in [p.strip() for p in patterns.split(",") if p.strip()]:
         hit = [c for c in ids if fnmatch.fnmatchcase(c, pat)]
         if not hit:
-            raise ConfigError(f"--restart-cells: '{pat}' matches no cell of the sweep (cells look like "
-                              f"{ids[0] if ids else 'fewshot.coop.digits.16shot'})")
+            raise ConfigError(
+                f"--restart-cells: '{pat}' matches no cell of the sweep (cells look like "
+                f"{ids[0] if ids else 'fewshot.coop.digits.16shot'})"
+            )
         out += [c for c in hit if c not in out]
     return out
 

@@ -12,6 +12,7 @@ by definition: importance 1). Per method, ``summarize`` averages each parameter'
 cells where it was evaluated and lists the best value (the study's best trial) of each cell, so a reader
 sees whether one setting serves every dataset.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -104,9 +105,16 @@ def summarize(results: list[CellImportance]) -> dict[str, dict[str, ParamSummary
         params = {}
         for p in names:
             imp = [r.importances[p] for r in mine if p in r.importances]
-            params[p] = ParamSummary(statistics.fmean(imp) if imp else None, min(imp, default=None),
-                                     max(imp, default=None), len(imp),
-                                     [(r.cell, r.best_params[p]) for r in mine if p in r.best_params])
-        out[method] = dict(sorted(params.items(), key=lambda kv: -(kv[1].importance_mean if kv[1].importance_mean
-                                                                   is not None else -1.0)))
+            params[p] = ParamSummary(
+                statistics.fmean(imp) if imp else None,
+                min(imp, default=None),
+                max(imp, default=None),
+                len(imp),
+                [(r.cell, r.best_params[p]) for r in mine if p in r.best_params],
+            )
+        out[method] = dict(
+            sorted(
+                params.items(), key=lambda kv: -(kv[1].importance_mean if kv[1].importance_mean is not None else -1.0)
+            )
+        )
     return out

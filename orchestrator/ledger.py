@@ -23,6 +23,7 @@ ledger that reads as everything it had recorded.
 While a sweep runs, ``trials.arrow`` may lag the journal by that fraction; the sweep's own summary, the
 report and every file are complete once the driver ends (also on Ctrl-C or an error).
 """
+
 from __future__ import annotations
 
 import json
@@ -100,16 +101,24 @@ class Ledger:
             except Exception as e:  # noqa: BLE001 - damaged from outside: the journal (and Tune's old state) stay
                 kept = path.with_name(path.name + ".unreadable")
                 os.replace(path, kept)
-                print(f"warning: {path} is unreadable ({type(e).__name__}: {e}; moved to {kept.name}); continuing "
-                      "from the rows in the journal and Tune's experiment state", file=sys.stderr, flush=True)
+                print(
+                    f"warning: {path} is unreadable ({type(e).__name__}: {e}; moved to {kept.name}); continuing "
+                    "from the rows in the journal and Tune's experiment state",
+                    file=sys.stderr,
+                    flush=True,
+                )
         self.file_rows = len(self.rows)
         try:
             self.epochs = {(r["tune_trial_id"], r["epoch"]): r for r in read_epochs(self.out_dir / EPOCHS_FILE)}
         except FileNotFoundError:
             pass
         except Exception as e:  # noqa: BLE001 - the trials' rows matter, the curves are extra
-            print(f"warning: {self.out_dir / EPOCHS_FILE} is unreadable ({type(e).__name__}: {e}); the epochs "
-                  "recorded before this run are left out of the new one", file=sys.stderr, flush=True)
+            print(
+                f"warning: {self.out_dir / EPOCHS_FILE} is unreadable ({type(e).__name__}: {e}); the epochs "
+                "recorded before this run are left out of the new one",
+                file=sys.stderr,
+                flush=True,
+            )
         for entry in read_journal(self.out_dir):
             kind = entry.get("t")
             if kind == "start":

@@ -7,6 +7,7 @@ the same command loads it (``MlflowTracking(out_dir=...)`` calls ``load_backlog`
 trials.arrow that were empty while the server was away. A backlog for another tracking URI, or one
 that cannot be read, is left as it is (one warning).
 """
+
 from __future__ import annotations
 
 import json
@@ -69,14 +70,23 @@ def save_backlog(tracker: "MlflowTracking") -> Optional[Path]:
         return None
     runs = missing(tracker)
     state = tracker.get_state()
-    data = {"tracking_uri": tracker.tracking_uri, "experiment": tracker.experiment, "sweep": tracker.sweep_name,
-            "spec_hash": tracker.spec_hash, "written": datetime.now(timezone.utc).isoformat(),
-            "trials": sorted(m["run"].partition(":")[2] for m in runs if m["run"].startswith("trial:")),
-            "missing": runs, "rejected": state["rejected"], "state": state}
+    data = {
+        "tracking_uri": tracker.tracking_uri,
+        "experiment": tracker.experiment,
+        "sweep": tracker.sweep_name,
+        "spec_hash": tracker.spec_hash,
+        "written": datetime.now(timezone.utc).isoformat(),
+        "trials": sorted(m["run"].partition(":")[2] for m in runs if m["run"].startswith("trial:")),
+        "missing": runs,
+        "rejected": state["rejected"],
+        "state": state,
+    }
     write_text_atomic(p, json.dumps(data, indent=1))
     if pending:
-        warn(f"warning: MLflow tracking server {where} did not take {len(pending)} operation(s) for {len(runs)} "
-             f"run(s), listed in {p}; rerun the same command when it is back to log them")
+        warn(
+            f"warning: MLflow tracking server {where} did not take {len(pending)} operation(s) for {len(runs)} "
+            f"run(s), listed in {p}; rerun the same command when it is back to log them"
+        )
     else:
         warn(f"warning: MLflow refused {len(rejected)} operation(s), listed in {p}")
     return p

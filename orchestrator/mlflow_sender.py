@@ -25,6 +25,7 @@ The pause is a few lines here rather than a retry library: the sender must not s
 (Tune's thread) and must be stoppable mid-pause, which the blocking retry loops of tenacity/backoff
 do not give.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,8 +40,14 @@ from typing import Any, ClassVar, Optional, Protocol
 from orchestrator.mlflow_uri import error_reason
 
 #: error codes the server answers for a request that will never succeed (everything else is retried)
-PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
-                   "INVALID_STATE", "BAD_REQUEST", "MALFORMED_REQUEST"}
+PERMANENT_CODES = {
+    "INVALID_PARAMETER_VALUE",
+    "RESOURCE_DOES_NOT_EXIST",
+    "RESOURCE_ALREADY_EXISTS",
+    "INVALID_STATE",
+    "BAD_REQUEST",
+    "MALFORMED_REQUEST",
+}
 CREATE_TAG = "promptsweep_create_id"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 
@@ -78,6 +85,7 @@ def is_permanent(e: BaseException) -> bool:
 
 
 # --- the operations -------------------------------------------------------------------------------
+
 
 @dataclass(kw_only=True)
 class Operation:
@@ -163,12 +171,17 @@ class LogBatch(Operation):
     def send(self, runs: RunTarget) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
-        runs.client.log_batch(self._run_id(runs), metrics=[Metric(k, v, ts, step) for k, v, ts, step in self.metrics],
-                              params=[Param(k, v) for k, v in self.params.items()],
-                              tags=[RunTag(k, v) for k, v in self.tags.items()])
+        runs.client.log_batch(
+            self._run_id(runs),
+            metrics=[Metric(k, v, ts, step) for k, v, ts, step in self.metrics],
+            params=[Param(k, v) for k, v in self.params.items()],
+            tags=[RunTag(k, v) for k, v in self.tags.items()],
+        )
 
     def describe(self) -> str:
-        return "log " + ", ".join(f"{len(getattr(self, f))} {f}" for f in ("params", "metrics", "tags") if getattr(self, f))
+        return "log " + ", ".join(
+            f"{len(getattr(self, f))} {f}" for f in ("params", "metrics", "tags") if getattr(self, f)
+        )
 
 
 @dataclass(kw_only=True)
@@ -246,6 +259,7 @@ def _merged_metrics(ops: list[Operation]) -> Operation:
 
 
 # --- the sender -----------------------------------------------------------------------------------
+
 
 class Sender:
     """The queue of operations for ``runs`` and what sends it (see the module docstring). ``where``: the
@@ -392,8 +406,10 @@ class Sender:
         """Set the operations at ``take`` aside as refused for good (one warning per run)."""
         head = self.pending[take[0]]
         if all(op.key != head.key for op in self.rejected):
-            warn(f"warning: MLflow refused {head.KIND} for {head.key} ({error_reason(e)}); it is listed in "
-                 f"{self.listed_in} at the end")
+            warn(
+                f"warning: MLflow refused {head.KIND} for {head.key} ({error_reason(e)}); it is listed in "
+                f"{self.listed_in} at the end"
+            )
         error = " ".join(str(e).split())[:500]
         with self.lock:
             refused = [self.pending[j] for j in take]
@@ -410,8 +426,10 @@ class Sender:
         pause = min(self.retry_interval_s * 2 ** (self._failures - 1), self.max_retry_interval_s)
         self._retry_at = time.monotonic() + pause
         if self._failures == 1:
-            warn(f"warning: MLflow tracking server {self.where} is not answering ({error_reason(e)}); trials go on, "
-                 f"tracking is queued ({len(self.pending)} operation(s)) and retried")
+            warn(
+                f"warning: MLflow tracking server {self.where} is not answering ({error_reason(e)}); trials go on, "
+                f"tracking is queued ({len(self.pending)} operation(s)) and retried"
+            )
 
     # --- pickling (Tune saves the tracker): the queue goes, the thread and locks do not ---------------
     def __getstate__(self):

@@ -18,6 +18,7 @@ unless those ``MLFLOW_HTTP_REQUEST_*`` variables are set already (``DRIVER_HTTP_
 client printing a "View run" URL for every closed run). ``check_tracking_server`` probes the server
 before a sweep starts: unreachable is a ConfigError.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,9 +30,13 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 from fewshot.errors import ConfigError
 
 #: MLflow client settings for the driver (only set where the variable is not set already)
-DRIVER_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
-                   "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
-                   "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}  # no "View run" lines per closed run
+DRIVER_HTTP_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+}  # no "View run" lines per closed run
 #: the variables through which MLflow's client takes credentials
 CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 #: query parameters whose values are masked in messages
@@ -85,9 +90,11 @@ def resolve_tracking_uri(flag: Optional[str], spec_uri: Optional[str]) -> str:
     ``--tracking-uri`` or ``$MLFLOW_TRACKING_URI`` go to MLflow's variables, in a spec's ``tracking.uri``
     they are a ConfigError."""
     if spec_uri and any(split_credentials(spec_uri)[1:]):
-        raise ConfigError(f"tracking.uri: '{mask_uri(spec_uri)}' holds credentials, which would be stored with the "
-                          "sweep's spec; remove them and set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, "
-                          "or pass the URI with --tracking-uri")
+        raise ConfigError(
+            f"tracking.uri: '{mask_uri(spec_uri)}' holds credentials, which would be stored with the "
+            "sweep's spec; remove them and set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, "
+            "or pass the URI with --tracking-uri"
+        )
     env = os.environ.get("MLFLOW_TRACKING_URI")
     uri = flag or env or spec_uri or f"sqlite:///{Path.cwd().resolve()}/mlflow.db"
     check_uri_scheme(uri, "--tracking-uri" if flag else "$MLFLOW_TRACKING_URI" if env else "tracking.uri")
@@ -115,7 +122,7 @@ def artifact_location(uri: str) -> Optional[str]:
     runs in); for a server, None (the server decides)."""
     if not uri.startswith("sqlite:///"):
         return None
-    return (Path(uri[len("sqlite:///"):]).expanduser().absolute().parent / "mlartifacts").as_uri()
+    return (Path(uri[len("sqlite:///") :]).expanduser().absolute().parent / "mlartifacts").as_uri()
 
 
 def driver_http_env(uri: str) -> None:
@@ -155,6 +162,8 @@ def check_tracking_server(uri: str) -> None:
     try:
         make_client(uri).search_experiments(max_results=1)
     except Exception as e:
-        raise ConfigError(f"the MLflow tracking server {mask_uri(uri)} is not reachable ({error_reason(e)}); start the "
-                          "server (mlflow server --host HOST --port PORT --backend-store-uri sqlite:///ABS/PATH/mlflow.db) "
-                          "or pass --tracking-uri sqlite:///ABS/PATH/mlflow.db to track into a local file") from None
+        raise ConfigError(
+            f"the MLflow tracking server {mask_uri(uri)} is not reachable ({error_reason(e)}); start the "
+            "server (mlflow server --host HOST --port PORT --backend-store-uri sqlite:///ABS/PATH/mlflow.db) "
+            "or pass --tracking-uri sqlite:///ABS/PATH/mlflow.db to track into a local file"
+        ) from None

@@ -9,6 +9,7 @@ whose classifier is tied to its training classes (TGP-T, SPT with ``head: linear
 under base2novel, or with a transfer target whose classes are not (a subset of) the source's
 (``fewshot.registry.label_subset_of``) — one ``ConfigError`` line naming the cell, the targets and the fix.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -70,8 +71,12 @@ class Cell:
         fields = cls.Config.model_fields
         _, meth = resolve(self.method, self.dataset, self.shots, self.protocol)
         base = {**meth, **{k: v for k, v in self.overrides.items() if k in fields}}
-        variants = [base] + [{**base, name: choice} for name, p in self.space.items()
-                             if name in fields and p.type == "categorical" for choice in p.choices]
+        variants = [base] + [
+            {**base, name: choice}
+            for name, p in self.space.items()
+            if name in fields and p.type == "categorical"
+            for choice in p.choices
+        ]
         for values in variants:
             try:
                 if cls.tied_to_training_classes(cls.Config(**values)):
@@ -150,9 +155,11 @@ class Plan:
 
     def describe(self) -> str:
         r = self.spec.resources
-        lines = [f"sweep '{self.spec.name}': {len(self.cells)} cells, {self.n_trials} trials "
-                 f"({self.n_search_runs} search + {self.n_final_runs} final); "
-                 f"per trial cpu={r.cpu:g} gpu={r.gpu:g}"]
+        lines = [
+            f"sweep '{self.spec.name}': {len(self.cells)} cells, {self.n_trials} trials "
+            f"({self.n_search_runs} search + {self.n_final_runs} final); "
+            f"per trial cpu={r.cpu:g} gpu={r.gpu:g}"
+        ]
         w = max(len(c.cell_id) for c in self.cells)
         lines.append(f"  {'cell':<{w}}  search (proposals x seeds)  final seeds  space")
         for c in self.cells:
@@ -168,17 +175,23 @@ def check_evaluable(cells: list[Cell]) -> None:
     for c in cells:
         if c.protocol not in OTHER_CLASS_PROTOCOLS or not c.tied_to_training_classes():
             continue
-        what = (f"cell {c.cell_id}: method '{c.method}' (with these settings) has a classifier tied to its "
-                f"{c.dataset} training classes")
+        what = (
+            f"cell {c.cell_id}: method '{c.method}' (with these settings) has a classifier tied to its "
+            f"{c.dataset} training classes"
+        )
         if c.protocol == "base2novel":
-            raise ConfigError(f"{what}, so it cannot score base2novel's novel classes; use a text-based method "
-                              "(or, for spt, method setting head: text)")
+            raise ConfigError(
+                f"{what}, so it cannot score base2novel's novel classes; use a text-based method "
+                "(or, for spt, method setting head: text)"
+            )
         foreign = [t for t in c.targets if not label_subset_of(t, c.dataset)]
         if foreign:
-            raise ConfigError(f"{what}, so it cannot score target(s) {', '.join(foreign)}, whose classes are not "
-                              f"{c.dataset}'s; keep only targets with {c.dataset}'s classes or a subset of them "
-                              "(ImageNet -> imagenet_v2, imagenet_sketch, imagenet_a, imagenet_r), or use a text-based "
-                              "method (spt: head: text)")
+            raise ConfigError(
+                f"{what}, so it cannot score target(s) {', '.join(foreign)}, whose classes are not "
+                f"{c.dataset}'s; keep only targets with {c.dataset}'s classes or a subset of them "
+                "(ImageNet -> imagenet_v2, imagenet_sketch, imagenet_a, imagenet_r), or use a text-based "
+                "method (spt: head: text)"
+            )
 
 
 def plan(spec: SweepSpec) -> Plan:
@@ -188,11 +201,20 @@ def plan(spec: SweepSpec) -> Plan:
     cells = []
     for protocol, backbone in itertools.product(spec.protocol, spec.all_backbones()):
         axes = itertools.product(spec.methods, spec.datasets_for(protocol), spec.shots_for(protocol))
-        cells += [Cell(
-            protocol=protocol, method=method, dataset=dataset, shots=shots, targets=tuple(spec.targets_for(protocol)),
-            search=spec.search_for(method), final_seeds=tuple(spec.seeds),
-            overrides=spec.train_overrides(method, dataset), backbone=backbone,
-            backbone_suffix=spec.backbone_suffix(backbone),
-        ) for method, dataset, shots in axes]
+        cells += [
+            Cell(
+                protocol=protocol,
+                method=method,
+                dataset=dataset,
+                shots=shots,
+                targets=tuple(spec.targets_for(protocol)),
+                search=spec.search_for(method),
+                final_seeds=tuple(spec.seeds),
+                overrides=spec.train_overrides(method, dataset),
+                backbone=backbone,
+                backbone_suffix=spec.backbone_suffix(backbone),
+            )
+            for method, dataset, shots in axes
+        ]
     check_evaluable(cells)
     return Plan(spec=spec, cells=cells)

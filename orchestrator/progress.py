@@ -10,6 +10,7 @@ never print the same name; the ETA is the remaining trials at the rate this driv
 
 ``already`` (trials a resumed sweep finds recorded) starts the counts and is left out of the rate.
 """
+
 from __future__ import annotations
 
 import sys
@@ -70,10 +71,13 @@ class Tally:
         if len(self.counted) != len(rows):
             self.rebuild(rows)
 
-    def line(self, running: int, elapsed: Optional[float] = None, eta: Optional[float] = None,
-             max_best: int = 4) -> str:
-        line = (f"cells {self.done_cells}/{len(self.plan.cells)} done | trials {running} running, "
-                f"{len(self.counted)}/{self.plan.n_trials} finished, {self.failed} failed")
+    def line(
+        self, running: int, elapsed: Optional[float] = None, eta: Optional[float] = None, max_best: int = 4
+    ) -> str:
+        line = (
+            f"cells {self.done_cells}/{len(self.plan.cells)} done | trials {running} running, "
+            f"{len(self.counted)}/{self.plan.n_trials} finished, {self.failed} failed"
+        )
         if elapsed is not None:
             line += f" | {_duration(elapsed)} elapsed" + (f", ETA {_duration(eta)}" if eta is not None else "")
         if self.best:
@@ -83,8 +87,14 @@ class Tally:
         return line
 
 
-def summary_line(plan: Plan, rows: dict[str, dict], running: int, elapsed: Optional[float] = None,
-                 eta: Optional[float] = None, max_best: int = 4) -> str:
+def summary_line(
+    plan: Plan,
+    rows: dict[str, dict],
+    running: int,
+    elapsed: Optional[float] = None,
+    eta: Optional[float] = None,
+    max_best: int = 4,
+) -> str:
     """The progress line for ``rows`` (Tune trial id -> trials.arrow row)."""
     tally = Tally(plan)
     tally.rebuild(rows)
@@ -94,8 +104,15 @@ def summary_line(plan: Plan, rows: dict[str, dict], running: int, elapsed: Optio
 class ProgressPrinter(Callback):
     """Shows ``summary_line`` (see the module docstring); rows come from the results callback (``.rows``)."""
 
-    def __init__(self, plan: Plan, results_callback, stream=None, already: int = 0,
-                 clock=time.monotonic, interactive: Optional[bool] = None):
+    def __init__(
+        self,
+        plan: Plan,
+        results_callback,
+        stream=None,
+        already: int = 0,
+        clock=time.monotonic,
+        interactive: Optional[bool] = None,
+    ):
         self.plan = plan
         self.results_callback = results_callback
         self.running: set[str] = set()
@@ -140,8 +157,14 @@ class ProgressPrinter(Callback):
             from tqdm import tqdm
 
             if self._bar is None:
-                self._bar = tqdm(total=self.plan.n_trials, initial=self.already, file=self._out(), unit="trial",
-                                 dynamic_ncols=True, bar_format="{n_fmt}/{total_fmt} {bar:20} {desc}")
+                self._bar = tqdm(
+                    total=self.plan.n_trials,
+                    initial=self.already,
+                    file=self._out(),
+                    unit="trial",
+                    dynamic_ncols=True,
+                    bar_format="{n_fmt}/{total_fmt} {bar:20} {desc}",
+                )
             self._bar.n = len(rows)
             self._bar.set_description_str(line)  # refreshes the bar
             return

@@ -17,6 +17,7 @@ the sweep stops with one line naming the installed Ray and ``TESTED_RAY`` (the v
 ``pyproject.toml`` declares) — it never degrades silently. Nothing else in the project imports a private Ray
 name: ``tests/test_ray_internals.py`` greps the tree for it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -93,13 +94,16 @@ def check() -> None:
 
     missing = _problems()
     if missing:
-        raise ConfigError(f"ray {ray.__version__} is installed, but promptsweep was tested with ray {TESTED_RAY} and "
-                          f"uses internals this one lacks ({', '.join(missing)}); install ray {TESTED_RAY}.x "
-                          "(pip install -e . picks it)")
+        raise ConfigError(
+            f"ray {ray.__version__} is installed, but promptsweep was tested with ray {TESTED_RAY} and "
+            f"uses internals this one lacks ({', '.join(missing)}); install ray {TESTED_RAY}.x "
+            "(pip install -e . picks it)"
+        )
     _checked = True
 
 
 # --- local Ray on loopback ------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def cluster_mode_off():
@@ -131,6 +135,7 @@ def local_cluster_address() -> Optional[str]:
 
 
 # --- Tune -----------------------------------------------------------------------------------------
+
 
 def restored_configs(tuner) -> tuple[Any, Any]:
     """``(run_config, tune_config)`` of a ``Tuner.restore``-d tuner, to put this driver's live objects in."""

@@ -23,6 +23,7 @@ differences this module marks ↑ / ↓ in the result tables; unstable seeds; pe
 ``python -m orchestrator.report <results dir>`` regenerates everything from ``cells.arrow`` (and the other
 tables and the Optuna journal beside it).
 """
+
 from __future__ import annotations
 
 import statistics
@@ -32,8 +33,16 @@ from typing import Optional
 
 from fewshot.errors import UserError
 from fewshot.protocols import TRANSFER_PROTOCOLS
-from orchestrator.results import (CELLS_FILE, COMPARISONS_FILE, ERROR_STATUS, TRIALS_FILE, harmonic_mean, read_meta,
-                                  read_table, report_settings)
+from orchestrator.results import (
+    CELLS_FILE,
+    COMPARISONS_FILE,
+    ERROR_STATUS,
+    TRIALS_FILE,
+    harmonic_mean,
+    read_meta,
+    read_table,
+    report_settings,
+)
 
 REPORT_FILE = "report.md"
 TABLES_DIR = "tables"  # one <name>.tex per report table
@@ -77,17 +86,40 @@ class Tables:
                 if r and r[0] == "**Average**":
                     body.append(r"\midrule")
                 body.append(" & ".join(_latex(c) for c in r) + r" \\")
-            tex = "\n".join([r"\begin{tabular}{l" + "c" * (len(header) - 1) + "}", r"\toprule", *body, r"\bottomrule",
-                             r"\end{tabular}", ""])
+            tex = "\n".join(
+                [
+                    r"\begin{tabular}{l" + "c" * (len(header) - 1) + "}",
+                    r"\toprule",
+                    *body,
+                    r"\bottomrule",
+                    r"\end{tabular}",
+                    "",
+                ]
+            )
             p = folder / f"{name}.tex"
             _write_text(p, tex)
             paths.append(p)
         return paths
 
 
-_LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "<": r"$<$", ">": r"$>$", "↑": r"$\uparrow$", "↓": r"$\downarrow$", "−": r"$-$", "×": r"$\times$"}
+_LATEX_ESCAPES = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "<": r"$<$",
+    ">": r"$>$",
+    "↑": r"$\uparrow$",
+    "↓": r"$\downarrow$",
+    "−": r"$-$",
+    "×": r"$\times$",
+}
 
 
 def _latex(text: str) -> str:
@@ -144,8 +176,9 @@ def _marked(text: str, marks: Marks, key: tuple) -> str:
     return f"{text} {mark}" if mark and text != "—" else text
 
 
-def _metric_table(cells: list[dict], metric: str, title: str, tables: Tables, name: str,
-                  marks: Optional[Marks] = None) -> list[str]:
+def _metric_table(
+    cells: list[dict], metric: str, title: str, tables: Tables, name: str, marks: Optional[Marks] = None
+) -> list[str]:
     methods = _ordered(c["method"] for c in cells)
     datasets = _ordered(c["dataset"] for c in cells)
     by = {(c["method"], c["dataset"]): c for c in cells}
@@ -160,9 +193,12 @@ def _metric_table(cells: list[dict], metric: str, title: str, tables: Tables, na
             texts.append(_marked(_fmt(c.get(f"{metric}_mean"), std), marks, (*where, d, m, metric)))
         rows.append([d] + _bold_best(means, texts))
     avg = average_row(cells, methods, datasets, metric)
-    rows.append(["**Average**"] + _bold_best([avg[m] for m in methods],
-                                             [_marked(_fmt(avg[m]), marks, (*where, "Average", m, metric))
-                                              for m in methods]))
+    rows.append(
+        ["**Average**"]
+        + _bold_best(
+            [avg[m] for m in methods], [_marked(_fmt(avg[m]), marks, (*where, "Average", m, metric)) for m in methods]
+        )
+    )
     return [f"#### {title}", ""] + tables.add(name, ["dataset"] + methods, rows)
 
 
@@ -176,16 +212,26 @@ def _target_order(found: set[str], spec_order: list[str]) -> list[str]:
     return sorted(found, key=lambda n: (rank.get(n, len(rank)), n))
 
 
-def _transfer_table(cells: list[dict], spec_targets: list[str], tables: Tables, name: str,
-                    marks: Optional[Marks] = None) -> list[str]:
-    found = {k[4:-5] for c in cells for k, v in c.items() if k.startswith("acc_") and k.endswith("_mean") and v is not None}
+def _transfer_table(
+    cells: list[dict], spec_targets: list[str], tables: Tables, name: str, marks: Optional[Marks] = None
+) -> list[str]:
+    found = {
+        k[4:-5] for c in cells for k, v in c.items() if k.startswith("acc_") and k.endswith("_mean") and v is not None
+    }
     targets = _target_order(found, spec_targets)
     header = ["method", "source (dataset)", "source acc"] + targets + ["target average"]
     keys = ["test_acc", *(f"acc_{t}" for t in targets), "target_avg"]
     marks = marks or {}
-    columns = [_bold_best([c.get(f"{k}_mean") for c in cells],
-                          [_marked(_fmt(c.get(f"{k}_mean")), marks, (c["protocol"], c["shots"], c["dataset"], c["method"], k))
-                           for c in cells]) for k in keys]
+    columns = [
+        _bold_best(
+            [c.get(f"{k}_mean") for c in cells],
+            [
+                _marked(_fmt(c.get(f"{k}_mean")), marks, (c["protocol"], c["shots"], c["dataset"], c["method"], k))
+                for c in cells
+            ],
+        )
+        for k in keys
+    ]
     rows = [[c["method"], c["dataset"], *(col[i] for col in columns)] for i, c in enumerate(cells)]
     return tables.add(name, header, rows)
 
@@ -203,8 +249,20 @@ def _hyperparameter_tables(cells: list[dict], tables: Tables) -> list[str]:
             continue
         rows = [[c["cell_id"], *(_fmt_param(p.get(n)) for n in names)] for c, p in zip(mc, params)]
         lines += [f"#### {method}", ""] + tables.add(f"hyperparameters_{method}", ["cell", *names], rows)
-    return (["## Chosen hyperparameters", "", "Per cell, the values its final runs used (searched by Optuna on "
-             "the validation split, or fixed by the spec).", ""] + lines) if lines else []
+    return (
+        (
+            [
+                "## Chosen hyperparameters",
+                "",
+                "Per cell, the values its final runs used (searched by Optuna on "
+                "the validation split, or fixed by the spec).",
+                "",
+            ]
+            + lines
+        )
+        if lines
+        else []
+    )
 
 
 def _fmt_param(v) -> str:
@@ -215,20 +273,36 @@ def _fmt_param(v) -> str:
     return str(v)
 
 
-def render_markdown(cells: list[dict], title: str = "promptsweep results", targets: Optional[list[str]] = None,
-                    tables: Optional[Tables] = None, provenance: Optional[list[str]] = None,
-                    marks: Optional[Marks] = None, baselines: Optional[dict[str, str]] = None) -> str:
+def render_markdown(
+    cells: list[dict],
+    title: str = "promptsweep results",
+    targets: Optional[list[str]] = None,
+    tables: Optional[Tables] = None,
+    provenance: Optional[list[str]] = None,
+    marks: Optional[Marks] = None,
+    baselines: Optional[dict[str, str]] = None,
+) -> str:
     """The result tables (``marks``: the ↑ / ↓ of entries that differ from their protocol's baseline, named
     in ``baselines``) and the chosen hyperparameters."""
     tables = tables if tables is not None else Tables()
-    lines = [f"# {title}", "", *(provenance or []),
-             "Accuracy in %, mean ± std over the final seeds (n per cell in cells.arrow); the best of each row in bold.",
-             ""]
+    lines = [
+        f"# {title}",
+        "",
+        *(provenance or []),
+        "Accuracy in %, mean ± std over the final seeds (n per cell in cells.arrow); the best of each row in bold.",
+        "",
+    ]
     if baselines:
-        named = next(iter(baselines.values())) if len(set(baselines.values())) == 1 else ", ".join(
-            f"{m} ({p})" for p, m in baselines.items())
-        lines += [f"↑ / ↓: better / worse than the baseline, {named}: the 95 % interval of the paired difference "
-                  "excludes 0 (see the paired comparison below).", ""]
+        named = (
+            next(iter(baselines.values()))
+            if len(set(baselines.values())) == 1
+            else ", ".join(f"{m} ({p})" for p, m in baselines.items())
+        )
+        lines += [
+            f"↑ / ↓: better / worse than the baseline, {named}: the 95 % interval of the paired difference "
+            "excludes 0 (see the paired comparison below).",
+            "",
+        ]
     for protocol in _ordered(c["protocol"] for c in cells):
         pc = [c for c in cells if c["protocol"] == protocol]
         lines += [f"## {protocol}", ""]
@@ -241,8 +315,14 @@ def render_markdown(cells: list[dict], title: str = "promptsweep results", targe
             if protocol == "base2novel":
                 lines += _metric_table(sc, "base_acc", "Base", tables, f"{protocol}_{shots}shot_base", marks)
                 lines += _metric_table(sc, "novel_acc", "Novel", tables, f"{protocol}_{shots}shot_novel", marks)
-                lines += _metric_table(sc, "hm", "HM (Average = HM of the averaged Base and Novel)", tables,
-                                       f"{protocol}_{shots}shot_hm", marks)
+                lines += _metric_table(
+                    sc,
+                    "hm",
+                    "HM (Average = HM of the averaged Base and Novel)",
+                    tables,
+                    f"{protocol}_{shots}shot_hm",
+                    marks,
+                )
             else:
                 lines += _metric_table(sc, "test_acc", "Test accuracy", tables, f"{protocol}_{shots}shot", marks)
     lines += _hyperparameter_tables(cells, tables)
@@ -256,19 +336,31 @@ def provenance_lines(cells_path: Path, cells: list[dict]) -> list[str]:
 
     versions = _schema_meta(cells_path, "package_versions", {})
     backbones = ", ".join(b for b in _ordered(c.get("backbone") for c in cells) if b) or "—"
-    rows = [["sweep", _schema_meta(cells_path, "sweep", None) or (cells[0].get("sweep") if cells else None) or "—"],
-            ["backbone", backbones],
-            ["git commit", _schema_meta(cells_path, "git_commit", None) or "—"],
-            ["spec hash", _schema_meta(cells_path, "spec_hash", None) or "—"],
-            ["report written", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")],
-            ["packages", ", ".join(f"{k} {v}" for k, v in versions.items()) or "—"]]
+    rows = [
+        ["sweep", _schema_meta(cells_path, "sweep", None) or (cells[0].get("sweep") if cells else None) or "—"],
+        ["backbone", backbones],
+        ["git commit", _schema_meta(cells_path, "git_commit", None) or "—"],
+        ["spec hash", _schema_meta(cells_path, "spec_hash", None) or "—"],
+        ["report written", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")],
+        ["packages", ", ".join(f"{k} {v}" for k, v in versions.items()) or "—"],
+    ]
     return _table(["", ""], rows)
 
 
 #: print-ready figures: 300 dpi PNG for the report and a vector PDF beside each
 PLOT_DPI = 300
-_STYLES = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("P", "--"), ("X", "-."), ("*", ":"),
-           ("<", "-"), (">", "--")]
+_STYLES = [
+    ("o", "-"),
+    ("s", "--"),
+    ("^", "-."),
+    ("D", ":"),
+    ("v", "-"),
+    ("P", "--"),
+    ("X", "-."),
+    ("*", ":"),
+    ("<", "-"),
+    (">", "--"),
+]
 
 
 def _pyplot():
@@ -321,7 +413,7 @@ def plot_fewshot_curves(cells: list[dict], path: Path) -> Optional[Path]:
                     ys.append(c.get("test_acc_mean"))
                     sd.append(c.get("test_acc_std"))
             y = [float("nan") if v is None else v for v in ys]
-            line, = ax.plot(shots, y, marker=marker, linestyle=style, markersize=4, label=m)
+            (line,) = ax.plot(shots, y, marker=marker, linestyle=style, markersize=4, label=m)
             if any(s for s in sd):
                 lo = [float("nan") if v is None or s is None else v - s for v, s in zip(ys, sd)]
                 hi = [float("nan") if v is None or s is None else v + s for v, s in zip(ys, sd)]
@@ -352,8 +444,15 @@ def plot_base2novel(cells: list[dict], out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(methods), 3))
         w = 0.27
         for i, (k, label) in enumerate((("base_acc", "Base"), ("novel_acc", "Novel"), ("hm", "HM"))):
-            ax.bar([j + (i - 1) * w for j in range(len(methods))], [vals[k][m] or 0 for m in methods], w, label=label,
-                   hatch=("", "//", "..")[i], edgecolor="black", linewidth=0.5)
+            ax.bar(
+                [j + (i - 1) * w for j in range(len(methods))],
+                [vals[k][m] or 0 for m in methods],
+                w,
+                label=label,
+                hatch=("", "//", "..")[i],
+                edgecolor="black",
+                linewidth=0.5,
+            )
         ax.set_xticks(range(len(methods)), methods)
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"Base-to-novel, {shots}-shot: average over {len(datasets)} dataset(s)", fontsize=10)
@@ -376,10 +475,21 @@ def render_failures(trials: list[dict], cells: list[dict], planned: dict[str, in
         return ""
     lines = ["## Failed trials and incomplete cells", ""]
     if failed:
-        lines += [f"{len(failed)} trial(s) failed, or lost a transfer target (error class target_failed: its other "
-                  "targets are kept; see the status / error_class / error_message columns of trials.arrow):", ""]
-        rows = [[t["cell_id"], t["stage"], str(t["seed"]), t["error_class"] or "—",
-                 " ".join((t["error_message"] or "").split())[:160].replace("|", "/")] for t in failed]
+        lines += [
+            f"{len(failed)} trial(s) failed, or lost a transfer target (error class target_failed: its other "
+            "targets are kept; see the status / error_class / error_message columns of trials.arrow):",
+            "",
+        ]
+        rows = [
+            [
+                t["cell_id"],
+                t["stage"],
+                str(t["seed"]),
+                t["error_class"] or "—",
+                " ".join((t["error_message"] or "").split())[:160].replace("|", "/"),
+            ]
+            for t in failed
+        ]
         lines += _table(["cell", "stage", "seed", "error class", "message"], rows)
     if short_ids:
         by_id = {c["cell_id"]: c for c in cells}
@@ -388,9 +498,12 @@ def render_failures(trials: list[dict], cells: list[dict], planned: dict[str, in
             c = by_id.get(cid, {"n": 0, "n_failed": 0})
             want = planned.get(cid)
             rows.append([cid, f"{c['n']}/{want}" if want is not None else str(c["n"]), str(c["n_failed"])])
-        lines += [f"{len(short_ids)} cell(s) incomplete (their table entries average fewer seeds, or are missing). "
-                  "An interrupted sweep continues when the same command is rerun; failed trials need their cause "
-                  "fixed (error class above) and a rerun with --retry-failed:", ""]
+        lines += [
+            f"{len(short_ids)} cell(s) incomplete (their table entries average fewer seeds, or are missing). "
+            "An interrupted sweep continues when the same command is rerun; failed trials need their cause "
+            "fixed (error class above) and a rerun with --retry-failed:",
+            "",
+        ]
         lines += _table(["cell", "final runs ok / planned", "final runs failed"], rows)
     return "\n".join(lines)
 
@@ -409,10 +522,20 @@ def render_notes(trials: list[dict]) -> str:
             seen.setdefault((t["cell_id"], key, str(text)), []).append(f"{t['stage']} {t['seed']}")
     if not seen:
         return ""
-    rows = [[cid, key, " ".join(text.split())[:200].replace("|", "/"), ", ".join(sorted(set(runs)))]
-            for (cid, key, text), runs in sorted(seen.items())]
-    return "\n".join(["## Run notes", "", "What the methods recorded about their runs (`run_notes` in trials.arrow, "
-                      "`note.*` tags of the MLflow trial runs):", "", *_table(["cell", "note", "value", "trials"], rows)])
+    rows = [
+        [cid, key, " ".join(text.split())[:200].replace("|", "/"), ", ".join(sorted(set(runs)))]
+        for (cid, key, text), runs in sorted(seen.items())
+    ]
+    return "\n".join(
+        [
+            "## Run notes",
+            "",
+            "What the methods recorded about their runs (`run_notes` in trials.arrow, "
+            "`note.*` tags of the MLflow trial runs):",
+            "",
+            *_table(["cell", "note", "value", "trials"], rows),
+        ]
+    )
 
 
 def _schema_meta(cells_path: Path, key: str, default):
@@ -441,8 +564,11 @@ def backbones_side_by_side(cells: list[dict], trials: list[dict], comparisons: l
     def relabel(row: dict, *keys: str) -> dict:
         return dict(row, **{k: f"{row.get('backbone')} · {row[k]}" for k in keys if row.get(k) is not None})
 
-    return ([relabel(c, "method") for c in cells], [relabel(t, "method") for t in trials],
-            [relabel(r, "method", "baseline") for r in comparisons])
+    return (
+        [relabel(c, "method") for c in cells],
+        [relabel(t, "method") for t in trials],
+        [relabel(r, "method", "baseline") for r in comparisons],
+    )
 
 
 def write_report(results_dir: Path) -> Path:
@@ -462,17 +588,28 @@ def write_report(results_dir: Path) -> Path:
     cells, trials, comparisons = backbones_side_by_side(cells, trials, comparisons)
     baselines = {p: b for p in _ordered(c["protocol"] for c in cells) if (b := settings.baseline_for(p))}
     tables = Tables()
-    md = render_markdown(cells, title=f"promptsweep results: {sweep}", targets=_schema_meta(cells_path, "targets", []),
-                         tables=tables, provenance=provenance_lines(cells_path, cells),
-                         marks=report_stats.marks(comparisons), baselines=baselines)
-    no_baseline = ("No baseline is named: add `report: {baseline: <method>}` to the spec (or one per protocol, "
-                   "`{fewshot: coop, base2novel: zeroshot}`) and rerun the same command: only the tables and this "
-                   "report are rewritten.")
+    md = render_markdown(
+        cells,
+        title=f"promptsweep results: {sweep}",
+        targets=_schema_meta(cells_path, "targets", []),
+        tables=tables,
+        provenance=provenance_lines(cells_path, cells),
+        marks=report_stats.marks(comparisons),
+        baselines=baselines,
+    )
+    no_baseline = (
+        "No baseline is named: add `report: {baseline: <method>}` to the spec (or one per protocol, "
+        "`{fewshot: coop, base2novel: zeroshot}`) and rerun the same command: only the tables and this "
+        "report are rewritten."
+    )
     importances = cell_importances(results_dir / OPTUNA_FILE, cells)
-    sections = [report_stats.comparisons_section(comparisons, no_baseline, tables),
-                report_stats.unstable_section(cells, trials, settings.unstable, tables),
-                report_cost.cost_section(cells, trials, tables), report_search.search_section(importances, tables),
-                report_stats.statistics_section(cells, tables)]
+    sections = [
+        report_stats.comparisons_section(comparisons, no_baseline, tables),
+        report_stats.unstable_section(cells, trials, settings.unstable, tables),
+        report_cost.cost_section(cells, trials, tables),
+        report_search.search_section(importances, tables),
+        report_stats.statistics_section(cells, tables),
+    ]
     md += "\n" + "\n".join(line for section in sections for line in section)
     notes = render_notes(trials)
     if notes:
@@ -490,8 +627,11 @@ def write_report(results_dir: Path) -> Path:
     if p:
         plots.append(p)
     if plots:
-        md += ("\n## Plots\n\n" + "\n".join(f"![{q.stem}]({q.name})" for q in plots)
-               + "\n\nEach plot is also a PDF beside it (same name).\n")
+        md += (
+            "\n## Plots\n\n"
+            + "\n".join(f"![{q.stem}]({q.name})" for q in plots)
+            + "\n\nEach plot is also a PDF beside it (same name).\n"
+        )
     tables.write_latex(results_dir / TABLES_DIR)
     md += f"\nEvery table above is also LaTeX (booktabs) in `{TABLES_DIR}/`.\n"
     out = results_dir / REPORT_FILE

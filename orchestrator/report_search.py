@@ -3,6 +3,7 @@ averaged over the cells that searched (a table and a bar plot), and the best val
 dataset, so a reader sees whether one setting serves every dataset. The numbers come from
 ``orchestrator.importance``; a study it could not evaluate is listed with the reason.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -52,19 +53,26 @@ def search_section(results: list[CellImportance], tables: Tables) -> list[str]:
     per dataset, and the cells whose study was not evaluated (with why)."""
     if not results:
         return []
-    lines = ["## What mattered in the search", "",
-             "Hyperparameter importance per searched cell: Optuna's fANOVA evaluator (optuna.importance."
-             "get_param_importances, seed 0) on the cell's study in optuna.journal; it sums to 1 over the parameters "
-             "every completed trial sampled. Averaged here over the cells where it was evaluated (a study needs "
-             f"{MIN_TRIALS} completed trials). Best value = the study's best trial.", ""]
+    lines = [
+        "## What mattered in the search",
+        "",
+        "Hyperparameter importance per searched cell: Optuna's fANOVA evaluator (optuna.importance."
+        "get_param_importances, seed 0) on the cell's study in optuna.journal; it sums to 1 over the parameters "
+        "every completed trial sampled. Averaged here over the cells where it was evaluated (a study needs "
+        f"{MIN_TRIALS} completed trials). Best value = the study's best trial.",
+        "",
+    ]
     for method, params in summarize(results).items():
         mine = [r for r in results if r.cell["method"] == method]
         rows = [[p, *_importance(s), f"{s.evaluated} of {len(mine)}", _spread(s.best)] for p, s in params.items()]
         lines += [f"### {method}", ""] + tables.add(
-            f"importance_{method}", ["parameter", "importance (mean)", "range over cells", "cells evaluated",
-                                     "best value across cells"], rows)
+            f"importance_{method}",
+            ["parameter", "importance (mean)", "range over cells", "cells evaluated", "best value across cells"],
+            rows,
+        )
         lines += ["Best value per dataset:", ""] + tables.add(
-            f"best_values_{method}", ["dataset", *params], _best_by_dataset(mine, list(params)))
+            f"best_values_{method}", ["dataset", *params], _best_by_dataset(mine, list(params))
+        )
         notes = [f"- {r.cell['cell_id']}: {r.note}" for r in mine if r.note]
         if notes:
             lines += ["Studies without computed importances:", "", *notes, ""]
@@ -73,17 +81,22 @@ def search_section(results: list[CellImportance], tables: Tables) -> list[str]:
 
 def plot_importances(results: list[CellImportance], path: Path) -> Optional[Path]:
     """One panel per method: each parameter's mean importance (bars) and its range over the cells (whiskers)."""
-    summary = {m: {p: s for p, s in ps.items() if s.importance_mean is not None} for m, ps in summarize(results).items()}
+    summary = {
+        m: {p: s for p, s in ps.items() if s.importance_mean is not None} for m, ps in summarize(results).items()
+    }
     summary = {m: ps for m, ps in summary.items() if ps}
     if not summary:
         return None
-    fig, axes = _pyplot().subplots(1, len(summary), figsize=(3.4 * len(summary), 0.4 + 0.45 * max(map(len, summary.values()))
-                                                      + 1.2), squeeze=False)
+    fig, axes = _pyplot().subplots(
+        1, len(summary), figsize=(3.4 * len(summary), 0.4 + 0.45 * max(map(len, summary.values())) + 1.2), squeeze=False
+    )
     for ax, (method, params) in zip(axes[0], summary.items()):
         names = list(params)[::-1]  # the most important on top
         means = [params[p].importance_mean for p in names]
-        err = [[m - params[p].importance_min for p, m in zip(names, means)],
-               [params[p].importance_max - m for p, m in zip(names, means)]]
+        err = [
+            [m - params[p].importance_min for p, m in zip(names, means)],
+            [params[p].importance_max - m for p, m in zip(names, means)],
+        ]
         ax.barh(names, means, xerr=err, color="C0", edgecolor="black", linewidth=0.5, capsize=3)
         ax.set_xlim(0, 1)
         ax.set_xlabel("fANOVA importance")

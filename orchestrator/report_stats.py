@@ -5,6 +5,7 @@ of the result tables), and the unstable seeds and cells with their MLflow runs.
 Rendering only: the numbers come from cells.arrow and comparisons.arrow (``orchestrator.results``) and
 ``orchestrator.statistics``.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -17,8 +18,14 @@ from orchestrator.results import AVERAGE, OK_STATUS, reported_metrics
 
 #: the marks of a result-table entry whose difference to the baseline has a 95 % interval above / below 0
 BETTER, WORSE = "↑", "↓"
-_METRIC_NAMES = {"test_acc": "test accuracy", "base_acc": "Base", "novel_acc": "Novel", "hm": "HM",
-                 "target_avg": "target average", "val_acc": "validation accuracy"}
+_METRIC_NAMES = {
+    "test_acc": "test accuracy",
+    "base_acc": "Base",
+    "novel_acc": "Novel",
+    "hm": "HM",
+    "target_avg": "target average",
+    "val_acc": "validation accuracy",
+}
 
 
 def metric_name(metric: str) -> str:
@@ -34,8 +41,9 @@ def _p(p: Optional[float]) -> str:
 
 
 def _seed_values(cell: dict, metric: str) -> str:
-    shown = [f"{s}: {v:.2f}" for s, v in zip(cell.get("seeds") or [], cell.get(f"{metric}_values") or [])
-             if v is not None]
+    shown = [
+        f"{s}: {v:.2f}" for s, v in zip(cell.get("seeds") or [], cell.get(f"{metric}_values") or []) if v is not None
+    ]
     return ", ".join(shown + [f"{s}: failed" for s in cell.get("failed_seeds") or []]) or "—"
 
 
@@ -49,6 +57,7 @@ def _by_protocol_shots(rows: list[dict]) -> dict[tuple, list[dict]]:
 
 
 # --- per-cell statistics and the Average's interval --------------------------------------------------------
+
 
 def average_interval(cells: list[dict], method: str, metric: str) -> tuple[Optional[float], tuple]:
     """The Average over the datasets of ``cells`` (one protocol and shots) of a method, and its bootstrap
@@ -68,25 +77,42 @@ def average_interval(cells: list[dict], method: str, metric: str) -> tuple[Optio
 def statistics_section(cells: list[dict], tables: Tables) -> list[str]:
     """Per protocol, every cell's reported metrics (n, mean, std, 95 % interval, per-seed values), then per
     protocol and shots with several datasets the Average of each method with its bootstrap interval."""
-    lines = ["## Statistics over the seeds", "",
-             "Per cell and metric: n finished final seeds, mean, std, the 95 % confidence interval of the mean "
-             "(Student t over the seeds; HM, a function of the seed-mean Base and Novel: percentile bootstrap of the "
-             f"seeds, {S.BOOTSTRAP_RESAMPLES} resamples, fixed seed) and each seed's value. The Average over datasets "
-             "has a bootstrap interval (seeds resampled within each dataset). With 2-3 seeds an interval is wide: "
-             "that is what the seeds say.", ""]
+    lines = [
+        "## Statistics over the seeds",
+        "",
+        "Per cell and metric: n finished final seeds, mean, std, the 95 % confidence interval of the mean "
+        "(Student t over the seeds; HM, a function of the seed-mean Base and Novel: percentile bootstrap of the "
+        f"seeds, {S.BOOTSTRAP_RESAMPLES} resamples, fixed seed) and each seed's value. The Average over datasets "
+        "has a bootstrap interval (seeds resampled within each dataset). With 2-3 seeds an interval is wide: "
+        "that is what the seeds say.",
+        "",
+    ]
     for protocol in _ordered(c["protocol"] for c in cells):
         pc = [c for c in cells if c["protocol"] == protocol]
         methods, datasets = _ordered(c["method"] for c in pc), _ordered(c["dataset"] for c in pc)
         pc.sort(key=lambda c: (c["shots"], methods.index(c["method"]), datasets.index(c["dataset"])))
-        rows = [[c["dataset"], str(c["shots"]), c["method"], metric_name(m), str(c["n"]),
-                 _fmt(c.get(f"{m}_mean")), _fmt(c.get(f"{m}_std")),
-                 _interval(c.get(f"{m}_ci_low"), c.get(f"{m}_ci_high")), _seed_values(c, m)]
-                for c in pc for m in reported_metrics(c)]
+        rows = [
+            [
+                c["dataset"],
+                str(c["shots"]),
+                c["method"],
+                metric_name(m),
+                str(c["n"]),
+                _fmt(c.get(f"{m}_mean")),
+                _fmt(c.get(f"{m}_std")),
+                _interval(c.get(f"{m}_ci_low"), c.get(f"{m}_ci_high")),
+                _seed_values(c, m),
+            ]
+            for c in pc
+            for m in reported_metrics(c)
+        ]
         if not rows:
             continue
         lines += [f"### {protocol}", ""] + tables.add(
-            f"statistics_{protocol}", ["dataset", "shots", "method", "metric", "n", "mean", "std", "95 % CI",
-                                      "per-seed values"], rows)
+            f"statistics_{protocol}",
+            ["dataset", "shots", "method", "metric", "n", "mean", "std", "95 % CI", "per-seed values"],
+            rows,
+        )
         for (_, shots), sc in _by_protocol_shots(pc).items():
             if len({c["dataset"] for c in sc}) < 2:
                 continue
@@ -99,12 +125,14 @@ def statistics_section(cells: list[dict], tables: Tables) -> list[str]:
                     entries.append("—" if mean is None else f"{mean:.2f} {_interval(lo, hi)}")
                 avg_rows.append([method, *entries])
             lines += [f"Average over the datasets, {shots}-shot (95 % bootstrap interval):", ""]
-            lines += tables.add(f"average_{protocol}_{shots}shot", ["method", *(metric_name(m) for m in metrics)],
-                                avg_rows)
+            lines += tables.add(
+                f"average_{protocol}_{shots}shot", ["method", *(metric_name(m) for m in metrics)], avg_rows
+            )
     return lines
 
 
 # --- paired comparison with the baseline ------------------------------------------------------------------
+
 
 def marks(comparisons: list[dict]) -> dict[tuple, str]:
     """``{(protocol, shots, dataset or AVERAGE, method, metric): BETTER | WORSE}`` where the interval of the
@@ -133,13 +161,16 @@ def comparisons_section(comparisons: list[dict], baseline_note: str, tables: Tab
     lines = ["## Paired comparison with the baseline", ""]
     if not comparisons:
         return lines + [baseline_note, ""]
-    lines += [f"Method − baseline in accuracy points over the seeds both finished (the same seed is the same "
-              "few-shot split): mean difference, 95 % interval (Student t over the per-seed differences; HM: paired "
-              "bootstrap), the paired t-test p-value and, from "
-              f"{S.WILCOXON_MIN_N} seeds on, the Wilcoxon signed-rank p-value (W). Average: paired bootstrap within "
-              "the datasets; its tests take each dataset's difference as one unit. "
-              f"{BETTER} / {WORSE}: the interval lies above / below 0 (also marked in the result tables). "
-              "comparisons.arrow holds every figure.", ""]
+    lines += [
+        f"Method − baseline in accuracy points over the seeds both finished (the same seed is the same "
+        "few-shot split): mean difference, 95 % interval (Student t over the per-seed differences; HM: paired "
+        "bootstrap), the paired t-test p-value and, from "
+        f"{S.WILCOXON_MIN_N} seeds on, the Wilcoxon signed-rank p-value (W). Average: paired bootstrap within "
+        "the datasets; its tests take each dataset's difference as one unit. "
+        f"{BETTER} / {WORSE}: the interval lies above / below 0 (also marked in the result tables). "
+        "comparisons.arrow holds every figure.",
+        "",
+    ]
     for (protocol, shots), rows in _by_protocol_shots(comparisons).items():
         baseline = rows[0]["baseline"]
         methods = _ordered(r["method"] for r in rows)
@@ -150,11 +181,28 @@ def comparisons_section(comparisons: list[dict], baseline_note: str, tables: Tab
             body = [[d, *(_diff_entry(look.get((d, m))) for m in methods)] for d in datasets]
             avg = [look.get((AVERAGE, m)) for m in methods]
             if any(avg):  # an Average over fewer datasets than the table's is not the table's Average
-                body.append(["**Average**", *(_diff_entry(a) if a is None or a["n_pairs"] == len(datasets) else
-                                              f"— (only {a['n_pairs']} of {len(datasets)} datasets)" for a in avg)])
-                body.append(["better / worse", *("—" if a is None else
-                                                 f"better on {a['datasets_better']} of {a['n_pairs']}, worse on "
-                                                 f"{a['datasets_worse']}" for a in avg)])
+                body.append(
+                    [
+                        "**Average**",
+                        *(
+                            _diff_entry(a)
+                            if a is None or a["n_pairs"] == len(datasets)
+                            else f"— (only {a['n_pairs']} of {len(datasets)} datasets)"
+                            for a in avg
+                        ),
+                    ]
+                )
+                body.append(
+                    [
+                        "better / worse",
+                        *(
+                            "—"
+                            if a is None
+                            else f"better on {a['datasets_better']} of {a['n_pairs']}, worse on {a['datasets_worse']}"
+                            for a in avg
+                        ),
+                    ]
+                )
             lines += [f"### {protocol}, {shots}-shot: {metric_name(metric)} (method − {baseline})", ""]
             lines += tables.add(f"comparison_{protocol}_{shots}shot_{metric}", ["dataset", *methods], body)
     return lines
@@ -162,10 +210,14 @@ def comparisons_section(comparisons: list[dict], baseline_note: str, tables: Tab
 
 # --- unstable seeds and cells ------------------------------------------------------------------------------
 
+
 def _run_ids(trials: list[dict]) -> dict[tuple, str]:
     """``{(cell id, seed): MLflow run id}`` of the finished final trials."""
-    return {(t["cell_id"], t["seed"]): t.get("mlflow_run_id") or "—" for t in trials
-            if t["stage"] == "final" and t["status"] == OK_STATUS}
+    return {
+        (t["cell_id"], t["seed"]): t.get("mlflow_run_id") or "—"
+        for t in trials
+        if t["stage"] == "final" and t["status"] == OK_STATUS
+    }
 
 
 def unstable_section(cells: list[dict], trials: list[dict], unstable, tables: Tables) -> list[str]:
@@ -178,25 +230,53 @@ def unstable_section(cells: list[dict], trials: list[dict], unstable, tables: Ta
             values = {s: v for s, v in zip(c.get("seeds") or [], c.get(f"{m}_values") or []) if v is not None}
             far = S.outlier_seeds(values, unstable.mads, unstable.min_spread)
             median = float(np.median(list(values.values()))) if values else None
-            seed_rows += [[c["cell_id"], metric_name(m), str(s), f"{values[s]:.2f}", _fmt(median), f"{d:.1f}",
-                           runs.get((c["cell_id"], s), "—")] for s, d in far.items()]
+            seed_rows += [
+                [
+                    c["cell_id"],
+                    metric_name(m),
+                    str(s),
+                    f"{values[s]:.2f}",
+                    _fmt(median),
+                    f"{d:.1f}",
+                    runs.get((c["cell_id"], s), "—"),
+                ]
+                for s, d in far.items()
+            ]
             if m in (c.get("high_std_metrics") or []):
-                cell_rows.append([c["cell_id"], metric_name(m), _fmt(c.get(f"{m}_std")), _seed_values(c, m),
-                                  ", ".join(f"{s}: {runs.get((c['cell_id'], s), '—')}" for s in values)])
-    lines = ["## Unstable seeds", "",
-             f"A seed is listed when its value lies more than {unstable.mads:g} scaled MADs from its cell's median "
-             f"(scale = max(1.4826 × MAD, {unstable.min_spread:g} points); cells with 3 or more seeds: with 2 seeds "
-             f"which one is off cannot be told), a cell when its std exceeds {unstable.max_std:g} points. "
-             "Open the run in MLflow to see what that seed did.", ""]
+                cell_rows.append(
+                    [
+                        c["cell_id"],
+                        metric_name(m),
+                        _fmt(c.get(f"{m}_std")),
+                        _seed_values(c, m),
+                        ", ".join(f"{s}: {runs.get((c['cell_id'], s), '—')}" for s in values),
+                    ]
+                )
+    lines = [
+        "## Unstable seeds",
+        "",
+        f"A seed is listed when its value lies more than {unstable.mads:g} scaled MADs from its cell's median "
+        f"(scale = max(1.4826 × MAD, {unstable.min_spread:g} points); cells with 3 or more seeds: with 2 seeds "
+        f"which one is off cannot be told), a cell when its std exceeds {unstable.max_std:g} points. "
+        "Open the run in MLflow to see what that seed did.",
+        "",
+    ]
     if not any("seeds" in c for c in cells):
-        return lines + ["These results hold no per-seed values (cells.arrow was written before it had them); rerun "
-                        "the sweep command to rewrite the tables.", ""]
+        return lines + [
+            "These results hold no per-seed values (cells.arrow was written before it had them); rerun "
+            "the sweep command to rewrite the tables.",
+            "",
+        ]
     if not seed_rows and not cell_rows:
         return lines + ["None: every cell's seeds agree within these limits.", ""]
     if seed_rows:
-        lines += tables.add("unstable_seeds", ["cell", "metric", "seed", "value", "cell median", "scaled MADs away",
-                                               "MLflow run"], seed_rows)
+        lines += tables.add(
+            "unstable_seeds",
+            ["cell", "metric", "seed", "value", "cell median", "scaled MADs away", "MLflow run"],
+            seed_rows,
+        )
     if cell_rows:
-        lines += tables.add("unstable_cells", ["cell", "metric", "std", "per-seed values", "MLflow runs (seed: run)"],
-                            cell_rows)
+        lines += tables.add(
+            "unstable_cells", ["cell", "metric", "std", "per-seed values", "MLflow runs (seed: run)"], cell_rows
+        )
     return lines

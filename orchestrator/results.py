@@ -22,6 +22,7 @@ Fault-injection hook (tests only): with ``PROMPTSWEEP_FAULT_KILL_IN_WRITE=N`` (N
 environment, the process SIGKILLs itself during its N-th atomic write — after the temp file is
 complete, before ``os.replace`` — the worst moment for a driver to die.
 """
+
 from __future__ import annotations
 
 import functools
@@ -72,11 +73,14 @@ class Column:
         return pa.field(self.name, self.type, metadata=meta)
 
 
-_METRIC_TEXT = {"val_acc": "validation accuracy (the searched objective; few-shot val split)",
-                "test_acc": "test accuracy", "base_acc": "test accuracy on the base classes (base2novel)",
-                "novel_acc": "test accuracy on the novel classes (base2novel)",
-                "hm": "harmonic mean of base_acc and novel_acc (base2novel)",
-                "target_avg": "mean test accuracy over the target datasets (cross_dataset, domain_generalization)"}
+_METRIC_TEXT = {
+    "val_acc": "validation accuracy (the searched objective; few-shot val split)",
+    "test_acc": "test accuracy",
+    "base_acc": "test accuracy on the base classes (base2novel)",
+    "novel_acc": "test accuracy on the novel classes (base2novel)",
+    "hm": "harmonic mean of base_acc and novel_acc (base2novel)",
+    "target_avg": "mean test accuracy over the target datasets (cross_dataset, domain_generalization)",
+}
 
 
 def metric_column(name: str) -> Column:
@@ -86,7 +90,9 @@ def metric_column(name: str) -> Column:
 
 
 def param_column(name: str, type_: pa.DataType) -> Column:
-    return Column(f"param_{name}", type_, f"hyperparameter {name} of the trial (searched by Optuna or fixed by the spec)")
+    return Column(
+        f"param_{name}", type_, f"hyperparameter {name} of the trial (searched by Optuna or fixed by the spec)"
+    )
 
 
 #: the columns every results table starts with (``sweep`` and ``backbone`` are the same in every row of a sweep)
@@ -108,48 +114,84 @@ TRIAL_HEAD = _ID_COLUMNS + (
 TRIAL_TAIL = (
     Column("epochs_run", pa.int32(), "training epochs completed", "epochs"),
     Column("wall_time_s", pa.float64(), "wall time of the trial", "s"),
-    Column("test_images_read", pa.int64(), "test images the trial read (0 for search trials: they never see test)",
-           "images"),
-    Column("images_trained", pa.int64(), "training images the trial stepped through (every epoch; a closed-form "
-                                         "method its training split once; the run that finished the trial)", "images"),
-    Column("images_evaluated", pa.int64(), "images the trial scored: its validation split after every evaluation, "
-                                           "plus the test images", "images"),
+    Column(
+        "test_images_read",
+        pa.int64(),
+        "test images the trial read (0 for search trials: they never see test)",
+        "images",
+    ),
+    Column(
+        "images_trained",
+        pa.int64(),
+        "training images the trial stepped through (every epoch; a closed-form "
+        "method its training split once; the run that finished the trial)",
+        "images",
+    ),
+    Column(
+        "images_evaluated",
+        pa.int64(),
+        "images the trial scored: its validation split after every evaluation, plus the test images",
+        "images",
+    ),
     Column("cpus", pa.float64(), "CPUs Ray reserved for the trial", "CPUs"),
     Column("gpu_fraction", pa.float64(), "share of a GPU Ray reserved for the trial (0 without a GPU)", "GPUs"),
-    Column("cpu_seconds", pa.float64(), "cpus x wall_time_s (reserved, not measured; a trial without wall_time_s, "
-                                        "pruned or failed, Tune's time_total_s at its last report)", "CPU-s"),
+    Column(
+        "cpu_seconds",
+        pa.float64(),
+        "cpus x wall_time_s (reserved, not measured; a trial without wall_time_s, "
+        "pruned or failed, Tune's time_total_s at its last report)",
+        "CPU-s",
+    ),
     Column("gpu_seconds", pa.float64(), "gpu_fraction x the same time as cpu_seconds", "GPU-s"),
-    Column("status", pa.string(), "FINISHED (ran to its final metrics), PRUNED (stopped early by its cell's pruner) "
-                                  "or ERROR"),
+    Column(
+        "status",
+        pa.string(),
+        "FINISHED (ran to its final metrics), PRUNED (stopped early by its cell's pruner) or ERROR",
+    ),
     Column("error_class", pa.string(), "kind of failure (status ERROR), e.g. nan_loss, data_error"),
     Column("error_message", pa.string(), "the failure's one-line message (status ERROR)"),
     Column("node_id", pa.string(), "address of the Ray node that ran the trial"),
     Column("tune_trial_id", pa.string(), "Ray Tune trial id (its folder under tune/)"),
     Column("optuna_trial_number", pa.int32(), "number of the Optuna trial in the cell's study"),
     Column("mlflow_run_id", pa.string(), "MLflow run of the trial"),
-    Column("run_notes", pa.string(), "facts the method recorded about the run, a JSON object (e.g. tgpt_content_loss: "
-                                     "on/off and why)"),
-    Column("retry_of_trial", pa.string(), "tune_trial_id of the failed trial this one ran again (--retry-failed); "
-                                          "its row was replaced by this one"),
+    Column(
+        "run_notes",
+        pa.string(),
+        "facts the method recorded about the run, a JSON object (e.g. tgpt_content_loss: on/off and why)",
+    ),
+    Column(
+        "retry_of_trial",
+        pa.string(),
+        "tune_trial_id of the failed trial this one ran again (--retry-failed); its row was replaced by this one",
+    ),
     Column("config_hash", pa.string(), "hash of everything that defines the trial's training"),
     Column("finished_at", pa.timestamp("ms", tz="UTC"), "when the driver recorded the trial"),
 )
 CELL_HEAD = _ID_COLUMNS + (
     Column("n", pa.int32(), "final runs (seeds) that finished", "runs"),
     Column("n_failed", pa.int32(), "final runs that did not finish", "runs"),
-    Column("seeds", pa.list_(pa.int64()), "seeds of the finished final runs, ascending (the order of every "
-                                          "<metric>_values list)"),
+    Column(
+        "seeds",
+        pa.list_(pa.int64()),
+        "seeds of the finished final runs, ascending (the order of every <metric>_values list)",
+    ),
     Column("failed_seeds", pa.list_(pa.int64()), "seeds of the final runs that did not finish"),
     Column("params_json", pa.string(), "the cell's chosen hyperparameters as a JSON object"),
 )
 #: per metric of a cell: (column suffix, what it is over the cell's finished final runs)
-CELL_STATS = (("mean", "mean"), ("std", "sample standard deviation"),
-              ("ci_low", "lower end of the 95 % confidence interval of the mean (Student t; hm: bootstrap)"),
-              ("ci_high", "upper end of the 95 % confidence interval of the mean (Student t; hm: bootstrap)"),
-              ("values", "per-seed values, in the order of seeds (null where a seed lacks the metric)"))
+CELL_STATS = (
+    ("mean", "mean"),
+    ("std", "sample standard deviation"),
+    ("ci_low", "lower end of the 95 % confidence interval of the mean (Student t; hm: bootstrap)"),
+    ("ci_high", "upper end of the 95 % confidence interval of the mean (Student t; hm: bootstrap)"),
+    ("values", "per-seed values, in the order of seeds (null where a seed lacks the metric)"),
+)
 CELL_TAIL = (
-    Column("unstable_seeds", pa.list_(pa.int64()), "seeds whose value of a reported metric lies more than "
-                                                   "report.unstable.mads scaled MADs from the cell's median"),
+    Column(
+        "unstable_seeds",
+        pa.list_(pa.int64()),
+        "seeds whose value of a reported metric lies more than report.unstable.mads scaled MADs from the cell's median",
+    ),
     Column("high_std_metrics", pa.list_(pa.string()), "reported metrics whose std exceeds report.unstable.max_std"),
     Column("search_trials", pa.int32(), "Optuna search trials run for the cell", "trials"),
     Column("search_best_val", pa.float64(), "best validation accuracy among the search trials", "%"),
@@ -167,26 +209,41 @@ COMPARISON_COLUMNS = (
     Column("backbone", pa.string(), "CLIP backbone as arch:pretrained"),
     Column("protocol", pa.string(), "evaluation protocol"),
     Column("shots", pa.int16(), "training images per class", "images"),
-    Column("dataset", pa.string(), f"training dataset, or '{AVERAGE}': the mean over the datasets compared (base2novel "
-                                   "hm: the HM of the averaged base and novel)"),
+    Column(
+        "dataset",
+        pa.string(),
+        f"training dataset, or '{AVERAGE}': the mean over the datasets compared (base2novel "
+        "hm: the HM of the averaged base and novel)",
+    ),
     Column("metric", pa.string(), "the compared metric (a column of cells.arrow without _mean)"),
     Column("method", pa.string(), "the compared method"),
     Column("baseline", pa.string(), "the baseline method (the spec's report.baseline)"),
     Column("cell_id", pa.string(), "the method's cell (null on Average rows)"),
     Column("baseline_cell_id", pa.string(), "the baseline's cell (null on Average rows)"),
-    Column("seeds", pa.list_(pa.int64()), "seeds both cells finished, the pairs compared (same seed = same few-shot "
-                                          "split); empty on Average rows"),
+    Column(
+        "seeds",
+        pa.list_(pa.int64()),
+        "seeds both cells finished, the pairs compared (same seed = same few-shot split); empty on Average rows",
+    ),
     Column("n_pairs", pa.int32(), "number of seeds compared (Average rows: the datasets compared)", "runs"),
     Column("method_mean", pa.float64(), "the method's mean over the compared seeds", "%"),
     Column("baseline_mean", pa.float64(), "the baseline's mean over the compared seeds", "%"),
     Column("diff_mean", pa.float64(), "method_mean - baseline_mean", _PP),
     Column("diff_ci_low", pa.float64(), "lower end of the 95 % confidence interval of diff_mean", _PP),
     Column("diff_ci_high", pa.float64(), "upper end of the 95 % confidence interval of diff_mean", _PP),
-    Column("ci_method", pa.string(), "t: Student t over the per-seed differences; bootstrap: paired percentile "
-                                     "bootstrap of the seeds (hm, Average rows); null: too few seeds"),
+    Column(
+        "ci_method",
+        pa.string(),
+        "t: Student t over the per-seed differences; bootstrap: paired percentile "
+        "bootstrap of the seeds (hm, Average rows); null: too few seeds",
+    ),
     Column("ci_excludes_zero", pa.bool_(), "the interval lies entirely above or below 0"),
-    Column("p_ttest", pa.float64(), "two-sided paired t-test p-value (Average rows: over the per-dataset differences; "
-                                    "hm: on per-seed HMs); null with fewer than 2 pairs or identical differences"),
+    Column(
+        "p_ttest",
+        pa.float64(),
+        "two-sided paired t-test p-value (Average rows: over the per-dataset differences; "
+        "hm: on per-seed HMs); null with fewer than 2 pairs or identical differences",
+    ),
     Column("p_wilcoxon", pa.float64(), "two-sided Wilcoxon signed-rank p-value, from 6 pairs on (else null)"),
     Column("datasets_better", pa.int32(), "Average rows: datasets where diff_mean > 0", "datasets"),
     Column("datasets_worse", pa.int32(), "Average rows: datasets where diff_mean < 0", "datasets"),
@@ -213,9 +270,16 @@ def backbone_label(backbone: Optional[dict]) -> Optional[str]:
 def _trial_identity(config: dict) -> dict[str, Any]:
     """The columns a trial's row and its epochs' rows share (from the searcher's trial config)."""
     req = config["request"]
-    return {"backbone": backbone_label(req.get("backbone")), "cell_id": config["cell_id"], "protocol": req["protocol"],
-            "method": req["method"], "dataset": req["dataset"], "shots": int(req["shots"]), "seed": int(config["seed"]),
-            "stage": config["stage"]}
+    return {
+        "backbone": backbone_label(req.get("backbone")),
+        "cell_id": config["cell_id"],
+        "protocol": req["protocol"],
+        "method": req["method"],
+        "dataset": req["dataset"],
+        "shots": int(req["shots"]),
+        "seed": int(config["seed"]),
+        "stage": config["stage"],
+    }
 
 
 def upgrade_row(row: dict) -> dict:
@@ -272,32 +336,51 @@ def _cost(result: dict, resources: Optional[dict]) -> dict[str, Any]:
     cpus, gpus = (None, None) if resources is None else (_num(resources.get(k, 0.0)) for k in ("CPU", "GPU"))
     busy = _num(result.get("wall_time_s"))
     busy = busy if busy is not None else _num(result.get("time_total_s"))
-    return {"images_trained": result.get("images_trained"), "images_evaluated": result.get("images_evaluated"),
-            "cpus": cpus, "gpu_fraction": gpus,
-            "cpu_seconds": None if cpus is None or busy is None else cpus * busy,
-            "gpu_seconds": None if gpus is None or busy is None else gpus * busy}
+    return {
+        "images_trained": result.get("images_trained"),
+        "images_evaluated": result.get("images_evaluated"),
+        "cpus": cpus,
+        "gpu_fraction": gpus,
+        "cpu_seconds": None if cpus is None or busy is None else cpus * busy,
+        "gpu_seconds": None if gpus is None or busy is None else gpus * busy,
+    }
 
 
-def trial_row(config: dict, result: Optional[dict], *, status: str, tune_trial_id: str,
-              error_class: Optional[str] = None, error_message: Optional[str] = None,
-              node_id: Optional[str] = None, mlflow_run_id: Optional[str] = None,
-              resources: Optional[dict] = None) -> dict:
+def trial_row(
+    config: dict,
+    result: Optional[dict],
+    *,
+    status: str,
+    tune_trial_id: str,
+    error_class: Optional[str] = None,
+    error_message: Optional[str] = None,
+    node_id: Optional[str] = None,
+    mlflow_run_id: Optional[str] = None,
+    resources: Optional[dict] = None,
+) -> dict:
     """One ``trials.arrow`` row from a trial's config (from the searcher), its last result and the resources
     Ray reserved for it."""
     result = result or {}
     req = config["request"]
     row: dict[str, Any] = {
-        **_trial_identity(config), "params_json": json.dumps(config.get("params") or {}, sort_keys=True),
+        **_trial_identity(config),
+        "params_json": json.dumps(config.get("params") or {}, sort_keys=True),
         "params": dict(config.get("params") or {}),
-        "epochs_run": result.get("epochs_run"), "wall_time_s": _num(result.get("wall_time_s")),
-        "test_images_read": result.get("test_images_read"), **_cost(result, resources),
-        "status": status, "error_class": error_class or result.get("error_class"),
+        "epochs_run": result.get("epochs_run"),
+        "wall_time_s": _num(result.get("wall_time_s")),
+        "test_images_read": result.get("test_images_read"),
+        **_cost(result, resources),
+        "status": status,
+        "error_class": error_class or result.get("error_class"),
         "error_message": error_message or result.get("error_message"),
-        "node_id": node_id or result.get("node_ip"), "tune_trial_id": tune_trial_id,
-        "optuna_trial_number": config.get("optuna_number"), "mlflow_run_id": mlflow_run_id,
+        "node_id": node_id or result.get("node_ip"),
+        "tune_trial_id": tune_trial_id,
+        "optuna_trial_number": config.get("optuna_number"),
+        "mlflow_run_id": mlflow_run_id,
         "retry_of_trial": (config.get("retry_of") or {}).get("tune_trial_id"),
         "run_notes": result.get("run_notes") if isinstance(result.get("run_notes"), str) else None,
-        "config_hash": config_hash(req), "finished_at": datetime.now(timezone.utc),
+        "config_hash": config_hash(req),
+        "finished_at": datetime.now(timezone.utc),
     }
     for m in CORE_METRICS:
         row[m] = _num(result.get(m))
@@ -317,8 +400,11 @@ def _param_array(values: list) -> pa.Array:
 
 
 def _metadata(meta: dict) -> dict[bytes, bytes]:
-    out = {b"schema_version": SCHEMA_VERSION.encode(), b"producer": b"orchestrator.sweep",
-           b"package_versions": json.dumps(package_versions()).encode()}
+    out = {
+        b"schema_version": SCHEMA_VERSION.encode(),
+        b"producer": b"orchestrator.sweep",
+        b"package_versions": json.dumps(package_versions()).encode(),
+    }
     for k, v in meta.items():
         out[k.encode()] = (v if isinstance(v, str) else json.dumps(v)).encode()
     return out
@@ -331,8 +417,16 @@ def _table(columns: list[Column], records: list[dict], meta: dict) -> pa.Table:
 
 def trials_table(rows: list[dict], meta: dict) -> pa.Table:
     """``trials.arrow``: ``TRIAL_HEAD``, a ``param_<name>`` column per hyperparameter, the metrics, ``TRIAL_TAIL``."""
-    rows = sorted(rows, key=lambda r: (r["cell_id"], r["stage"] != "search", r["optuna_trial_number"] or 0, r["seed"],
-                                       r["tune_trial_id"]))
+    rows = sorted(
+        rows,
+        key=lambda r: (
+            r["cell_id"],
+            r["stage"] != "search",
+            r["optuna_trial_number"] or 0,
+            r["seed"],
+            r["tune_trial_id"],
+        ),
+    )
     params = sorted({k for r in rows for k in r["params"]})
     param_cols = [param_column(n, _param_array([r["params"].get(n) for r in rows]).type) for n in params]
     extra = sorted({k for r in rows for k in r["extra_metrics"]})
@@ -375,7 +469,7 @@ def _hm_stats(rec: dict, seeds: list[int], base: dict[int, float], novel: dict[i
 
 def reported_metrics(rec: dict) -> list[str]:
     """The metrics a cell record has values of, without val_acc (the selection split, not a result)."""
-    return [k[:-len("_mean")] for k, v in rec.items() if k.endswith("_mean") and v is not None and k != "val_acc_mean"]
+    return [k[: -len("_mean")] for k, v in rec.items() if k.endswith("_mean") and v is not None and k != "val_acc_mean"]
 
 
 def _instability(rec: dict, unstable) -> None:
@@ -422,9 +516,14 @@ def cells_table(rows: list[dict], meta: dict, cell_order: Optional[list[str]] = 
         finals = by_cell[cid]
         ok = sorted((r for r in finals if r["status"] == OK_STATUS), key=lambda r: r["seed"])
         seeds = [r["seed"] for r in ok]
-        rec: dict[str, Any] = dict(keys[cid], n=len(ok), n_failed=len(finals) - len(ok), seeds=seeds,
-                                   failed_seeds=sorted(r["seed"] for r in finals if r["status"] != OK_STATUS),
-                                   params_json=ok[0]["params_json"] if ok else None)
+        rec: dict[str, Any] = dict(
+            keys[cid],
+            n=len(ok),
+            n_failed=len(finals) - len(ok),
+            seeds=seeds,
+            failed_seeds=sorted(r["seed"] for r in finals if r["status"] != OK_STATUS),
+            params_json=ok[0]["params_json"] if ok else None,
+        )
         by_metric = {m: {r["seed"]: r[m] for r in ok if r[m] is not None} for m in CORE_METRICS}
         by_metric.update({m: {r["seed"]: r["extra_metrics"][m] for r in ok if m in r["extra_metrics"]} for m in extra})
         for m, by_seed in by_metric.items():
@@ -437,9 +536,16 @@ def cells_table(rows: list[dict], meta: dict, cell_order: Optional[list[str]] = 
         rec["search_best_val"] = max(searched) if searched else None
         rec.update({k: _sum(r.get(k) for r in mine) for k in COST_COLUMNS})
         out.append(rec)
-    stats = [Column(f"{m}_{k}", pa.list_(pa.float64()) if k == "values" else pa.float64(),
-                    f"{what} over the cell's finished final runs of: " + metric_column(m).description, "%")
-             for m in (*CORE_METRICS, *extra) for k, what in CELL_STATS]
+    stats = [
+        Column(
+            f"{m}_{k}",
+            pa.list_(pa.float64()) if k == "values" else pa.float64(),
+            f"{what} over the cell's finished final runs of: " + metric_column(m).description,
+            "%",
+        )
+        for m in (*CORE_METRICS, *extra)
+        for k, what in CELL_STATS
+    ]
     return _table([*CELL_HEAD, *stats, *CELL_TAIL], out, meta)
 
 
@@ -454,7 +560,9 @@ def comparisons_table(cells: list[dict], meta: dict) -> pa.Table:
 
 def epochs_table(epochs: Iterable[dict], meta: dict) -> pa.Table:
     """``epochs.arrow``: one row per trial x epoch (``EPOCH_COLUMNS``), ordered by cell, trial, epoch."""
-    rows = sorted(epochs, key=lambda r: (r["cell_id"], r["stage"] != "search", r["seed"], r["tune_trial_id"], r["epoch"]))
+    rows = sorted(
+        epochs, key=lambda r: (r["cell_id"], r["stage"] != "search", r["seed"], r["tune_trial_id"], r["epoch"])
+    )
     return _table(list(EPOCH_COLUMNS), rows, meta)
 
 
@@ -462,9 +570,15 @@ def epoch_row(config: dict, result: dict, tune_trial_id: str) -> Optional[dict]:
     """The ``epochs.arrow`` row of one per-epoch report of a trial (None for reports that are not an epoch's)."""
     if result.get("final") or result.get("epoch") is None:
         return None
-    return {**_trial_identity(config), "tune_trial_id": tune_trial_id, "epoch": int(result["epoch"]), "train_loss": _num(result.get("train_loss")),
-            "val_acc": _num(result.get("val_acc")), "lr": _num(result.get("lr")),
-            "wall_time_s": _num(result.get("time_total_s"))}
+    return {
+        **_trial_identity(config),
+        "tune_trial_id": tune_trial_id,
+        "epoch": int(result["epoch"]),
+        "train_loss": _num(result.get("train_loss")),
+        "val_acc": _num(result.get("val_acc")),
+        "lr": _num(result.get("lr")),
+        "wall_time_s": _num(result.get("time_total_s")),
+    }
 
 
 def _fault_hook() -> None:
@@ -512,14 +626,22 @@ def remove_stale_temps(out_dir: Path) -> list[Path]:
     return gone
 
 
-def write_results(out_dir: Path, rows: Iterable[dict], meta: dict, cell_order: Optional[list[str]] = None,
-                  epochs: Optional[Iterable[dict]] = None) -> None:
+def write_results(
+    out_dir: Path,
+    rows: Iterable[dict],
+    meta: dict,
+    cell_order: Optional[list[str]] = None,
+    epochs: Optional[Iterable[dict]] = None,
+) -> None:
     """trials, cells, comparisons (and, when ``epochs`` is given, epochs) tables with their Parquet twins into
     ``out_dir``."""
     rows = list(rows)
     cells = cells_table(rows, meta, cell_order)
-    tables = {TRIALS_FILE: trials_table(rows, meta), CELLS_FILE: cells,
-              COMPARISONS_FILE: comparisons_table(cells.to_pylist(), meta)}
+    tables = {
+        TRIALS_FILE: trials_table(rows, meta),
+        CELLS_FILE: cells,
+        COMPARISONS_FILE: comparisons_table(cells.to_pylist(), meta),
+    }
     if epochs is not None:
         tables[EPOCHS_FILE] = epochs_table(epochs, meta)
     write_tables(out_dir, tables)

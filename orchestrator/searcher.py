@@ -30,15 +30,16 @@ the tracker calls through its own handle on the journal).
 
 The searcher is plain Python driven by Tune's callbacks, so tests drive it with a fake objective.
 """
+
 from __future__ import annotations
 
-import warnings
 import statistics
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import optuna
-from ray.tune.search import SearchGenerator, Searcher
+from ray.tune.search import Searcher, SearchGenerator
 
 from orchestrator.ledger import work_key
 from orchestrator.planner import Cell
@@ -88,9 +89,24 @@ def record_mlflow_runs(storage_file: str, runs: dict[str, Optional[str]]) -> Non
 
 
 def _new_cell_state() -> dict:
-    return {"stage": "search", "initialized": False, "asked": [], "params": {}, "queue": [], "current": None,
-            "values": {}, "failed": set(), "pruned": set(), "told": set(), "final_emitted": 0, "final_done": 0,
-            "best_params": None, "best_number": None, "best_value": None, "best_source": None}
+    return {
+        "stage": "search",
+        "initialized": False,
+        "asked": [],
+        "params": {},
+        "queue": [],
+        "current": None,
+        "values": {},
+        "failed": set(),
+        "pruned": set(),
+        "told": set(),
+        "final_emitted": 0,
+        "final_done": 0,
+        "best_params": None,
+        "best_number": None,
+        "best_value": None,
+        "best_source": None,
+    }
 
 
 class SweepSearch(SearchGenerator):
@@ -111,23 +127,30 @@ class SweepSearch(SearchGenerator):
 class CellSearcher(Searcher):
     """Round-robin, per-cell Optuna search followed by per-cell final runs."""
 
-    def __init__(self, cells: list[Cell], request_base: dict[str, Any], storage_file: str,
-                 metric: str = "val_acc", mode: str = "max", max_concurrent: int = 0):
+    def __init__(
+        self,
+        cells: list[Cell],
+        request_base: dict[str, Any],
+        storage_file: str,
+        metric: str = "val_acc",
+        mode: str = "max",
+        max_concurrent: int = 0,
+    ):
         super().__init__(metric=metric, mode=mode)
         self.cells = list(cells)
         self.request_base = dict(request_base)
         self.storage_file = str(storage_file)
         self.max_concurrent = int(max_concurrent)  # 0: no limit
         self.state: dict[str, dict] = {c.cell_id: _new_cell_state() for c in self.cells}
-        self.trials: dict[str, dict] = {}      # tune trial id -> the work it runs (suggested here or adopted)
-        self._running = 0                      # trials entries not done
+        self.trials: dict[str, dict] = {}  # tune trial id -> the work it runs (suggested here or adopted)
+        self._running = 0  # trials entries not done
         self._rr = 0
         self._studies: dict[str, optuna.Study] = {}
-        self._ledger: dict[tuple, dict] = {}   # work key -> the row that finished it (set_ledger)
+        self._ledger: dict[tuple, dict] = {}  # work key -> the row that finished it (set_ledger)
         self._retry_of: dict[tuple, dict] = {}  # work key -> its failed row, when failed work runs again
         self._starts: dict[tuple, dict] = {}  # work key -> start entry of an unfinished trial (set_ledger)
-        self._live: dict[tuple, str] = {}      # work key -> the trial running it now
-        self._done_here: set[tuple] = set()    # work keys of trials that completed in this driver
+        self._live: dict[tuple, str] = {}  # work key -> the trial running it now
+        self._done_here: set[tuple] = set()  # work keys of trials that completed in this driver
         self._handles: dict[tuple, optuna.trial.Trial] = {}  # (cell id, number) -> the trial asked here
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
@@ -194,9 +217,14 @@ class CellSearcher(Searcher):
                 done = len(optuna.load_study(study_name=cell.cell_id, storage=storage).trials)
             except KeyError:
                 done = 0
-            st = optuna.create_study(study_name=cell.cell_id, storage=storage, direction="maximize",
-                                     sampler=self._sampler(cell, idx * 100_003 + done),
-                                     pruner=self._pruner(cell), load_if_exists=True)
+            st = optuna.create_study(
+                study_name=cell.cell_id,
+                storage=storage,
+                direction="maximize",
+                sampler=self._sampler(cell, idx * 100_003 + done),
+                pruner=self._pruner(cell),
+                load_if_exists=True,
+            )
             self._describe(st, cell)
             state = self.state[cell.cell_id]
             if not state["initialized"]:
@@ -215,8 +243,13 @@ class CellSearcher(Searcher):
             return optuna.samplers.RandomSampler(seed=s.seed + offset)
         with warnings.catch_warnings():  # group=True is "experimental" in Optuna 5
             warnings.simplefilter("ignore")
-            return optuna.samplers.TPESampler(seed=s.seed + offset, n_startup_trials=s.n_startup_trials,
-                                              multivariate=True, group=True, constant_liar=True)
+            return optuna.samplers.TPESampler(
+                seed=s.seed + offset,
+                n_startup_trials=s.n_startup_trials,
+                multivariate=True,
+                group=True,
+                constant_liar=True,
+            )
 
     @staticmethod
     def _pruner(cell: Cell) -> optuna.pruners.BasePruner:
@@ -254,7 +287,10 @@ class CellSearcher(Searcher):
             self._live[key] = trial_id
             started = self._starts.pop(key, None)
             if started and started["tune_trial_id"] not in self.trials and "retry_of" not in cfg:
-                cfg["continues"] = {"tune_trial_id": started["tune_trial_id"], "mlflow_run_id": started["mlflow_run_id"]}
+                cfg["continues"] = {
+                    "tune_trial_id": started["tune_trial_id"],
+                    "mlflow_run_id": started["mlflow_run_id"],
+                }
             return cfg
         if self.running() == 0 and all(self.state[c.cell_id]["final_emitted"] >= c.n_final_runs for c in self.cells):
             return Searcher.FINISHED
@@ -287,7 +323,8 @@ class CellSearcher(Searcher):
             why = (result or {}).get("error_class") or ("the trial errored" if error else f"no {self.metric} reported")
             message = (result or {}).get("error_message")
             st.setdefault("fail_reasons", {}).setdefault(
-                num, f"seed {info['seed']}: {why}" + (f": {message}"[:500] if message else ""))
+                num, f"seed {info['seed']}: {why}" + (f": {message}"[:500] if message else "")
+            )
         else:
             st["values"].setdefault(num, {})[info["seed"]] = float(value)
         got = len(st["values"].get(num, {})) + sum(1 for (n_, _s) in st["failed"] if n_ == num)
@@ -327,8 +364,11 @@ class CellSearcher(Searcher):
     def best(self, cell_id: str) -> tuple[Optional[float], Optional[dict]]:
         """Best mean validation value told so far in a cell, and its parameters."""
         st = self.state[cell_id]
-        scored = {n: statistics.fmean(v.values()) for n, v in st["values"].items()
-                  if n in st["told"] and n not in st["pruned"] and not any(n_ == n for (n_, _s) in st["failed"])}
+        scored = {
+            n: statistics.fmean(v.values())
+            for n, v in st["values"].items()
+            if n in st["told"] and n not in st["pruned"] and not any(n_ == n for (n_, _s) in st["failed"])
+        }
         if not scored:
             return None, None
         n = max(scored, key=lambda k: (scored[k], -k))
@@ -355,9 +395,14 @@ class CellSearcher(Searcher):
         if study.metric_names != [cell.search.metric]:
             study.set_metric_names([cell.search.metric])
         backbone = self._backbone(cell)
-        attrs = {"protocol": cell.protocol, "method": cell.method, "dataset": cell.dataset, "shots": cell.shots,
-                 "search_seeds": list(cell.search_seeds),
-                 "backbone": f"{backbone.get('arch')}/{backbone.get('pretrained') or 'random init'}"}
+        attrs = {
+            "protocol": cell.protocol,
+            "method": cell.method,
+            "dataset": cell.dataset,
+            "shots": cell.shots,
+            "search_seeds": list(cell.search_seeds),
+            "backbone": f"{backbone.get('arch')}/{backbone.get('pretrained') or 'random init'}",
+        }
         known = study.user_attrs
         for key, value in attrs.items():
             if known.get(key) != value:
@@ -373,8 +418,14 @@ class CellSearcher(Searcher):
         if frozen is not None and frozen.state.is_finished():
             copied = any(t.user_attrs.get("retry_of") == number for t in study.get_trials(deepcopy=False))
             if frozen.state == optuna.trial.TrialState.FAIL and value is not None and not copied:
-                study.add_trial(optuna.trial.create_trial(params=frozen.params, distributions=frozen.distributions,
-                                                          value=value, user_attrs={"retry_of": number}))
+                study.add_trial(
+                    optuna.trial.create_trial(
+                        params=frozen.params,
+                        distributions=frozen.distributions,
+                        value=value,
+                        user_attrs={"retry_of": number},
+                    )
+                )
             return
         reason = self.state[cell.cell_id].get("fail_reasons", {}).get(number)
         handle = self._handles.get((cell.cell_id, number))
@@ -411,10 +462,15 @@ class CellSearcher(Searcher):
                 continue  # adopted (Tune runs it again from its checkpoint), or an adopted trial that finished
             failed = self._retry_of.get(key)
             if failed is not None:
-                cfg["retry_of"] = {"tune_trial_id": failed.get("tune_trial_id"),
-                                   "mlflow_run_id": failed.get("mlflow_run_id")}
-                print(f"retry: {cfg['cell_id']} {cfg['stage']} seed {cfg['seed']} failed in trial "
-                      f"{failed.get('tune_trial_id')} ({failed.get('error_class')}); it runs again", flush=True)
+                cfg["retry_of"] = {
+                    "tune_trial_id": failed.get("tune_trial_id"),
+                    "mlflow_run_id": failed.get("mlflow_run_id"),
+                }
+                print(
+                    f"retry: {cfg['cell_id']} {cfg['stage']} seed {cfg['seed']} failed in trial "
+                    f"{failed.get('tune_trial_id')} ({failed.get('error_class')}); it runs again",
+                    flush=True,
+                )
             return cfg
 
     def _cell(self, cell_id: str) -> Cell:
@@ -456,12 +512,27 @@ class CellSearcher(Searcher):
     def _config(self, cell: Cell, stage: str, seed: int, number: Optional[int], params: dict) -> dict:
         overrides = dict(cell.overrides)
         overrides.update(params)
-        request = dict(self.request_base, method=cell.method, dataset=cell.dataset, shots=cell.shots, seed=seed,
-                       protocol=cell.protocol, stage=stage, overrides=overrides, backbone=self._backbone(cell))
+        request = dict(
+            self.request_base,
+            method=cell.method,
+            dataset=cell.dataset,
+            shots=cell.shots,
+            seed=seed,
+            protocol=cell.protocol,
+            stage=stage,
+            overrides=overrides,
+            backbone=self._backbone(cell),
+        )
         if cell.targets:
             request["targets"] = list(cell.targets)
-        return {"cell_id": cell.cell_id, "stage": stage, "seed": seed, "optuna_number": number,
-                "params": dict(params), "request": request}
+        return {
+            "cell_id": cell.cell_id,
+            "stage": stage,
+            "seed": seed,
+            "optuna_number": number,
+            "params": dict(params),
+            "request": request,
+        }
 
     def _next_for(self, cell: Cell) -> Optional[dict]:
         st = self.state[cell.cell_id]

@@ -11,6 +11,7 @@ has the real tokenizer and shapes. The first proposal a method refuses is one ``
 cell, the parameter values and the method's message. Numbers in between the range ends are not tried: the
 methods' constraints are monotone in them (a token count within bounds).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -65,7 +66,9 @@ def check_plan(plan, backbone=None) -> int:
 
     by_arch: dict[str, list] = {}
     for cell in plan.cells:
-        by_arch.setdefault(cell.backbone.arch if cell.backbone is not None else plan.spec.backbone.arch, []).append(cell)
+        by_arch.setdefault(cell.backbone.arch if cell.backbone is not None else plan.spec.backbone.arch, []).append(
+            cell
+        )
     checked = 0
     for arch, cells in by_arch.items():
         logging.disable(logging.WARNING)  # open_clip's "no pretrained weights loaded": random init is the point
@@ -88,17 +91,27 @@ def _check(cells, backbone) -> int:
     checked, outcome = 0, {}  # (method, the cell's resolved defaults, overrides + proposal) -> refusal or None
     for cell in cells:
         cls = get_method(cell.method)
-        defaults = json.dumps(resolve(cell.method, cell.dataset, cell.shots, cell.protocol), sort_keys=True, default=str)
+        defaults = json.dumps(
+            resolve(cell.method, cell.dataset, cell.shots, cell.protocol), sort_keys=True, default=str
+        )
         space = cell.space if cell.n_trials else {}  # a cell without a search: its own settings, one "proposal"
         for n, params in enumerate(itertools.islice(proposals(space), MAX_PROPOSALS + 1)):
             if n == MAX_PROPOSALS:
-                raise ConfigError(f"search.{cell.method}.space: more than {MAX_PROPOSALS} proposals to check in cell "
-                                  f"{cell.cell_id}; use fewer categorical choices")
+                raise ConfigError(
+                    f"search.{cell.method}.space: more than {MAX_PROPOSALS} proposals to check in cell "
+                    f"{cell.cell_id}; use fewer categorical choices"
+                )
             overrides = {**cell.overrides, **params}
             key = (cell.method, defaults, json.dumps(overrides, sort_keys=True, default=str))
             if key not in outcome:
-                req = TrialRequest(method=cell.method, dataset=cell.dataset, shots=cell.shots, seed=1,
-                                   protocol=cell.protocol, overrides=overrides)
+                req = TrialRequest(
+                    method=cell.method,
+                    dataset=cell.dataset,
+                    shots=cell.shots,
+                    seed=1,
+                    protocol=cell.protocol,
+                    overrides=overrides,
+                )
                 try:
                     _train, method_cfg = build_configs(req, cls)
                     cls.check_settings(method_cfg, backbone)
@@ -108,7 +121,9 @@ def _check(cells, backbone) -> int:
             if outcome[key] is not None:
                 if not params:
                     raise ConfigError(f"cell {cell.cell_id}: {cell.method} refuses its settings: {outcome[key]}")
-                raise ConfigError(f"search.{cell.method}.space: cell {cell.cell_id} can propose "
-                                  f"{json.dumps(params, sort_keys=True)}, which {cell.method} refuses: {outcome[key]}")
+                raise ConfigError(
+                    f"search.{cell.method}.space: cell {cell.cell_id} can propose "
+                    f"{json.dumps(params, sort_keys=True)}, which {cell.method} refuses: {outcome[key]}"
+                )
             checked += 1 if cell.n_trials else 0
     return checked

@@ -49,6 +49,7 @@ Format (all keys optional unless marked)::
 ``report`` changes no trial: it is left out of the spec hash and of the changed-spec check, and a
 rerun with another ``report`` section rewrites the statistics tables and the report only.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -62,8 +63,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import (AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictBool, TypeAdapter, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fewshot.errors import ConfigError
 from fewshot.protocols import PROTOCOLS, TRANSFER_PROTOCOLS, Protocol  # noqa: F401 (also named from here)
@@ -167,8 +178,10 @@ class ResourcesSpec(_Strict):
         if self.trials_per_gpu is not None:
             share = 1.0 / self.trials_per_gpu
             if self.gpu not in (0.0, share):
-                raise ValueError(f"give either gpu or trials_per_gpu (gpu={self.gpu:g} but trials_per_gpu="
-                                 f"{self.trials_per_gpu} means gpu={share:g})")
+                raise ValueError(
+                    f"give either gpu or trials_per_gpu (gpu={self.gpu:g} but trials_per_gpu="
+                    f"{self.trials_per_gpu} means gpu={share:g})"
+                )
             self.gpu = share
         return self
 
@@ -250,7 +263,9 @@ class SweepSpec(_Strict):
             return (b.get("arch"), b.get("pretrained")) if isinstance(b, dict) else b
 
         listed = data["backbones"]
-        if not (isinstance(listed, list) and listed and arch_and_weights(data["backbone"]) == arch_and_weights(listed[0])):
+        if not (
+            isinstance(listed, list) and listed and arch_and_weights(data["backbone"]) == arch_and_weights(listed[0])
+        ):
             raise ValueError("give either backbone (one) or backbones (a list), not both")
         return data  # the canonical form names both (backbone = the first of backbones)
 
@@ -342,15 +357,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue
             if first is not None:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first given at line {first})", key_node.start_mark)
+                    None, None, f"duplicate key {key!r} (first given at line {first})", key_node.start_mark
+                )
             seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
 
 
 def _refuse_set(loader, node):
     raise yaml.constructor.ConstructorError(
-        None, None, "a set (!!set) is not allowed (its order differs between runs): write a list [a, b]",
-        node.start_mark)
+        None,
+        None,
+        "a set (!!set) is not allowed (its order differs between runs): write a list [a, b]",
+        node.start_mark,
+    )
 
 
 _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:set", _refuse_set)
@@ -416,8 +435,7 @@ def _walk(data: Any, loc: tuple) -> tuple[list[tuple[str, Any]], Any]:
         if isinstance(node, dict) and _has_key(node, p):
             parts.append(("key", p))
             node = node[p]
-        elif (isinstance(node, (list, tuple)) and isinstance(p, int) and not isinstance(p, bool)
-              and 0 <= p < len(node)):
+        elif isinstance(node, (list, tuple)) and isinstance(p, int) and not isinstance(p, bool) and 0 <= p < len(node):
             parts.append(("index", p))
             node = node[p]
     return parts, node
@@ -466,11 +484,19 @@ def _got(value: Any) -> str:
 
 
 _TYPE_WORDS = {
-    "int_type": "must be an integer", "int_parsing": "must be an integer", "int_from_float": "must be an integer",
-    "float_type": "must be a number", "float_parsing": "must be a number", "finite_number": "must be a finite number",
-    "bool_type": "must be true or false", "bool_parsing": "must be true or false", "string_type": "must be a string",
-    "dict_type": "must be a mapping of keys", "model_type": "must be a mapping of keys",
-    "model_attributes_type": "must be a mapping of keys", "too_short": "must not be empty",
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "finite_number": "must be a finite number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "string_type": "must be a string",
+    "dict_type": "must be a mapping of keys",
+    "model_type": "must be a mapping of keys",
+    "model_attributes_type": "must be a mapping of keys",
+    "too_short": "must not be empty",
     "string_too_short": "must not be empty",
 }
 
@@ -493,8 +519,10 @@ def _format_validation_error(err: ValidationError, data: Any) -> str:
         hint = f"; write [{value}]" if isinstance(value, (str, int, float)) and not isinstance(value, bool) else ""
         return f"{where}: must be a list (got {_got(value)}{hint})"
     if typ == "string_pattern_mismatch" and parts == [("key", "name")]:
-        return (f"name: must start with a letter or digit and contain only letters, digits, '_', '.' and '-' "
-                f"(it names the results folder; got {_got(value)})")
+        return (
+            f"name: must start with a letter or digit and contain only letters, digits, '_', '.' and '-' "
+            f"(it names the results folder; got {_got(value)})"
+        )
     if typ == "literal_error":
         return f"{where}: must be one of {e.get('ctx', {}).get('expected', '?')} (got {_got(value)})"
     if typ == "recursion_loop":
@@ -532,7 +560,9 @@ def _override_fields(method: str) -> Optional[dict]:
 @lru_cache(maxsize=None)
 def _field_adapter(model: type, key: str) -> TypeAdapter:
     f = model.model_fields[key]  # validated with the model's own float rule (the config models refuse inf / NaN)
-    return TypeAdapter(Annotated[f.annotation, f], config=ConfigDict(allow_inf_nan=model.model_config.get("allow_inf_nan", True)))
+    return TypeAdapter(
+        Annotated[f.annotation, f], config=ConfigDict(allow_inf_nan=model.model_config.get("allow_inf_nan", True))
+    )
 
 
 def _value_problem(method: str, key: str, value: Any) -> Optional[str]:
@@ -586,7 +616,9 @@ def _check_param(path: str, p: ParamSpec, earlier: list[str], space: dict[str, P
             raise ConfigError(f"{path}.choices: only valid for type: categorical")
     else:
         if p.choices is None:
-            raise ConfigError(f"{path}.choices: required key is missing (a categorical parameter needs a non-empty list)")
+            raise ConfigError(
+                f"{path}.choices: required key is missing (a categorical parameter needs a non-empty list)"
+            )
         if not p.choices:
             raise ConfigError(f"{path}.choices: a categorical parameter needs a non-empty list of choices")
         if _dupes(p.choices):
@@ -598,15 +630,19 @@ def _check_param(path: str, p: ParamSpec, earlier: list[str], space: dict[str, P
             raise ConfigError(f"{path}.log: not valid for type: categorical")
     for parent, values in (p.when or {}).items():
         if parent not in earlier:
-            raise ConfigError(f"{_sub(path + '.when', parent)}: must name a parameter defined earlier in the same space "
-                              f"(defined before: {earlier or 'none'})")
+            raise ConfigError(
+                f"{_sub(path + '.when', parent)}: must name a parameter defined earlier in the same space "
+                f"(defined before: {earlier or 'none'})"
+            )
         if not values:
             raise ConfigError(f"{_sub(path + '.when', parent)}: needs a non-empty list of values")
         pp = space[parent]
         if pp.type == "categorical":
             bad = [v for v in values if v not in pp.choices]
             if bad:
-                raise ConfigError(f"{_sub(path + '.when', parent)}: values {bad} are not among {parent}'s choices {pp.choices}")
+                raise ConfigError(
+                    f"{_sub(path + '.when', parent)}: values {bad} are not among {parent}'s choices {pp.choices}"
+                )
 
 
 def _check_param_values(path: str, method: str, name: str, p: ParamSpec) -> None:
@@ -653,9 +689,11 @@ def _check_prompt_lengths_for(spec: SweepSpec, arch: str, ctx: Optional[int]) ->
     if ctx is None:
         return
     limit = ctx - 3
-    sections = [("train.defaults", spec.train.defaults),
-                *[(_sub("train.methods", m), v) for m, v in spec.train.methods.items()],
-                *[(_sub("train.datasets", d), v) for d, v in spec.train.datasets.items()]]
+    sections = [
+        ("train.defaults", spec.train.defaults),
+        *[(_sub("train.methods", m), v) for m, v in spec.train.methods.items()],
+        *[(_sub("train.datasets", d), v) for d, v in spec.train.datasets.items()],
+    ]
     found = [(_sub(path, k), values[k]) for path, values in sections for k in PROMPT_LENGTH_KEYS if k in values]
     for m, s in spec.search.items():
         for k in PROMPT_LENGTH_KEYS:
@@ -663,14 +701,18 @@ def _check_prompt_lengths_for(spec: SweepSpec, arch: str, ctx: Optional[int]) ->
             if p is None:
                 continue
             if p.type == "categorical":
-                found += [(f"{_sub(_sub('search', m) + '.space', k)}.choices[{i}]", v) for i, v in enumerate(p.choices or [])]
+                found += [
+                    (f"{_sub(_sub('search', m) + '.space', k)}.choices[{i}]", v) for i, v in enumerate(p.choices or [])
+                ]
             elif p.high is not None:
                 found.append((f"{_sub(_sub('search', m) + '.space', k)}.high", p.high))
     for path, v in found:
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v > limit:
-            raise ConfigError(f"{path}: {v:g} learned tokens do not fit the text context of {arch} "
-                              f"({ctx} tokens, of which the start and end tokens and at least one class-name token "
-                              f"need 3): use at most {limit}")
+            raise ConfigError(
+                f"{path}: {v:g} learned tokens do not fit the text context of {arch} "
+                f"({ctx} tokens, of which the start and end tokens and at least one class-name token "
+                f"need 3): use at most {limit}"
+            )
 
 
 def _check_backbone(spec: SweepSpec) -> None:
@@ -688,8 +730,10 @@ def _check_one_backbone(spec: SweepSpec, backbone: BackboneSpec, where: str, arc
     arch = backbone.arch
     if arch not in archs:
         close = difflib.get_close_matches(arch, archs, n=5)
-        raise ConfigError(f"{where}.arch: unknown architecture '{arch}' (open_clip names such as ViT-B-16, "
-                          f"ViT-B-32, promptsweep-tiny{'; similar: ' + ', '.join(close) if close else ''})")
+        raise ConfigError(
+            f"{where}.arch: unknown architecture '{arch}' (open_clip names such as ViT-B-16, "
+            f"ViT-B-32, promptsweep-tiny{'; similar: ' + ', '.join(close) if close else ''})"
+        )
     from fewshot.errors import CheckpointError
     from methods.backbone import PROJECT_TAG, _resolve_pretrained
 
@@ -741,7 +785,9 @@ def validate(spec: SweepSpec) -> SweepSpec:
     for p, axes in spec.by_protocol.items():
         where = _sub("by_protocol", p)
         if p not in spec.protocol:
-            raise ConfigError(f"{where}: protocol '{p}' is not in protocol {spec.protocol} (remove it or add the protocol)")
+            raise ConfigError(
+                f"{where}: protocol '{p}' is not in protocol {spec.protocol} (remove it or add the protocol)"
+            )
         if axes.targets is not None and p not in TRANSFER_PROTOCOLS:
             raise ConfigError(f"{where}.targets: only valid for cross_dataset or domain_generalization (remove it)")
         for key in ("datasets", "shots", "targets"):
@@ -751,27 +797,35 @@ def validate(spec: SweepSpec) -> SweepSpec:
         for key in ("datasets", "targets"):
             for i, d in enumerate(getattr(axes, key) or []):
                 if d not in known_datasets and not is_offline(d):
-                    raise ConfigError(f"{where}.{key}[{i}]: unknown dataset '{d}' (valid: {', '.join(known_datasets)}, "
-                                      "shapes-<N>)")
+                    raise ConfigError(
+                        f"{where}.{key}[{i}]: unknown dataset '{d}' (valid: {', '.join(known_datasets)}, shapes-<N>)"
+                    )
         if axes.shots is not None:
             _check_shots(f"{where}.shots", axes.shots)
     transfer = [p for p in spec.protocol if p in TRANSFER_PROTOCOLS]
     # transfer protocols without targets of their own take the top-level list
     shared = [p for p in transfer if (spec.by_protocol.get(p) or ProtocolAxes()).targets is None]
     if shared and "targets" not in spec.model_fields_set:
-        raise ConfigError(f"targets: required key is missing (protocol {shared[0]} needs a list of target "
-                          f"datasets to evaluate on, here or as by_protocol.{shared[0]}.targets)")
+        raise ConfigError(
+            f"targets: required key is missing (protocol {shared[0]} needs a list of target "
+            f"datasets to evaluate on, here or as by_protocol.{shared[0]}.targets)"
+        )
     if shared and not spec.targets:
         raise ConfigError(f"targets: protocol {shared[0]} needs a non-empty list of target datasets to evaluate on")
     if spec.targets and not shared:
-        why = ("every transfer protocol has by_protocol targets of its own" if transfer
-               else "only valid with protocol cross_dataset or domain_generalization")
+        why = (
+            "every transfer protocol has by_protocol targets of its own"
+            if transfer
+            else "only valid with protocol cross_dataset or domain_generalization"
+        )
         raise ConfigError(f"targets: {why} (remove it)")
     if spec.resources.gpu > 1 and spec.resources.gpu != int(spec.resources.gpu):
         raise ConfigError(f"resources.gpu: fractions are only allowed below 1 (got {spec.resources.gpu})")
     if spec.device == "cuda" and spec.resources.gpu == 0:
-        raise ConfigError("device: cuda needs a GPU per trial, but resources.gpu is 0 (set resources.gpu: 1, or "
-                          "trials_per_gpu, or device: auto / cpu)")
+        raise ConfigError(
+            "device: cuda needs a GPU per trial, but resources.gpu is 0 (set resources.gpu: 1, or "
+            "trials_per_gpu, or device: auto / cpu)"
+        )
     if spec.tracking.uri is not None:
         check_uri_scheme(spec.tracking.uri, "tracking.uri")
 
@@ -780,8 +834,10 @@ def validate(spec: SweepSpec) -> SweepSpec:
         if protos is not None:
             for p in spec.protocol:
                 if p not in protos:
-                    raise ConfigError(f"methods[{i}]: method '{m}' does not support protocol '{p}' (it supports: "
-                                      f"{', '.join(protos)}; see python -m methods list)")
+                    raise ConfigError(
+                        f"methods[{i}]: method '{m}' does not support protocol '{p}' (it supports: "
+                        f"{', '.join(protos)}; see python -m methods list)"
+                    )
     _check_backbone(spec)
     _check_prompt_lengths(spec)
     for section in ("methods", "datasets"):
@@ -789,9 +845,13 @@ def validate(spec: SweepSpec) -> SweepSpec:
         chosen = spec.methods if section == "methods" else spec.all_datasets() + spec.all_targets()
         for name in getattr(spec.train, section):
             if name not in names and not (section == "datasets" and is_offline(name)):
-                raise ConfigError(f"{_sub('train.' + section, name)}: unknown {section[:-1]} (valid: {', '.join(names)})")
+                raise ConfigError(
+                    f"{_sub('train.' + section, name)}: unknown {section[:-1]} (valid: {', '.join(names)})"
+                )
             if name not in chosen:
-                raise ConfigError(f"{_sub('train.' + section, name)}: '{name}' is not in the sweep's {section} (remove it or add it)")
+                raise ConfigError(
+                    f"{_sub('train.' + section, name)}: '{name}' is not in the sweep's {section} (remove it or add it)"
+                )
 
     def check_keys(path: str, values: dict, methods_: list[str]):
         for m in methods_:
@@ -800,7 +860,9 @@ def validate(spec: SweepSpec) -> SweepSpec:
                 continue
             for k in values:
                 if k not in valid:
-                    raise ConfigError(f"{_sub(path, k)}: not a training or '{m}' hyperparameter (valid: {', '.join(sorted(valid))})")
+                    raise ConfigError(
+                        f"{_sub(path, k)}: not a training or '{m}' hyperparameter (valid: {', '.join(sorted(valid))})"
+                    )
                 if isinstance(values, dict):
                     why = _value_problem(m, k, values[k])
                     if why:
@@ -835,8 +897,9 @@ def validate(spec: SweepSpec) -> SweepSpec:
             raise ConfigError(f"{sp}.n_trials: must be >= 1 when a space is given (got {s.n_trials})")
         if not s.space and s.n_trials > 0:
             where = "space" if "space" in s.model_fields_set else "n_trials"
-            raise ConfigError(f"{sp}.{where}: n_trials is {s.n_trials} but the space is empty "
-                              "(add parameters or set n_trials: 0)")
+            raise ConfigError(
+                f"{sp}.{where}: n_trials is {s.n_trials} but the space is empty (add parameters or set n_trials: 0)"
+            )
         earlier: list[str] = []
         for name, p in s.space.items():
             _check_param(_sub(f"{sp}.space", name), p, earlier, s.space)
@@ -861,18 +924,23 @@ def _check_baseline(spec: SweepSpec, known_methods: list[str]) -> None:
             if protocol not in PROTOCOLS:
                 raise ConfigError(f"{path}: not a protocol (valid keys here: {', '.join(PROTOCOLS)})")
             if protocol not in spec.protocol:
-                raise ConfigError(f"{path}: protocol '{protocol}' is not in protocol {spec.protocol} (remove it or "
-                                  "add the protocol)")
+                raise ConfigError(
+                    f"{path}: protocol '{protocol}' is not in protocol {spec.protocol} (remove it or add the protocol)"
+                )
     else:
-        raise ConfigError(f"report.baseline: must be a method name or a mapping {{protocol: method}} (got {_got(given)})")
+        raise ConfigError(
+            f"report.baseline: must be a method name or a mapping {{protocol: method}} (got {_got(given)})"
+        )
     for path, method in named:
         if not isinstance(method, str):
             raise ConfigError(f"{path}: must be a method name (got {_got(method)})")
         if method not in known_methods:
             raise ConfigError(f"{path}: unknown method '{method}' (valid: {', '.join(known_methods)})")
         if method not in spec.methods:
-            raise ConfigError(f"{path}: '{method}' is not in methods {spec.methods} (the baseline must be one of the "
-                              "sweep's methods: add it or name another)")
+            raise ConfigError(
+                f"{path}: '{method}' is not in methods {spec.methods} (the baseline must be one of the "
+                "sweep's methods: add it or name another)"
+            )
 
 
 def parse_spec(data: Any) -> SweepSpec:
@@ -880,8 +948,10 @@ def parse_spec(data: Any) -> SweepSpec:
     if data is None:
         raise ConfigError(f"{ROOT}: the spec is empty; it needs at least name, methods and datasets")
     if not isinstance(data, dict):
-        raise ConfigError(f"{ROOT}: the top level must be a mapping of keys (name, methods, datasets, ...), "
-                          f"got a {type(data).__name__}")
+        raise ConfigError(
+            f"{ROOT}: the top level must be a mapping of keys (name, methods, datasets, ...), "
+            f"got a {type(data).__name__}"
+        )
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as err:
@@ -921,11 +991,14 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise ConfigError(f"{path}: invalid YAML{where}: {why}") from None
     except (ValueError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
         # PyYAML's constructors raise these for bad scalars such as `2020-13-01` or `!!int x`
-        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())[:120]} "
-                          f"(quote the value if it is meant as a string)") from None
+        raise ConfigError(
+            f"{path}: invalid YAML: {' '.join(str(exc).split())[:120]} (quote the value if it is meant as a string)"
+        ) from None
     if _count_values(data, MAX_SPEC_VALUES) > MAX_SPEC_VALUES:
-        raise ConfigError(f"{path}: the spec holds more than {MAX_SPEC_VALUES} values once its YAML aliases (*name) "
-                          "are expanded; write the values out or use fewer aliases")
+        raise ConfigError(
+            f"{path}: the spec holds more than {MAX_SPEC_VALUES} values once its YAML aliases (*name) "
+            "are expanded; write the values out or use fewer aliases"
+        )
     if data is None:
         raise ConfigError(f"{ROOT}: the file '{path}' is empty (or only comments); it needs name, methods and datasets")
     return parse_spec(data)

@@ -27,6 +27,7 @@ for zero-shot): without it any other value would sit infinitely many MADs away. 
 flagged: both sit equally far from their median, so which one is off cannot be told (the std rule of
 ``orchestrator.results`` still lists the cell).
 """
+
 from __future__ import annotations
 
 import functools
@@ -66,6 +67,7 @@ def t_interval(values: Sequence[float]) -> Interval:
 
 # --- bootstrap statistics over the group means (a group = a dataset's seeds; components = metrics) ---------
 
+
 def hm(base, novel):
     """2BN/(B+N) elementwise (0 where B + N = 0), for floats or arrays."""
     b, n = np.asarray(base, dtype=float), np.asarray(novel, dtype=float)
@@ -85,9 +87,11 @@ def hm_of_means(m: np.ndarray) -> np.ndarray:
 
 def difference(statistic: Statistic) -> Statistic:
     """``statistic`` of the first half of the components (the method) minus that of the second (the baseline)."""
+
     def diff(m: np.ndarray) -> np.ndarray:
         k = m.shape[-1] // 2
         return statistic(m[..., :k]) - statistic(m[..., k:])
+
     return diff
 
 
@@ -115,13 +119,15 @@ def _bootstrap(key: tuple, statistic: Statistic) -> tuple[Optional[float], Inter
     if all(len(g) < 2 for g in groups):
         return point, (None, None)
     rng = np.random.default_rng(BOOTSTRAP_SEED)
-    means = np.stack([g[rng.integers(0, len(g), size=(BOOTSTRAP_RESAMPLES, len(g)))].mean(axis=1) for g in groups],
-                     axis=1)
+    means = np.stack(
+        [g[rng.integers(0, len(g), size=(BOOTSTRAP_RESAMPLES, len(g)))].mean(axis=1) for g in groups], axis=1
+    )
     lo, hi = np.percentile(statistic(means), [50 * (1 - CONFIDENCE), 50 * (1 + CONFIDENCE)])
     return point, (_float(lo), _float(hi))
 
 
 # --- paired comparison ---------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Paired:
@@ -168,8 +174,15 @@ def compare(method: dict[int, float], baseline: dict[int, float]) -> Paired:
     m, b = np.array([method[s] for s in seeds]), np.array([baseline[s] for s in seeds])
     d = m - b
     ci = t_interval(d)
-    return Paired(seeds, float(m.mean()), float(b.mean()), float(d.mean()), ci, "t" if ci[0] is not None else None,
-                  *paired_tests(d))
+    return Paired(
+        seeds,
+        float(m.mean()),
+        float(b.mean()),
+        float(d.mean()),
+        ci,
+        "t" if ci[0] is not None else None,
+        *paired_tests(d),
+    )
 
 
 def compare_hm(method: dict[int, tuple[float, float]], baseline: dict[int, tuple[float, float]]) -> Paired:
@@ -180,9 +193,15 @@ def compare_hm(method: dict[int, tuple[float, float]], baseline: dict[int, tuple
     rows = np.array([[*method[s], *baseline[s]] for s in seeds], dtype=float)
     diff, ci = bootstrap([rows], DIFFERENCE[hm_of_means])
     per_seed = hm(rows[:, 0], rows[:, 1]) - hm(rows[:, 2], rows[:, 3])
-    return Paired(seeds, _float(hm_of_means(rows.mean(axis=0)[None, None, :2])[0]),
-                  _float(hm_of_means(rows.mean(axis=0)[None, None, 2:])[0]), diff, ci,
-                  "bootstrap" if ci[0] is not None else None, *paired_tests(per_seed))
+    return Paired(
+        seeds,
+        _float(hm_of_means(rows.mean(axis=0)[None, None, :2])[0]),
+        _float(hm_of_means(rows.mean(axis=0)[None, None, 2:])[0]),
+        diff,
+        ci,
+        "bootstrap" if ci[0] is not None else None,
+        *paired_tests(per_seed),
+    )
 
 
 def compare_average(pairs: Sequence[Paired], rows: Sequence[np.ndarray], statistic: Statistic) -> Paired:
@@ -194,8 +213,15 @@ def compare_average(pairs: Sequence[Paired], rows: Sequence[np.ndarray], statist
         return Paired((), None, None, None, (None, None), None, None, None)
     k = rows[0].shape[1] // 2
     means = np.stack([r.mean(axis=0) for r in rows])[None]
-    return Paired((), _float(statistic(means[..., :k])[0]), _float(statistic(means[..., k:])[0]), diff, ci,
-                  "bootstrap" if ci[0] is not None else None, *paired_tests([p.diff for p in pairs]))
+    return Paired(
+        (),
+        _float(statistic(means[..., :k])[0]),
+        _float(statistic(means[..., k:])[0]),
+        diff,
+        ci,
+        "bootstrap" if ci[0] is not None else None,
+        *paired_tests([p.diff for p in pairs]),
+    )
 
 
 def sign_count(diffs: Sequence[Optional[float]]) -> tuple[int, int, int]:
@@ -205,6 +231,7 @@ def sign_count(diffs: Sequence[Optional[float]]) -> tuple[int, int, int]:
 
 
 # --- unstable seeds --------------------------------------------------------------------------------------
+
 
 def outlier_seeds(values: dict[int, float], mads: float, min_spread: float) -> dict[int, float]:
     """{seed: distance from the median in scales} of the seeds further than ``mads`` scales (module docstring)."""
@@ -223,6 +250,7 @@ def outlier_seeds(values: dict[int, float], mads: float, min_spread: float) -> d
 
 
 # --- cost ------------------------------------------------------------------------------------------------
+
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
     """For (cost, accuracy) points: True where no other point costs no more and scores no less (one of the

@@ -14,6 +14,7 @@ One sweep runs per output directory at a time (a ``flock``). A full disk or an o
 unwritable mid-sweep is such an error too (rerun to resume). SIGTERM stops the sweep as Ctrl-C does
 (Tune saves its state, the MLflow run ends KILLED, Ray is stopped) and the command exits 143 (Ctrl-C: 130).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,7 +53,9 @@ def _dashboard_address(value: str) -> tuple[str, int]:
     host, _, port = value.strip().rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
     if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ConfigError(f"--dashboard: '{value}' is not [HOST:]PORT with a port in 1..65535 (e.g. {DEFAULT_DASHBOARD})")
+        raise ConfigError(
+            f"--dashboard: '{value}' is not [HOST:]PORT with a port in 1..65535 (e.g. {DEFAULT_DASHBOARD})"
+        )
     return host, int(port)
 
 
@@ -66,24 +69,43 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("spec", help="sweep spec YAML, e.g. search_spaces/demo.yaml")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and start nothing")
     ap.add_argument("--fresh", action="store_true", help="discard an earlier run of this sweep and start over")
-    ap.add_argument("--retry-failed", action="store_true", help="run the trials whose status is ERROR again (each "
-                    "new attempt replaces its failed row); everything else is kept")
-    ap.add_argument("--restart-cells", metavar="CELLS", help="comma-separated cell ids or shell patterns "
-                    "(fewshot.coop.*) whose finished trials and Optuna study are discarded and run again")
+    ap.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="run the trials whose status is ERROR again (each "
+        "new attempt replaces its failed row); everything else is kept",
+    )
+    ap.add_argument(
+        "--restart-cells",
+        metavar="CELLS",
+        help="comma-separated cell ids or shell patterns "
+        "(fewshot.coop.*) whose finished trials and Optuna study are discarded and run again",
+    )
     ap.add_argument("--output", help="results root (default: the spec's output); results go to <output>/<name>/")
     ap.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    ap.add_argument("--data-root", help="folder holding the CoOp-layout datasets (default: the spec's data_root, "
-                                        "else $PROMPTSWEEP_DATA)")
-    ap.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, spec, sqlite:///<cwd>/mlflow.db)")
+    ap.add_argument(
+        "--data-root",
+        help="folder holding the CoOp-layout datasets (default: the spec's data_root, else $PROMPTSWEEP_DATA)",
+    )
+    ap.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, spec, sqlite:///<cwd>/mlflow.db)"
+    )
     ap.add_argument("--max-concurrent", type=int, help="trials running at once (default: what the cluster fits)")
-    ap.add_argument("--dashboard", nargs="?", const=DEFAULT_DASHBOARD, metavar="[HOST:]PORT",
-                    help=f"start the local Ray's dashboard (bare flag: {DEFAULT_DASHBOARD}, this machine only; "
-                         "0.0.0.0:PORT opens it to the network); a cluster has its own")
+    ap.add_argument(
+        "--dashboard",
+        nargs="?",
+        const=DEFAULT_DASHBOARD,
+        metavar="[HOST:]PORT",
+        help=f"start the local Ray's dashboard (bare flag: {DEFAULT_DASHBOARD}, this machine only; "
+        "0.0.0.0:PORT opens it to the network); a cluster has its own",
+    )
     args = ap.parse_args(argv)
     args.dashboard = None if args.dashboard is None else _dashboard_address(args.dashboard)
     if args.dashboard is not None and (args.address or os.environ.get("RAY_ADDRESS")):
-        raise ConfigError("--dashboard: only for the local Ray; a cluster's dashboard is started with the cluster "
-                          "(ray start --head --dashboard-host ...)")
+        raise ConfigError(
+            "--dashboard: only for the local Ray; a cluster's dashboard is started with the cluster "
+            "(ray start --head --dashboard-host ...)"
+        )
     if args.fresh and (args.retry_failed or args.restart_cells):
         raise ConfigError("--fresh starts the whole sweep over: leave out --retry-failed / --restart-cells")
     if args.max_concurrent is not None and args.max_concurrent < 1:
@@ -96,8 +118,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     if args.output is not None:
         check_output_root(Path(args.output), "--output")
     if args.data_root is not None and not Path(args.data_root).expanduser().is_dir():
-        raise ConfigError(f"--data-root: '{args.data_root}' is not a directory (it should hold the datasets' folders, "
-                          "see docs/data.md)")
+        raise ConfigError(
+            f"--data-root: '{args.data_root}' is not a directory (it should hold the datasets' folders, "
+            "see docs/data.md)"
+        )
     return args
 
 
@@ -120,8 +144,9 @@ def check_output_root(root: Path, flag: str) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise ConfigError(f"{flag}: '{shown}' cannot be written ({exc.strerror or exc} in {existing}): choose a "
-                          "writable folder") from None
+        raise ConfigError(
+            f"{flag}: '{shown}' cannot be written ({exc.strerror or exc} in {existing}): choose a writable folder"
+        ) from None
 
 
 def _lock_output(out_dir: Path):
@@ -138,8 +163,10 @@ def _lock_output(out_dir: Path):
         fh.seek(0)
         holder = " ".join(fh.read().split())[:200] or "another process"
         fh.close()
-        raise ConfigError(f"sweep output {out_dir} is in use by a running sweep ({holder}): wait for it to end or "
-                          "stop it, then rerun to resume") from None
+        raise ConfigError(
+            f"sweep output {out_dir} is in use by a running sweep ({holder}): wait for it to end or "
+            "stop it, then rerun to resume"
+        ) from None
     fh.seek(0)
     fh.truncate()
     fh.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
@@ -183,18 +210,25 @@ def _preflight(spec, plan, data_root: Optional[str]) -> None:
         needs.setdefault(c.dataset, set()).update((c.shots, s) for s in (*c.search_seeds, *c.final_seeds))
     targets = [t for t in spec.all_targets() if t not in needs]
     print(f"checking data: {len(needs)} dataset(s)" + (f" and {len(targets)} target(s)" if targets else ""), flush=True)
-    check_sweep_data(needs, data_root, targets=spec.all_targets(), tolerance=spec.count_tolerance,
-                     progress=lambda line: print(line, flush=True))  # DataError naming the bad file
+    check_sweep_data(
+        needs,
+        data_root,
+        targets=spec.all_targets(),
+        tolerance=spec.count_tolerance,
+        progress=lambda line: print(line, flush=True),
+    )  # DataError naming the bad file
     for c in plan.cells:
         if c.targets and c.tied_to_training_classes():
             source = set(load_dataset(c.dataset, data_root).classnames)  # read above: kept by this process
             for t in c.targets:
                 unseen = [n for n in load_dataset(t, data_root).classnames if n not in source]
                 if unseen:
-                    raise ConfigError(f"cell {c.cell_id}: target {t} has {len(unseen)} class name(s) that are not "
-                                      f"{c.dataset} class names (e.g. '{unseen[0]}'), so method {c.method}'s head "
-                                      f"cannot score them: use the classnames.txt of {c.dataset} for {t} (see "
-                                      "docs/data.md)")
+                    raise ConfigError(
+                        f"cell {c.cell_id}: target {t} has {len(unseen)} class name(s) that are not "
+                        f"{c.dataset} class names (e.g. '{unseen[0]}'), so method {c.method}'s head "
+                        f"cannot score them: use the classnames.txt of {c.dataset} for {t} (see "
+                        "docs/data.md)"
+                    )
     print(f"data ok ({time.perf_counter() - t0:.1f} s)", flush=True)
 
 
@@ -231,8 +265,10 @@ def _check_local_cuda(spec) -> None:
     import torch
 
     if spec.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda, but CUDA is not available on this machine (the local Ray): use device: "
-                          "auto or cpu (and resources.gpu: 0), or connect to a cluster with GPUs with --address")
+        raise ConfigError(
+            "device: cuda, but CUDA is not available on this machine (the local Ray): use device: "
+            "auto or cpu (and resources.gpu: 0), or connect to a cluster with GPUs with --address"
+        )
 
 
 def results_table(out_dir: Path) -> str:
@@ -248,14 +284,18 @@ def results_table(out_dir: Path) -> str:
         mean, std = c.get(f"{metric}_mean"), c.get(f"{metric}_std")
         val = "—" if mean is None else f"{mean:.2f} ± {std or 0:.2f}"
         best = c.get("search_best_val")
-        lines.append(f"{c['cell_id']:<44} {c['n']:>2}  {metric:<10} {val:>16}  {'—' if best is None else f'{best:.2f}':>15}")
+        lines.append(
+            f"{c['cell_id']:<44} {c['n']:>2}  {metric:<10} {val:>16}  {'—' if best is None else f'{best:.2f}':>15}"
+        )
     return "\n".join(lines)
 
 
 def _print_outputs(out_dir: Path, tracking_uri: str) -> None:
     print(results_table(out_dir))
-    print(f"\nresults:  {out_dir / 'trials.arrow'}\n          {out_dir / 'cells.arrow'}  (and .parquet twins)"
-          f"\n          {out_dir / 'report.md'}")
+    print(
+        f"\nresults:  {out_dir / 'trials.arrow'}\n          {out_dir / 'cells.arrow'}  (and .parquet twins)"
+        f"\n          {out_dir / 'report.md'}"
+    )
     if (out_dir / OPTUNA_FILE).exists():
         print(f"optuna:   optuna-dashboard {out_dir / OPTUNA_FILE}")
     print(f"mlflow:   {ui_command(tracking_uri)}")
@@ -286,8 +326,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     if args.fresh and out_dir.exists() and not (out_dir / STATE_FILE).is_file():
-        raise ConfigError(f"--fresh: {out_dir} was not made by a sweep (it has no {STATE_FILE}), so it is not deleted; "
-                          "move it, or choose another --output or spec name")
+        raise ConfigError(
+            f"--fresh: {out_dir} was not made by a sweep (it has no {STATE_FILE}), so it is not deleted; "
+            "move it, or choose another --output or spec name"
+        )
     # a sweep's folder is locked before its state is read: a second command neither reads a state the running
     # sweep is writing nor ends that sweep's MLflow run when one of its own checks fails (any other folder is
     # locked once every check has passed, so that a refused command leaves no lock file in it)
@@ -309,8 +351,10 @@ def _checked_run(spec, plan, args, out_dir: Path, tracking_uri: str, data_root: 
     state = None if args.fresh else _read_state(out_dir)
     continuation = {"restart": [], "retry": 0}
     if state is None and (args.retry_failed or args.restart_cells):
-        raise ConfigError(f"--retry-failed / --restart-cells: sweep '{spec.name}' has not run in {out_dir} yet "
-                          "(run it without the flag first)")
+        raise ConfigError(
+            f"--retry-failed / --restart-cells: sweep '{spec.name}' has not run in {out_dir} yet "
+            "(run it without the flag first)"
+        )
     if state is not None:
         new = spec.normalized()
         continuation = _continuation(spec, plan, args, out_dir, state)
@@ -416,8 +460,8 @@ def _shutdown_ray(started: bool) -> None:
     still there after ``RAY_STOP_GRACE_S`` are SIGKILLed."""
     if not started:
         return
-    import ray
     import psutil
+    import ray
 
     me = psutil.Process()
     ours = me.children(recursive=True)  # Ray's processes and their workers
@@ -494,11 +538,17 @@ def _continuation(spec, plan, args, out_dir: Path, state: dict) -> dict:
     if args.retry_failed and not retry:
         print(f"--retry-failed: sweep '{spec.name}' has no failed trial", flush=True)
     if changes.grows:
-        print(f"growing sweep '{spec.name}': {len(changes.new_cells)} new cell(s), {len(changes.grown_cells)} cell(s) "
-              "with more seeds or proposals; finished trials are kept", flush=True)
+        print(
+            f"growing sweep '{spec.name}': {len(changes.new_cells)} new cell(s), {len(changes.grown_cells)} cell(s) "
+            "with more seeds or proposals; finished trials are kept",
+            flush=True,
+        )
     if restart:
-        print(f"restarting {len(restart)} cell(s): {', '.join(restart)} ({len(rows) - len(kept)} finished trial(s) "
-              "discarded)", flush=True)
+        print(
+            f"restarting {len(restart)} cell(s): {', '.join(restart)} ({len(rows) - len(kept)} finished trial(s) "
+            "discarded)",
+            flush=True,
+        )
     if retry:
         print(f"retrying {retry} failed trial(s)", flush=True)
     return {"restart": restart, "retry": retry, "work": bool(changes.grows or restart or retry)}
@@ -511,8 +561,10 @@ def _reread_results(out_dir: Path, spec, state: dict) -> None:
     from orchestrator.results import CELLS_FILE, TRIALS_FILE, rewrite_summaries
 
     if not ((out_dir / TRIALS_FILE).is_file() and (out_dir / CELLS_FILE).is_file()):
-        print(f"warning: report settings changed, but {out_dir} has no {TRIALS_FILE} / {CELLS_FILE} to reread",
-              file=sys.stderr)
+        print(
+            f"warning: report settings changed, but {out_dir} has no {TRIALS_FILE} / {CELLS_FILE} to reread",
+            file=sys.stderr,
+        )
         return
     rewrite_summaries(out_dir, spec.normalized()["report"])
     write_report(out_dir)
@@ -526,8 +578,14 @@ def _end_recorded_parent(state: Optional[dict], tracking_uri: str, spec, out_dir
         return
     from orchestrator.tracking import MlflowTracking
 
-    tracker = MlflowTracking(state.get("tracking_uri", tracking_uri), spec.tracking.experiment, spec.name,
-                             state.get("spec_hash", ""), parent_run_id=state["parent_run_id"], out_dir=out_dir)
+    tracker = MlflowTracking(
+        state.get("tracking_uri", tracking_uri),
+        spec.tracking.experiment,
+        spec.name,
+        state.get("spec_hash", ""),
+        parent_run_id=state["parent_run_id"],
+        out_dir=out_dir,
+    )
     tracker.fail(_failure_reason(error))
 
 
@@ -581,7 +639,10 @@ def _sweep_artifacts(out_dir: Path) -> tuple[tuple[Path, Optional[str]], ...]:
     tables (Parquet)."""
     from orchestrator.results import PARQUET_SUFFIX, RESULT_FILES
 
-    files = [(out_dir / "report.md", None), *((p, "plots") for p in sorted([*out_dir.glob("*.png"), *out_dir.glob("*.pdf")]))]
+    files = [
+        (out_dir / "report.md", None),
+        *((p, "plots") for p in sorted([*out_dir.glob("*.png"), *out_dir.glob("*.pdf")])),
+    ]
     files += [(p, "tables") for p in sorted((out_dir / "tables").glob("*.tex"))]
     files += [((out_dir / f).with_suffix(PARQUET_SUFFIX), "results") for f in RESULT_FILES]
     return tuple((p, d) for p, d in files if p.is_file())
@@ -593,7 +654,10 @@ def _cell_summaries(out_dir: Path, plan) -> dict[str, dict]:
     from orchestrator.tracking import cell_summary
 
     planned = {c.cell_id: c.n_final_runs for c in plan.cells}
-    return {r["cell_id"]: cell_summary(r, planned.get(r["cell_id"], 0)) for r in read_table(out_dir / CELLS_FILE).to_pylist()}
+    return {
+        r["cell_id"]: cell_summary(r, planned.get(r["cell_id"], 0))
+        for r in read_table(out_dir / CELLS_FILE).to_pylist()
+    }
 
 
 def _tune_was_interrupted(before) -> bool:
@@ -619,30 +683,52 @@ def _disk_error(error: BaseException, out_dir: Path) -> Optional[UserError]:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
             where = e.filename if e.filename else f"the sweep output {out_dir}"
-            return UserError(f"cannot write {where}: {e.strerror or e}; free space / fix permissions and rerun the "
-                             "same command to resume")
+            return UserError(
+                f"cannot write {where}: {e.strerror or e}; free space / fix permissions and rerun the "
+                "same command to resume"
+            )
         e = e.__cause__ or e.__context__
     return None
 
 
-def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dict], args,
-               data_root: Optional[str], continuation: Optional[dict] = None) -> int:
+def _run_sweep(
+    spec,
+    plan,
+    out_dir: Path,
+    tracking_uri: str,
+    state: Optional[dict],
+    args,
+    data_root: Optional[str],
+    continuation: Optional[dict] = None,
+) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
     from orchestrator.progress import ProgressPrinter
     from orchestrator.report import write_report
     from orchestrator.results import ERROR_STATUS, package_versions
     from orchestrator.searcher import CellSearcher, record_mlflow_runs
     from orchestrator.tracking import MlflowTracking
-    from orchestrator.tune_runner import (ResultsCallback, build_tuner, ensure_ray, max_concurrent_trials,
-                                          quiet_tune_logs)
-
-    from concurrent.futures import ThreadPoolExecutor
+    from orchestrator.tune_runner import (
+        ResultsCallback,
+        build_tuner,
+        ensure_ray,
+        max_concurrent_trials,
+        quiet_tune_logs,
+    )
 
     t_driver = time.monotonic()
     r = spec.resources
     spec_hash = spec.spec_hash()
     with _sigterm_held():  # from before the threads that ray.init may outlive are started
-        tracker = MlflowTracking(tracking_uri, spec.tracking.experiment, spec.name, spec_hash, background=True,
-                                 parent_run_id=(state or {}).get("parent_run_id"), out_dir=out_dir)
+        tracker = MlflowTracking(
+            tracking_uri,
+            spec.tracking.experiment,
+            spec.name,
+            spec_hash,
+            background=True,
+            parent_run_id=(state or {}).get("parent_run_id"),
+            out_dir=out_dir,
+        )
         journal = str(out_dir / OPTUNA_FILE)
         tracker.on_cell_run = lambda cell_id, run_id: record_mlflow_runs(journal, {cell_id: run_id})
         restart = list((continuation or {}).get("restart") or [])
@@ -651,20 +737,36 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
             _adopt_orphans()  # before the local Ray starts: its processes stay the driver's descendants
         with ThreadPoolExecutor(1) as pool:  # the tracking store's start-up (SQLite migrations: seconds) overlaps Ray's
             parent_future = pool.submit(tracker.ensure_parent)
-            started_ray = ensure_ray(args.address, dashboard=getattr(args, "dashboard", None),
-                                     job_metadata=ray_job_metadata(spec.name, out_dir))
+            started_ray = ensure_ray(
+                args.address,
+                dashboard=getattr(args, "dashboard", None),
+                job_metadata=ray_job_metadata(spec.name, out_dir),
+            )
     progress = None
     try:
         parent = parent_future.result()
         n = max_concurrent_trials(r.cpu, r.gpu, args.max_concurrent)  # ConfigError if no node fits a trial
         quiet_tune_logs()
         state = state or {"created": datetime.now(timezone.utc).isoformat()}
-        state.update(spec=spec.normalized(), spec_hash=spec_hash, status="running", tracking_uri=tracking_uri, parent_run_id=parent, n_trials=plan.n_trials)
+        state.update(
+            spec=spec.normalized(),
+            spec_hash=spec_hash,
+            status="running",
+            tracking_uri=tracking_uri,
+            parent_run_id=parent,
+            n_trials=plan.n_trials,
+        )
         _write_state(out_dir, state)
 
-        meta = {"spec_hash": spec_hash, "sweep": spec.name, "git_commit": tracker.commit, "targets": spec.all_targets(),
-                "package_versions": package_versions(), "report": spec.normalized()["report"],
-                "planned_final_runs": {c.cell_id: c.n_final_runs for c in plan.cells}}
+        meta = {
+            "spec_hash": spec_hash,
+            "sweep": spec.name,
+            "git_commit": tracker.commit,
+            "targets": spec.all_targets(),
+            "package_versions": package_versions(),
+            "report": spec.normalized()["report"],
+            "planned_final_runs": {c.cell_id: c.n_final_runs for c in plan.cells},
+        }
         if restart:
             from orchestrator.growth import delete_studies
 
@@ -673,15 +775,27 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
         progress = ProgressPrinter(plan, results_cb, already=len(results_cb.rows))
         if results_cb.rows:
             print(f"resuming: {len(results_cb.rows)} of {plan.n_trials} trials already recorded", flush=True)
-        request_base = {"backbone": {"arch": spec.backbone.arch, "pretrained": spec.backbone.pretrained},
-                        "data_root": data_root,
-                        "device": spec.device}
+        request_base = {
+            "backbone": {"arch": spec.backbone.arch, "pretrained": spec.backbone.pretrained},
+            "data_root": data_root,
+            "device": spec.device,
+        }
         searcher = CellSearcher(plan.cells, request_base, journal, max_concurrent=n)
         use_pruning = any(c.search.pruner.name != "none" and c.n_trials for c in plan.cells)
 
         print(plan.describe().splitlines()[0] + f"; {n} at a time", flush=True)
-        tuner = build_tuner(out_dir, searcher, [tracker, results_cb, progress], r.cpu, r.gpu, spec.max_retries,
-                            use_pruning, sweep_name=spec.name, retry_failed=args.retry_failed, max_concurrent=n)
+        tuner = build_tuner(
+            out_dir,
+            searcher,
+            [tracker, results_cb, progress],
+            r.cpu,
+            r.gpu,
+            spec.max_retries,
+            use_pruning,
+            sweep_name=spec.name,
+            retry_failed=args.retry_failed,
+            max_concurrent=n,
+        )
         sigint_before = signal.getsignal(signal.SIGINT)
         with _driver_gc():
             tuner.fit()
@@ -712,10 +826,18 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
         if terminated or interrupted:  # Tune stopped on SIGTERM / Ctrl-C: the run is KILLED, reopened by the rerun
             tracker.fail(_failure_reason(Terminated() if terminated else KeyboardInterrupt()))
         else:
-            tracker.finish("FINISHED" if complete and not failed else "FAILED", cells=_cell_summaries(out_dir, plan),
-                           metrics={"trials_planned": plan.n_trials, "trials_finished": len(results_cb.rows),
-                                    "trials_failed": failed, "driver_wall_time_s": time.monotonic() - t_driver},
-                           spec=spec.normalized(), artifacts=_sweep_artifacts(out_dir))
+            tracker.finish(
+                "FINISHED" if complete and not failed else "FAILED",
+                cells=_cell_summaries(out_dir, plan),
+                metrics={
+                    "trials_planned": plan.n_trials,
+                    "trials_finished": len(results_cb.rows),
+                    "trials_failed": failed,
+                    "driver_wall_time_s": time.monotonic() - t_driver,
+                },
+                spec=spec.normalized(),
+                artifacts=_sweep_artifacts(out_dir),
+            )
         state.update(status="finished" if complete else "incomplete", finished=datetime.now(timezone.utc).isoformat())
         _write_state(out_dir, state)
     except OSError as e:
@@ -729,22 +851,35 @@ def _run_sweep(spec, plan, out_dir: Path, tracking_uri: str, state: Optional[dic
     print()
     _print_outputs(out_dir, tracking_uri)
     if terminated:
-        print(f"\nsweep stopped by SIGTERM ({len(results_cb.rows)}/{plan.n_trials} trials finished); rerun the same "
-              "command to resume", file=sys.stderr)
+        print(
+            f"\nsweep stopped by SIGTERM ({len(results_cb.rows)}/{plan.n_trials} trials finished); rerun the same "
+            "command to resume",
+            file=sys.stderr,
+        )
         return SIGTERM_EXIT
     if interrupted:
-        print(f"\nsweep interrupted ({len(results_cb.rows)}/{plan.n_trials} trials finished); rerun the same "
-              "command to resume", file=sys.stderr)
+        print(
+            f"\nsweep interrupted ({len(results_cb.rows)}/{plan.n_trials} trials finished); rerun the same "
+            "command to resume",
+            file=sys.stderr,
+        )
         return SIGINT_EXIT
     if failed:
-        print(f"\n{failed} trial(s) failed: see the status/error_class/error_message columns of trials.arrow",
-              file=sys.stderr)
+        print(
+            f"\n{failed} trial(s) failed: see the status/error_class/error_message columns of trials.arrow",
+            file=sys.stderr,
+        )
     if lost_targets:
-        print(f"\n{lost_targets} trial(s) could not score every target (error class target_failed; their other "
-              "targets are kept): see error_message in trials.arrow and the end of report.md", file=sys.stderr)
+        print(
+            f"\n{lost_targets} trial(s) could not score every target (error class target_failed; their other "
+            "targets are kept): see error_message in trials.arrow and the end of report.md",
+            file=sys.stderr,
+        )
     if not complete:
-        print(f"\nsweep incomplete ({len(results_cb.rows)}/{plan.n_trials} trials); rerun the same command to resume",
-              file=sys.stderr)
+        print(
+            f"\nsweep incomplete ({len(results_cb.rows)}/{plan.n_trials} trials); rerun the same command to resume",
+            file=sys.stderr,
+        )
     return 1 if failed or lost_targets or not complete else 0
 
 

@@ -15,6 +15,7 @@ united in submission order). After a restore a trial that starts without a known
 one tagged with its ``tune_trial_id`` (the driver may have died after creating it but before Tune saved
 this state). ``on_cell_run`` (set by the driver) is told each cell run's id once it exists.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,22 +29,51 @@ from ray.tune import Callback
 
 from fewshot.errors import ConfigError
 from orchestrator.mlflow_backlog import BACKLOG_FILE, load_backlog, save_backlog
-from orchestrator.mlflow_sender import (CreateRun, LogArtifact, LogBatch, LogDict, Operation, ReopenRun, Sender,
-                                        SetTerminated, warn)
-from orchestrator.mlflow_uri import (artifact_location, driver_http_env, error_reason, make_client, mask_uri,
-                                     split_credentials, use_credentials)
+from orchestrator.mlflow_sender import (
+    CreateRun,
+    LogArtifact,
+    LogBatch,
+    LogDict,
+    Operation,
+    ReopenRun,
+    Sender,
+    SetTerminated,
+    warn,
+)
+from orchestrator.mlflow_uri import (
+    artifact_location,
+    driver_http_env,
+    error_reason,
+    make_client,
+    mask_uri,
+    split_credentials,
+    use_credentials,
+)
 
 #: Tune bookkeeping keys that are not worth a metric
-_TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "time_since_restore",
-              "iterations_since_restore", "done", "trial_failed", "final", "reported_at",
-              "epoch", "step"}  # the step of each point, not series of their own
+_TUNE_KEYS = {
+    "training_iteration",
+    "time_this_iter_s",
+    "time_total_s",
+    "timestamp",
+    "pid",
+    "time_since_restore",
+    "iterations_since_restore",
+    "done",
+    "trial_failed",
+    "final",
+    "reported_at",
+    "epoch",
+    "step",
+}  # the step of each point, not series of their own
 MLFLOW_MAX_PARAMS = 100  # per log_batch
 
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        )
         return out.stdout.strip() or "unknown"
     except Exception:
         return "unknown"
@@ -73,8 +103,10 @@ def resolved_params(request: dict) -> dict[str, str]:
         train_cfg, method_cfg = build_configs(req, get_method(req.method))
     except (UserError, ValueError):
         return {}
-    return {**_flat_params(train_cfg.model_dump(mode="json"), "train."),
-            **_flat_params(method_cfg.model_dump(mode="json"), "method.")}
+    return {
+        **_flat_params(train_cfg.model_dump(mode="json"), "train."),
+        **_flat_params(method_cfg.model_dump(mode="json"), "method."),
+    }
 
 
 def _note_tags(notes: Optional[str]) -> dict[str, str]:
@@ -94,9 +126,15 @@ def cell_summary(cell_row: dict, planned_final_runs: int) -> dict:
     """What a cell's MLflow run holds at the end, from its ``cells.arrow`` row: n / n_failed and the mean and
     std of every final metric (Base / Novel / HM included) as metrics, the chosen hyperparameters as params
     (``hp.<name>``), and its status: FINISHED when its planned final runs all succeeded, else FAILED."""
-    metrics = {k: v for k, v in cell_row.items() if (k.endswith("_mean") or k.endswith("_std") or
-                                                      k in ("n", "n_failed", "search_trials", "search_best_val"))
-               and isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")}
+    metrics = {
+        k: v
+        for k, v in cell_row.items()
+        if (k.endswith("_mean") or k.endswith("_std") or k in ("n", "n_failed", "search_trials", "search_best_val"))
+        and isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and v == v
+        and abs(v) != float("inf")
+    }
     params = _flat_params(json.loads(cell_row.get("params_json") or "{}"), "hp.")
     status = "FINISHED" if (cell_row.get("n") or 0) >= planned_final_runs else "FAILED"
     return {"status": status, "metrics": metrics, "params": {k: v[:6000] for k, v in params.items()}}
@@ -104,16 +142,30 @@ def cell_summary(cell_row: dict, planned_final_runs: int) -> dict:
 
 def _metric_points(values: dict, ts: int, step: int) -> list[list]:
     """``[name, value, ts, step]`` of the finite numbers among ``values`` (bools and Tune's keys left out)."""
-    return [[k, float(v), ts, step] for k, v in values.items()
-            if k not in _TUNE_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)
-            and v == v and abs(v) != float("inf")]
+    return [
+        [k, float(v), ts, step]
+        for k, v in values.items()
+        if k not in _TUNE_KEYS
+        and isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and v == v
+        and abs(v) != float("inf")
+    ]
 
 
 class MlflowTracking(Callback):
     """Driver-side MLflow mirror of the sweep (see module docstring)."""
 
-    def __init__(self, tracking_uri: str, experiment: str, sweep_name: str, spec_hash: str,
-                 parent_run_id: Optional[str] = None, out_dir: Optional[Path] = None, background: bool = False):
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        sweep_name: str,
+        spec_hash: str,
+        parent_run_id: Optional[str] = None,
+        out_dir: Optional[Path] = None,
+        background: bool = False,
+    ):
         uri, user, password = split_credentials(tracking_uri)  # nothing kept (pickled, saved) holds a password
         use_credentials(user, password)
         self.tracking_uri = uri
@@ -122,8 +174,13 @@ class MlflowTracking(Callback):
         self.spec_hash = spec_hash
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.commit = git_commit()
-        self.state: dict[str, Any] = {"parent": parent_run_id, "cells": {}, "trials": {}, "closed": {},
-                                      "experiment_id": None}
+        self.state: dict[str, Any] = {
+            "parent": parent_run_id,
+            "cells": {},
+            "trials": {},
+            "closed": {},
+            "experiment_id": None,
+        }
         self._client = None
         self._restored = False  # set by set_state: trial runs are then looked up before they are created
         self._reopened: set[str] = set()  # runs this driver reopened: a restored state's "closed" does not hold them
@@ -152,8 +209,13 @@ class MlflowTracking(Callback):
     def experiment_id(self) -> str:
         if not self.state.get("experiment_id"):
             exp = self.client.get_experiment_by_name(self.experiment)
-            self.state["experiment_id"] = exp.experiment_id if exp else self.client.create_experiment(
-                self.experiment, artifact_location=artifact_location(self.tracking_uri))
+            self.state["experiment_id"] = (
+                exp.experiment_id
+                if exp
+                else self.client.create_experiment(
+                    self.experiment, artifact_location=artifact_location(self.tracking_uri)
+                )
+            )
         return self.state["experiment_id"]
 
     def run_id(self, key: str) -> Optional[str]:
@@ -191,9 +253,11 @@ class MlflowTracking(Callback):
             try:
                 self._parent_op().send(self)
             except Exception as e:
-                raise ConfigError(f"MLflow at {mask_uri(self.tracking_uri)} did not create the sweep's run "
-                                  f"({error_reason(e)}); check the server, or pass --tracking-uri "
-                                  "sqlite:///ABS/PATH/mlflow.db") from None
+                raise ConfigError(
+                    f"MLflow at {mask_uri(self.tracking_uri)} did not create the sweep's run "
+                    f"({error_reason(e)}); check the server, or pass --tracking-uri "
+                    "sqlite:///ABS/PATH/mlflow.db"
+                ) from None
         elif self.state["parent"]:
             self._reopen("sweep")  # a resumed or grown sweep: an early exit (fail) or its end closed it
         self.sender.flush()  # a backlog loaded from an earlier run goes out now
@@ -207,8 +271,11 @@ class MlflowTracking(Callback):
             self._submit(ReopenRun(key=key))
 
     def _parent_op(self) -> CreateRun:
-        return CreateRun(key="sweep", name=f"sweep {self.sweep_name}", tags={
-            "sweep": self.sweep_name, "level": "sweep", "spec_hash": self.spec_hash, "git_commit": self.commit})
+        return CreateRun(
+            key="sweep",
+            name=f"sweep {self.sweep_name}",
+            tags={"sweep": self.sweep_name, "level": "sweep", "spec_hash": self.spec_hash, "git_commit": self.commit},
+        )
 
     def _cell_key(self, config: dict) -> str:
         cid = config["cell_id"]
@@ -218,10 +285,18 @@ class MlflowTracking(Callback):
             req = config["request"]
             from orchestrator.results import backbone_label
 
-            tags = {"sweep": self.sweep_name, "cell_id": cid, "level": "cell", "protocol": req["protocol"],
-                    "backbone": str(backbone_label(req.get("backbone"))),
-                    "method": req["method"], "dataset": req["dataset"], "shots": str(req["shots"]),
-                    "spec_hash": self.spec_hash, "git_commit": self.commit}
+            tags = {
+                "sweep": self.sweep_name,
+                "cell_id": cid,
+                "level": "cell",
+                "protocol": req["protocol"],
+                "backbone": str(backbone_label(req.get("backbone"))),
+                "method": req["method"],
+                "dataset": req["dataset"],
+                "shots": str(req["shots"]),
+                "spec_hash": self.spec_hash,
+                "git_commit": self.commit,
+            }
             self.state["cells"][cid] = None
             self._submit(CreateRun(key=f"cell:{cid}", name=cid, tags=tags, parent="sweep"))
         elif f"cell:{cid}" in self.state["closed"]:
@@ -237,11 +312,22 @@ class MlflowTracking(Callback):
         cfg = trial.config
         req = cfg["request"]
         cell = self._cell_key(cfg)
-        tags = {"sweep": self.sweep_name, "level": "trial", "backbone": str(backbone_label(req.get("backbone"))),
-                "cell_id": cfg["cell_id"], "protocol": req["protocol"], "method": req["method"],
-                "dataset": req["dataset"], "shots": str(req["shots"]), "seed": str(cfg["seed"]),
-                "stage": cfg["stage"], "optuna_trial_number": str(cfg.get("optuna_number")),
-                "tune_trial_id": trial.trial_id, "config_hash": config_hash(req), "git_commit": self.commit}
+        tags = {
+            "sweep": self.sweep_name,
+            "level": "trial",
+            "backbone": str(backbone_label(req.get("backbone"))),
+            "cell_id": cfg["cell_id"],
+            "protocol": req["protocol"],
+            "method": req["method"],
+            "dataset": req["dataset"],
+            "shots": str(req["shots"]),
+            "seed": str(cfg["seed"]),
+            "stage": cfg["stage"],
+            "optuna_trial_number": str(cfg.get("optuna_number")),
+            "tune_trial_id": trial.trial_id,
+            "config_hash": config_hash(req),
+            "git_commit": self.commit,
+        }
         retry = cfg.get("retry_of") or {}
         if retry.get("mlflow_run_id"):
             tags["retry_of"] = retry["mlflow_run_id"]  # the failed trial's run, which this one runs again
@@ -266,8 +352,9 @@ class MlflowTracking(Callback):
         if not self.state["trials"][trial.trial_id]:
             self._submit(CreateRun(key=key, name=name, tags=tags, parent=cell, lookup=lookup))
         if continues.get("tune_trial_id"):
-            self._submit(LogBatch(key=key, tags={"tune_trial_id": trial.trial_id,
-                                                 "continues_trial": continues["tune_trial_id"]}))
+            self._submit(
+                LogBatch(key=key, tags={"tune_trial_id": trial.trial_id, "continues_trial": continues["tune_trial_id"]})
+            )
         self._log_params(key, params)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -282,7 +369,7 @@ class MlflowTracking(Callback):
         """``params`` on the run ``key``, in batches of MLflow's most per call (values cut to its 6000 characters)."""
         items = sorted((k, v[:6000]) for k, v in params.items())
         for i in range(0, len(items), MLFLOW_MAX_PARAMS):
-            self._submit(LogBatch(key=key, params=dict(items[i:i + MLFLOW_MAX_PARAMS])))
+            self._submit(LogBatch(key=key, params=dict(items[i : i + MLFLOW_MAX_PARAMS])))
 
     def _end(self, key: str, status: str) -> None:
         if key not in self.state["closed"]:
@@ -303,22 +390,36 @@ class MlflowTracking(Callback):
         notes = _note_tags(last.get("run_notes"))
         if notes and trial.trial_id in self.state["trials"]:
             self._submit(LogBatch(key=f"trial:{trial.trial_id}", tags=notes))
-        self._close(trial, "FAILED" if failed else "FINISHED",
-                    _error_tags(last.get("error_class"), last.get("error_message")) if failed else None)
+        self._close(
+            trial,
+            "FAILED" if failed else "FINISHED",
+            _error_tags(last.get("error_class"), last.get("error_message")) if failed else None,
+        )
 
     def on_trial_error(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
-        self._close(trial, "FAILED", _error_tags(last.get("error_class") or "TrialError",
-                                                 last.get("error_message") or str(getattr(trial, "error_file", "") or "")))
+        self._close(
+            trial,
+            "FAILED",
+            _error_tags(
+                last.get("error_class") or "TrialError",
+                last.get("error_message") or str(getattr(trial, "error_file", "") or ""),
+            ),
+        )
 
     def on_step_end(self, iteration, trials, **info):
         if not self.sender.background:
             self.sender.flush()  # catch up while the sweep runs, even between trial events
 
     # --- the end ------------------------------------------------------------------------------
-    def finish(self, status: str = "FINISHED", cells: Optional[dict[str, dict]] = None,
-               metrics: Optional[dict[str, float]] = None, spec: Optional[dict] = None,
-               artifacts: tuple[tuple[Path, Optional[str]], ...] = ()) -> Optional[Path]:
+    def finish(
+        self,
+        status: str = "FINISHED",
+        cells: Optional[dict[str, dict]] = None,
+        metrics: Optional[dict[str, float]] = None,
+        spec: Optional[dict] = None,
+        artifacts: tuple[tuple[Path, Optional[str]], ...] = (),
+    ) -> Optional[Path]:
         """Close the cell runs and the parent run, send what is queued, and write what is left (its path).
 
         ``cells``: ``{cell id: cell_summary(...)}``: each cell run logs its metrics and chosen
@@ -339,8 +440,13 @@ class MlflowTracking(Callback):
             summary = (cells or {}).get(cid)
             key = f"cell:{cid}"
             if summary is not None and key not in self.state["closed"]:
-                self._submit(LogBatch(key=key, params=summary["params"],
-                                      metrics=[[k, float(v), now, 0] for k, v in summary["metrics"].items()]))
+                self._submit(
+                    LogBatch(
+                        key=key,
+                        params=summary["params"],
+                        metrics=[[k, float(v), now, 0] for k, v in summary["metrics"].items()],
+                    )
+                )
             self._end(key, summary["status"] if summary is not None else status)
         if metrics and sweep_open:
             self._submit(LogBatch(key="sweep", metrics=[[k, float(v), now, 0] for k, v in metrics.items()]))
@@ -420,6 +526,10 @@ class MlflowTracking(Callback):
         if isinstance(self.state.get("closed"), list):  # pickled when closed runs were a list (O(N) lookups)
             self.state["closed"] = dict.fromkeys(self.state["closed"], True)
         if "sender" not in d:  # pickled before the queue had its own object: its operations were in the state
-            self.sender = Sender(self, mask_uri(self.tracking_uri), d.get("background", False),
-                                 listed_in=str(self.backlog_path or BACKLOG_FILE))
+            self.sender = Sender(
+                self,
+                mask_uri(self.tracking_uri),
+                d.get("background", False),
+                listed_in=str(self.backlog_path or BACKLOG_FILE),
+            )
             self.sender.merge(self.state.pop("pending", []), self.state.pop("rejected", []))

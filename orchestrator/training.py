@@ -13,6 +13,7 @@
   ``drop_last`` only when ``len >= batch_size``; in-memory datasets (cached features) are loaded without
   worker processes.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,10 @@ from methods.base import TrainConfig
 
 def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
     if not groups:
-        raise ConfigError("the method has no trainable parameters; use a method with trains_by_gradient=False or "
-                          "check its configuration")
+        raise ConfigError(
+            "the method has no trainable parameters; use a method with trains_by_gradient=False or "
+            "check its configuration"
+        )
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
@@ -80,9 +83,15 @@ class IndexedDataset(Dataset):
 
 def train_loader(data: Dataset, cfg: TrainConfig, generator: torch.Generator) -> DataLoader:
     """Shuffled training batches ``(inputs, labels, indices)`` over ``data`` (see the module docstring)."""
-    return DataLoader(IndexedDataset(data), batch_size=cfg.batch_size, shuffle=True, generator=generator,
-                      drop_last=cfg.drop_last and len(data) >= cfg.batch_size, num_workers=_workers(data, cfg),
-                      persistent_workers=False)
+    return DataLoader(
+        IndexedDataset(data),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        generator=generator,
+        drop_last=cfg.drop_last and len(data) >= cfg.batch_size,
+        num_workers=_workers(data, cfg),
+        persistent_workers=False,
+    )
 
 
 def eval_loader(data: Dataset, cfg: TrainConfig) -> DataLoader:

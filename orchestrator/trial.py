@@ -27,6 +27,7 @@
 CLI: ``python -m orchestrator.trial --method coop --dataset digits --shots 4 --seed 1 [--set k=v] --json``
 prints the final metrics as JSON on the last stdout line; user errors print ``error: ...`` and exit 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -113,8 +114,10 @@ def build_configs(req: TrialRequest, method_cls) -> tuple[TrainConfig, Any]:
         elif key in mf:
             meth[key] = value
         else:
-            raise ConfigError(f"unknown setting '{key}' for method {req.method} (valid: training "
-                              f"{', '.join(sorted(tf))}; method {', '.join(sorted(mf)) or '(none)'})")
+            raise ConfigError(
+                f"unknown setting '{key}' for method {req.method} (valid: training "
+                f"{', '.join(sorted(tf))}; method {', '.join(sorted(mf)) or '(none)'})"
+            )
     train.update(injected_fault(req))
     try:
         train_cfg = TrainConfig(**train)
@@ -158,14 +161,22 @@ class TimeLimit:
 
     def check(self, where: str) -> None:
         if self.limit_s is not None and time.time() - self.t0 > self.limit_s:
-            raise TrainingError(f"the trial ran past its time limit max_trial_s={self.limit_s:g} s ({where}); raise "
-                                "max_trial_s (train.defaults or --set max_trial_s=SECONDS) or remove it",
-                                error_class="timeout")
+            raise TrainingError(
+                f"the trial ran past its time limit max_trial_s={self.limit_s:g} s ({where}); raise "
+                "max_trial_s (train.defaults or --set max_trial_s=SECONDS) or remove it",
+                error_class="timeout",
+            )
 
 
 @torch.no_grad()
-def evaluate(method, loader, device: torch.device, cfg: TrainConfig, what: str = "the evaluation split",
-             limit: Optional[TimeLimit] = None) -> float:
+def evaluate(
+    method,
+    loader,
+    device: torch.device,
+    cfg: TrainConfig,
+    what: str = "the evaluation split",
+    limit: Optional[TimeLimit] = None,
+) -> float:
     """Top-1 accuracy in percent over ``loader`` (micro average); ``EmptySplitError`` (error class
     ``empty_split``) when it holds no image — an accuracy over nothing is not 0 %. ``limit`` is checked per batch."""
     method.eval()
@@ -178,7 +189,9 @@ def evaluate(method, loader, device: torch.device, cfg: TrainConfig, what: str =
         correct += int((logits.float().argmax(-1).cpu() == labels).sum())
         total += len(labels)
     if total == 0:
-        raise EmptySplitError(f"{what} has no images: nothing to score (check the dataset with python -m fewshot check)")
+        raise EmptySplitError(
+            f"{what} has no images: nothing to score (check the dataset with python -m fewshot check)"
+        )
     return 100.0 * correct / total
 
 
@@ -194,8 +207,12 @@ def _data(req: TrialRequest):
     if req.protocol == "base2novel":
         names, (train, val, test) = subsample_classes("base", split.train, split.val, ds.test)
         novel_names, (_, novel_test) = subsample_classes("new", split.train, ds.test)
-        return names, train, val, [("base", req.dataset, lambda: (names, test)),
-                                   ("novel", req.dataset, lambda: (novel_names, novel_test))]
+        return (
+            names,
+            train,
+            val,
+            [("base", req.dataset, lambda: (names, test)), ("novel", req.dataset, lambda: (novel_names, novel_test))],
+        )
 
     def target(name: str):
         tds = load_dataset(name, req.data_root)
@@ -210,7 +227,8 @@ def _data(req: TrialRequest):
 def is_oom(exc: BaseException) -> bool:
     """CUDA's OutOfMemoryError, or the CPU allocator's failure (a plain RuntimeError)."""
     return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "out of memory" in str(exc)))
+        isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "out of memory" in str(exc))
+    )
 
 
 class _Stepper:
@@ -243,7 +261,7 @@ class _Stepper:
         self.opt.zero_grad(set_to_none=True)
         total = None
         for i in range(0, n, size):
-            x, y, idx = images[i:i + size], labels[i:i + size], indices[i:i + size]
+            x, y, idx = images[i : i + size], labels[i : i + size], indices[i : i + size]
             if cfg.fault == "oom" and step >= cfg.fault_step and len(y) > cfg.fault_oom_batch:
                 raise torch.OutOfMemoryError(f"injected out-of-memory for a micro-batch of {len(y)} (fault: oom)")
             with _autocast(self.device, cfg):
@@ -264,12 +282,18 @@ class _Stepper:
             torch.cuda.empty_cache()
         current = self.micro or self.cfg.batch_size
         if not self.cfg.oom_retry or current <= 1:
-            raise TrainingError(f"out of memory at step {step} with a micro-batch of {current}: lower batch_size, set "
-                                f"oom_retry: true (smaller micro-batches, same effective batch), or give each trial "
-                                f"more GPU memory (fewer trials per GPU) ({str(exc)[:200]})", error_class="oom") from None
+            raise TrainingError(
+                f"out of memory at step {step} with a micro-batch of {current}: lower batch_size, set "
+                f"oom_retry: true (smaller micro-batches, same effective batch), or give each trial "
+                f"more GPU memory (fewer trials per GPU) ({str(exc)[:200]})",
+                error_class="oom",
+            ) from None
         self.micro = max(1, current // 2)
-        print(f"[trial] out of memory at step {step}: retrying with micro-batches of {self.micro}", file=sys.stderr,
-              flush=True)
+        print(
+            f"[trial] out of memory at step {step}: retrying with micro-batches of {self.micro}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 class _Views:
@@ -291,9 +315,21 @@ class _Views:
     def _features(self, items, transform, view: str, split: str, seed=None):
         from orchestrator.feature_cache import cached_split
 
-        return cached_split(self.cache, self.bb, items, transform, view, split, self.cfg.eval_batch_size,
-                            self.cfg.num_workers, lambda: _autocast(self.device, self.cfg), self.device.type, seed,
-                            encode=self.cls.frozen_image_output, output=self.cls.frozen_output_kind)
+        return cached_split(
+            self.cache,
+            self.bb,
+            items,
+            transform,
+            view,
+            split,
+            self.cfg.eval_batch_size,
+            self.cfg.num_workers,
+            lambda: _autocast(self.device, self.cfg),
+            self.device.type,
+            seed,
+            encode=self.cls.frozen_image_output,
+            output=self.cls.frozen_output_kind,
+        )
 
     def eval(self, items, split: str):
         from fewshot.images import ImageDataset
@@ -302,8 +338,9 @@ class _Views:
             return ImageDataset(items, self.eval_tf, split=split)
         from orchestrator.feature_cache import FeatureDataset
 
-        return FeatureDataset([self._features(items, self.eval_tf, "eval", split)], [it.label for it in items], split,
-                              items=items)
+        return FeatureDataset(
+            [self._features(items, self.eval_tf, "eval", split)], [it.label for it in items], split, items=items
+        )
 
     def train(self, items):
         from fewshot.images import ImageDataset
@@ -314,8 +351,10 @@ class _Views:
         from orchestrator.feature_cache import FeatureDataset
 
         lo, hi = self.cfg.crop_scale  # part of a view's key: views drawn with another crop range are other views
-        views = [self._features(items, self.train_tf, f"train-{i}-crop{lo:g}-{hi:g}", "train", seed=1000 + i)
-                 for i in range(k)]
+        views = [
+            self._features(items, self.train_tf, f"train-{i}-crop{lo:g}-{hi:g}", "train", seed=1000 + i)
+            for i in range(k)
+        ]
         return FeatureDataset(views, [it.label for it in items], "train", items=items)
 
 
@@ -342,8 +381,14 @@ class _Run:
     val_images: int = 0
 
     def val_acc(self) -> float:
-        acc = evaluate(self.method, self.val_loader, self.device, self.train_cfg,
-                       f"the validation split of {self.req.dataset}", self.limit)
+        acc = evaluate(
+            self.method,
+            self.val_loader,
+            self.device,
+            self.train_cfg,
+            f"the validation split of {self.req.dataset}",
+            self.limit,
+        )
         self.val_images += len(self.val_loader.dataset)
         return acc
 
@@ -380,8 +425,13 @@ class _Schedule:
     n_epochs: int
 
 
-def run_trial(req: TrialRequest, *, output_dir: Optional[Path] = None, report: Optional[Report] = None,
-              resume_from: Optional[Path] = None) -> dict:
+def run_trial(
+    req: TrialRequest,
+    *,
+    output_dir: Optional[Path] = None,
+    report: Optional[Report] = None,
+    resume_from: Optional[Path] = None,
+) -> dict:
     """Run one trial and return its final metrics (see the module docstring): ``_build`` (settings, checkpoint,
     data, method), then ``_train`` (epochs of ``_train_step``s, each epoch ended by ``_end_epoch``) or ``_fit``,
     then ``_final_metrics`` (with ``_test``)."""
@@ -400,10 +450,13 @@ def _method_class(req: TrialRequest):
 
     cls = get_method(req.method)
     if req.protocol not in cls.protocols:
-        raise ConfigError(f"method {req.method} does not support protocol {req.protocol} (it supports: "
-                          f"{', '.join(cls.protocols)})")
+        raise ConfigError(
+            f"method {req.method} does not support protocol {req.protocol} (it supports: {', '.join(cls.protocols)})"
+        )
     if req.protocol in TRANSFER_PROTOCOLS and not req.targets:
-        raise ConfigError(f"protocol {req.protocol} needs targets: the datasets to evaluate on (e.g. --target imagenet_v2)")
+        raise ConfigError(
+            f"protocol {req.protocol} needs targets: the datasets to evaluate on (e.g. --target imagenet_v2)"
+        )
     return cls
 
 
@@ -422,8 +475,10 @@ def _build(req: TrialRequest, t0: float, resume_from: Optional[Path]) -> _Run:
     classnames, train_items, val_items, test_sets = _data(req)
     views = _Views(bb, cls, train_cfg, device)
     if not val_items:
-        raise EmptySplitError(f"the {req.shots}-shot validation split of {req.dataset} (seed {req.seed}) is empty: the "
-                              "dataset has no val images (check it with python -m fewshot check)")
+        raise EmptySplitError(
+            f"the {req.shots}-shot validation split of {req.dataset} (seed {req.seed}) is empty: the "
+            "dataset has no val images (check it with python -m fewshot check)"
+        )
     # closed-form methods (the linear probe) fit on the training images as evaluated — centre crops, as CoOp's
     # lpclip extracts its features — not on random augmentations; gradient methods train on augmented views
     train_ds = views.train(train_items) if cls.trains_by_gradient else views.eval(train_items, "train")
@@ -435,8 +490,23 @@ def _build(req: TrialRequest, t0: float, resume_from: Optional[Path]) -> _Run:
     loader = training.train_loader(train_ds, train_cfg, gen)
     if len(train_ds) == 0:
         raise EmptySplitError(f"the {req.shots}-shot training split of {req.dataset} is empty")
-    return _Run(req, cls, train_cfg, limit, device, classnames, test_sets, views, method, train_ds, loader,
-                val_loader, gen, state, resume_from)
+    return _Run(
+        req,
+        cls,
+        train_cfg,
+        limit,
+        device,
+        classnames,
+        test_sets,
+        views,
+        method,
+        train_ds,
+        loader,
+        val_loader,
+        gen,
+        state,
+        resume_from,
+    )
 
 
 def _fit(run: _Run) -> _Progress:
@@ -493,10 +563,17 @@ def _restore(run: _Run, schedule: _Schedule) -> _Progress:
         schedule.opt.load_state_dict(state["optimizer"])
         schedule.sched.load_state_dict(state["scheduler"])
     except (RuntimeError, KeyError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {run.resume_from} does not fit this trial ({run.req.method}, its "
-                              f"configuration): {str(exc)[:200]}; resume only with the same request") from None
-    progress = _Progress(epochs_run=state["epoch"], step=state["step"], best_val=state["best_val"],
-                         best_state=state.get("best_state"), last_val=state.get("last_val"))
+        raise CheckpointError(
+            f"checkpoint {run.resume_from} does not fit this trial ({run.req.method}, its "
+            f"configuration): {str(exc)[:200]}; resume only with the same request"
+        ) from None
+    progress = _Progress(
+        epochs_run=state["epoch"],
+        step=state["step"],
+        best_val=state["best_val"],
+        best_state=state.get("best_state"),
+        last_val=state.get("last_val"),
+    )
     ckpt.restore_rng(state["rng"], run.gen)
     return progress
 
@@ -528,20 +605,34 @@ def _run_epoch(run: _Run, schedule: _Schedule, stepper: "_Stepper", progress: _P
 
 def _validates_mid_epoch(cfg: TrainConfig, step: int, steps_per_epoch: int) -> bool:
     """True after a step ``eval_every_iters`` asks to validate at (an epoch's last step is validated anyway)."""
-    return bool(cfg.selection == "best_val" and cfg.eval_every_iters and step % cfg.eval_every_iters == 0
-                and step % steps_per_epoch != 0)
+    return bool(
+        cfg.selection == "best_val"
+        and cfg.eval_every_iters
+        and step % cfg.eval_every_iters == 0
+        and step % steps_per_epoch != 0
+    )
 
 
-def _train_step(run: _Run, schedule: _Schedule, stepper: "_Stepper", progress: _Progress, epoch: int,
-                images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> float:
+def _train_step(
+    run: _Run,
+    schedule: _Schedule,
+    stepper: "_Stepper",
+    progress: _Progress,
+    epoch: int,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    indices: torch.Tensor,
+) -> float:
     """One optimizer step (time limit checked first; NaN/inf loss stops the trial); returns the batch loss."""
     cfg, where = run.train_cfg, f"at epoch {epoch + 1} step {progress.step + 1}"
     run.limit.check(where)
     batch = (images.to(run.device), labels.to(run.device), indices.to(run.device))
     loss_value = stepper.step_retrying(*batch, progress.step + 1)
     if not math.isfinite(loss_value):
-        raise TrainingError(f"loss became {loss_value} {where}: lower the learning rate (lr={cfg.lr}) or enable "
-                            "grad_clip", error_class="nan_loss")
+        raise TrainingError(
+            f"loss became {loss_value} {where}: lower the learning rate (lr={cfg.lr}) or enable grad_clip",
+            error_class="nan_loss",
+        )
     if cfg.grad_clip:
         torch.nn.utils.clip_grad_norm_([p for g in schedule.opt.param_groups for p in g["params"]], cfg.grad_clip)
     schedule.opt.step()
@@ -550,40 +641,62 @@ def _train_step(run: _Run, schedule: _Schedule, stepper: "_Stepper", progress: _
     return loss_value
 
 
-def _end_epoch(run: _Run, schedule: _Schedule, progress: _Progress, train_loss: float, output_dir: Optional[Path],
-               report: Report) -> Optional[Path]:
+def _end_epoch(
+    run: _Run, schedule: _Schedule, progress: _Progress, train_loss: float, output_dir: Optional[Path], report: Report
+) -> Optional[Path]:
     """Validate, keep the best state, write the checkpoint (with ``output_dir``) and report the epoch's metrics;
     returns the checkpoint directory."""
     progress.last_val = run.val_acc()
     progress.keep_if_best(progress.last_val, run.method)
-    metrics = {"epoch": progress.epochs_run, "train_loss": train_loss, "lr": schedule.opt.param_groups[0]["lr"],
-               "step": progress.step}
+    metrics = {
+        "epoch": progress.epochs_run,
+        "train_loss": train_loss,
+        "lr": schedule.opt.param_groups[0]["lr"],
+        "step": progress.step,
+    }
     if progress.last_val is not None:
         metrics["val_acc"] = progress.last_val
     ckpt_dir = _save_checkpoint(run, schedule, progress, output_dir) if output_dir is not None else None
-    print(f"[trial] epoch {progress.epochs_run}/{schedule.n_epochs} loss {train_loss:.4f}"
-          + (f" val {progress.last_val:.2f}" if progress.last_val is not None else ""), file=sys.stderr, flush=True)
+    print(
+        f"[trial] epoch {progress.epochs_run}/{schedule.n_epochs} loss {train_loss:.4f}"
+        + (f" val {progress.last_val:.2f}" if progress.last_val is not None else ""),
+        file=sys.stderr,
+        flush=True,
+    )
     report(metrics, ckpt_dir)
     return ckpt_dir
 
 
 def _save_checkpoint(run: _Run, schedule: _Schedule, progress: _Progress, output_dir: Path) -> Path:
     """``<output_dir>/checkpoints/epoch_NNNN``: everything ``_restore`` reads back (``orchestrator.checkpoint``)."""
-    return ckpt.save(Path(output_dir) / "checkpoints" / f"epoch_{progress.epochs_run:04d}", {
-        "method": run.method.trainable_state_dict(), "optimizer": schedule.opt.state_dict(),
-        "scheduler": schedule.sched.state_dict(), "epoch": progress.epochs_run, "step": progress.step,
-        "best_val": progress.best_val, "best_state": progress.best_state, "last_val": progress.last_val,
-        "rng": ckpt.rng_state(run.gen)})
+    return ckpt.save(
+        Path(output_dir) / "checkpoints" / f"epoch_{progress.epochs_run:04d}",
+        {
+            "method": run.method.trainable_state_dict(),
+            "optimizer": schedule.opt.state_dict(),
+            "scheduler": schedule.sched.state_dict(),
+            "epoch": progress.epochs_run,
+            "step": progress.step,
+            "best_val": progress.best_val,
+            "best_state": progress.best_state,
+            "last_val": progress.last_val,
+            "rng": ckpt.rng_state(run.gen),
+        },
+    )
 
 
 def _final_metrics(run: _Run, progress: _Progress, t0: float) -> dict:
     """The trial's result: validation accuracy, cost in images and time, test accuracies (``stage="final"``) and
     the method's run notes."""
-    final: dict[str, Any] = {"val_acc": progress.last_val, "epochs_run": progress.epochs_run,
-                             "images_trained": progress.train_images}
+    final: dict[str, Any] = {
+        "val_acc": progress.last_val,
+        "epochs_run": progress.epochs_run,
+        "images_trained": progress.train_images,
+    }
     if progress.train_images and run.cls.trains_by_gradient:  # training throughput (data loading in; validation not)
-        final.update(train_images=progress.train_images,
-                     train_images_per_s=progress.train_images / max(progress.train_s, 1e-9))
+        final.update(
+            train_images=progress.train_images, train_images_per_s=progress.train_images / max(progress.train_s, 1e-9)
+        )
     if progress.micro_batch is not None:
         final["micro_batch"] = progress.micro_batch  # out-of-memory retries shrank it (gradients accumulated)
     if run.req.stage == "final":
@@ -598,8 +711,15 @@ def _final_metrics(run: _Run, progress: _Progress, t0: float) -> dict:
     return final
 
 
-def _test(req: TrialRequest, method, views: "_Views", test_sets: list, cfg: TrainConfig, device: torch.device,
-          limit: Optional[TimeLimit] = None) -> dict:
+def _test(
+    req: TrialRequest,
+    method,
+    views: "_Views",
+    test_sets: list,
+    cfg: TrainConfig,
+    device: torch.device,
+    limit: Optional[TimeLimit] = None,
+) -> dict:
     """Score every test set, each with its own dataset's class names and templates. The source (and base /
     novel) failing fails the trial; a transfer target that fails (unreadable, empty) is recorded as
     ``failed_targets`` / error class ``target_failed`` and the other targets' accuracies are kept (then no
@@ -612,8 +732,9 @@ def _test(req: TrialRequest, method, views: "_Views", test_sets: list, cfg: Trai
             names, items = load()
             method.set_classnames(names, dataset)
             data = views.eval(items, "test")
-            results[key] = evaluate(method, training.eval_loader(data, cfg), device, cfg, f"the test split of {dataset}",
-                                    limit)
+            results[key] = evaluate(
+                method, training.eval_loader(data, cfg), device, cfg, f"the test split of {dataset}", limit
+            )
             read += data.images_read
         except UserError as exc:
             if not key.startswith("acc_") or getattr(exc, "error_class", None) == "timeout":
@@ -645,8 +766,13 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--protocol", default="fewshot")
     ap.add_argument("--stage", default="final")
-    ap.add_argument("--target", action="append", dest="targets", metavar="DATASET",
-                    help="evaluation dataset for cross_dataset / domain_generalization (repeatable)")
+    ap.add_argument(
+        "--target",
+        action="append",
+        dest="targets",
+        metavar="DATASET",
+        help="evaluation dataset for cross_dataset / domain_generalization (repeatable)",
+    )
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--output", default=None, help="directory for checkpoints")
     ap.add_argument("--resume", default=None, help="checkpoint directory to continue from")
@@ -664,14 +790,23 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         try:
-            req = TrialRequest(method=args.method, dataset=args.dataset, shots=args.shots, seed=args.seed,
-                               protocol=args.protocol, stage=args.stage, targets=args.targets,
-                               backbone=BackboneRef(arch=args.arch, pretrained=args.pretrained),
-                               data_root=args.data_root, overrides=parse_sets(args.set), device=args.device)
+            req = TrialRequest(
+                method=args.method,
+                dataset=args.dataset,
+                shots=args.shots,
+                seed=args.seed,
+                protocol=args.protocol,
+                stage=args.stage,
+                targets=args.targets,
+                backbone=BackboneRef(arch=args.arch, pretrained=args.pretrained),
+                data_root=args.data_root,
+                overrides=parse_sets(args.set),
+                device=args.device,
+            )
         except ValidationError as exc:
             raise ConfigError(_validation_message(exc, "trial option")) from None
-        from methods.registry import get_method
         from fewshot.registry import dataset_names
+        from methods.registry import get_method
 
         get_method(req.method)
         if req.dataset not in dataset_names():
@@ -679,8 +814,11 @@ def main(argv=None) -> int:
         from fewshot.paths import check_cache_writable
 
         check_cache_writable()  # the split and feature caches are written there
-        final = run_trial(req, output_dir=Path(args.output) if args.output else None,
-                          resume_from=Path(args.resume) if args.resume else None)
+        final = run_trial(
+            req,
+            output_dir=Path(args.output) if args.output else None,
+            resume_from=Path(args.resume) if args.resume else None,
+        )
     except UserError as exc:
         print(error_line(exc), file=sys.stderr)
         return 2

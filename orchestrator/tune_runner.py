@@ -34,6 +34,7 @@ scheduler, and building or restoring the one ``Tuner`` that runs every trial.
   a file first, renames the state files of that save ``*.damaged``, and the sweep continues from the
   ledger on a fresh Tuner in the same folder.
 """
+
 from __future__ import annotations
 
 import os
@@ -53,8 +54,12 @@ EXPERIMENT_NAME = "tune"
 
 # --- Ray -----------------------------------------------------------------------------------------
 
-def ensure_ray(address: Optional[str] = None, dashboard: Optional[tuple[str, int]] = None,
-               job_metadata: Optional[dict[str, str]] = None) -> bool:
+
+def ensure_ray(
+    address: Optional[str] = None,
+    dashboard: Optional[tuple[str, int]] = None,
+    job_metadata: Optional[dict[str, str]] = None,
+) -> bool:
     """Connect to ``address`` / $RAY_ADDRESS, else start a local Ray whose every listener binds loopback
     (``LOCAL_NODE_IP``), with its dashboard on ``dashboard`` = (host, port) when given (its URL printed).
     ``job_metadata`` is the Ray job's metadata (the dashboard's Jobs table, ``ray list jobs --detail``; a job
@@ -72,14 +77,27 @@ def ensure_ray(address: Optional[str] = None, dashboard: Optional[tuple[str, int
     addr = address or os.environ.get("RAY_ADDRESS")
     if addr:
         leave_job_working_dir()
-        ray.init(address=addr, runtime_env=runtime_env, job_config=job_config, logging_level=logging.WARNING,
-                 log_to_driver=False)
+        ray.init(
+            address=addr,
+            runtime_env=runtime_env,
+            job_config=job_config,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
         return False
     board = {"dashboard_host": dashboard[0], "dashboard_port": dashboard[1]} if dashboard else {}
     with ray_internals.cluster_mode_off():
-        ctx = ray.init(address="local", _node_ip_address=LOCAL_NODE_IP, num_cpus=os.cpu_count(),
-                       include_dashboard=dashboard is not None, **board, runtime_env=runtime_env,
-                       job_config=job_config, logging_level=logging.WARNING, log_to_driver=False)
+        ctx = ray.init(
+            address="local",
+            _node_ip_address=LOCAL_NODE_IP,
+            num_cpus=os.cpu_count(),
+            include_dashboard=dashboard is not None,
+            **board,
+            runtime_env=runtime_env,
+            job_config=job_config,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
     if dashboard:
         print(f"ray dashboard: http://{ctx.dashboard_url or '%s:%d' % dashboard}", flush=True)
     return True
@@ -122,8 +140,10 @@ def check_trial_fits(cpu: float, gpu: float, nodes: list[dict], where: str) -> l
     fits = [nd for nd in nodes if nd.get("CPU", 0) >= cpu and nd.get("GPU", 0) >= gpu]
     if not fits:
         have = ", ".join(f"cpu={nd.get('CPU', 0):g} gpu={nd.get('GPU', 0):g}" for nd in nodes) or "no nodes"
-        raise ConfigError(f"resources: {where} can run a trial asking cpu={cpu:g} gpu={gpu:g} ({have}); "
-                          "lower resources.cpu/gpu in the spec or connect to a cluster with --address")
+        raise ConfigError(
+            f"resources: {where} can run a trial asking cpu={cpu:g} gpu={gpu:g} ({have}); "
+            "lower resources.cpu/gpu in the spec or connect to a cluster with --address"
+        )
     return fits
 
 
@@ -142,6 +162,7 @@ def max_concurrent_trials(cpu: float, gpu: float, override: Optional[int] = None
 
 
 # --- the trainable --------------------------------------------------------------------------------
+
 
 def _numeric(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None}
@@ -231,19 +252,26 @@ def trial_trainable(config: dict) -> None:
         if not saw_final["v"]:
             report(final)
     except UserError as e:
-        report({"trial_failed": 1, "error_class": getattr(e, "error_class", type(e).__name__),
-                "error_message": str(e)[:2000]})
+        report(
+            {
+                "trial_failed": 1,
+                "error_class": getattr(e, "error_class", type(e).__name__),
+                "error_message": str(e)[:2000],
+            }
+        )
     except Exception as e:  # not the user's: reported, then Tune retries the trial from its checkpoint
         from orchestrator.trial import is_oom
 
-        report({"trial_failed": 1, "error_class": "oom" if is_oom(e) else type(e).__name__,
-                "error_message": str(e)[:2000]})
+        report(
+            {"trial_failed": 1, "error_class": "oom" if is_oom(e) else type(e).__name__, "error_message": str(e)[:2000]}
+        )
         raise
     finally:
         release_trial_memory()
 
 
 # --- driver-side results ledger ---------------------------------------------------------------------
+
 
 class ResultsCallback(Callback):
     """The driver's side of the ledger (``orchestrator.ledger``): a journal entry when a trial starts, a row
@@ -257,8 +285,9 @@ class ResultsCallback(Callback):
     are rewritten without them at once. The MLflow callback comes earlier in the callback list, so a starting
     trial's run id is known (or being created) when its start is journaled."""
 
-    def __init__(self, out_dir: Path, meta: dict, cell_order: list[str], tracker=None,
-                 drop_cells: Optional[set] = None):
+    def __init__(
+        self, out_dir: Path, meta: dict, cell_order: list[str], tracker=None, drop_cells: Optional[set] = None
+    ):
         from orchestrator.ledger import Ledger
         from orchestrator.results import remove_stale_temps
 
@@ -282,12 +311,24 @@ class ResultsCallback(Callback):
             status = PRUNED_STATUS  # stopped by the cell's pruner before its final metrics
         err_cls = err_msg = None
         if status == ERROR_STATUS and not last.get("error_class"):
-            err_cls, err_msg = "TrialError", (str(trial.error_file) if getattr(trial, "error_file", None) else "unknown error")
+            err_cls, err_msg = (
+                "TrialError",
+                (str(trial.error_file) if getattr(trial, "error_file", None) else "unknown error"),
+            )
         run_id = self.tracker.trial_run_id(trial.trial_id) if self.tracker else None
         pgf = getattr(trial, "placement_group_factory", None)  # what Ray reserved: the trial's cost
-        self.book.finished(trial_row(trial.config, last, status=status, tune_trial_id=trial.trial_id,
-                                     error_class=err_cls, error_message=err_msg, mlflow_run_id=run_id,
-                                     resources=pgf.required_resources if pgf is not None else None))
+        self.book.finished(
+            trial_row(
+                trial.config,
+                last,
+                status=status,
+                tune_trial_id=trial.trial_id,
+                error_class=err_cls,
+                error_message=err_msg,
+                mlflow_run_id=run_id,
+                resources=pgf.required_resources if pgf is not None else None,
+            )
+        )
 
     def flush(self) -> None:
         """Rewrite every result file now (the end of a driver)."""
@@ -309,8 +350,7 @@ class ResultsCallback(Callback):
 
         c = trial.config
         run_id = self.tracker.trial_run_id(trial.trial_id) if self.tracker else None
-        self.book.started(trial.trial_id, work_key(c["cell_id"], c["stage"], c["seed"], c.get("optuna_number")),
-                          run_id)
+        self.book.started(trial.trial_id, work_key(c["cell_id"], c["stage"], c["seed"], c.get("optuna_number")), run_id)
         if self.scheduler is not None:
             self.scheduler.trial_event()
 
@@ -318,9 +358,9 @@ class ResultsCallback(Callback):
         """Delete the trial's older checkpoints once a newer one is registered (Tune keeps them all: with
         ``num_to_keep`` it would save its O(N) snapshot at every trial checkpoint)."""
         folder, _, name = checkpoint.path.rstrip("/").rpartition("/")
-        if not (name.startswith("checkpoint_") and name[len("checkpoint_"):].isdigit()):
+        if not (name.startswith("checkpoint_") and name[len("checkpoint_") :].isdigit()):
             return
-        newest = int(name[len("checkpoint_"):])
+        newest = int(name[len("checkpoint_") :])
         if self.scheduler is not None:
             self.scheduler.trial_event()  # Tune's snapshot, and the sync of its trial logs to storage
         for idx, path in _checkpoints_on_storage(checkpoint.filesystem, folder):
@@ -348,6 +388,7 @@ class ResultsCallback(Callback):
 
 # --- pruning --------------------------------------------------------------------------------------
 
+
 class CellPruningScheduler(FIFOScheduler):
     """Stops a search trial when its own cell's Optuna pruner says so (never compares across cells)."""
 
@@ -362,6 +403,7 @@ class CellPruningScheduler(FIFOScheduler):
 
 
 # --- the Tuner ------------------------------------------------------------------------------------
+
 
 def experiment_path(out_dir: Path) -> Path:
     return Path(out_dir) / EXPERIMENT_NAME
@@ -428,17 +470,22 @@ def set_aside_damaged_state(path: Path) -> Optional[str]:
     None when everything reads. Tune names each driver's files by its start time, so the newest is the
     lexically largest ``experiment_state-*.json``."""
     states = sorted(path.glob("experiment_state-*.json"))
-    stamp = states[-1].name[len("experiment_state-"):-len(".json")] if states else None
-    files = [p for p in (path / "tuner.pkl", *(q for stem in _STATE_STEMS for q in path.glob(f"{stem}-{stamp}.*")))
-             if stamp is not None or p.name == "tuner.pkl"]
+    stamp = states[-1].name[len("experiment_state-") : -len(".json")] if states else None
+    files = [
+        p
+        for p in (path / "tuner.pkl", *(q for stem in _STATE_STEMS for q in path.glob(f"{stem}-{stamp}.*")))
+        if stamp is not None or p.name == "tuner.pkl"
+    ]
     bad = next(((p, why) for p in files if p.is_file() and (why := _unreadable(p))), None)
     if bad is None:
         return None
     for p in files:
         if p.is_file():
             p.rename(p.with_name(p.name + DAMAGED_SUFFIX))
-    return (f"resume: Tune's saved state {bad[0].name} cannot be read ({bad[1]}), as after a write cut short by a "
-            f"full disk; its files are kept as *{DAMAGED_SUFFIX} and the sweep continues from trials.arrow")
+    return (
+        f"resume: Tune's saved state {bad[0].name} cannot be read ({bad[1]}), as after a write cut short by a "
+        f"full disk; its files are kept as *{DAMAGED_SUFFIX} and the sweep continues from trials.arrow"
+    )
 
 
 def _checkpoints_on_storage(fs, folder: str) -> list[tuple[int, str]]:
@@ -452,8 +499,11 @@ def _checkpoints_on_storage(fs, folder: str) -> list[tuple[int, str]]:
         infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
     except OSError:
         return []
-    return [(int(m.group(1)), info.path) for info in infos
-            if info.type == pafs.FileType.Directory and (m := pattern.fullmatch(info.base_name))]
+    return [
+        (int(m.group(1)), info.path)
+        for info in infos
+        if info.type == pafs.FileType.Directory and (m := pattern.fullmatch(info.base_name))
+    ]
 
 
 def _restorable_checkpoint(trial) -> Optional[str]:
@@ -481,9 +531,9 @@ def _restorable_checkpoint(trial) -> Optional[str]:
             return None
         fs = cur.filesystem
         folder, _, name = cur.path.rstrip("/").rpartition("/")
-        if not (name.startswith("checkpoint_") and name[len("checkpoint_"):].isdigit()):
+        if not (name.startswith("checkpoint_") and name[len("checkpoint_") :].isdigit()):
             return None
-        gone = int(name[len("checkpoint_"):])
+        gone = int(name[len("checkpoint_") :])
     else:
         where = ray_internals.trial_storage(trial)
         if where is None:
@@ -571,16 +621,24 @@ class LedgerScheduler(CellPruningScheduler):
                 old = trial.checkpoint
                 new = _restorable_checkpoint(trial)
                 if new:
-                    named = (f"named {Path(old.path).name}, which it had already replaced" if old is not None
-                             else "named none: the trial checkpointed after it")
-                    print(f"resume: trial {trial.trial_id} continues from {Path(new).name} (Tune's snapshot "
-                          f"{named})", flush=True)
+                    named = (
+                        f"named {Path(old.path).name}, which it had already replaced"
+                        if old is not None
+                        else "named none: the trial checkpointed after it"
+                    )
+                    print(
+                        f"resume: trial {trial.trial_id} continues from {Path(new).name} (Tune's snapshot {named})",
+                        flush=True,
+                    )
                 self.searcher.adopt(trial.trial_id, trial.config)
                 return
             trial.set_status(Trial.TERMINATED)
             ray_internals.drop_live_trial(tune_controller, trial)
-            print(f"resume: trial {trial.trial_id} finished after Tune's last snapshot; its row stands, it does "
-                  "not run again", flush=True)
+            print(
+                f"resume: trial {trial.trial_id} finished after Tune's last snapshot; its row stands, it does "
+                "not run again",
+                flush=True,
+            )
         except Exception as e:  # noqa: BLE001
             print(f"warning: resuming trial {trial.trial_id}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
 
@@ -618,8 +676,18 @@ def sweep_trainable(sweep_name: str, cpu: float, gpu: float) -> type:
     return trainable
 
 
-def build_tuner(out_dir: Path, searcher, callbacks: list, cpu: float, gpu: float, max_retries: int,
-                use_pruning: bool, sweep_name: str = "sweep", retry_failed: bool = False, max_concurrent: int = 1):
+def build_tuner(
+    out_dir: Path,
+    searcher,
+    callbacks: list,
+    cpu: float,
+    gpu: float,
+    max_retries: int,
+    use_pruning: bool,
+    sweep_name: str = "sweep",
+    retry_failed: bool = False,
+    max_concurrent: int = 1,
+):
     """A fresh Tuner, or the restored one when the experiment exists (callbacks, scheduler and searcher
     replaced by this driver's).
 
@@ -641,8 +709,9 @@ def build_tuner(out_dir: Path, searcher, callbacks: list, cpu: float, gpu: float
     path = experiment_path(out_dir)
     results_cb = next((cb for cb in callbacks if isinstance(cb, ResultsCallback)), None)
     ledger = dict(results_cb.ledger) if results_cb is not None else {}
-    searcher.set_ledger(ledger.values(), retry_failed=retry_failed,
-                        starts=results_cb.open_starts if results_cb is not None else None)
+    searcher.set_ledger(
+        ledger.values(), retry_failed=retry_failed, starts=results_cb.open_starts if results_cb is not None else None
+    )
     scheduler = LedgerScheduler(searcher, use_pruning, ledger)
     if results_cb is not None:
         results_cb.scheduler = scheduler
@@ -664,9 +733,20 @@ def build_tuner(out_dir: Path, searcher, callbacks: list, cpu: float, gpu: float
         return tuner
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig
 
-    tune_config = TuneConfig(search_alg=SweepSearch(searcher), scheduler=scheduler, num_samples=-1,
-                             reuse_actors=True, trial_dirname_creator=trial_dirname)
-    run_config = RunConfig(name=EXPERIMENT_NAME, storage_path=str(Path(out_dir).resolve()), verbose=0,
-                           callbacks=callbacks, failure_config=FailureConfig(max_failures=max_retries),
-                           checkpoint_config=CheckpointConfig(), log_to_file=True)
+    tune_config = TuneConfig(
+        search_alg=SweepSearch(searcher),
+        scheduler=scheduler,
+        num_samples=-1,
+        reuse_actors=True,
+        trial_dirname_creator=trial_dirname,
+    )
+    run_config = RunConfig(
+        name=EXPERIMENT_NAME,
+        storage_path=str(Path(out_dir).resolve()),
+        verbose=0,
+        callbacks=callbacks,
+        failure_config=FailureConfig(max_failures=max_retries),
+        checkpoint_config=CheckpointConfig(),
+        log_to_file=True,
+    )
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)

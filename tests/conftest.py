@@ -1,4 +1,5 @@
 """Shared pytest set-up: offline caches in a temp dir, quiet single-threaded torch, Ray auth off."""
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """Small data trees in the CoOp layout, with real PNG files, that tests write: a few-class ImageNet, its
 four variants (ImageNet-A/R on a subset of its wnids, V2 numbered folders) and a JSON-split dataset."""
+
 from __future__ import annotations
 
 import json

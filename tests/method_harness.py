@@ -3,6 +3,7 @@
 Each method test module calls these with its own method class and config, so the behaviour that
 matters for all methods is asserted the same way everywhere.
 """
+
 from __future__ import annotations
 
 import io

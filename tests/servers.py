@@ -2,6 +2,7 @@
 ``cluster/local.sh`` and an ``mlflow server`` with a SQLite backend. Nothing here sends traffic to a
 non-loopback address, runs ``ray stop`` or kills a process it did not start.
 """
+
 from __future__ import annotations
 
 import os
@@ -93,9 +94,12 @@ class LocalCluster:
         self.gcs_port = free_port("127.0.0.2")
         self.dashboard_port = free_port("127.0.0.2")
         self.env = env_with_venv(
-            PROMPTSWEEP_CLUSTER_DIR=str(self.state_dir), PROMPTSWEEP_RAY_PORT=str(self.gcs_port),
-            PROMPTSWEEP_DASHBOARD_PORT=str(self.dashboard_port), PROMPTSWEEP_RAY_CLIENT_PORT=str(free_port()),
-            PROMPTSWEEP_AGENT_PORT_BASE=str(self._agent_base()))
+            PROMPTSWEEP_CLUSTER_DIR=str(self.state_dir),
+            PROMPTSWEEP_RAY_PORT=str(self.gcs_port),
+            PROMPTSWEEP_DASHBOARD_PORT=str(self.dashboard_port),
+            PROMPTSWEEP_RAY_CLIENT_PORT=str(free_port()),
+            PROMPTSWEEP_AGENT_PORT_BASE=str(self._agent_base()),
+        )
         self.address: Optional[str] = None
         self.dashboard: Optional[str] = None
         self.output = ""
@@ -118,8 +122,9 @@ class LocalCluster:
         return True
 
     def run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", str(LOCAL_SH), *args], env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            ["bash", str(LOCAL_SH), *args], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
 
     def up(self) -> "LocalCluster":
         p = self.run("up", "--workers", str(self.workers), "--cpus", str(self.cpus), "--gpus", str(self.gpus))
@@ -153,12 +158,24 @@ class MlflowServer:
 
     def start(self, timeout: float = 120) -> "MlflowServer":
         self.root.mkdir(parents=True, exist_ok=True)
-        cmd = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
-               "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-               "--artifacts-destination", str(self.root / "artifacts")]
+        cmd = [
+            str(VENV_BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(self.root / "artifacts"),
+        ]
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env_with_venv(),
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env_with_venv(), start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -206,8 +223,9 @@ def kill_server(server: MlflowServer) -> list[int]:
     return wait_gone(tree, 10)
 
 
-def kill_cluster_node(cluster: LocalCluster, role: str,
-                      timeout: float = 20) -> tuple[dict[int, Optional[str]], list[int]]:
+def kill_cluster_node(
+    cluster: LocalCluster, role: str, timeout: float = 20
+) -> tuple[dict[int, Optional[str]], list[int]]:
     """SIGKILL one node of ``cluster`` at once — its ``ray start --block`` process as ``local.sh`` recorded it under
     ``role`` (``worker1``, ``worker2``, ...) and every process below it (raylet, agents, Ray workers): a node crash.
 

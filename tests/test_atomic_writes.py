@@ -2,6 +2,7 @@
 content is fsynced in a temp file beside the target, the temp file is renamed onto the target, and then
 the folder is fsynced (so the rename survives a power loss). Each writer is run with ``os.fsync`` and
 ``os.replace`` watched."""
+
 from __future__ import annotations
 
 import os
@@ -35,14 +36,17 @@ class Watch:
     def assert_atomic(self, target: Path) -> None:
         """``target`` was written as: fsync of a temp file beside it, that file renamed onto it, its folder fsynced."""
         target = Path(target).resolve()
-        renames = [i for i, (kind, what) in enumerate(self.events)
-                   if kind == "replace" and what.endswith(f" -> {target}")]
+        renames = [
+            i for i, (kind, what) in enumerate(self.events) if kind == "replace" and what.endswith(f" -> {target}")
+        ]
         assert renames, f"{target} was not renamed into place: {self.events}"
         i = renames[-1]
         tmp = self.events[i][1].split(" -> ")[0]
         assert Path(tmp).parent == target.parent
         assert ("fsync_file", tmp) in self.events[:i], f"{tmp} was not fsynced before the rename: {self.events}"
-        assert ("fsync_dir", str(target.parent)) in self.events[i + 1:], f"{target.parent} not fsynced after: {self.events}"
+        assert ("fsync_dir", str(target.parent)) in self.events[i + 1 :], (
+            f"{target.parent} not fsynced after: {self.events}"
+        )
 
 
 @pytest.fixture
@@ -91,9 +95,22 @@ def test_mlflow_backlog(tmp_path, watch):
 def test_result_tables(tmp_path, watch):
     from orchestrator.results import CELLS_FILE, PARQUET_SUFFIX, TRIALS_FILE, trial_row, write_results
 
-    cfg = {"cell_id": "fewshot.coop.digits.1shot", "stage": "final", "seed": 1, "optuna_number": None, "params": {},
-           "request": {"method": "coop", "dataset": "digits", "shots": 1, "seed": 1, "protocol": "fewshot",
-                       "stage": "final", "overrides": {}}}
+    cfg = {
+        "cell_id": "fewshot.coop.digits.1shot",
+        "stage": "final",
+        "seed": 1,
+        "optuna_number": None,
+        "params": {},
+        "request": {
+            "method": "coop",
+            "dataset": "digits",
+            "shots": 1,
+            "seed": 1,
+            "protocol": "fewshot",
+            "stage": "final",
+            "overrides": {},
+        },
+    }
     row = trial_row(cfg, {"test_acc": 50.0, "final": 1}, status="FINISHED", tune_trial_id="t1")
     write_results(tmp_path, [row], {"sweep": "s"})
     for name in (TRIALS_FILE, CELLS_FILE):

@@ -2,6 +2,7 @@
 files with an out-of-range label, a missing key, a malformed entry or a class without training images.
 The up-front check (fewshot.validate, used by the sweep's preflight and ``python -m fewshot check --shots``)
 decodes exactly the few-shot images a sweep uses, and a sweep over bad data exits 2 before Ray starts."""
+
 from __future__ import annotations
 
 import json
@@ -54,6 +55,7 @@ def _one_line(exc) -> str:
 
 
 # --- images --------------------------------------------------------------------------------------
+
 
 def test_missing_image_named_by_load_check_and_dataset(tmp_path):
     gone = str(tmp_path / "gone.png")
@@ -124,28 +126,42 @@ def test_check_images_reports_first_bad_file_and_count(tmp_path):
     with pytest.raises(MissingDataError) as exc:
         check_images(items, "six images", workers=3)
     msg = _one_line(exc)
-    assert msg.startswith(f"image file {tmp_path / '2.png'} is missing") and "[2 of the 6 images of six images are bad]" in msg
+    assert (
+        msg.startswith(f"image file {tmp_path / '2.png'} is missing")
+        and "[2 of the 6 images of six images are bad]" in msg
+    )
 
 
 # --- split files ---------------------------------------------------------------------------------
 
+
 def _set(part, index, entry):
     def mutate(split):
         split[part][index] = entry
+
     return mutate
 
 
-@pytest.mark.parametrize("mutate, problem", [
-    (_set("train", 3, ["C3/train_0.png", 10, "class 3"]), "'train' entry 3 has label 10, outside 0..9"),
-    (_set("val", 0, ["C0/val_0.png", -2, "class 0"]), "'val' entry 0 has label -2"),
-    (lambda s: s.pop("val"), "lacks key\\(s\\) val"),
-    (lambda s: s.pop("train"), "lacks key\\(s\\) train"),
-    (_set("test", 1, ["C1/test_0.png", 1]), "'test' entry 1 is .*expected \\[path \\(str\\), label \\(int\\)"),
-    (_set("train", 0, "C0/train_0.png"), "'train' entry 0 is"),
-    (_set("train", 5, ["/etc/passwd", 5, "class 5"]), "'train' entry 5 has path \"/etc/passwd\", expected a file path relative"),
-    (_set("train", 5, ["", 5, "class 5"]), "'train' entry 5 has path \"\""),
-    (lambda s: s.update(train=[e for e in s["train"] if e[1] != 3]), "1 class\\(es\\) have no 'train' entries \\(3 'class 3'\\)"),
-])
+@pytest.mark.parametrize(
+    "mutate, problem",
+    [
+        (_set("train", 3, ["C3/train_0.png", 10, "class 3"]), "'train' entry 3 has label 10, outside 0..9"),
+        (_set("val", 0, ["C0/val_0.png", -2, "class 0"]), "'val' entry 0 has label -2"),
+        (lambda s: s.pop("val"), "lacks key\\(s\\) val"),
+        (lambda s: s.pop("train"), "lacks key\\(s\\) train"),
+        (_set("test", 1, ["C1/test_0.png", 1]), "'test' entry 1 is .*expected \\[path \\(str\\), label \\(int\\)"),
+        (_set("train", 0, "C0/train_0.png"), "'train' entry 0 is"),
+        (
+            _set("train", 5, ["/etc/passwd", 5, "class 5"]),
+            "'train' entry 5 has path \"/etc/passwd\", expected a file path relative",
+        ),
+        (_set("train", 5, ["", 5, "class 5"]), "'train' entry 5 has path \"\""),
+        (
+            lambda s: s.update(train=[e for e in s["train"] if e[1] != 3]),
+            "1 class\\(es\\) have no 'train' entries \\(3 'class 3'\\)",
+        ),
+    ],
+)
 def test_bad_split_file_names_the_file(tmp_path, mutate, problem):
     _, split_file = write_eurosat(tmp_path, mutate=mutate)
     with pytest.raises(DataError, match=problem) as exc:
@@ -157,12 +173,15 @@ def test_bad_split_file_names_the_file(tmp_path, mutate, problem):
 
 def test_check_labels_on_any_reader(tmp_path):
     """The generic rule holds for datasets not read from a split file (e.g. FGVCAircraft, ImageNet folders)."""
+
     def items(labels):
         return [Item(str(tmp_path / f"{lab}.jpg"), lab, f"c{lab}") for lab in labels]
 
     check_labels(DatasetSplits("ok", items([0, 1, 2]), items([0]), items([2]), ["c0", "c1", "c2"], str(tmp_path)))
     check_labels(DatasetSplits("test_only", [], [], items([0, 1]), ["c0", "c1"]))  # e.g. ImageNet-A
-    with pytest.raises(DataError, match=r"dataset 'gap' \(images under .*\): 1 class\(es\) have no training images \(1 'c1'\)"):
+    with pytest.raises(
+        DataError, match=r"dataset 'gap' \(images under .*\): 1 class\(es\) have no training images \(1 'c1'\)"
+    ):
         check_labels(DatasetSplits("gap", items([0, 2]), [], items([1]), ["c0", "c1", "c2"], str(tmp_path)))
     with pytest.raises(DataError, match=r"test image .*7.jpg has label 7, outside 0..2"):
         check_labels(DatasetSplits("range", items([0, 1, 2]), [], items([7]), ["c0", "c1", "c2"]))
@@ -181,6 +200,7 @@ def test_aircraft_variant_without_training_images(tmp_path):
 
 
 # --- the up-front check decodes exactly the few-shot images a sweep uses -----------------------------
+
 
 def test_check_fewshot_decodes_only_the_split_images(tmp_path):
     image_dir, _ = write_eurosat(tmp_path)
@@ -214,28 +234,76 @@ def test_missing_fewshot_image_is_caught_up_front(tmp_path):
 
 def test_fewshot_check_cli_decodes_with_shots(tmp_path, capsys):
     write_eurosat(tmp_path)
-    assert fewshot_cli.main(["check", "--data-root", str(tmp_path), "--count-tolerance", "none", "--shots", "1,2", "--seeds", "1", "eurosat"]) == 0
+    assert (
+        fewshot_cli.main(
+            [
+                "check",
+                "--data-root",
+                str(tmp_path),
+                "--count-tolerance",
+                "none",
+                "--shots",
+                "1,2",
+                "--seeds",
+                "1",
+                "eurosat",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "present" in out and "few-shot images decode" in out
     victim = fewshot_split(load_dataset("eurosat", tmp_path), 1, 1).train[0].impath
     with open(victim, "wb") as fh:
         fh.write(b"not a png")
-    assert fewshot_cli.main(["check", "--data-root", str(tmp_path), "--count-tolerance", "none", "eurosat"]) == 0  # without --shots: structure only
+    assert (
+        fewshot_cli.main(["check", "--data-root", str(tmp_path), "--count-tolerance", "none", "eurosat"]) == 0
+    )  # without --shots: structure only
     capsys.readouterr()
-    assert fewshot_cli.main(["check", "--data-root", str(tmp_path), "--count-tolerance", "none", "--shots", "1", "--seeds", "1", "eurosat"]) == 2
+    assert (
+        fewshot_cli.main(
+            [
+                "check",
+                "--data-root",
+                str(tmp_path),
+                "--count-tolerance",
+                "none",
+                "--shots",
+                "1",
+                "--seeds",
+                "1",
+                "eurosat",
+            ]
+        )
+        == 2
+    )
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("eurosat")][0]
     assert "malformed" in line and victim in line
     for bad, why in (("0", "must be >= 1 (got 0)"), ("1,x", "invalid int value: 'x'")):
-        assert fewshot_cli.main(["check", "--data-root", str(tmp_path), "--count-tolerance", "none", "--shots", bad, "eurosat"]) == 2
+        assert (
+            fewshot_cli.main(
+                ["check", "--data-root", str(tmp_path), "--count-tolerance", "none", "--shots", bad, "eurosat"]
+            )
+            == 2
+        )
         err = capsys.readouterr().err
         assert err.startswith(f"error: argument --shots: {why}") and len(err.strip().splitlines()) == 1, err
 
 
 # --- the sweep: bad data is refused before any trial, Ray or output directory ---------------------
 
+
 def _sweep_spec(tmp_path, data_root, **extra):
-    spec = {"name": "baddata", "methods": ["zeroshot"], "datasets": ["eurosat"], "shots": [1], "seeds": [1],
-            "data_root": str(data_root), "count_tolerance": None, **extra}  # a 10-image-per-class EuroSAT
+    spec = {
+        "name": "baddata",
+        "methods": ["zeroshot"],
+        "datasets": ["eurosat"],
+        "shots": [1],
+        "seeds": [1],
+        "data_root": str(data_root),
+        "count_tolerance": None,
+        **extra,
+    }  # a 10-image-per-class EuroSAT
     path = tmp_path / "spec.yaml"
     path.write_text(json.dumps(spec))  # JSON is YAML
     return path

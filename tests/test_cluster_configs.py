@@ -1,6 +1,7 @@
 """cluster/: the launcher YAMLs pass Ray's own config validation, the KubeRay manifests carry the fields
 KubeRay needs, cluster/local.sh rejects bad usage, and orchestrator.cluster_checks refuses node-local
 sweep output on a multi-node cluster. No cloud calls, no Ray started."""
+
 from __future__ import annotations
 
 import copy
@@ -77,9 +78,10 @@ def _check_cluster_spec(spec: dict, pvc: dict) -> None:
 
     def mounts_shared(pod: dict, container: dict) -> bool:
         vols = {v["name"]: v for v in pod["volumes"]}
-        return any(m["mountPath"] == "/mnt/cluster_storage"
-                   and vols[m["name"]]["persistentVolumeClaim"]["claimName"] == claim
-                   for m in container.get("volumeMounts", []))
+        return any(
+            m["mountPath"] == "/mnt/cluster_storage" and vols[m["name"]]["persistentVolumeClaim"]["claimName"] == claim
+            for m in container.get("volumeMounts", [])
+        )
 
     hpod = head["template"]["spec"]
     assert hpod["containers"][0]["image"] and mounts_shared(hpod, hpod["containers"][0])
@@ -120,18 +122,31 @@ def test_kuberay_raycluster_manifest():
 
 def test_readme_covers_each_path():
     text = (CLUSTER / "README.md").read_text()
-    for needle in ["ray up cluster/aws.yaml", "ray up cluster/gcp.yaml", "kubectl apply -f cluster/kuberay-rayjob.yaml",
-                   "kubectl apply -f cluster/kuberay-raycluster.yaml", "cluster/local.sh up", "ray job submit",
-                   "ssh -L", "kubectl port-forward", "ray down", "cluster/local.sh down", "--output", SHARED_STORAGE_ENV]:
+    for needle in [
+        "ray up cluster/aws.yaml",
+        "ray up cluster/gcp.yaml",
+        "kubectl apply -f cluster/kuberay-rayjob.yaml",
+        "kubectl apply -f cluster/kuberay-raycluster.yaml",
+        "cluster/local.sh up",
+        "ray job submit",
+        "ssh -L",
+        "kubectl port-forward",
+        "ray down",
+        "cluster/local.sh down",
+        "--output",
+        SHARED_STORAGE_ENV,
+    ]:
         assert needle in text, needle
 
 
 # --- cluster/local.sh usage (nothing started) --------------------------------------------------------
 
+
 def _local_sh(tmp_path, *args):
     env = {"PATH": "/usr/bin:/bin", "PROMPTSWEEP_CLUSTER_DIR": str(tmp_path / "state")}
-    return subprocess.run(["bash", str(CLUSTER / "local.sh"), *args], env=env, capture_output=True, text=True,
-                          timeout=30)
+    return subprocess.run(
+        ["bash", str(CLUSTER / "local.sh"), *args], env=env, capture_output=True, text=True, timeout=30
+    )
 
 
 def test_local_sh_usage_errors_and_status_when_down(tmp_path):
@@ -145,8 +160,9 @@ def test_local_sh_usage_errors_and_status_when_down(tmp_path):
     assert p.returncode == 3 and p.stdout.startswith("down")
     p = _local_sh(tmp_path, "down")
     assert p.returncode == 0
-    assert "ray stop" not in [line.strip() for line in (CLUSTER / "local.sh").read_text().splitlines()
-                              if not line.lstrip().startswith("#")]
+    assert "ray stop" not in [
+        line.strip() for line in (CLUSTER / "local.sh").read_text().splitlines() if not line.lstrip().startswith("#")
+    ]
 
 
 def test_local_sh_down_ignores_a_recorded_pid_that_was_reused(tmp_path):
@@ -167,9 +183,11 @@ def test_local_sh_down_ignores_a_recorded_pid_that_was_reused(tmp_path):
 
 # --- orchestrator.cluster_checks ------------------------------------------------------------------------
 
+
 def _nodes(*ips, dead=()):
-    return [{"NodeManagerAddress": ip, "Alive": True} for ip in ips] + \
-           [{"NodeManagerAddress": ip, "Alive": False} for ip in dead]
+    return [{"NodeManagerAddress": ip, "Alive": True} for ip in ips] + [
+        {"NodeManagerAddress": ip, "Alive": False} for ip in dead
+    ]
 
 
 def test_single_node_accepts_a_local_output(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ two 1-CPU workers on 127.0.0.3/4): once both workers run a trial, every process 
 ``ray start`` as local.sh recorded it, the raylet, agents and Ray workers — is SIGKILLed at once. Tune retries
 the trial that was on it from its checkpoint on the surviving worker, the sweep finishes with every trial exactly
 once in trials.arrow and MLflow, and ``cluster/local.sh down`` leaves no process this test started."""
+
 from __future__ import annotations
 
 import json
@@ -22,10 +23,17 @@ pytestmark = pytest.mark.slow
 
 EPOCHS = 20
 SPEC = {
-    "name": "nodeloss", "protocol": "fewshot", "methods": ["coop"], "datasets": ["digits"], "shots": [2],
-    "seeds": [1, 2, 3], "backbone": {"arch": "promptsweep-tiny", "pretrained": None},
+    "name": "nodeloss",
+    "protocol": "fewshot",
+    "methods": ["coop"],
+    "datasets": ["digits"],
+    "shots": [2],
+    "seeds": [1, 2, 3],
+    "backbone": {"arch": "promptsweep-tiny", "pretrained": None},
     "train": {"defaults": {"epochs": EPOCHS, "batch_size": 8, "num_workers": 0}},
-    "resources": {"cpu": 1, "gpu": 0}, "max_retries": 2, "tracking": {"experiment": "nodeloss"},
+    "resources": {"cpu": 1, "gpu": 0},
+    "max_retries": 2,
+    "tracking": {"experiment": "nodeloss"},
 }
 SURVIVOR, DOOMED = "127.0.0.3", "127.0.0.4"  # worker1, worker2
 
@@ -63,9 +71,25 @@ def test_lost_node_trials_are_retried_on_the_other_worker(cluster, tmp_path):
     out = tmp_path / "out" / "nodeloss"
     env = env_with_venv(RAY_ADDRESS=cluster.address, PROMPTSWEEP_SHARED_STORAGE=str(tmp_path))
     log = open(tmp_path / "driver.log", "wb")
-    driver = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", str(spec), "--output", str(tmp_path / "out"),
-                               "--tracking-uri", uri, "--max-concurrent", "2"], cwd=REPO, env=env, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.sweep",
+            str(spec),
+            "--output",
+            str(tmp_path / "out"),
+            "--tracking-uri",
+            uri,
+            "--max-concurrent",
+            "2",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         victim = None
         deadline = time.monotonic() + 240

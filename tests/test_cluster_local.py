@@ -2,6 +2,7 @@
 through RAY_ADDRESS that places trials on both workers, the same sweep through `ray job submit` with an
 absolute shared --output, the storage check against the live cluster, and `down` stopping every
 process `up` started. One cluster for the module; always torn down."""
+
 from __future__ import annotations
 
 import subprocess
@@ -70,9 +71,25 @@ def test_up_prints_the_address_and_starts_three_nodes(cluster):
 
 def test_sweep_through_ray_address_places_trials_on_two_worker_nodes(cluster, tmp_path):
     env = env_with_venv(RAY_ADDRESS=cluster.address, PROMPTSWEEP_SHARED_STORAGE=str(tmp_path))
-    p = subprocess.run([sys.executable, "-m", "orchestrator.sweep", str(_spec(tmp_path, "multinode")),
-                        "--output", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-                        "--max-concurrent", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.sweep",
+            str(_spec(tmp_path, "multinode")),
+            "--output",
+            str(tmp_path / "out"),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "--max-concurrent",
+            "2",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = _trials(tmp_path / "out" / "multinode")
     assert len(rows) == 4 and {r["status"] for r in rows} == {"FINISHED"}
@@ -85,13 +102,39 @@ def test_sweep_through_ray_address_places_trials_on_two_worker_nodes(cluster, tm
 def test_ray_job_submit_writes_results_to_the_absolute_output(cluster, tmp_path):
     out = tmp_path / "job-out"
     env = env_with_venv(PROMPTSWEEP_SHARED_STORAGE=str(tmp_path))
-    runtime_env = ('{"env_vars": {"PROMPTSWEEP_SHARED_STORAGE": "%s", "OMP_NUM_THREADS": "1", '
-                   '"PROMPTSWEEP_CACHE": "%s"}}' % (tmp_path, env["PROMPTSWEEP_CACHE"]))
-    p = subprocess.run([str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.dashboard,
-                        "--working-dir", ".", "--runtime-env-json", runtime_env, "--",
-                        "python", "-m", "orchestrator.sweep", str(_spec(tmp_path, "viajob")), "--output", str(out),
-                        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--max-concurrent", "2"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
+    runtime_env = (
+        '{"env_vars": {"PROMPTSWEEP_SHARED_STORAGE": "%s", "OMP_NUM_THREADS": "1", '
+        '"PROMPTSWEEP_CACHE": "%s"}}' % (tmp_path, env["PROMPTSWEEP_CACHE"])
+    )
+    p = subprocess.run(
+        [
+            str(VENV_BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            cluster.dashboard,
+            "--working-dir",
+            ".",
+            "--runtime-env-json",
+            runtime_env,
+            "--",
+            "python",
+            "-m",
+            "orchestrator.sweep",
+            str(_spec(tmp_path, "viajob")),
+            "--output",
+            str(out),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "--max-concurrent",
+            "2",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
     assert "succeeded" in p.stdout + p.stderr
     rows = _trials(out / "viajob")  # where the README says: <absolute --output>/<sweep name>/
@@ -118,7 +161,9 @@ def test_storage_check_against_the_live_cluster(cluster, tmp_path):
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "nodes ['127.0.0.2', '127.0.0.3', '127.0.0.4']" in p.stdout
-    assert f"refused: sweep output {tmp_path}/local/out is not shared storage, but the Ray cluster has 3 nodes" in p.stdout
+    assert (
+        f"refused: sweep output {tmp_path}/local/out is not shared storage, but the Ray cluster has 3 nodes" in p.stdout
+    )
 
 
 def test_down_stops_every_process_up_started(cluster):

@@ -1,4 +1,5 @@
 """CoCoOp: meta-net conditioned context; batched == per-image; gradients, training, checkpoints, sizes."""
+
 from __future__ import annotations
 
 import math
@@ -7,8 +8,14 @@ import pytest
 import torch
 
 from methods.cocoop import CoCoOp, CoCoOpConfig
-from tests.method_harness import (assert_backbone_untouched, backbone_snapshot, checkpoint_roundtrip, digits_data,
-                                  one_step_gradients, train_losses)
+from tests.method_harness import (
+    assert_backbone_untouched,
+    backbone_snapshot,
+    checkpoint_roundtrip,
+    digits_data,
+    one_step_gradients,
+    train_losses,
+)
 
 
 @pytest.fixture(scope="module")

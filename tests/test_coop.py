@@ -1,11 +1,18 @@
 """CoOp: only the context learns, the backbone stays bit-identical, loss falls, checkpoints, counts."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from method_harness import (
+    assert_backbone_untouched,
+    backbone_snapshot,
+    checkpoint_roundtrip,
+    digits_data,
+    one_step_gradients,
+    train_losses,
+)
 
-from method_harness import (assert_backbone_untouched, backbone_snapshot, checkpoint_roundtrip, digits_data,
-                            one_step_gradients, train_losses)
 from methods.base import TrainConfig
 from methods.coop import CoOp
 from methods.defaults import resolve
@@ -35,8 +42,13 @@ def test_loss_falls_on_digits(tiny_backbone):
     assert losses[-1] < losses[0] - 0.02, losses
 
 
-@pytest.mark.parametrize("kw", [dict(n_ctx=4, ctx_init="a photo of a", class_token_position="middle"),
-                                dict(n_ctx=2, csc=True, class_token_position="front")])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(n_ctx=4, ctx_init="a photo of a", class_token_position="middle"),
+        dict(n_ctx=2, csc=True, class_token_position="front"),
+    ],
+)
 def test_checkpoint_roundtrip(tiny_backbone, kw):
     names, loader = digits_data(tiny_backbone, shots=1)
     m = _coop(tiny_backbone, names, **kw)
@@ -62,8 +74,12 @@ def test_defaults_follow_the_published_recipe():
     train, meth = resolve("coop", "dtd", 16, "fewshot")
     assert train["epochs"] == 200 and train["lr"] == 0.002 and train["batch_size"] == 32 and meth["n_ctx"] == 16
     assert resolve("coop", "imagenet", 16, "fewshot")[0]["epochs"] == 50
-    assert resolve("coop", "dtd", 16, "base2novel")[1] == {"n_ctx": 4, "ctx_init": "a photo of a",
-                                                          "class_token_position": "end", "csc": False}
+    assert resolve("coop", "dtd", 16, "base2novel")[1] == {
+        "n_ctx": 4,
+        "ctx_init": "a photo of a",
+        "class_token_position": "end",
+        "csc": False,
+    }
     CoOp.Config(**resolve("coop", "dtd", 16, "base2novel")[1])
 
 

@@ -3,6 +3,7 @@ in the readers a trial uses and before a sweep starts (exit 2, one line, no Ray,
 JSON nested too deeply for Python, a NUL byte in a path, paths that leave the dataset's image folder (``..``,
 absolute, a symbolic link — of a file or a class folder — pointing elsewhere), a named pipe where an image
 should be, and a cache folder that cannot be written. A dataset whose folders are themselves links stays fine."""
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,10 @@ def _rewrite_split(split_file: Path, edit) -> None:
 
 # --- 1. a split file nested deeper than Python's recursion limit -----------------------------------
 
-@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000,
-                                  '{"train": ' + "[" * 100_000 + "]" * 100_000 + ', "val": [], "test": []}'])
+
+@pytest.mark.parametrize(
+    "text", ["[" * 100_000 + "]" * 100_000, '{"train": ' + "[" * 100_000 + "]" * 100_000 + ', "val": [], "test": []}']
+)
 def test_deeply_nested_split_file_is_a_data_error(tmp_path, capsys, text):
     _, split_file = write_eurosat(tmp_path)
     split_file.write_text(text)
@@ -84,6 +87,7 @@ def test_sweep_refuses_a_deeply_nested_split_file(tmp_path, capsys):
 
 # --- 2. a NUL byte in a path ----------------------------------------------------------------------
 
+
 def test_nul_byte_in_a_split_path_names_the_entry(tmp_path, capsys):
     _, split_file = write_eurosat(tmp_path)
     _rewrite_split(split_file, lambda s: s["train"][3].__setitem__(0, "C3/train_0.png\u0000.png"))
@@ -96,8 +100,12 @@ def test_nul_byte_in_a_split_path_names_the_entry(tmp_path, capsys):
 
 def test_nul_byte_in_an_image_path_is_an_image_error_where_images_are_opened(tmp_path):
     bad = str(tmp_path / "a\0b.png")
-    for fn in (load_image, check_image, lambda p: ImageDataset([Item(p, 0, "a")], None)[0],
-               lambda p: check_files_exist([Item(p, 0, "a")], "a list")):
+    for fn in (
+        load_image,
+        check_image,
+        lambda p: ImageDataset([Item(p, 0, "a")], None)[0],
+        lambda p: check_files_exist([Item(p, 0, "a")], "a list"),
+    ):
         with pytest.raises(ImageError, match="NUL byte") as exc:
             fn(bad)
         assert "\n" not in str(exc.value)
@@ -107,6 +115,7 @@ def test_nul_byte_in_an_image_path_is_an_image_error_where_images_are_opened(tmp
 
 
 # --- 3. paths that leave the image folder --------------------------------------------------------
+
 
 def _outside_entry(tmp_path: Path, image_dir: Path, how: str) -> str:
     """Make train entry 0 point at a real image outside the image folder ``how``; returns its listed path."""
@@ -153,8 +162,12 @@ def test_linked_dataset_folders_and_inside_links_are_fine(tmp_path, capsys):
     (other / "eurosat").mkdir()
     (other / "eurosat" / "split_zhou_EuroSAT.json").write_text(split_file.read_text())
     (other / "eurosat" / "2750").symlink_to(image_dir, target_is_directory=True)
-    assert fewshot_cli.main(["check", "--data-root", str(other), "--count-tolerance", "none", "--shots", "1",
-                             "--seeds", "1", "eurosat"]) == 0, capsys.readouterr()
+    assert (
+        fewshot_cli.main(
+            ["check", "--data-root", str(other), "--count-tolerance", "none", "--shots", "1", "--seeds", "1", "eurosat"]
+        )
+        == 0
+    ), capsys.readouterr()
 
 
 @pytest.mark.parametrize("how", ["class folder", "image"])
@@ -202,6 +215,7 @@ def test_aircraft_image_id_leaving_the_images_folder(tmp_path):
 
 # --- 4. a named pipe (or device) where an image should be ----------------------------------------
 
+
 def _fifo_in_place_of(path: str):
     """Replace ``path`` by a FIFO; a watchdog opens its write end after a while, so a reader that did block
     on it gets an empty read (and a wrong error) instead of hanging the test run."""
@@ -226,8 +240,12 @@ def test_fifo_image_is_refused_without_opening_it(tmp_path, capsys):
     victim = fewshot_split(load_dataset("eurosat", data), 1, 1).train[2].impath
     timer = _fifo_in_place_of(victim)
     try:
-        for fn in (load_image, check_image, lambda p: ImageDataset([Item(p, 0, "a")], None)[0],
-                   lambda p: check_files_exist([Item(p, 0, "a")], "a list")):
+        for fn in (
+            load_image,
+            check_image,
+            lambda p: ImageDataset([Item(p, 0, "a")], None)[0],
+            lambda p: check_files_exist([Item(p, 0, "a")], "a list"),
+        ):
             with pytest.raises(ImageError, match=r"is a named pipe \(FIFO\), not an image file") as exc:
                 fn(victim)
             assert victim in str(exc.value)
@@ -260,6 +278,7 @@ def test_device_and_directory_are_not_image_files(tmp_path):
 
 # --- 6. a cache folder that cannot be written ----------------------------------------------------
 
+
 @pytest.mark.parametrize("shape", ["a file", "below a file"])
 def test_cache_that_is_not_a_folder_is_one_error_up_front(tmp_path, monkeypatch, capsys, shape):
     blocker = tmp_path / "blocker"
@@ -271,8 +290,10 @@ def test_cache_that_is_not_a_folder_is_one_error_up_front(tmp_path, monkeypatch,
     assert str(cache) in str(exc.value)
     data = tmp_path / "data"
     write_eurosat(data)
-    assert fewshot_cli.main(["split", "--dataset", "eurosat", "--shots", "1", "--seed", "1",
-                             "--data-root", str(data)]) == 2
+    assert (
+        fewshot_cli.main(["split", "--dataset", "eurosat", "--shots", "1", "--seed", "1", "--data-root", str(data)])
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: cache folder") and len(err.strip().splitlines()) == 1, err
     _sweep_refuses(tmp_path, capsys, _sweep_spec(tmp_path, data), "PROMPTSWEEP_CACHE")
@@ -294,7 +315,9 @@ def test_model_cache_is_checked_for_the_project_backbone(tmp_path, monkeypatch, 
     _sweep_refuses(tmp_path, capsys, spec, "PROMPTSWEEP_MODEL_CACHE")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a 0o555 folder, so permissions cannot make it read-only")
+@pytest.mark.skipif(
+    os.geteuid() == 0, reason="root writes into a 0o555 folder, so permissions cannot make it read-only"
+)
 def test_read_only_populated_cache_is_one_error_up_front(tmp_path, capsys):
     data = tmp_path / "data"
     write_eurosat(data)
@@ -378,8 +401,9 @@ def test_trial_cli_checks_the_cache_folder_first(tmp_path, monkeypatch, capsys):
     from orchestrator import trial
 
     data = _data_with_a_file_for_cache(tmp_path, monkeypatch, "PROMPTSWEEP_CACHE")
-    rc = trial.main(["--method", "zeroshot", "--dataset", "eurosat", "--shots", "1", "--seed", "1",
-                     "--data-root", str(data)])
+    rc = trial.main(
+        ["--method", "zeroshot", "--dataset", "eurosat", "--shots", "1", "--seed", "1", "--data-root", str(data)]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: cache folder") and "PROMPTSWEEP_CACHE" in err, err
     assert len(err.strip().splitlines()) == 1

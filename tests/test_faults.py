@@ -13,6 +13,7 @@ Every process a test starts is stopped by PID: a killed driver's Ray processes (
 Ray binds to it) are waited for and SIGKILLed if they linger; each driver gets its own RAY_TMPDIR,
 so a last check can name any leftover process of this test exactly.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,12 +33,16 @@ import yaml
 from tests.servers import process_tree, still_running
 
 BASE = {
-    "protocol": "fewshot", "datasets": ["digits"], "backbone": {"arch": "promptsweep-tiny", "pretrained": None},
-    "resources": {"cpu": 1, "gpu": 0}, "max_retries": 1,
+    "protocol": "fewshot",
+    "datasets": ["digits"],
+    "backbone": {"arch": "promptsweep-tiny", "pretrained": None},
+    "resources": {"cpu": 1, "gpu": 0},
+    "max_retries": 1,
 }
 
 
 # --- helpers ----------------------------------------------------------------------------------------
+
 
 def _write_spec(tmp: Path, spec: dict) -> Path:
     p = tmp / "spec.yaml"
@@ -90,8 +95,18 @@ class Driver:
         self.env = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1", RAY_TMPDIR=self.ray_tmp, **env)
         for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
             self.env.pop(k, None)
-        self.args = [sys.executable, "-m", "orchestrator.sweep", str(spec), "--output", str(out), "--tracking-uri", uri,
-                     "--max-concurrent", "2"]
+        self.args = [
+            sys.executable,
+            "-m",
+            "orchestrator.sweep",
+            str(spec),
+            "--output",
+            str(out),
+            "--tracking-uri",
+            uri,
+            "--max-concurrent",
+            "2",
+        ]
         self.cwd = cwd
         self.log = cwd / f"driver-{os.path.basename(self.ray_tmp)}.log"
         self.proc = None
@@ -101,8 +116,9 @@ class Driver:
     def start(self) -> "Driver":
         self.started_at = time.time()
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(self.args, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.args, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         return self
 
     def output(self) -> str:
@@ -118,7 +134,7 @@ class Driver:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"the sweep did not finish within {timeout:.0f}s:\n{self.output()[-3000:]}")
+            raise AssertionError(f"the sweep did not finish within {timeout:.0f}s:\n{self.output()[-3000:]}") from None
 
     def kill(self) -> None:
         """SIGKILL the driver (a crash); its Ray processes die with it — any still there after 3 s are SIGKILLed."""
@@ -199,12 +215,22 @@ def _trial_level_runs(uri: str, experiment: str) -> list:
 
 # --- 1. a trial's worker process is killed ------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_killed_trial_process_is_retried_from_its_checkpoint(tmp_path):
     epochs = 16
-    spec = _write_spec(tmp_path, dict(BASE, name="killtrial", methods=["coop"], shots=[2], seeds=[1, 2],
-                                      train={"defaults": {"epochs": epochs, "batch_size": 8, "num_workers": 0}},
-                                      tracking={"experiment": "killtrial"}))
+    spec = _write_spec(
+        tmp_path,
+        dict(
+            BASE,
+            name="killtrial",
+            methods=["coop"],
+            shots=[2],
+            seeds=[1, 2],
+            train={"defaults": {"epochs": epochs, "batch_size": 8, "num_workers": 0}},
+            tracking={"experiment": "killtrial"},
+        ),
+    )
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     out = tmp_path / "out" / "killtrial"
     drv = Driver(spec, tmp_path / "out", uri, tmp_path).start()
@@ -258,12 +284,23 @@ def test_killed_trial_process_is_retried_from_its_checkpoint(tmp_path):
 # --- 2. the driver is killed, again and again -------------------------------------------------------
 
 DRIVER_EPOCHS = 20
-DRIVER_SPEC = dict(BASE, name="killdriver", methods=["zeroshot", "coop"], shots=[1], seeds=[1, 2],
-                   train={"defaults": {"epochs": DRIVER_EPOCHS, "batch_size": 16, "num_workers": 0}},
-                   search={"coop": {"n_trials": 2, "seeds": [1], "sampler": {"name": "tpe", "seed": 0,
-                                                                              "n_startup_trials": 1},
-                                    "space": {"lr": {"type": "float", "low": 0.0005, "high": 0.05, "log": True}}}},
-                   tracking={"experiment": "killdriver"})
+DRIVER_SPEC = dict(
+    BASE,
+    name="killdriver",
+    methods=["zeroshot", "coop"],
+    shots=[1],
+    seeds=[1, 2],
+    train={"defaults": {"epochs": DRIVER_EPOCHS, "batch_size": 16, "num_workers": 0}},
+    search={
+        "coop": {
+            "n_trials": 2,
+            "seeds": [1],
+            "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 1},
+            "space": {"lr": {"type": "float", "low": 0.0005, "high": 0.05, "log": True}},
+        }
+    },
+    tracking={"experiment": "killdriver"},
+)
 
 
 def _reported_since(tune_dir: Path, t0: float) -> bool:
@@ -299,8 +336,13 @@ def test_killed_driver_resumes_without_losing_or_rerunning_trials(tmp_path):
         for kind in kills:
             # the driver's 2nd atomic write is cells.arrow of the first trial it records: that trial's row is in
             # trials.arrow, cells.arrow is the old one, and Tune's snapshot still has the trial running
-            drv = Driver(spec, tmp_path / "out", uri, tmp_path,
-                         **({"PROMPTSWEEP_FAULT_KILL_IN_WRITE": "2"} if kind == "write" else {}))
+            drv = Driver(
+                spec,
+                tmp_path / "out",
+                uri,
+                tmp_path,
+                **({"PROMPTSWEEP_FAULT_KILL_IN_WRITE": "2"} if kind == "write" else {}),
+            )
             drivers.append(drv.start())
             if kind == "write":  # dies by itself between the temp file and os.replace
                 before = {r["tune_trial_id"] for r in _check_readable(out)}
@@ -345,8 +387,10 @@ def test_killed_driver_resumes_without_losing_or_rerunning_trials(tmp_path):
         assert all(r["status"] == "FINISHED" for r in rows), [(r["status"], r["error_message"]) for r in rows]
         tids = [r["tune_trial_id"] for r in rows]
         assert len(set(tids)) == len(tids)
-        work = [(r["cell_id"], r["stage"], r["seed"], r["optuna_trial_number"] if r["stage"] == "search" else None)
-                for r in rows]
+        work = [
+            (r["cell_id"], r["stage"], r["seed"], r["optuna_trial_number"] if r["stage"] == "search" else None)
+            for r in rows
+        ]
         assert len(set(work)) == len(work), work  # each planned trial once
         for c in the_plan.cells:
             mine = [r for r in rows if r["cell_id"] == c.cell_id]
@@ -381,9 +425,12 @@ def test_killed_driver_resumes_without_losing_or_rerunning_trials(tmp_path):
 
         import optuna
 
-        study = optuna.load_study(study_name="fewshot.coop.digits.1shot",
-                                  storage=optuna.storages.JournalStorage(
-                                      optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal"))))
+        study = optuna.load_study(
+            study_name="fewshot.coop.digits.1shot",
+            storage=optuna.storages.JournalStorage(
+                optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal"))
+            ),
+        )
         assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]  # 2 proposals, none left open
 
         runs = _mlflow_runs_by_trial(uri, "killdriver", tids)
@@ -398,16 +445,31 @@ def test_killed_driver_resumes_without_losing_or_rerunning_trials(tmp_path):
 
 # --- the reconciliation pieces, driven directly (fast) ----------------------------------------------
 
+
 def _cell_searcher(tmp_path, n_trials=3, search_seeds=(1,), final_seeds=(1, 2), space=None):
     from orchestrator.planner import plan
     from orchestrator.searcher import CellSearcher
     from orchestrator.spec import parse_spec
 
     space = space or {"lr": {"type": "float", "low": 1e-3, "high": 1.0, "log": True}}
-    spec = parse_spec({"name": "t", "methods": ["coop"], "datasets": ["digits"], "shots": [2],
-                       "seeds": list(final_seeds), "train": {"methods": {"coop": {"lr": 0.002}}},
-                       "search": {"coop": {"n_trials": n_trials, "seeds": list(search_seeds), "space": space,
-                                           "sampler": {"name": "tpe", "n_startup_trials": 1}}}})
+    spec = parse_spec(
+        {
+            "name": "t",
+            "methods": ["coop"],
+            "datasets": ["digits"],
+            "shots": [2],
+            "seeds": list(final_seeds),
+            "train": {"methods": {"coop": {"lr": 0.002}}},
+            "search": {
+                "coop": {
+                    "n_trials": n_trials,
+                    "seeds": list(search_seeds),
+                    "space": space,
+                    "sampler": {"name": "tpe", "n_startup_trials": 1},
+                }
+            },
+        }
+    )
     p = plan(spec)
     return p, CellSearcher(p.cells, {"backbone": {"arch": "promptsweep-tiny"}}, str(tmp_path / "optuna.journal"))
 
@@ -479,12 +541,16 @@ def test_searcher_counts_work_from_the_ledger_instead_of_emitting_it(tmp_path):
         cfg = s.suggest(f"g{i}")
         if i < 2:
             s.on_trial_complete(f"g{i}", {"val_acc": _value(cfg)})
-            rows.append(trial_row(cfg, {"val_acc": _value(cfg), "test_images_read": 0}, status="FINISHED",
-                                  tune_trial_id=f"g{i}"))
+            rows.append(
+                trial_row(
+                    cfg, {"val_acc": _value(cfg), "test_images_read": 0}, status="FINISHED", tune_trial_id=f"g{i}"
+                )
+            )
     s2 = _restart(tmp_path, rows=rows)  # Tune's snapshot held none of them
     emitted = _drain(s2, "n")
-    assert [(c["stage"], c["optuna_number"]) for c in emitted] == [("search", 2), ("final", None), ("final", None)] \
-        or [c["stage"] for c in emitted] == ["search", "final", "final"]
+    assert [(c["stage"], c["optuna_number"]) for c in emitted] == [("search", 2), ("final", None), ("final", None)] or [
+        c["stage"] for c in emitted
+    ] == ["search", "final", "final"]
     assert len(emitted) + len(rows) == p.n_trials
     assert {"g0", "g1"} <= set(s2.trials) and all(s2.trials[t]["done"] for t in ("g0", "g1"))
     assert [t.state.name for t in _study_trials(s2)] == ["COMPLETE"] * 3
@@ -503,8 +569,9 @@ def test_ledger_scheduler_does_not_rerun_a_restored_trial_that_has_a_row():
     adopted = []
     searcher = SimpleNamespace(adopt=lambda tid, cfg: adopted.append(tid))
     live: set = set()
-    controller = SimpleNamespace(get_live_trials=lambda: live,
-                                 _checkpoint_manager=SimpleNamespace(_should_force_sync_up=False))
+    controller = SimpleNamespace(
+        get_live_trials=lambda: live, _checkpoint_manager=SimpleNamespace(_should_force_sync_up=False)
+    )
     ledger = {"done": {"status": "FINISHED", "val_acc": 40.0}, "failed": {"status": "ERROR", "val_acc": None}}
     sched = LedgerScheduler(searcher, prune=False, ledger=ledger)
 
@@ -513,8 +580,10 @@ def test_ledger_scheduler_does_not_rerun_a_restored_trial_that_has_a_row():
     class FakeTrial:
         checkpoint = None
         config = {}
-        storage = SimpleNamespace(storage_filesystem=pafs.LocalFileSystem(),  # no checkpoint on storage either
-                                  trial_fs_path="/nonexistent-promptsweep-trial")
+        storage = SimpleNamespace(
+            storage_filesystem=pafs.LocalFileSystem(),  # no checkpoint on storage either
+            trial_fs_path="/nonexistent-promptsweep-trial",
+        )
 
         def __init__(self, trial_id):
             self.trial_id, self.status = trial_id, Trial.PENDING  # as Tune re-queues a restored unfinished trial
@@ -539,12 +608,32 @@ def test_rows_read_back_and_the_write_hook_kills_between_temp_and_replace(tmp_pa
     from orchestrator import results as R
 
     def cfg(seed):
-        return {"cell_id": "fewshot.coop.digits.2shot", "stage": "final", "seed": seed, "optuna_number": 0,
-                "params": {"lr": 0.01}, "request": {"method": "coop", "dataset": "digits", "shots": 2, "seed": seed,
-                                                    "protocol": "fewshot", "stage": "final", "overrides": {"lr": 0.01}}}
+        return {
+            "cell_id": "fewshot.coop.digits.2shot",
+            "stage": "final",
+            "seed": seed,
+            "optuna_number": 0,
+            "params": {"lr": 0.01},
+            "request": {
+                "method": "coop",
+                "dataset": "digits",
+                "shots": 2,
+                "seed": seed,
+                "protocol": "fewshot",
+                "stage": "final",
+                "overrides": {"lr": 0.01},
+            },
+        }
 
-    rows = [R.trial_row(cfg(s), {"val_acc": 50.0 + s, "test_acc": 40.0, "acc_x": 1.0, "epochs_run": 2},
-                        status="FINISHED", tune_trial_id=f"t{s}") for s in (1, 2)]
+    rows = [
+        R.trial_row(
+            cfg(s),
+            {"val_acc": 50.0 + s, "test_acc": 40.0, "acc_x": 1.0, "epochs_run": 2},
+            status="FINISHED",
+            tune_trial_id=f"t{s}",
+        )
+        for s in (1, 2)
+    ]
     R.write_results(tmp_path, rows, {"sweep": "t"})
     assert (os.stat(tmp_path / R.TRIALS_FILE).st_mode & 0o777) == FILE_MODE
     back = {r["tune_trial_id"]: r for r in R.read_rows(tmp_path / R.TRIALS_FILE)}
@@ -554,10 +643,13 @@ def test_rows_read_back_and_the_write_hook_kills_between_temp_and_replace(tmp_pa
         assert abs((b["finished_at"] - r["finished_at"]).total_seconds()) < 0.001
         assert {k: b[k] for k in r if k != "finished_at"} == {k: r[k] for k in r if k != "finished_at"}
     before = (tmp_path / R.TRIALS_FILE).read_bytes()
-    code = ("import sys; from orchestrator import results as R; rows = R.read_rows(sys.argv[1] + '/trials.arrow'); "
-            "R.write_results(sys.argv[1], rows[:1], {'sweep': 't'})")
-    p = subprocess.run([sys.executable, "-c", code, str(tmp_path)],
-                       env=dict(os.environ, **{R.FAULT_KILL_IN_WRITE_ENV: "1"}))
+    code = (
+        "import sys; from orchestrator import results as R; rows = R.read_rows(sys.argv[1] + '/trials.arrow'); "
+        "R.write_results(sys.argv[1], rows[:1], {'sweep': 't'})"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], env=dict(os.environ, **{R.FAULT_KILL_IN_WRITE_ENV: "1"})
+    )
     assert p.returncode == -signal.SIGKILL
     assert (tmp_path / R.TRIALS_FILE).read_bytes() == before  # the old file is whole; the new one never landed
     left = list(tmp_path.glob(".trials.arrow.*.tmp"))
@@ -586,8 +678,11 @@ def test_a_restored_trial_whose_checkpoint_tune_deleted_resumes_from_the_next_on
     class FakeTrial:
         checkpoint = Checkpoint(str(trial_dir / "checkpoint_000004"))  # what Tune's snapshot says, deleted
         storage = SimpleNamespace(current_checkpoint_index=4)  # the index of checkpoint_000004
-        run_metadata = SimpleNamespace(checkpoint_manager=SimpleNamespace(
-            latest_checkpoint_result=SimpleNamespace(metrics={"training_iteration": 5})))
+        run_metadata = SimpleNamespace(
+            checkpoint_manager=SimpleNamespace(
+                latest_checkpoint_result=SimpleNamespace(metrics={"training_iteration": 5})
+            )
+        )
 
         def on_checkpoint(self, result):
             registered.append(result)

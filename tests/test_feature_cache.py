@@ -1,6 +1,7 @@
 """The frozen-feature cache: exact for evaluation, computed once per node (also under concurrent
 creators), never half-written, keyed by content, optional cached training views, and only used by
 methods whose image tower is untouched."""
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -38,11 +39,14 @@ def test_cached_eval_features_equal_the_image_tower(tiny_backbone, cache):
     from fewshot.images import ImageDataset
 
     images = torch.stack([ImageDataset(items, tf)[i][0] for i in range(len(items))])
-    direct = torch.cat([tiny_backbone.encode_image(images[i:i + 5], normalize=False) for i in range(0, len(items), 5)])
+    direct = torch.cat(
+        [tiny_backbone.encode_image(images[i : i + 5], normalize=False) for i in range(0, len(items), 5)]
+    )
     assert torch.equal(torch.from_numpy(np.array(got)), direct)
     # a 2-D input to encode_image is these features: normalised, not re-encoded
-    assert torch.allclose(tiny_backbone.encode_image(torch.from_numpy(np.array(got))),
-                          tiny_backbone.encode_image(images), atol=1e-6)
+    assert torch.allclose(
+        tiny_backbone.encode_image(torch.from_numpy(np.array(got))), tiny_backbone.encode_image(images), atol=1e-6
+    )
 
 
 def test_tgpt_caches_its_pooled_feature_and_token_map_exactly(tiny_backbone, cache):
@@ -51,22 +55,35 @@ def test_tgpt_caches_its_pooled_feature_and_token_map_exactly(tiny_backbone, cac
     from contextlib import nullcontext
 
     from fewshot.images import ImageDataset
-    from methods.base import TrainConfig
     from methods.registry import get_method
 
     items = _items(6)
     tf = clip_transform(tiny_backbone.image_size, train=False)
     cls = get_method("tgpt")
     assert cls.frozen_image_features and cls.frozen_output_kind != "pooled"
-    got = fc.cached_split(cache, tiny_backbone, items, tf, "eval", "test", 3, 0, nullcontext, "cpu",
-                          encode=cls.frozen_image_output, output=cls.frozen_output_kind)
+    got = fc.cached_split(
+        cache,
+        tiny_backbone,
+        items,
+        tf,
+        "eval",
+        "test",
+        3,
+        0,
+        nullcontext,
+        "cpu",
+        encode=cls.frozen_image_output,
+        output=cls.frozen_output_kind,
+    )
     images = torch.stack([ImageDataset(items, tf)[i][0] for i in range(len(items))])
     n_tokens = 1 + (tiny_backbone.image_size // tiny_backbone.model.visual.patch_size[0]) ** 2
     assert got.shape == (6, 1 + n_tokens, tiny_backbone.embed_dim)
-    pooled = torch.cat([tiny_backbone.encode_image(images[i:i + 3], normalize=False) for i in (0, 3)])
+    pooled = torch.cat([tiny_backbone.encode_image(images[i : i + 3], normalize=False) for i in (0, 3)])
     assert torch.allclose(torch.from_numpy(np.array(got[:, 0])), pooled, atol=1e-5)
     # a different output kind of the same split is a different entry
-    assert fc.entry_key("bb", 32, "cpu", items, "eval", "pooled") != fc.entry_key("bb", 32, "cpu", items, "eval", cls.frozen_output_kind)
+    assert fc.entry_key("bb", 32, "cpu", items, "eval", "pooled") != fc.entry_key(
+        "bb", 32, "cpu", items, "eval", cls.frozen_output_kind
+    )
     names = load_dataset("digits").classnames
     method = cls(tiny_backbone, names, "digits", cls.Config())
     with torch.no_grad():
@@ -78,8 +95,17 @@ def test_trial_metrics_are_the_same_with_and_without_the_cache(tiny_backbone, ca
     schedule = {"max_iters": 3} if method == "tgpt" else {"epochs": 1}  # TGP-T's schedule counts iterations
 
     def run(use):
-        return run_trial(TrialRequest(method=method, dataset="digits", shots=2, seed=3, device="cpu",
-                                      overrides={**schedule, "batch_size": 8, "feature_cache": use}))
+        return run_trial(
+            TrialRequest(
+                method=method,
+                dataset="digits",
+                shots=2,
+                seed=3,
+                device="cpu",
+                overrides={**schedule, "batch_size": 8, "feature_cache": use},
+            )
+        )
+
     before = dict(fc.STATS)
     off, on, again = run(False), run(True), run(True)
     assert fc.STATS["computed"] - before["computed"] >= 1 and fc.STATS["hits"] - before["hits"] >= 2
@@ -89,8 +115,16 @@ def test_trial_metrics_are_the_same_with_and_without_the_cache(tiny_backbone, ca
 
 def test_image_tower_methods_never_use_the_cache(tiny_backbone, cache):
     before = dict(fc.STATS)
-    run_trial(TrialRequest(method="vpt", dataset="digits", shots=1, seed=1, device="cpu",
-                           overrides={"epochs": 1, "feature_cache": True}))
+    run_trial(
+        TrialRequest(
+            method="vpt",
+            dataset="digits",
+            shots=1,
+            seed=1,
+            device="cpu",
+            overrides={"epochs": 1, "feature_cache": True},
+        )
+    )
     assert fc.STATS == before and not (cache.root.exists() and any(cache.root.glob("*.npy")))
 
 
@@ -138,8 +172,9 @@ def _creator(root: str, counter: str, out: str) -> None:
 def test_concurrent_creators_compute_once(tmp_path):
     root, counter = tmp_path / "feats", tmp_path / "computes"
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_creator, args=(str(root), str(counter), str(tmp_path / f"out{i}.npy")))
-             for i in range(4)]
+    procs = [
+        ctx.Process(target=_creator, args=(str(root), str(counter), str(tmp_path / f"out{i}.npy"))) for i in range(4)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -161,8 +196,10 @@ def test_cached_training_views(tiny_backbone, cache):
     items = fewshot_split(load_dataset("digits"), 2, 1).train
     bb = tiny_backbone
     # digits trains with crop_scale [0.5, 1] (methods/defaults/_datasets.yaml): part of each view's key
-    train = [np.load(cache.path(fc.entry_key(bb.identity(), bb.image_size, "cpu", items, f"train-{i}-crop0.5-1")))
-             for i in range(2)]
+    train = [
+        np.load(cache.path(fc.entry_key(bb.identity(), bb.image_size, "cpu", items, f"train-{i}-crop0.5-1")))
+        for i in range(2)
+    ]
     assert train[0].shape == (20, bb.embed_dim) and not np.array_equal(train[0], train[1])  # two augmentations
     ds = fc.FeatureDataset(train, list(range(20)), "train")
     ds.set_epoch(0)
@@ -174,8 +211,16 @@ def test_cached_training_views(tiny_backbone, cache):
     again = run_trial(TrialRequest(method="coop", dataset="digits", shots=2, seed=1, device="cpu", overrides=over))
     assert (again["val_acc"], again["test_acc"]) == (out["val_acc"], out["test_acc"])  # deterministic views
     before = dict(fc.STATS)
-    run_trial(TrialRequest(method="coop", dataset="digits", shots=2, seed=1, device="cpu",
-                           overrides={**over, "epochs": 1, "crop_scale": [0.08, 1.0]}))
+    run_trial(
+        TrialRequest(
+            method="coop",
+            dataset="digits",
+            shots=2,
+            seed=1,
+            device="cpu",
+            overrides={**over, "epochs": 1, "crop_scale": [0.08, 1.0]},
+        )
+    )
     assert fc.STATS["computed"] - before["computed"] == 2  # another crop range: new train views, same eval features
 
 

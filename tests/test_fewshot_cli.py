@@ -1,4 +1,5 @@
 """``python -m fewshot check|split`` run as a subprocess: outputs, exit codes, one-line errors."""
+
 from __future__ import annotations
 
 import json
@@ -17,16 +18,19 @@ def run_cli(*args, env_extra=None, drop_data_env=True):
     if drop_data_env:
         env.pop("PROMPTSWEEP_DATA", None)
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "fewshot", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "fewshot", *map(str, args)], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def write_eurosat(root, bad_label=False):
     """A fake EuroSAT (10 classes) with 6 train / 3 val / 2 test images per class (empty files: ``check``
     without --shots only checks that they exist)."""
     (root / "eurosat" / "2750").mkdir(parents=True)
-    split = {part: [[f"C{lab}/{part}_{i}.jpg", lab, f"class {lab}"] for i in range(n) for lab in range(10)]
-             for part, n in (("train", 6), ("val", 3), ("test", 2))}
+    split = {
+        part: [[f"C{lab}/{part}_{i}.jpg", lab, f"class {lab}"] for i in range(n) for lab in range(10)]
+        for part, n in (("train", 6), ("val", 3), ("test", 2))
+    }
     for part in split.values():
         for rel, _, _ in part:
             (root / "eurosat" / "2750" / rel).parent.mkdir(exist_ok=True)
@@ -96,22 +100,31 @@ def test_split_offline_digits_without_data_root():
     assert plain.returncode == 0 and "10 train, 10 val" in plain.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["split", "--dataset", "mnist", "--shots", "1", "--seed", "1", "--data-root", "{root}"],
-     "unknown dataset 'mnist': choose one of imagenet, caltech101"),
-    (["check", "--data-root", "{root}", "mnist"], "unknown dataset 'mnist'"),
-    (["split", "--dataset", "eurosat", "--shots", "1", "--seed", "1"], "no data root given.*PROMPTSWEEP_DATA"),
-    (["check", "eurosat"], "no data root given"),
-    (["check", "--data-root", "{root}/nowhere", "eurosat"], "data root .*/nowhere does not exist"),
-    (["split", "--dataset", "dtd", "--shots", "1", "--seed", "1", "--data-root", "{root}"],
-     "image folder .*dtd/images .* is missing"),
-    (["split", "--dataset", "eurosat", "--shots", "1", "--seed", "1", "--data-root", "{bad}"],
-     "split_zhou_EuroSAT.json: 'val' entry 4 has label 12"),
-    (["split", "--dataset", "eurosat", "--shots", "two", "--seed", "1"], "argument --shots: invalid int value"),
-    (["split", "--shots", "1", "--seed", "1"], "required: --dataset"),
-    ([], "required: command"),
-    (["frobnicate"], "invalid choice: 'frobnicate'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["split", "--dataset", "mnist", "--shots", "1", "--seed", "1", "--data-root", "{root}"],
+            "unknown dataset 'mnist': choose one of imagenet, caltech101",
+        ),
+        (["check", "--data-root", "{root}", "mnist"], "unknown dataset 'mnist'"),
+        (["split", "--dataset", "eurosat", "--shots", "1", "--seed", "1"], "no data root given.*PROMPTSWEEP_DATA"),
+        (["check", "eurosat"], "no data root given"),
+        (["check", "--data-root", "{root}/nowhere", "eurosat"], "data root .*/nowhere does not exist"),
+        (
+            ["split", "--dataset", "dtd", "--shots", "1", "--seed", "1", "--data-root", "{root}"],
+            "image folder .*dtd/images .* is missing",
+        ),
+        (
+            ["split", "--dataset", "eurosat", "--shots", "1", "--seed", "1", "--data-root", "{bad}"],
+            "split_zhou_EuroSAT.json: 'val' entry 4 has label 12",
+        ),
+        (["split", "--dataset", "eurosat", "--shots", "two", "--seed", "1"], "argument --shots: invalid int value"),
+        (["split", "--shots", "1", "--seed", "1"], "required: --dataset"),
+        ([], "required: command"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
 def test_bad_input_exit_2_one_line(data_root, tmp_path, args, message):
     import re
 

@@ -1,4 +1,5 @@
 """ImageDataset (loading, read counter, errors), CLIP transforms and prompt templates."""
+
 from __future__ import annotations
 
 import pickle

@@ -1,5 +1,6 @@
 """Offline datasets (digits, shapes): real PNG files in the CoOp layout, deterministic, right
 counts, safe concurrent materialisation; read back through the JSON-split reader."""
+
 from __future__ import annotations
 
 import hashlib
@@ -66,8 +67,9 @@ def test_shapes_classes_counts_and_determinism(tmp_path, monkeypatch):
 
 
 def _pixels(items, size=16):
-    return np.stack([np.asarray(Image.open(it.impath).resize((size, size)), dtype=np.float32).ravel() / 255
-                     for it in items])
+    return np.stack(
+        [np.asarray(Image.open(it.impath).resize((size, size)), dtype=np.float32).ravel() / 255 for it in items]
+    )
 
 
 def test_shapes_vary_per_image_and_are_learnable(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """Each on-disk reader parses a small fake tree of its CoOp layout, with the right class names,
 and missing / malformed data raise DataError naming the path."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,13 @@ def write_json_dataset(root, name, split=None):
         (ddir / "cars_train").mkdir(exist_ok=True)
     if split is None:
         prefix = {"stanford_cars": "cars_{part}/", "sun397": "a/class_{lab}/"}.get(name, "class_{lab}/")
-        split = {part: [[prefix.format(part=part, lab=lab) + f"{part}_{lab:05d}.jpg", lab, f"class name {lab}"]
-                        for lab in reversed(range(n))] for part in ("train", "val", "test")}
+        split = {
+            part: [
+                [prefix.format(part=part, lab=lab) + f"{part}_{lab:05d}.jpg", lab, f"class name {lab}"]
+                for lab in reversed(range(n))
+            ]
+            for part in ("train", "val", "test")
+        }
     text = split if isinstance(split, str) else json.dumps(split, indent=4)
     (ddir / f"split_zhou_{split_name}.json").write_text(text)
     return split
@@ -50,7 +56,8 @@ def test_json_split_datasets(tmp_path, name):
     for part in ("train", "val", "test"):
         items = getattr(ds, part)
         assert [(it.impath, it.label, it.classname) for it in items] == [
-            (str(base / p), lab, c) for p, lab, c in split[part]]
+            (str(base / p), lab, c) for p, lab, c in split[part]
+        ]
     assert ds.image_root == str(base)
 
 
@@ -93,18 +100,21 @@ def _with(part, index, entry):
     return d
 
 
-@pytest.mark.parametrize("content, problem", [
-    ("{oops", "not valid JSON"),
-    ([["a.jpg", 0, "c0"]], "must hold a JSON object"),
-    ({"train": [], "val": []}, "lacks key.*test"),
-    ({"train": {}, "val": [], "test": []}, "'train' must be a list"),
-    (_with("train", 3, ["a.jpg", 3]), "'train' entry 3 .*expected \\[path"),
-    (_with("val", 0, ["a.jpg", "0", "c0"]), "'val' entry 0"),
-    (_with("test", 1, ["a.jpg", 1, 5]), "'test' entry 1"),
-    (_with("train", 2, ["a.jpg", -1, "c2"]), "label -1, outside 0..9"),
-    (_with("train", 2, ["a.jpg", 10, "c2"]), "label 10, outside 0..9"),
-    (_with("train", 2, ["a.jpg", 1, "other"]), "label 1 is named both"),
-])
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("{oops", "not valid JSON"),
+        ([["a.jpg", 0, "c0"]], "must hold a JSON object"),
+        ({"train": [], "val": []}, "lacks key.*test"),
+        ({"train": {}, "val": [], "test": []}, "'train' must be a list"),
+        (_with("train", 3, ["a.jpg", 3]), "'train' entry 3 .*expected \\[path"),
+        (_with("val", 0, ["a.jpg", "0", "c0"]), "'val' entry 0"),
+        (_with("test", 1, ["a.jpg", 1, 5]), "'test' entry 1"),
+        (_with("train", 2, ["a.jpg", -1, "c2"]), "label -1, outside 0..9"),
+        (_with("train", 2, ["a.jpg", 10, "c2"]), "label 10, outside 0..9"),
+        (_with("train", 2, ["a.jpg", 1, "other"]), "label 1 is named both"),
+    ],
+)
 def test_malformed_split_json(tmp_path, content, problem):
     write_json_dataset(tmp_path, "eurosat", content if isinstance(content, str) else json.dumps(content))
     with pytest.raises(DataError, match=f"split_zhou_EuroSAT.json.*{problem}") as err:
@@ -124,7 +134,9 @@ def test_fgvc_aircraft_lists(tmp_path):
     img = tmp_path.resolve() / "fgvc_aircraft" / "images"
     assert ds.classnames[:3] == ["707-320", "A340-500", "Boeing 717"] and ds.num_classes == 100
     assert [(it.impath, it.label, it.classname) for it in ds.train] == [
-        (str(img / "1025794.jpg"), 0, "707-320"), (str(img / "1340192.jpg"), 2, "Boeing 717")]
+        (str(img / "1025794.jpg"), 0, "707-320"),
+        (str(img / "1340192.jpg"), 2, "Boeing 717"),
+    ]
     assert [(it.label, it.classname) for it in ds.val] == [(1, "A340-500")]
     assert [it.label for it in ds.test] == [99, 2]
     (d / "images_variant_val.txt").write_text("0034309 A380\n")
@@ -160,8 +172,10 @@ def test_imagenet_folders(tmp_path):
     assert ds.classnames == ["tench", "goldfish", "great white shark"]  # sorted wnid order
     root = tmp_path.resolve() / "imagenet" / "images"
     assert [(it.impath, it.label) for it in ds.train[:3]] == [
-        (str(root / "train/n01440764/a.JPEG"), 0), (str(root / "train/n01440764/b.JPEG"), 0),
-        (str(root / "train/n01443537/a.JPEG"), 1)]
+        (str(root / "train/n01440764/a.JPEG"), 0),
+        (str(root / "train/n01440764/b.JPEG"), 0),
+        (str(root / "train/n01443537/a.JPEG"), 1),
+    ]
     assert len(ds.train) == 6 and [it.label for it in ds.test] == [0, 1, 2]
     assert ds.val == ds.test and ds.test[2].classname == "great white shark"
     (d / "images" / "val" / "n99999999").mkdir()
@@ -183,11 +197,14 @@ def test_imagenet_v2_numbered_folders(tmp_path):
     assert ds.test[10].classname == "name 10"
 
 
-@pytest.mark.parametrize("name, folder, subdir", [
-    ("imagenet_sketch", "imagenet-sketch", "images"),
-    ("imagenet_a", "imagenet-adversarial", "imagenet-a"),
-    ("imagenet_r", "imagenet-rendition", "imagenet-r"),
-])
+@pytest.mark.parametrize(
+    "name, folder, subdir",
+    [
+        ("imagenet_sketch", "imagenet-sketch", "images"),
+        ("imagenet_a", "imagenet-adversarial", "imagenet-a"),
+        ("imagenet_r", "imagenet-rendition", "imagenet-r"),
+    ],
+)
 def test_imagenet_wnid_variants(tmp_path, name, folder, subdir):
     d = tmp_path / folder
     d.mkdir()
@@ -199,7 +216,11 @@ def test_imagenet_wnid_variants(tmp_path, name, folder, subdir):
     ds = load_dataset(name, tmp_path)
     assert ds.classnames == ["goldfish", "great white shark"]
     assert [(it.label, it.impath.rsplit("/", 2)[-2:]) for it in ds.test] == [
-        (0, ["n01443537", "1.jpg"]), (0, ["n01443537", "2.jpg"]), (1, ["n01484850", "1.jpg"]), (1, ["n01484850", "2.jpg"])]
+        (0, ["n01443537", "1.jpg"]),
+        (0, ["n01443537", "2.jpg"]),
+        (1, ["n01484850", "1.jpg"]),
+        (1, ["n01484850", "2.jpg"]),
+    ]
     (d / "classnames.txt").unlink()
     with pytest.raises(MissingDataError, match="classnames.txt is missing"):
         load_dataset(name, tmp_path)
@@ -207,6 +228,17 @@ def test_imagenet_wnid_variants(tmp_path, name, folder, subdir):
 
 def test_catalog_names():
     names = dataset_names()
-    assert names[:11] == ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
-                          "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"]
+    assert names[:11] == [
+        "imagenet",
+        "caltech101",
+        "oxford_pets",
+        "stanford_cars",
+        "oxford_flowers",
+        "food101",
+        "fgvc_aircraft",
+        "sun397",
+        "dtd",
+        "eurosat",
+        "ucf101",
+    ]
     assert set(names[11:]) == {"imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r", "digits", "shapes"}

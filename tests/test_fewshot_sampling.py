@@ -1,4 +1,5 @@
 """K-shot sampling equals Dassl's generate_fewshot_dataset; split cache; base/novel split."""
+
 from __future__ import annotations
 
 import json
@@ -120,7 +121,11 @@ def test_cache_file_layout_and_relative_paths(fake_ds, tmp_path):
     path = split_cache_path("fake", 2, 3, tmp_path / "c")
     assert path == tmp_path / "c" / "fake" / "shot_2-seed_3.json"
     data = json.loads(path.read_text())
-    assert data["train"][0] == [split.train[0].impath.split("images/")[1], split.train[0].label, split.train[0].classname]
+    assert data["train"][0] == [
+        split.train[0].impath.split("images/")[1],
+        split.train[0].label,
+        split.train[0].classname,
+    ]
     assert all(not p.startswith("/") for p, _, _ in data["train"] + data["val"])
     assert [e[0] for e in data["val"]] == [it.impath.split("images/")[1] for it in split.val]
 
@@ -131,12 +136,15 @@ def test_default_cache_dir_is_under_promptsweep_cache(fake_ds, tmp_path, monkeyp
     assert (tmp_path / "pc" / "splits" / "fake" / "shot_1-seed_1.json").is_file()
 
 
-@pytest.mark.parametrize("content", [
-    "{not json",
-    "[]",
-    json.dumps({"train": []}),
-    json.dumps({"train": [["cat/train_0.png", 0, "cat"]], "val": []}),     # no source fingerprint
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        "[]",
+        json.dumps({"train": []}),
+        json.dumps({"train": [["cat/train_0.png", 0, "cat"]], "val": []}),  # no source fingerprint
+    ],
+)
 def test_corrupt_cache_raises_data_error(fake_ds, tmp_path, content):
     path = split_cache_path("fake", 4, 1, tmp_path / "c")
     path.parent.mkdir(parents=True)
@@ -215,12 +223,15 @@ def test_shots_and_seed_must_be_integers(fake_ds, tmp_path):
             fewshot_split(fake_ds, shots, seed, cache_dir=tmp_path)
 
 
-@pytest.mark.parametrize("part, index, entry", [
-    ("train", 0, ["cat/train_0.png", 1, "cat"]),        # wrong label
-    ("train", 3, ["cat/nonexistent.png", 0, "cat"]),    # not an image of the dataset
-    ("val", 1, ["cat/val_0.png", 0]),                   # not [path, label, name]
-    ("val", 0, "x"),
-])
+@pytest.mark.parametrize(
+    "part, index, entry",
+    [
+        ("train", 0, ["cat/train_0.png", 1, "cat"]),  # wrong label
+        ("train", 3, ["cat/nonexistent.png", 0, "cat"]),  # not an image of the dataset
+        ("val", 1, ["cat/val_0.png", 0]),  # not [path, label, name]
+        ("val", 0, "x"),
+    ],
+)
 def test_tampered_cache_entry_raises_data_error(fake_ds, tmp_path, part, index, entry):
     fewshot_split(fake_ds, 4, 1, cache_dir=tmp_path / "c")
     path = split_cache_path("fake", 4, 1, tmp_path / "c")

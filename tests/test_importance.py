@@ -1,5 +1,6 @@
 """What mattered in the search: importances from a real small search (the sweep's CellSearcher writing its
 Optuna journal, a known objective instead of training), the studies that cannot be evaluated, and the report."""
+
 from __future__ import annotations
 
 import math
@@ -35,12 +36,21 @@ def _objective(cfg) -> float:
 def searched(tmp_path_factory):
     """coop: lr + n_ctx, 12 proposals; kgcoop: lr only; maple: 3 proposals (too few); cocoop: a flat objective."""
     out = tmp_path_factory.mktemp("searched")
-    spec = parse_spec({"name": "t", "methods": ["coop", "kgcoop", "maple", "cocoop"], "datasets": ["digits", "shapes"],
-                       "shots": [2], "seeds": [1], "search": {
-                           "coop": _search("coop", 12, {"lr": LR, "n_ctx": N_CTX}),
-                           "kgcoop": _search("kgcoop", 6, {"lr": LR}),
-                           "maple": _search("maple", MIN_TRIALS - 2, {"lr": LR, "n_ctx": N_CTX}),
-                           "cocoop": _search("cocoop", 6, {"lr": LR, "n_ctx": N_CTX})}})
+    spec = parse_spec(
+        {
+            "name": "t",
+            "methods": ["coop", "kgcoop", "maple", "cocoop"],
+            "datasets": ["digits", "shapes"],
+            "shots": [2],
+            "seeds": [1],
+            "search": {
+                "coop": _search("coop", 12, {"lr": LR, "n_ctx": N_CTX}),
+                "kgcoop": _search("kgcoop", 6, {"lr": LR}),
+                "maple": _search("maple", MIN_TRIALS - 2, {"lr": LR, "n_ctx": N_CTX}),
+                "cocoop": _search("cocoop", 6, {"lr": LR, "n_ctx": N_CTX}),
+            },
+        }
+    )
     p = plan(spec)
     searcher = CellSearcher(p.cells, {"backbone": {"arch": "promptsweep-tiny"}}, str(out / "optuna.journal"))
     rows, i = [], 0
@@ -67,7 +77,12 @@ def test_importances_find_the_parameter_that_matters(searched):
     summary = summarize(list(by_cell.values()))["coop"]
     assert list(summary) == ["lr", "n_ctx"] and summary["lr"].evaluated == 2
     assert summary["lr"].importance_mean == pytest.approx(
-        (by_cell["fewshot.coop.digits.2shot"].importances["lr"] + by_cell["fewshot.coop.shapes.2shot"].importances["lr"]) / 2)
+        (
+            by_cell["fewshot.coop.digits.2shot"].importances["lr"]
+            + by_cell["fewshot.coop.shapes.2shot"].importances["lr"]
+        )
+        / 2
+    )
 
 
 def test_studies_that_cannot_be_evaluated_say_why(searched):
@@ -88,7 +103,7 @@ def test_studies_that_cannot_be_evaluated_say_why(searched):
 def test_the_report_shows_what_mattered(searched):
     out, _, by_cell = searched
     md = Rep.write_report(out).read_text()
-    section = md[md.index("## What mattered in the search"):md.index("## Statistics over the seeds")]
+    section = md[md.index("## What mattered in the search") : md.index("## Statistics over the seeds")]
     mean_lr = summarize(list(by_cell.values()))["coop"]["lr"].importance_mean
     assert f"| lr | {mean_lr:.2f} |" in section and "| 2 of 2 |" in section
     assert "| dataset | lr | n_ctx |" in section  # the best value of each parameter per dataset

@@ -1,4 +1,5 @@
 """KgCoOp: CoOp + lambda·(1 - mean cos(w_c, w_c^clip)); lambda=0 is CoOp; gradients, training, checkpoints."""
+
 from __future__ import annotations
 
 import math
@@ -9,8 +10,14 @@ from torch.nn import functional as F
 
 from methods.coop import CoOp
 from methods.kgcoop import KgCoOp, KgCoOpConfig
-from tests.method_harness import (assert_backbone_untouched, backbone_snapshot, checkpoint_roundtrip, digits_data,
-                                  one_step_gradients, train_losses)
+from tests.method_harness import (
+    assert_backbone_untouched,
+    backbone_snapshot,
+    checkpoint_roundtrip,
+    digits_data,
+    one_step_gradients,
+    train_losses,
+)
 
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,7 @@ are the limit there — while on shapes-64's base half zero-shot is 58.1 % and C
 The linear probe is fitted on centre crops (the evaluation transform, as CoOp's ``lpclip`` extracts
 features): 64.58 % at 16 shots against zero-shot's 58.07 % (on augmented crops it reached ~48 %).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -65,16 +66,28 @@ SCHEDULE: dict[str, dict] = {
     # TGP-T's 32 category + 64 content tokens do not fit promptsweep-mini's 32-token text tower
     "tgpt": {"max_iters": 200, "eval_every_iters": 50, "n_cat": 16, "n_con": 24},
 }
-KNOWN_NOT_LEARNING = {"cocoop": "measured: CoCoOp stays within ±2 points of its start at these CPU schedules "
-                                "(see the module docstring)",
-                      "sep": "measured: since its fused-layer modules start as copies of one module (the reference's "
-                             "init), SEP ends within ±2 points of its start (see the module docstring)"}
+KNOWN_NOT_LEARNING = {
+    "cocoop": "measured: CoCoOp stays within ±2 points of its start at these CPU schedules (see the module docstring)",
+    "sep": "measured: since its fused-layer modules start as copies of one module (the reference's "
+    "init), SEP ends within ±2 points of its start (see the module docstring)",
+}
 
 
-def trial(method: str, dataset: str = DATASET, shots: int = SHOTS, protocol: str = "fewshot", seed: int = 1,
-          **overrides) -> dict:
-    return run_trial(TrialRequest(method=method, dataset=dataset, shots=shots, seed=seed, protocol=protocol,
-                                  device="cpu", backbone=BACKBONE, overrides=overrides))
+def trial(
+    method: str, dataset: str = DATASET, shots: int = SHOTS, protocol: str = "fewshot", seed: int = 1, **overrides
+) -> dict:
+    return run_trial(
+        TrialRequest(
+            method=method,
+            dataset=dataset,
+            shots=shots,
+            seed=seed,
+            protocol=protocol,
+            device="cpu",
+            backbone=BACKBONE,
+            overrides=overrides,
+        )
+    )
 
 
 def untrained(method: str) -> dict:
@@ -111,6 +124,8 @@ def test_linear_probe_16_shots_beats_zero_shot(mini_backbone):
 def test_coop_base_beats_zero_shot_base(mini_backbone):
     zs = trial("zeroshot", dataset=B2N_DATASET, shots=16, protocol="base2novel")
     coop = trial("coop", dataset=B2N_DATASET, shots=16, protocol="base2novel", **SCHEDULE["coop"])
-    print(f"base2novel {B2N_DATASET}: zero-shot base {zs['base_acc']:.2f} novel {zs['novel_acc']:.2f}; "
-          f"coop base {coop['base_acc']:.2f} novel {coop['novel_acc']:.2f}")
+    print(
+        f"base2novel {B2N_DATASET}: zero-shot base {zs['base_acc']:.2f} novel {zs['novel_acc']:.2f}; "
+        f"coop base {coop['base_acc']:.2f} novel {coop['novel_acc']:.2f}"
+    )
     assert coop["base_acc"] >= zs["base_acc"] + MARGIN

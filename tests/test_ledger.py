@@ -1,19 +1,25 @@
 """The ledger (trials.arrow + trials.journal): every row on disk at once, files rewritten geometrically (bytes per
 trial flat in N), reads the same after a kill at any point; a trial an older Tune snapshot lost continues its run."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
+from result_rows import cfg as _cfg
 
 from orchestrator import ledger as L
 from orchestrator import results as R
-from result_rows import cfg as _cfg
 
 
 def _row(i: int, **kw) -> dict:
-    return R.trial_row(_cfg(seed=i), {"val_acc": 50.0, "test_acc": float(i % 100), "epochs_run": 1},
-                       status=kw.pop("status", "FINISHED"), tune_trial_id=f"t{i}", **kw)
+    return R.trial_row(
+        _cfg(seed=i),
+        {"val_acc": 50.0, "test_acc": float(i % 100), "epochs_run": 1},
+        status=kw.pop("status", "FINISHED"),
+        tune_trial_id=f"t{i}",
+        **kw,
+    )
 
 
 def _book(tmp_path, **kw):
@@ -22,8 +28,9 @@ def _book(tmp_path, **kw):
 
 def _same(a: dict, b: dict) -> bool:
     keys = set(a) - {"finished_at"}
-    return {k: a[k] for k in keys} == {k: b[k] for k in keys} and \
-        abs((a["finished_at"] - b["finished_at"]).total_seconds()) < 0.001
+    return {k: a[k] for k in keys} == {k: b[k] for k in keys} and abs(
+        (a["finished_at"] - b["finished_at"]).total_seconds()
+    ) < 0.001
 
 
 def test_rows_are_on_disk_at_once_and_read_back_whole(tmp_path):
@@ -38,7 +45,8 @@ def test_rows_are_on_disk_at_once_and_read_back_whole(tmp_path):
     book.write()  # the end of a driver: every file complete, the journal gone (no trial open)
     assert not (tmp_path / L.JOURNAL_FILE).exists()
     assert [r["tune_trial_id"] for r in R.read_rows(tmp_path / R.TRIALS_FILE)] == sorted(
-        (r["tune_trial_id"] for r in rows), key=lambda t: int(t[1:]))
+        (r["tune_trial_id"] for r in rows), key=lambda t: int(t[1:])
+    )
 
 
 def test_small_sweeps_rewrite_the_files_after_every_row(tmp_path):
@@ -125,8 +133,12 @@ def test_a_restored_trial_that_names_no_checkpoint_resumes_from_the_one_on_stora
 
     class FakeTrial:
         checkpoint = None
-        storage = SimpleNamespace(storage_filesystem=pafs.LocalFileSystem(), trial_fs_path=str(trial_dir),
-                                  trial_dir_name="trial", current_checkpoint_index=-1)
+        storage = SimpleNamespace(
+            storage_filesystem=pafs.LocalFileSystem(),
+            trial_fs_path=str(trial_dir),
+            trial_dir_name="trial",
+            current_checkpoint_index=-1,
+        )
         run_metadata = SimpleNamespace(checkpoint_manager=SimpleNamespace(latest_checkpoint_result=None))
 
         def on_checkpoint(self, result):
@@ -155,11 +167,15 @@ def test_the_driver_keeps_only_a_trials_newest_checkpoint(tmp_path):
     cb = ResultsCallback(tmp_path / "out", {"sweep": "t"}, [])
     ckpt = SimpleNamespace(path=str(tmp_path / "trial" / "checkpoint_000002"), filesystem=pafs.LocalFileSystem())
     cb.on_checkpoint(0, [], None, ckpt)
-    assert sorted(p.name for p in (tmp_path / "trial").iterdir()) == ["checkpoint_000002", "checkpoint_000003",
-                                                                       "result.json"]
+    assert sorted(p.name for p in (tmp_path / "trial").iterdir()) == [
+        "checkpoint_000002",
+        "checkpoint_000003",
+        "result.json",
+    ]
 
 
 # --- the sweep: work an older snapshot lost is taken up by a new trial that continues its MLflow run ----------
+
 
 @pytest.mark.slow
 def test_a_trial_missing_from_tunes_snapshot_continues_its_mlflow_run(tmp_path):
@@ -174,10 +190,18 @@ def test_a_trial_missing_from_tunes_snapshot_continues_its_mlflow_run(tmp_path):
 
     from tests.test_faults import Driver
 
-    spec = {"name": "lost", "protocol": "fewshot", "methods": ["coop"], "datasets": ["digits"], "shots": [1],
-            "seeds": [1, 2, 3], "backbone": {"arch": "promptsweep-tiny", "pretrained": None},
-            "train": {"defaults": {"epochs": 60, "batch_size": 2, "num_workers": 0}},
-            "resources": {"cpu": 1, "gpu": 0}, "tracking": {"experiment": "lost"}}
+    spec = {
+        "name": "lost",
+        "protocol": "fewshot",
+        "methods": ["coop"],
+        "datasets": ["digits"],
+        "shots": [1],
+        "seeds": [1, 2, 3],
+        "backbone": {"arch": "promptsweep-tiny", "pretrained": None},
+        "train": {"defaults": {"epochs": 60, "batch_size": 2, "num_workers": 0}},
+        "resources": {"cpu": 1, "gpu": 0},
+        "tracking": {"experiment": "lost"},
+    }
     path = tmp_path / "lost.yaml"
     path.write_text(yaml.safe_dump(spec))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -197,7 +221,7 @@ def test_a_trial_missing_from_tunes_snapshot_continues_its_mlflow_run(tmp_path):
         drv.kill()
         book = L.Ledger(out, {}, [])
         assert len(book.rows) == 1 and len(book.starts) == 1, drv.output()[-3000:]
-        (lost_tid, lost), = book.starts.items()
+        ((lost_tid, lost),) = book.starts.items()
         shutil.rmtree(out / "tune")  # Tune's snapshot never held the trial that was running
         drv = Driver(path, tmp_path / "out", uri, tmp_path)
         drv.args[-1] = "1"
@@ -212,7 +236,9 @@ def test_a_trial_missing_from_tunes_snapshot_continues_its_mlflow_run(tmp_path):
     assert mine["tune_trial_id"] != lost_tid
     c = MlflowClient(uri)
     runs = c.search_runs([c.get_experiment_by_name("lost").experiment_id], "tags.level = 'trial'")
-    assert len(runs) == 3 and {x.info.status for x in runs} == {"FINISHED"}, [(x.info.status, x.data.tags) for x in runs]
+    assert len(runs) == 3 and {x.info.status for x in runs} == {"FINISHED"}, [
+        (x.info.status, x.data.tags) for x in runs
+    ]
     assert {x["mlflow_run_id"] for x in rows} == {x.info.run_id for x in runs}
     cont = [x for x in runs if x.data.tags.get("continues_trial") == lost_tid]
     assert len(cont) == 1 and cont[0].data.tags["tune_trial_id"] == mine["tune_trial_id"]
@@ -235,8 +261,9 @@ def test_the_scheduler_picks_the_first_waiting_trial_without_scanning_finished_o
             self.trial_id, self.status = tid, status
 
     sched = LedgerScheduler(SimpleNamespace(adopt=lambda *a: None), prune=False)
-    controller = SimpleNamespace(get_live_trials=lambda: set(),
-                                 _checkpoint_manager=SimpleNamespace(_should_force_sync_up=False))
+    controller = SimpleNamespace(
+        get_live_trials=lambda: set(), _checkpoint_manager=SimpleNamespace(_should_force_sync_up=False)
+    )
     done = [FakeTrial(f"d{i}", Trial.RUNNING) for i in range(500)]
     waiting = [FakeTrial("p1", Trial.PENDING), FakeTrial("p2", Trial.PENDING)]
     for t in [*done, *waiting]:

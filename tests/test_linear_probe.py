@@ -1,4 +1,5 @@
 """Linear probe: closed-form fit, CoOp's C search, checkpoint round-trip, beats zero-shot on digits."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,7 +17,9 @@ def _loader(bb, items, batch_size=64):
     from fewshot.images import ImageDataset
     from fewshot.transforms import clip_transform
 
-    return DataLoader(ImageDataset(items, clip_transform(bb.image_size, train=False)), batch_size=batch_size, shuffle=False)
+    return DataLoader(
+        ImageDataset(items, clip_transform(bb.image_size, train=False)), batch_size=batch_size, shuffle=False
+    )
 
 
 @pytest.fixture(scope="module")

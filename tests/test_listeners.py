@@ -6,10 +6,10 @@ its metrics exporters to loopback only when the node address is exactly 127.0.0.
 ``ray start`` cannot use (it rewrites 127.0.0.1 to the outside address unless cluster mode is off, and a
 worker node refuses to start with cluster mode off); those listeners of the cluster are the documented
 exception (``CLUSTER_WILDCARD``) and a strict xfail records that they are not loopback yet."""
+
 from __future__ import annotations
 
 import ipaddress
-import os
 import subprocess
 import sys
 import textwrap
@@ -36,8 +36,13 @@ def listeners(pids) -> list[tuple[str, str, str, int]]:
             procs[pid] = (p.name(), " ".join(p.cmdline())[:160])
         except psutil.Error:
             pass
-    return sorted({(*procs[c.pid], c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="tcp")
-                   if c.status == psutil.CONN_LISTEN and c.pid in procs})
+    return sorted(
+        {
+            (*procs[c.pid], c.laddr.ip, c.laddr.port)
+            for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.pid in procs
+        }
+    )
 
 
 LOCAL_RAY = textwrap.dedent("""
@@ -74,8 +79,15 @@ def test_local_ray_of_ensure_ray_listens_on_loopback_only(dashboard):
     env.pop("RAY_ADDRESS", None)
     port = _free_port() if dashboard else 0
     env["DASHBOARD_PORT"] = str(port)
-    proc = subprocess.Popen([sys.executable, "-c", LOCAL_RAY], cwd=REPO, env=env, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LOCAL_RAY],
+        cwd=REPO,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         first = proc.stdout.readline()
         if dashboard:
@@ -135,8 +147,11 @@ def test_cluster_local_binds_loopback_except_the_listeners_ray_cannot_move(clust
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="Ray 2.60 binds a node's gRPC servers and metrics exporters to all "
-                   "interfaces unless the node address is exactly 127.0.0.1, which `ray start` of a worker node "
-                   "cannot use; listed in CLUSTER_WILDCARD")
+@pytest.mark.xfail(
+    strict=True,
+    reason="Ray 2.60 binds a node's gRPC servers and metrics exporters to all "
+    "interfaces unless the node address is exactly 127.0.0.1, which `ray start` of a worker node "
+    "cannot use; listed in CLUSTER_WILDCARD",
+)
 def test_cluster_local_binds_loopback_only(cluster_listeners):
     assert [x for x in cluster_listeners if not is_loopback(x[2])] == []

@@ -1,4 +1,5 @@
 """MaPLe: coupled deep prompts; depth rule, placement, gradients, training, checkpoints, ViT-B-16 sizes."""
+
 from __future__ import annotations
 
 import math
@@ -8,8 +9,14 @@ import torch
 
 from methods import towers
 from methods.maple import MaPLe, MaPLeConfig
-from tests.method_harness import (assert_backbone_untouched, backbone_snapshot, checkpoint_roundtrip, digits_data,
-                                  one_step_gradients, train_losses)
+from tests.method_harness import (
+    assert_backbone_untouched,
+    backbone_snapshot,
+    checkpoint_roundtrip,
+    digits_data,
+    one_step_gradients,
+    train_losses,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +36,17 @@ def test_all_prompts_and_couplings_get_gradients_backbone_untouched(tiny_backbon
     assert m.depth == 3  # default 9 clipped to the tiny model's 3 blocks
     images, labels = next(iter(loader))
     grads = one_step_gradients(m, images, labels)
-    assert set(grads) == {"ctx", "deep_text.0", "deep_text.1", "proj.weight", "proj.bias",
-                          "deep_proj.0.weight", "deep_proj.0.bias", "deep_proj.1.weight", "deep_proj.1.bias"}
+    assert set(grads) == {
+        "ctx",
+        "deep_text.0",
+        "deep_text.1",
+        "proj.weight",
+        "proj.bias",
+        "deep_proj.0.weight",
+        "deep_proj.0.bias",
+        "deep_proj.1.weight",
+        "deep_proj.1.bias",
+    }
     assert all(grads.values()), grads
     assert_backbone_untouched(tiny_backbone, snap)
 
@@ -59,8 +75,9 @@ def test_depth_one_touches_only_layer_zero(tiny_backbone, digits):
     m.eval()
     with torch.no_grad():
         v0 = m.proj(m.ctx)
-        plain = towers.encode_image(tiny_backbone, images,
-                                    pre_ln=lambda x: torch.cat([x, v0.expand(x.shape[0], -1, -1)], 1))
+        plain = towers.encode_image(
+            tiny_backbone, images, pre_ln=lambda x: torch.cat([x, v0.expand(x.shape[0], -1, -1)], 1)
+        )
         assert torch.allclose(m.image_features(images), plain, atol=1e-6)
 
     # with depth 2, block 1 sees the coupled deep prompt and block 2 the propagated one
@@ -74,6 +91,7 @@ def test_depth_one_touches_only_layer_zero(tiny_backbone, digits):
             x = hook(i, x) if hook else x
             seen.setdefault(i, x[:, -2:].detach().clone())
             return x
+
         return orig(transformer, x, mask, spy)
 
     towers._run_blocks = spy_blocks

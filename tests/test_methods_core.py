@@ -1,4 +1,5 @@
 """The shared core against open_clip: towers without hooks, the learned-context text path, zero-shot CLIP."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,8 +23,9 @@ def test_towers_without_hooks_equal_open_clip(tiny_backbone):
     assert tokens.shape == (3, 1 + (bb.image_size // 8) ** 2, bb.vision_width)
 
 
-@pytest.mark.parametrize("position,text", [("end", "a photo of a {}."), ("middle", "a photo {} of a."),
-                                           ("front", "{} a photo of a.")])
+@pytest.mark.parametrize(
+    "position,text", [("end", "a photo of a {}."), ("middle", "a photo {} of a."), ("front", "{} a photo of a.")]
+)
 def test_learned_context_with_init_words_equals_the_written_prompt(tiny_backbone, position, text):
     bb = tiny_backbone
     names = ["seven", "two_things", "a long class name here"]
@@ -112,8 +114,10 @@ def test_available_archs_is_what_open_clip_lists_and_needs_no_open_clip_import()
     register_configs()
     listed = [m for m in open_clip.list_models() if not m.startswith("pstest-")]  # pstest-*: tests/model_configs
     assert available_archs() == sorted(listed)
-    code = ("import sys; from methods.backbone import available_archs; a = available_archs(); "
-            "assert 'ViT-B-16' in a and 'promptsweep-tiny' in a; assert 'open_clip' not in sys.modules")
+    code = (
+        "import sys; from methods.backbone import available_archs; a = available_archs(); "
+        "assert 'ViT-B-16' in a and 'promptsweep-tiny' in a; assert 'open_clip' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -124,6 +128,7 @@ def test_hand_crafted_template_features_have_one_implementation(tiny_backbone):
     m = get_method("zeroshot")(bb, ["golden_retriever", "seven"], "oxford_pets", get_method("zeroshot").Config())
     temps = ["a photo of a {}.", "itap of a {}."]
     with torch.no_grad():
+
         def raw(names):
             return torch.stack([bb.model.encode_text(bb.tokenize([t.format(n) for n in names])) for t in temps])
 
@@ -151,4 +156,7 @@ def test_depth_rule_is_one_rule_for_every_method(tiny_backbone):
     assert build("spt", init="xavier", n_prompts=2, depth=99).prompts.shape[0] == 3
     assert build("maple").depth == 3 and build("maple", prompt_depth=2).depth == 2  # default 9 clipped
     assert build("sep").visual_layers == build("sep").text_layers == (1, 2)  # preset {1..11} clipped
-    assert build("vpt").clip_depth(None, "text", "vision") == 3 and build("vpt").clip_layers([0, 5, 2], "text") == (0, 2)
+    assert build("vpt").clip_depth(None, "text", "vision") == 3 and build("vpt").clip_layers([0, 5, 2], "text") == (
+        0,
+        2,
+    )

@@ -6,6 +6,7 @@ duplicate run.
 Servers are ``mlflow server`` processes on 127.0.0.1 started here (tests/servers.py), killed and
 stopped by PID; Ray runs on 127.0.0.2 (orchestrator.tune_runner.ensure_ray).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,10 +24,23 @@ from tests.servers import REPO, MlflowServer, env_with_venv, free_port, kill_ser
 
 
 def _trial(tid, shots=2, seed=1, stage="final"):
-    req = {"method": "coop", "dataset": "digits", "shots": shots, "seed": seed, "protocol": "fewshot",
-           "stage": stage, "overrides": {"lr": 0.01}}
-    cfg = {"cell_id": f"fewshot.coop.digits.{shots}shot", "stage": stage, "seed": seed, "optuna_number": None,
-           "params": {}, "request": req}
+    req = {
+        "method": "coop",
+        "dataset": "digits",
+        "shots": shots,
+        "seed": seed,
+        "protocol": "fewshot",
+        "stage": stage,
+        "overrides": {"lr": 0.01},
+    }
+    cfg = {
+        "cell_id": f"fewshot.coop.digits.{shots}shot",
+        "stage": stage,
+        "seed": seed,
+        "optuna_number": None,
+        "params": {},
+        "request": req,
+    }
     return SimpleNamespace(trial_id=tid, config=cfg, last_result={})
 
 
@@ -45,8 +59,9 @@ def _trial_runs(uri, experiment):
 def _lifecycle(cb, t, fail=False, timings=None):
     """start -> two epochs -> complete/error, each hook timed."""
     calls = [lambda: cb.on_trial_start(0, [], t)]
-    calls += [lambda ep=ep: cb.on_trial_result(0, [], t, {"epoch": ep, "val_acc": 10.0 + ep, "pid": 1})
-              for ep in range(2)]
+    calls += [
+        lambda ep=ep: cb.on_trial_result(0, [], t, {"epoch": ep, "val_acc": 10.0 + ep, "pid": 1}) for ep in range(2)
+    ]
     if fail:
         t.last_result = {"trial_failed": 1, "error_class": "nan_loss", "error_message": "NaN loss"}
         calls.append(lambda: cb.on_trial_error(0, [], t))
@@ -63,15 +78,40 @@ def _lifecycle(cb, t, fail=False, timings=None):
 
 def test_unreachable_server_at_start_is_one_line_before_any_trial(tmp_path):
     spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump({
-        "name": "down", "protocol": "fewshot", "methods": ["zeroshot"], "datasets": ["digits"], "shots": [1],
-        "seeds": [1], "backbone": {"arch": "promptsweep-tiny", "pretrained": None},
-        "resources": {"cpu": 1, "gpu": 0}, "tracking": {"experiment": "down"}}))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "down",
+                "protocol": "fewshot",
+                "methods": ["zeroshot"],
+                "datasets": ["digits"],
+                "shots": [1],
+                "seeds": [1],
+                "backbone": {"arch": "promptsweep-tiny", "pretrained": None},
+                "resources": {"cpu": 1, "gpu": 0},
+                "tracking": {"experiment": "down"},
+            }
+        )
+    )
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "orchestrator.sweep", str(spec), "--output", str(tmp_path / "out"),
-                        "--tracking-uri", uri], cwd=tmp_path, env=env_with_venv(), capture_output=True, text=True,
-                       timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.sweep",
+            str(spec),
+            "--output",
+            str(tmp_path / "out"),
+            "--tracking-uri",
+            uri,
+        ],
+        cwd=tmp_path,
+        env=env_with_venv(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     took = time.monotonic() - t0
     assert p.returncode == 2, p.stdout + p.stderr
     lines = p.stderr.strip().splitlines()
@@ -151,8 +191,8 @@ def test_backlog_file_and_an_older_tune_state_merge_without_duplicates(tmp_path,
 
 @pytest.mark.slow
 def test_callback_rides_out_a_server_crash_and_a_driver_restart(tmp_path):
-    from orchestrator.results import trial_row, write_results
     from orchestrator.mlflow_backlog import BACKLOG_FILE, replay_backlog
+    from orchestrator.results import trial_row, write_results
     from orchestrator.tracking import MlflowTracking
 
     out = tmp_path / "out"
@@ -161,8 +201,10 @@ def test_callback_rides_out_a_server_crash_and_a_driver_restart(tmp_path):
     try:
         cb = MlflowTracking(server.uri, "outage", "unit", "h", out_dir=out)
         cb.ensure_parent()
-        trials = {tid: _trial(tid, shots=4 if tid == "t3" else 2, seed=i + 1)
-                  for i, tid in enumerate(["t1", "t2", "t3", "t4", "t5"])}
+        trials = {
+            tid: _trial(tid, shots=4 if tid == "t3" else 2, seed=i + 1)
+            for i, tid in enumerate(["t1", "t2", "t3", "t4", "t5"])
+        }
         _lifecycle(cb, trials["t1"])
         assert not cb.sender.pending and cb.trial_run_id("t1")
 
@@ -185,8 +227,12 @@ def test_callback_rides_out_a_server_crash_and_a_driver_restart(tmp_path):
 
         assert kill_server(server) == []
         _lifecycle(cb2, trials["t5"])
-        rows = [trial_row(t.config, t.last_result, status="FINISHED", tune_trial_id=tid,
-                          mlflow_run_id=cb2.trial_run_id(tid)) for tid, t in trials.items()]
+        rows = [
+            trial_row(
+                t.config, t.last_result, status="FINISHED", tune_trial_id=tid, mlflow_run_id=cb2.trial_run_id(tid)
+            )
+            for tid, t in trials.items()
+        ]
         write_results(out, rows, {"sweep": "unit"})
         t0 = time.perf_counter()
         path = cb2.finish()
@@ -194,8 +240,12 @@ def test_callback_rides_out_a_server_crash_and_a_driver_restart(tmp_path):
         assert path == out / BACKLOG_FILE
         backlog = json.loads(path.read_text())
         assert backlog["trials"] == ["t5"]  # exactly the trial with unlogged operations
-        assert {m["run"] for m in backlog["missing"]} == {"trial:t5", "cell:fewshot.coop.digits.2shot",
-                                                          "cell:fewshot.coop.digits.4shot", "sweep"}
+        assert {m["run"] for m in backlog["missing"]} == {
+            "trial:t5",
+            "cell:fewshot.coop.digits.2shot",
+            "cell:fewshot.coop.digits.4shot",
+            "sweep",
+        }
 
         server.start()
         assert replay_backlog(out) == 0  # what a rerun of a finished sweep does
@@ -218,6 +268,7 @@ def test_callback_rides_out_a_server_crash_and_a_driver_restart(tmp_path):
         assert {r.data.tags["mlflow.parentRunId"] for r in runs["cell"]} == {runs["sweep"][0].info.run_id}
 
         from orchestrator.results import read_table
+
         t = read_table(out / "trials.arrow").to_pylist()
         assert {r["tune_trial_id"]: r["mlflow_run_id"] for r in t} == {k: v.info.run_id for k, v in got.items()}
     finally:
@@ -227,10 +278,17 @@ def test_callback_rides_out_a_server_crash_and_a_driver_restart(tmp_path):
 # --- end to end -----------------------------------------------------------------------------------
 
 SPEC = {
-    "name": "outage", "protocol": "fewshot", "methods": ["zeroshot", "coop"], "datasets": ["digits"],
-    "shots": [1], "seeds": [1, 2, 3], "backbone": {"arch": "promptsweep-tiny", "pretrained": None},
+    "name": "outage",
+    "protocol": "fewshot",
+    "methods": ["zeroshot", "coop"],
+    "datasets": ["digits"],
+    "shots": [1],
+    "seeds": [1, 2, 3],
+    "backbone": {"arch": "promptsweep-tiny", "pretrained": None},
     "train": {"defaults": {"epochs": 2, "batch_size": 16, "num_workers": 0}},
-    "resources": {"cpu": 1, "gpu": 0}, "max_retries": 0, "tracking": {"experiment": "outage"},
+    "resources": {"cpu": 1, "gpu": 0},
+    "max_retries": 0,
+    "tracking": {"experiment": "outage"},
 }
 N_TRIALS = 6
 
@@ -238,9 +296,25 @@ N_TRIALS = 6
 def _sweep(tmp: Path, uri: str, coop_epochs: int = 2) -> subprocess.Popen:
     spec = tmp / "spec.yaml"
     spec.write_text(yaml.safe_dump(dict(SPEC, train=dict(SPEC["train"], methods={"coop": {"epochs": coop_epochs}}))))
-    return subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", str(spec), "--output", str(tmp / "out"),
-                             "--tracking-uri", uri, "--max-concurrent", "2"], cwd=REPO, env=env_with_venv(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.sweep",
+            str(spec),
+            "--output",
+            str(tmp / "out"),
+            "--tracking-uri",
+            uri,
+            "--max-concurrent",
+            "2",
+        ],
+        cwd=REPO,
+        env=env_with_venv(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _rows(out_dir: Path) -> list[dict]:

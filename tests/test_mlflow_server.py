@@ -1,6 +1,7 @@
 """MLflow server mode: `mlflow server` (SQLite backend) on 127.0.0.1:<free port>, a small sweep with
 --tracking-uri http://127.0.0.1:<port>, its runs listed by MlflowClient.search_runs with their tags;
 the server is stopped by PID and leaves no process behind."""
+
 from __future__ import annotations
 
 import subprocess
@@ -38,9 +39,25 @@ def test_sweep_runs_land_on_the_mlflow_server(tmp_path):
         tree = process_tree([server.proc.pid])
         spec = tmp_path / "spec.yaml"
         spec.write_text(SPEC)
-        p = subprocess.run([sys.executable, "-m", "orchestrator.sweep", str(spec), "--output", str(tmp_path / "out"),
-                            "--tracking-uri", server.uri, "--max-concurrent", "1"],
-                           cwd=REPO, env=env_with_venv(), capture_output=True, text=True, timeout=500)
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "orchestrator.sweep",
+                str(spec),
+                "--output",
+                str(tmp_path / "out"),
+                "--tracking-uri",
+                server.uri,
+                "--max-concurrent",
+                "1",
+            ],
+            cwd=REPO,
+            env=env_with_venv(),
+            capture_output=True,
+            text=True,
+            timeout=500,
+        )
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         assert server.uri in p.stdout  # the printed "mlflow:" line points at the server
 
@@ -70,6 +87,7 @@ def test_sweep_runs_land_on_the_mlflow_server(tmp_path):
         assert list((tmp_path / "mlflow" / "artifacts").rglob("trials.parquet"))
         # the sweep's own results point at the same runs
         import pyarrow as pa
+
         with pa.memory_map(str(tmp_path / "out" / "mlflowserver" / "trials.arrow")) as src:
             rows = pa.ipc.open_file(src).read_all().to_pylist()
         assert {r["mlflow_run_id"] for r in rows} == {t.info.run_id for t in trials}

@@ -6,6 +6,7 @@ The zero-shot test uses the real pretraining settings (the session fixture ``min
 the checkpoint once per session); the determinism and concurrency tests use a few steps on a small
 corpus — they test the mechanism, not what is learned.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -87,8 +88,17 @@ print(pretrained_checkpoint("promptsweep-mini", cfg))
 
 def _build_in(folder: Path, n: int = 1) -> list[subprocess.CompletedProcess]:
     env = {**os.environ, "PROMPTSWEEP_MODEL_CACHE": str(folder)}
-    procs = [subprocess.Popen([sys.executable, "-c", _BUILD, SMALL.model_dump_json()], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _BUILD, SMALL.model_dump_json()],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(n)
+    ]
     out = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=300)

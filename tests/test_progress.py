@@ -2,6 +2,7 @@
 (two protocols never print the same name), plain lines at a bounded rate where the output is not a
 terminal (with the last state printed at the end), a tqdm bar on a terminal, and a resumed sweep's
 recorded trials counted but left out of the rate."""
+
 from __future__ import annotations
 
 import io
@@ -30,9 +31,19 @@ class _Clock:
 
 
 def _plan():
-    spec = parse_spec({"name": "p", "protocol": ["fewshot", "base2novel"], "methods": ["coop"], "datasets": ["digits"],
-                       "shots": [1], "seeds": [1, 2, 3], "search": {"coop": {
-                           "n_trials": 1, "seeds": [1], "space": {"lr": {"type": "float", "low": 0.001, "high": 0.1}}}}})
+    spec = parse_spec(
+        {
+            "name": "p",
+            "protocol": ["fewshot", "base2novel"],
+            "methods": ["coop"],
+            "datasets": ["digits"],
+            "shots": [1],
+            "seeds": [1, 2, 3],
+            "search": {
+                "coop": {"n_trials": 1, "seeds": [1], "space": {"lr": {"type": "float", "low": 0.001, "high": 0.1}}}
+            },
+        }
+    )
     return make_plan(spec)
 
 
@@ -45,8 +56,9 @@ def test_summary_names_cells_in_full_and_counts_running_elapsed_and_eta():
     ids = [c.cell_id for c in p.cells]
     rows = {"a": _row(ids[0], "search", val=40.0), "b": _row(ids[1], "search", val=55.0)}
     line = summary_line(p, rows, running=2, elapsed=125.0, eta=3725.0)
-    assert line.startswith(f"cells 0/2 done | trials 2 running, 2/{p.n_trials} finished, 0 failed | 2m05s elapsed, "
-                           "ETA 1h02m | best val: ")
+    assert line.startswith(
+        f"cells 0/2 done | trials 2 running, 2/{p.n_trials} finished, 0 failed | 2m05s elapsed, ETA 1h02m | best val: "
+    )
     assert "base2novel.coop.digits.1shot 55.0" in line and "fewshot.coop.digits.1shot 40.0" in line
 
 

@@ -1,4 +1,5 @@
 """Private Ray / Tune names live in ``orchestrator/ray_internals.py`` only, and are checked at start-up."""
+
 from __future__ import annotations
 
 import re
@@ -8,14 +9,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 #: a private module or attribute of Ray (ray._private, ray.*._internal, obj._name on Tune objects we reach into)
-PRIVATE = re.compile(r"ray\._private|ray\.[\w.]*\._internal|_local_tuner|_tune_config|_checkpoint_manager|"
-                     r"_should_force_sync_up|_TrainingResult|current_checkpoint_index|get_live_trials")
+PRIVATE = re.compile(
+    r"ray\._private|ray\.[\w.]*\._internal|_local_tuner|_tune_config|_checkpoint_manager|"
+    r"_should_force_sync_up|_TrainingResult|current_checkpoint_index|get_live_trials"
+)
 
 
 def test_no_private_ray_name_outside_the_one_module():
     offenders = []
-    for path in [*ROOT.glob("orchestrator/*.py"), *ROOT.glob("methods/*.py"), *ROOT.glob("fewshot/*.py"),
-                 *ROOT.glob("benchmarks/*.py")]:
+    for path in [
+        *ROOT.glob("orchestrator/*.py"),
+        *ROOT.glob("methods/*.py"),
+        *ROOT.glob("fewshot/*.py"),
+        *ROOT.glob("benchmarks/*.py"),
+    ]:
         if path.name == "ray_internals.py":
             continue
         for i, line in enumerate(path.read_text().splitlines(), 1):

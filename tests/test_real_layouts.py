@@ -2,6 +2,7 @@
 val, unextracted train archives, a missing test image, a partial download. Each is refused up front with
 its fix — never scored as 0 % — and the sweep checks resources first, prints its data check, takes
 ``--data-root``, ends a recorded MLflow run on an early exit, and reads a dataset once per process."""
+
 from __future__ import annotations
 
 import json
@@ -26,10 +27,14 @@ def _own_cache(tmp_path, monkeypatch):
 
 # --- ImageNet half-prepared ---------------------------------------------------------------------------------
 
+
 def test_flat_imagenet_val_is_named_with_its_fix(tmp_path, capsys):
     write_imagenet(tmp_path, flat_val=True)
-    with pytest.raises(DataError, match=r"images/val is flat \(6 images such as ILSVRC2012_val_00000000.png, no "
-                                        r"folder per class\): re-folder it by wnid"):
+    with pytest.raises(
+        DataError,
+        match=r"images/val is flat \(6 images such as ILSVRC2012_val_00000000.png, no "
+        r"folder per class\): re-folder it by wnid",
+    ):
         load_dataset("imagenet", tmp_path)
     assert fewshot_cli.main(["check", "--data-root", str(tmp_path), "imagenet"]) == 2
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("imagenet")][0]
@@ -59,6 +64,7 @@ def test_unextracted_imagenet_train_archives_are_named(tmp_path):
 
 # --- empty splits and counts --------------------------------------------------------------------------------
 
+
 def test_an_empty_split_is_an_error_whatever_the_tolerance(tmp_path):
     d = write_pets(tmp_path)
     split = json.loads((d / "split_zhou_OxfordPets.json").read_text())
@@ -72,8 +78,11 @@ def test_an_empty_split_is_an_error_whatever_the_tolerance(tmp_path):
 
 def test_image_counts_are_compared_with_the_published_sizes(tmp_path):
     ds = load_dataset("oxford_pets", write_pets(tmp_path).parent)
-    with pytest.raises(DataError, match="by more than 1%: train 37 \\(published: 2944\\), val 37 \\(published: 736\\), "
-                                        "test 37 \\(published: 3669\\)"):
+    with pytest.raises(
+        DataError,
+        match="by more than 1%: train 37 \\(published: 2944\\), val 37 \\(published: 736\\), "
+        "test 37 \\(published: 3669\\)",
+    ):
         check_sizes(ds)
     check_sizes(ds, tolerance=None)
     with pytest.raises(DataError, match="more than 1%: test 37"):  # a target: only its test split counts
@@ -95,9 +104,18 @@ def test_trial_over_an_empty_test_split_fails_with_error_class_empty_split(tmp_p
 
 # --- the sweep: refused up front ----------------------------------------------------------------------------
 
+
 def _spec(tmp_path, **extra):
-    spec = {"name": "layout", "methods": ["zeroshot"], "datasets": ["oxford_pets"], "shots": [1], "seeds": [1],
-            "count_tolerance": None, "backbone": {"arch": "promptsweep-tiny", "pretrained": None}, **extra}
+    spec = {
+        "name": "layout",
+        "methods": ["zeroshot"],
+        "datasets": ["oxford_pets"],
+        "shots": [1],
+        "seeds": [1],
+        "count_tolerance": None,
+        "backbone": {"arch": "promptsweep-tiny", "pretrained": None},
+        **extra,
+    }
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -119,8 +137,11 @@ def test_a_missing_test_image_stops_the_sweep_before_training(tmp_path, capsys):
     victim.unlink()
     rc, out, err = _sweep([_spec(tmp_path), "--data-root", data, "--output", tmp_path / "out"], capsys)  # --data-root
     assert rc == 2, err
-    assert err.startswith(f"error: image file {victim} is missing") and "1 of the 37 images of the test split of "\
-        "'oxford_pets' are missing" in err and len(err.strip().splitlines()) == 1
+    assert (
+        err.startswith(f"error: image file {victim} is missing")
+        and "1 of the 37 images of the test split of 'oxford_pets' are missing" in err
+        and len(err.strip().splitlines()) == 1
+    )
     assert "checking data: 1 dataset(s)" in out
     assert not ray.is_initialized() and not (tmp_path / "out").exists()
 
@@ -139,8 +160,12 @@ def test_a_partial_download_stops_the_sweep_naming_the_tolerance(tmp_path, capsy
 
 def test_bad_data_root_flag_is_one_line(tmp_path, capsys):
     rc, _, err = _sweep([_spec(tmp_path), "--data-root", tmp_path / "nowhere"], capsys)
-    assert rc == 2 and err.strip() == f"error: --data-root: '{tmp_path / 'nowhere'}' is not a directory (it should hold " \
-                                      "the datasets' folders, see docs/data.md)"
+    assert (
+        rc == 2
+        and err.strip()
+        == f"error: --data-root: '{tmp_path / 'nowhere'}' is not a directory (it should hold "
+        "the datasets' folders, see docs/data.md)"
+    )
 
 
 def test_a_tied_head_needs_the_targets_class_names_among_the_sources(tmp_path, capsys):
@@ -148,11 +173,19 @@ def test_a_tied_head_needs_the_targets_class_names_among_the_sources(tmp_path, c
     write_imagenet(data)
     a = write_imagenet_variant(data, "imagenet_a")
     (a / "classnames.txt").write_text((a / "classnames.txt").read_text().replace("goldfish", "goldfish (carassius)"))
-    spec = _spec(tmp_path, methods=["tgpt"], datasets=["imagenet"], protocol="domain_generalization",
-                 targets=["imagenet_a"], data_root=str(data))
+    spec = _spec(
+        tmp_path,
+        methods=["tgpt"],
+        datasets=["imagenet"],
+        protocol="domain_generalization",
+        targets=["imagenet_a"],
+        data_root=str(data),
+    )
     rc, out, err = _sweep([spec, "--output", tmp_path / "out"], capsys)
     assert rc == 2, err
-    assert "target imagenet_a has 1 class name(s) that are not imagenet class names (e.g. 'goldfish (carassius)')" in err
+    assert (
+        "target imagenet_a has 1 class name(s) that are not imagenet class names (e.g. 'goldfish (carassius)')" in err
+    )
     assert "2/2 imagenet_a (target)" in out
 
 
@@ -171,9 +204,17 @@ def test_an_early_exit_ends_the_recorded_mlflow_run_failed_with_the_reason(tmp_p
     spec = load_spec(spec_path)
     out = tmp_path / "out" / "layout"
     out.mkdir(parents=True)
-    (out / "sweep.json").write_text(json.dumps({"spec": spec.normalized(), "spec_hash": spec.spec_hash(),
-                                                "status": "running", "tracking_uri": uri,
-                                                "parent_run_id": run.info.run_id}))
+    (out / "sweep.json").write_text(
+        json.dumps(
+            {
+                "spec": spec.normalized(),
+                "spec_hash": spec.spec_hash(),
+                "status": "running",
+                "tracking_uri": uri,
+                "parent_run_id": run.info.run_id,
+            }
+        )
+    )
     victim = next((data / "oxford_pets" / "images").glob("*_test_0.png"))
     victim.unlink()
     rc, _, err = _sweep([spec_path, "--output", tmp_path / "out"], capsys)
@@ -184,6 +225,7 @@ def test_an_early_exit_ends_the_recorded_mlflow_run_failed_with_the_reason(tmp_p
 
 
 # --- speed at size: read once, fingerprint once, files as readable as the results ------------------------------
+
 
 def test_a_dataset_is_read_once_per_process_until_its_folders_change(tmp_path):
     write_imagenet_variant(tmp_path, "imagenet_sketch")
@@ -227,7 +269,7 @@ def test_a_cache_written_without_positions_is_still_read(tmp_path):
     assert sampling.fewshot_split(ds, 2, 1) == first
     data["train_positions"] = [0] * len(data["train"])  # positions that disagree with the paths: corrupt
     path.write_text(json.dumps(data))
-    with pytest.raises(DataError, match="is corrupt \('train' entry"):
+    with pytest.raises(DataError, match=r"is corrupt \('train' entry"):
         sampling.fewshot_split(ds, 2, 1)
 
 
@@ -251,19 +293,29 @@ def test_a_sweep_that_fails_after_its_mlflow_run_exists_ends_it_failed(tmp_path)
 
     from mlflow.tracking import MlflowClient
 
-    spec = {"name": "early", "methods": ["zeroshot"], "datasets": ["digits"], "shots": [1], "seeds": [1],
-            "backbone": {"arch": "promptsweep-tiny", "pretrained": None}, "tracking": {"experiment": "early"}}
+    spec = {
+        "name": "early",
+        "methods": ["zeroshot"],
+        "datasets": ["digits"],
+        "shots": [1],
+        "seeds": [1],
+        "backbone": {"arch": "promptsweep-tiny", "pretrained": None},
+        "tracking": {"experiment": "early"},
+    }
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    code = ("import sys\nimport orchestrator.tune_runner as t\nfrom fewshot.errors import ConfigError\n"
-            "def boom(*a, **k):\n    raise ConfigError('injected: the tuner cannot be built')\n"
-            "t.build_tuner = boom\nfrom orchestrator.sweep import main\n"
-            f"sys.exit(main([{str(tmp_path / 'spec.yaml')!r}, '--output', {str(tmp_path / 'out')!r}, "
-            f"'--tracking-uri', {uri!r}]))\n")
+    code = (
+        "import sys\nimport orchestrator.tune_runner as t\nfrom fewshot.errors import ConfigError\n"
+        "def boom(*a, **k):\n    raise ConfigError('injected: the tuner cannot be built')\n"
+        "t.build_tuner = boom\nfrom orchestrator.sweep import main\n"
+        f"sys.exit(main([{str(tmp_path / 'spec.yaml')!r}, '--output', {str(tmp_path / 'out')!r}, "
+        f"'--tracking-uri', {uri!r}]))\n"
+    )
     env = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert r.returncode == 2 and "error: injected: the tuner cannot be built" in r.stderr, r.stderr[-2000:]
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("early").experiment_id])
     assert [(x.info.status, x.data.tags["failure_reason"]) for x in runs] == [
-        ("FAILED", "ConfigError: injected: the tuner cannot be built")]
+        ("FAILED", "ConfigError: injected: the tuner cannot be built")
+    ]

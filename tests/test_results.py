@@ -1,4 +1,5 @@
 """Arrow results: schema + metadata, per-cell aggregation, atomic writes, readable by pandas/polars/DuckDB."""
+
 from __future__ import annotations
 
 import json
@@ -8,22 +9,46 @@ import re
 
 import pyarrow as pa
 import pytest
+from result_rows import cfg as _cfg
+from result_rows import final as _final
+from result_rows import reviewer_rows as _reviewer_rows
 
 from orchestrator import results as R
-from result_rows import cfg as _cfg, final as _final, reviewer_rows as _reviewer_rows
 
 
 def _rows():
-    rows = [R.trial_row(_cfg(stage="search", seed=1, params={"lr": 0.01, "csc": True}), {"val_acc": 40.0, "test_images_read": 0},
-                        status="FINISHED", tune_trial_id="s1"),
-            R.trial_row(_cfg(stage="search", seed=1, params={"lr": 0.1, "csc": False}, number=1), {"val_acc": 50.0, "test_images_read": 0},
-                        status="FINISHED", tune_trial_id="s2")]
+    rows = [
+        R.trial_row(
+            _cfg(stage="search", seed=1, params={"lr": 0.01, "csc": True}),
+            {"val_acc": 40.0, "test_images_read": 0},
+            status="FINISHED",
+            tune_trial_id="s1",
+        ),
+        R.trial_row(
+            _cfg(stage="search", seed=1, params={"lr": 0.1, "csc": False}, number=1),
+            {"val_acc": 50.0, "test_images_read": 0},
+            status="FINISHED",
+            tune_trial_id="s2",
+        ),
+    ]
     for seed, acc in ((1, 60.0), (2, 70.0), (3, 80.0)):
-        rows.append(R.trial_row(_cfg(seed=seed, params={"lr": 0.1, "csc": False}, number=1),
-                                {"val_acc": 55.0, "test_acc": acc, "epochs_run": 2, "test_images_read": 100},
-                                status="FINISHED", tune_trial_id=f"f{seed}", mlflow_run_id=f"r{seed}"))
-    rows.append(R.trial_row(_cfg(seed=4), {"error_class": "nan_loss", "error_message": "loss is NaN"},
-                            status="ERROR", tune_trial_id="f4"))
+        rows.append(
+            R.trial_row(
+                _cfg(seed=seed, params={"lr": 0.1, "csc": False}, number=1),
+                {"val_acc": 55.0, "test_acc": acc, "epochs_run": 2, "test_images_read": 100},
+                status="FINISHED",
+                tune_trial_id=f"f{seed}",
+                mlflow_run_id=f"r{seed}",
+            )
+        )
+    rows.append(
+        R.trial_row(
+            _cfg(seed=4),
+            {"error_class": "nan_loss", "error_message": "loss is NaN"},
+            status="ERROR",
+            tune_trial_id="f4",
+        )
+    )
     return rows
 
 
@@ -35,8 +60,22 @@ def test_trials_schema_and_metadata(tmp_path):
     assert s.field("shots").type == pa.int16() and s.field("seed").type == pa.int64()
     assert s.field("param_lr").type == pa.float64() and s.field("param_csc").type == pa.bool_()
     assert s.field("finished_at").type == pa.timestamp("ms", tz="UTC")
-    for col in ("cell_id", "params_json", "val_acc", "test_acc", "status", "error_class", "error_message", "node_id",
-                "tune_trial_id", "optuna_trial_number", "mlflow_run_id", "config_hash", "epochs_run", "wall_time_s"):
+    for col in (
+        "cell_id",
+        "params_json",
+        "val_acc",
+        "test_acc",
+        "status",
+        "error_class",
+        "error_message",
+        "node_id",
+        "tune_trial_id",
+        "optuna_trial_number",
+        "mlflow_run_id",
+        "config_hash",
+        "epochs_run",
+        "wall_time_s",
+    ):
         assert col in s.names
     md = s.metadata
     assert md[b"schema_version"] == b"2" and md[b"spec_hash"] == b"abc"
@@ -61,12 +100,17 @@ def test_the_largest_accepted_values_are_written_and_read_back(tmp_path):
     cfg["request"]["shots"] = SHOTS_MAX
     epochs = TrainConfig.model_fields["epochs"].metadata
     max_epochs = next(m.le for m in epochs if getattr(m, "le", None) is not None)
-    row = R.trial_row(cfg, {"test_acc": 1.0, "epochs_run": max_epochs, "test_images_read": 1}, status="FINISHED",
-                      tune_trial_id="big")
+    row = R.trial_row(
+        cfg, {"test_acc": 1.0, "epochs_run": max_epochs, "test_images_read": 1}, status="FINISHED", tune_trial_id="big"
+    )
     R.write_results(tmp_path, [row], {"spec_hash": "abc", "sweep": "t"})
     back = R.read_table(tmp_path / R.TRIALS_FILE).to_pylist()[0]
     assert (back["shots"], back["seed"], back["optuna_trial_number"], back["epochs_run"]) == (
-        SHOTS_MAX, SEED_MAX, N_TRIALS_MAX - 1, max_epochs)
+        SHOTS_MAX,
+        SEED_MAX,
+        N_TRIALS_MAX - 1,
+        max_epochs,
+    )
 
 
 def test_cells_mean_std_over_successful_final_rows(tmp_path):
@@ -83,9 +127,14 @@ def test_cells_mean_std_over_successful_final_rows(tmp_path):
 def test_base2novel_hm_is_from_seed_means(tmp_path):
     rows = []
     for seed, (b, n) in enumerate(((80.0, 40.0), (60.0, 80.0)), start=1):
-        rows.append(R.trial_row(_cfg(cell="base2novel.coop.digits.2shot", seed=seed, protocol="base2novel"),
-                                {"base_acc": b, "novel_acc": n, "hm": R.harmonic_mean(b, n)},
-                                status="FINISHED", tune_trial_id=str(seed)))
+        rows.append(
+            R.trial_row(
+                _cfg(cell="base2novel.coop.digits.2shot", seed=seed, protocol="base2novel"),
+                {"base_acc": b, "novel_acc": n, "hm": R.harmonic_mean(b, n)},
+                status="FINISHED",
+                tune_trial_id=str(seed),
+            )
+        )
     c = R.cells_table(rows, {}).to_pylist()[0]
     assert c["hm_mean"] == pytest.approx(R.harmonic_mean(70.0, 60.0))
     assert c["hm_mean"] != pytest.approx((R.harmonic_mean(80, 40) + R.harmonic_mean(60, 80)) / 2)
@@ -156,8 +205,10 @@ def test_a_schema_1_ledger_reads_as_schema_2_rows(tmp_path):
     R.write_results(tmp_path, _rows(), {"spec_hash": "abc", "sweep": "t"})
     t = R.read_table(tmp_path / R.TRIALS_FILE)
     old = t.drop_columns(["sweep", "backbone"]).set_column(
-        t.schema.get_field_index("status") - 2, "status",
-        pa.array(["TERMINATED" if s == "FINISHED" else s for s in t.column("status").to_pylist()]))
+        t.schema.get_field_index("status") - 2,
+        "status",
+        pa.array(["TERMINATED" if s == "FINISHED" else s for s in t.column("status").to_pylist()]),
+    )
     feather.write_feather(old, tmp_path / "old.arrow")
     rows = R.read_rows(tmp_path / "old.arrow")
     assert sorted(r["status"] for r in rows) == ["ERROR"] + ["FINISHED"] * 5
@@ -166,8 +217,12 @@ def test_a_schema_1_ledger_reads_as_schema_2_rows(tmp_path):
 
 def test_epochs_table_one_row_per_trial_and_epoch(tmp_path):
     cfg = _cfg(seed=2)
-    epochs = [R.epoch_row(cfg, {"epoch": e, "train_loss": 2.0 / e, "val_acc": 10.0 * e, "lr": 0.002,
-                                "time_total_s": 1.5 * e}, "f2") for e in (2, 1)]
+    epochs = [
+        R.epoch_row(
+            cfg, {"epoch": e, "train_loss": 2.0 / e, "val_acc": 10.0 * e, "lr": 0.002, "time_total_s": 1.5 * e}, "f2"
+        )
+        for e in (2, 1)
+    ]
     assert R.epoch_row(cfg, {"final": True, "epoch": 2, "test_acc": 50.0}, "f2") is None
     R.write_results(tmp_path, _rows(), {"spec_hash": "abc", "sweep": "t"}, epochs=epochs)
     import pandas as pd
@@ -211,7 +266,8 @@ def test_cells_hold_seeds_values_intervals_and_unstable_seeds(tmp_path):
     assert coop["unstable_seeds"] == [3] and coop["high_std_metrics"] == ["test_acc"]  # 63.4: 10.2 scaled MADs out
     kg = cells["fewshot.kgcoop.dtd.2shot"]  # n = 2: an interval, but no seed can be called the odd one
     assert kg["seeds"] == [1, 2] and (kg["test_acc_ci_low"], kg["test_acc_ci_high"]) == pytest.approx(
-        (65 - 5 * T_975_DF1, 65 + 5 * T_975_DF1))
+        (65 - 5 * T_975_DF1, 65 + 5 * T_975_DF1)
+    )
     assert kg["unstable_seeds"] == [] and kg["high_std_metrics"] == ["test_acc"]  # std 7.07 > 5
     maple = cells["fewshot.maple.dtd.2shot"]  # n = 1: a mean, no interval
     assert maple["test_acc_mean"] == 65.0 and maple["test_acc_ci_low"] is None and maple["test_acc_values"] == [65.0]
@@ -220,8 +276,10 @@ def test_cells_hold_seeds_values_intervals_and_unstable_seeds(tmp_path):
     assert (b2n["hm_ci_low"], b2n["hm_ci_high"]) == pytest.approx((2 * 80 * 40 / 120, 2 * 60 * 80 / 140))
     assert b2n["hm_values"] == pytest.approx([2 * 80 * 40 / 120, 2 * 60 * 80 / 140])
     looser = _cells_by_id(tmp_path, {"report": {"unstable": {"mads": 20.0, "max_std": 30.0}}})
-    assert looser["fewshot.coop.dtd.2shot"]["unstable_seeds"] == [] and looser["fewshot.coop.dtd.2shot"][
-        "high_std_metrics"] == []  # the spec's report.unstable travels in the metadata
+    assert (
+        looser["fewshot.coop.dtd.2shot"]["unstable_seeds"] == []
+        and looser["fewshot.coop.dtd.2shot"]["high_std_metrics"] == []
+    )  # the spec's report.unstable travels in the metadata
 
 
 def test_comparisons_pair_the_shared_seeds_with_the_baseline(tmp_path):
@@ -252,8 +310,10 @@ def test_comparisons_pair_the_shared_seeds_with_the_baseline(tmp_path):
 
 
 def test_baseline_per_protocol(tmp_path):
-    rows = _reviewer_rows() + [_final("zeroshot", "digits", s, {"base_acc": 70.0, "novel_acc": 70.0, "hm": 70.0},
-                                      protocol="base2novel") for s in (1, 2)]
+    rows = _reviewer_rows() + [
+        _final("zeroshot", "digits", s, {"base_acc": 70.0, "novel_acc": 70.0, "hm": 70.0}, protocol="base2novel")
+        for s in (1, 2)
+    ]
     R.write_results(tmp_path, rows, {"report": {"baseline": {"base2novel": "zeroshot"}}})
     got = R.read_table(tmp_path / R.COMPARISONS_FILE).to_pylist()
     assert {(r["protocol"], r["baseline"], r["method"]) for r in got} == {("base2novel", "zeroshot", "coop")}
@@ -264,12 +324,34 @@ def test_baseline_per_protocol(tmp_path):
 
 def test_trial_rows_carry_their_cost_and_cells_sum_it(tmp_path):
     res = {"CPU": 2.0, "GPU": 0.5}
-    rows = [_final("coop", "dtd", 1, {"test_acc": 50.0, "wall_time_s": 100.0, "time_total_s": 101.0,
-                                       "images_trained": 480, "images_evaluated": 600}, resources=res),
-            R.trial_row(_cfg(cell="fewshot.coop.dtd.2shot", stage="search", seed=1), {"val_acc": 40.0, "time_total_s": 40.0},
-                        status="PRUNED", tune_trial_id="pruned", resources=res),  # no wall_time_s: Tune's time
-            R.trial_row(_cfg(cell="fewshot.coop.dtd.2shot", stage="search", seed=1, number=1), {}, status="ERROR",
-                        tune_trial_id="old")]  # a row of an older ledger: no resources, no time
+    rows = [
+        _final(
+            "coop",
+            "dtd",
+            1,
+            {
+                "test_acc": 50.0,
+                "wall_time_s": 100.0,
+                "time_total_s": 101.0,
+                "images_trained": 480,
+                "images_evaluated": 600,
+            },
+            resources=res,
+        ),
+        R.trial_row(
+            _cfg(cell="fewshot.coop.dtd.2shot", stage="search", seed=1),
+            {"val_acc": 40.0, "time_total_s": 40.0},
+            status="PRUNED",
+            tune_trial_id="pruned",
+            resources=res,
+        ),  # no wall_time_s: Tune's time
+        R.trial_row(
+            _cfg(cell="fewshot.coop.dtd.2shot", stage="search", seed=1, number=1),
+            {},
+            status="ERROR",
+            tune_trial_id="old",
+        ),
+    ]  # a row of an older ledger: no resources, no time
     R.write_results(tmp_path, rows, {})
     t = {r["tune_trial_id"]: r for r in R.read_table(tmp_path / R.TRIALS_FILE).to_pylist()}
     first = t["fewshotcoopdtd1"]
@@ -278,7 +360,11 @@ def test_trial_rows_carry_their_cost_and_cells_sum_it(tmp_path):
     assert (t["pruned"]["cpu_seconds"], t["pruned"]["gpu_seconds"]) == (80.0, 20.0)
     assert t["old"]["cpu_seconds"] is None
     cpu_only = R.trial_row(_cfg(), {"wall_time_s": 10.0}, status="FINISHED", tune_trial_id="c", resources={"CPU": 1.0})
-    assert (cpu_only["gpu_fraction"], cpu_only["gpu_seconds"], cpu_only["cpu_seconds"]) == (0.0, 0.0, 10.0)  # Ray omits GPU: 0
+    assert (cpu_only["gpu_fraction"], cpu_only["gpu_seconds"], cpu_only["cpu_seconds"]) == (
+        0.0,
+        0.0,
+        10.0,
+    )  # Ray omits GPU: 0
     cell = R.read_table(tmp_path / R.CELLS_FILE).to_pylist()[0]
     assert (cell["cpu_seconds"], cell["gpu_seconds"], cell["images_trained"]) == (280.0, 70.0, 480)
     back = {r["tune_trial_id"]: r for r in R.read_rows(tmp_path / R.TRIALS_FILE)}  # the ledger keeps them
@@ -286,8 +372,16 @@ def test_trial_rows_carry_their_cost_and_cells_sum_it(tmp_path):
 
 
 def test_new_report_settings_rewrite_the_summaries_from_the_ledger(tmp_path):
-    R.write_results(tmp_path, _reviewer_rows(), {"sweep": "t", "spec_hash": "abc", "report": {"baseline": "coop"},
-                                                 "planned_final_runs": {"fewshot.kgcoop.dtd.2shot": 3}})
+    R.write_results(
+        tmp_path,
+        _reviewer_rows(),
+        {
+            "sweep": "t",
+            "spec_hash": "abc",
+            "report": {"baseline": "coop"},
+            "planned_final_runs": {"fewshot.kgcoop.dtd.2shot": 3},
+        },
+    )
     R.rewrite_summaries(tmp_path, {"baseline": "kgcoop"})
     got = R.read_table(tmp_path / R.COMPARISONS_FILE).to_pylist()
     assert {r["baseline"] for r in got} == {"kgcoop"} and {r["method"] for r in got} == {"coop", "maple"}
@@ -304,6 +398,10 @@ def test_every_column_a_reviewer_reads_is_documented_in_the_readme():
 
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     documented = set(re.findall(r"`([a-z_<>]+)`", text))
-    names = {c.name for c in (*R.CELL_HEAD, *R.CELL_TAIL, *R.COMPARISON_COLUMNS)} | set(R.COST_COLUMNS) | {"cpus", "gpu_fraction"}
+    names = (
+        {c.name for c in (*R.CELL_HEAD, *R.CELL_TAIL, *R.COMPARISON_COLUMNS)}
+        | set(R.COST_COLUMNS)
+        | {"cpus", "gpu_fraction"}
+    )
     names |= {f"<metric>_{k}" for k, _ in R.CELL_STATS}
     assert sorted(names - documented) == []

@@ -1,5 +1,6 @@
 """CellSearcher driven by a fake objective, without Ray: round-robin, stages, best selection, pruning, and a new
 driver's searcher rebuilt from the rows, the Optuna journal and the trials Tune restores (nothing saved)."""
+
 from __future__ import annotations
 
 import optuna
@@ -9,18 +10,41 @@ from orchestrator.planner import plan
 from orchestrator.searcher import CellSearcher
 from orchestrator.spec import parse_spec
 
-SPACE = {"lr": {"type": "float", "low": 1e-3, "high": 1.0, "log": True},
-         "csc": {"type": "categorical", "choices": [False, True]},
-         "n_ctx": {"type": "int", "low": 1, "high": 8, "when": {"csc": [True]}}}
+SPACE = {
+    "lr": {"type": "float", "low": 1e-3, "high": 1.0, "log": True},
+    "csc": {"type": "categorical", "choices": [False, True]},
+    "n_ctx": {"type": "int", "low": 1, "high": 8, "when": {"csc": [True]}},
+}
 
 
-def _searcher(tmp_path, n_trials=4, search_seeds=(1, 2), final_seeds=(1, 2, 3), defaults=None, pruner="none",
-              methods=("zeroshot", "coop")):
-    spec = parse_spec({"name": "t", "methods": list(methods), "datasets": ["digits", "shapes"], "shots": [2],
-                       "seeds": list(final_seeds), "train": {"methods": {"coop": defaults or {}}},
-                       "search": {"coop": {"n_trials": n_trials, "seeds": list(search_seeds), "space": SPACE,
-                                           "sampler": {"name": "tpe", "n_startup_trials": 2},
-                                           "pruner": {"name": pruner, "n_startup_trials": 1, "n_warmup_steps": 0}}}})
+def _searcher(
+    tmp_path,
+    n_trials=4,
+    search_seeds=(1, 2),
+    final_seeds=(1, 2, 3),
+    defaults=None,
+    pruner="none",
+    methods=("zeroshot", "coop"),
+):
+    spec = parse_spec(
+        {
+            "name": "t",
+            "methods": list(methods),
+            "datasets": ["digits", "shapes"],
+            "shots": [2],
+            "seeds": list(final_seeds),
+            "train": {"methods": {"coop": defaults or {}}},
+            "search": {
+                "coop": {
+                    "n_trials": n_trials,
+                    "seeds": list(search_seeds),
+                    "space": SPACE,
+                    "sampler": {"name": "tpe", "n_startup_trials": 2},
+                    "pruner": {"name": pruner, "n_startup_trials": 1, "n_warmup_steps": 0},
+                }
+            },
+        }
+    )
     p = plan(spec)
     return p, CellSearcher(p.cells, {"backbone": {"arch": "promptsweep-tiny"}}, str(tmp_path / "optuna.journal"))
 
@@ -108,8 +132,14 @@ def test_defaults_are_the_first_proposal_and_empty_space_uses_defaults(tmp_path)
 def test_failed_seed_fails_the_proposal_and_is_never_best(tmp_path):
     p, s = _searcher(tmp_path, n_trials=2, search_seeds=(1,), final_seeds=(1,))
     errored = lambda cfg: cfg["stage"] == "search" and cfg["optuna_number"] == 0  # noqa: E731
-    cells = run_one_at_a_time(s, lambda cfg: ({"val_acc": 99.0}, True) if errored(cfg)  # best-looking, but errored
-                              else ({"val_acc": objective(cfg)}, False))
+    cells = run_one_at_a_time(
+        s,
+        lambda cfg: (
+            ({"val_acc": 99.0}, True)
+            if errored(cfg)  # best-looking, but errored
+            else ({"val_acc": objective(cfg)}, False)
+        ),
+    )
     cell = p.cell("fewshot.coop.digits.2shot")
     states = {t.number: t.state for t in s.study(cell).trials}
     assert states[0] == optuna.trial.TrialState.FAIL and states[1] == optuna.trial.TrialState.COMPLETE
@@ -183,8 +213,15 @@ def test_median_pruner_compares_only_within_a_cell(tmp_path):
 
 def _row(tid, cfg, status="FINISHED"):
     """The fields of a ``trials.arrow`` row the searcher reads."""
-    return {"tune_trial_id": tid, "cell_id": cfg["cell_id"], "stage": cfg["stage"], "seed": cfg["seed"],
-            "optuna_trial_number": cfg["optuna_number"], "status": status, "val_acc": objective(cfg)}
+    return {
+        "tune_trial_id": tid,
+        "cell_id": cfg["cell_id"],
+        "stage": cfg["stage"],
+        "seed": cfg["seed"],
+        "optuna_trial_number": cfg["optuna_number"],
+        "status": status,
+        "val_acc": objective(cfg),
+    }
 
 
 def _run_all_but(s, lost_if):
@@ -219,7 +256,9 @@ def test_work_without_a_row_or_a_restored_trial_runs_again(tmp_path):
     _, s2 = _restored(tmp_path, s, rows)
     again = s2.suggest("r1")
     assert isinstance(again, dict)
-    assert {k: again[k] for k in ("cell_id", "stage", "seed")} == {k: lost[0][1][k] for k in ("cell_id", "stage", "seed")}
+    assert {k: again[k] for k in ("cell_id", "stage", "seed")} == {
+        k: lost[0][1][k] for k in ("cell_id", "stage", "seed")
+    }
     assert again["params"] == lost[0][1]["params"]
     assert s2.suggest("r2") is None  # nothing else to emit: it waits for r1
     s2.on_trial_complete("r1", {"val_acc": objective(again)})
@@ -233,8 +272,12 @@ def test_a_search_trial_without_a_row_runs_again(tmp_path):
     gone = next(r for r in rows if r["stage"] == "search" and r["optuna_trial_number"] == 1)
     _, s2 = _restored(tmp_path, s, [r for r in rows if r is not gone])
     again = s2.suggest("r1")
-    assert (again["cell_id"], again["stage"], again["seed"], again["optuna_number"]) == \
-        (gone["cell_id"], "search", gone["seed"], 1)
+    assert (again["cell_id"], again["stage"], again["seed"], again["optuna_number"]) == (
+        gone["cell_id"],
+        "search",
+        gone["seed"],
+        1,
+    )
     s2.on_trial_complete("r1", {"val_acc": objective(again)})
     assert s2.suggest("r2") is Searcher.FINISHED
     assert len(s2.study(p.cell(gone["cell_id"])).trials) == 2  # no new proposal was asked
@@ -274,10 +317,18 @@ def test_a_grown_plan_emits_only_the_new_work(tmp_path):
     """More final seeds, another dataset: the rows of the first plan are counted, the finals keep their proposal."""
     p, s = _searcher(tmp_path, n_trials=2, search_seeds=(1,), final_seeds=(1, 2))
     rows, _ = _run_all_but(s, lambda c: False)
-    spec = parse_spec({"name": "t", "methods": ["zeroshot", "coop"], "datasets": ["digits", "shapes", "shapes-16"],
-                       "shots": [2], "seeds": [1, 2, 3],
-                       "search": {"coop": {"n_trials": 2, "seeds": [1], "space": SPACE,
-                                           "sampler": {"name": "tpe", "n_startup_trials": 2}}}})
+    spec = parse_spec(
+        {
+            "name": "t",
+            "methods": ["zeroshot", "coop"],
+            "datasets": ["digits", "shapes", "shapes-16"],
+            "shots": [2],
+            "seeds": [1, 2, 3],
+            "search": {
+                "coop": {"n_trials": 2, "seeds": [1], "space": SPACE, "sampler": {"name": "tpe", "n_startup_trials": 2}}
+            },
+        }
+    )
     grown = plan(spec)
     s2 = CellSearcher(grown.cells, {"backbone": {"arch": "promptsweep-tiny"}}, str(tmp_path / "optuna.journal"))
     s2.set_ledger(rows)

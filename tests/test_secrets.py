@@ -2,6 +2,7 @@
 ``$MLFLOW_TRACKING_URI``) reach MLflow only through ``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD`` in the
 driver: no message, results file, pickled Tune state, report or MLflow tag/param holds the password, and
 a spec's ``tracking.uri`` with credentials is refused."""
+
 from __future__ import annotations
 
 import pickle
@@ -59,6 +60,7 @@ def test_resolved_uri_has_no_credentials_and_mlflow_gets_them_from_its_variables
     got = resolve_tracking_uri(uri if source == "flag" else None, None)
     assert got == "http://127.0.0.1:5000"
     import os
+
     assert os.environ["MLFLOW_TRACKING_USERNAME"] == "bob" and os.environ["MLFLOW_TRACKING_PASSWORD"] == PASSWORD
     if source == "env":  # processes started by the driver do not inherit the password in the URI
         assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"

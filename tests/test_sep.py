@@ -1,5 +1,6 @@
 """SEP: shapes, token fusion placement, batch (in)dependence per attention axis / top-K scope, gradients,
 frozen backbone, loss falls, prototype init, checkpoints, class switch, config rules, ViT-B-16 sizes."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,14 @@ from torch.nn import functional as F
 from methods.defaults import resolve
 from methods.sep import LAYER_PRESETS, SEP, SEPConfig
 from methods.token_fusion import TokenFusion, select_top_energy
-from tests.method_harness import (assert_backbone_untouched, backbone_snapshot, checkpoint_roundtrip, digits_data,
-                                  one_step_gradients, train_losses)
+from tests.method_harness import (
+    assert_backbone_untouched,
+    backbone_snapshot,
+    checkpoint_roundtrip,
+    digits_data,
+    one_step_gradients,
+    train_losses,
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +49,7 @@ def test_shapes_layers_and_frozen_template(tiny_backbone, digits, batch):
     classnames, _ = digits
     images, _ = batch
     m = _make(tiny_backbone, classnames)
-    assert m.text_layers == m.visual_layers == (1, 2)          # preset 0 = {1..11}, clipped to 3 blocks
+    assert m.text_layers == m.visual_layers == (1, 2)  # preset 0 = {1..11}, clipped to 3 blocks
     assert len(m.text_fusion) == len(m.visual_fusion) == 2
     m.eval()
     with torch.no_grad():
@@ -55,6 +62,7 @@ def test_shapes_layers_and_frozen_template(tiny_backbone, digits, batch):
     # f0 is CLIP's own prompt-free feature; the template features are the dataset's SEP template
     assert torch.allclose(f0, tiny_backbone.encode_image(images, normalize=True).float(), atol=1e-5)
     from fewshot.templates import template
+
     ref = tiny_backbone.template_text_features(classnames, [template("digits", "sep")])
     assert torch.allclose(m.template_features, ref)
     assert "template_features" not in m.state_dict()
@@ -64,7 +72,7 @@ def test_token_fusion_init_and_formula():
     torch.manual_seed(0)
     t = TokenFusion(64, hidden=16, axis="sample")
     assert float(t.s1.detach()) == float(t.s2.detach()) == 0.75
-    assert not any(l.bias is not None for l in t.mlp if isinstance(l, torch.nn.Linear))
+    assert not any(m.bias is not None for m in t.mlp if isinstance(m, torch.nn.Linear))
     assert sum(p.numel() for p in t.parameters()) == TokenFusion.param_count(64, 16)
     R, P = torch.randn(2, 3, 64), torch.randn(2, 3, 64)
     att = t.attn(t.ln_a(P), t.ln_a(R), t.ln_a(R))[0]
@@ -109,10 +117,10 @@ def test_batch_axis_attention_slot_j_attends_over_all_samples():
     R, P = torch.randn(4, 3, 64), torch.randn(4, 3, 64)
     base = t(R, P)
     R2 = R.clone()
-    R2[1, 2] = torch.randn(64) * 3                   # change slot 2 of sample 1
+    R2[1, 2] = torch.randn(64) * 3  # change slot 2 of sample 1
     out = t(R2, P)
-    assert (out[0, 2] - base[0, 2]).abs().max() > 1e-3   # sample 0, slot 2 sees it
-    assert torch.allclose(out[0, :2], base[0, :2], atol=1e-6)   # other slots do not
+    assert (out[0, 2] - base[0, 2]).abs().max() > 1e-3  # sample 0, slot 2 sees it
+    assert torch.allclose(out[0, :2], base[0, :2], atol=1e-6)  # other slots do not
     with pytest.raises(ValueError, match="K == M"):
         t(torch.randn(4, 2, 64), P)
 
@@ -125,7 +133,7 @@ def test_energy_top_k_batch_mean_vs_per_sample():
     x[1, 4] = 2.5
     per = select_top_energy(x, 1, "per_sample")
     assert torch.equal(per[0, 0], x[0, 1]) and torch.equal(per[1, 0], x[1, 4])
-    shared = select_top_energy(x, 2, "batch_mean")     # mean energies: 4.5, 0.5, 2, 3.125 -> idx 1, 4
+    shared = select_top_energy(x, 2, "batch_mean")  # mean energies: 4.5, 0.5, 2, 3.125 -> idx 1, 4
     assert torch.equal(shared, x[:, [1, 4]])
 
 
@@ -156,7 +164,7 @@ def _alone_vs_batch(m: SEP, images: torch.Tensor) -> float:
     m.eval()
     with torch.no_grad():
         together = m(images)
-        alone = torch.cat([m(images[i:i + 1]) for i in range(len(images))])
+        alone = torch.cat([m(images[i : i + 1]) for i in range(len(images))])
     return float((together - alone).abs().max())
 
 
@@ -166,22 +174,31 @@ def test_sample_axis_with_per_sample_top_k_is_batch_independent(tiny_backbone, d
     m = _perturb(_make(tiny_backbone, classnames, tfm_attention_axis="sample", topk_scope="per_sample"))
     assert _alone_vs_batch(m, images) < 1e-4
     # decoupled K (residual base = prompt) keeps that property
-    k = _perturb(_make(tiny_backbone, classnames, tfm_attention_axis="sample", topk_scope="per_sample",
-                       selected_text=2, selected_visual=7))
+    k = _perturb(
+        _make(
+            tiny_backbone,
+            classnames,
+            tfm_attention_axis="sample",
+            topk_scope="per_sample",
+            selected_text=2,
+            selected_visual=7,
+        )
+    )
     assert _alone_vs_batch(k, images) < 1e-4
 
 
 def test_batch_axis_and_batch_mean_depend_on_the_batch(tiny_backbone, digits, batch):
     classnames, _ = digits
     images, _ = batch
-    repo = _perturb(_make(tiny_backbone, classnames))                    # batch axis + batch_mean top-K
+    repo = _perturb(_make(tiny_backbone, classnames))  # batch axis + batch_mean top-K
     assert _alone_vs_batch(repo, images) > 1e-3
     # permuting the batch permutes the logits (the mixing is permutation-equivariant)
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(repo(images)[perm], repo(images[perm]), atol=1e-4)
-    mean_only = _perturb(_make(tiny_backbone, classnames, tfm_attention_axis="sample", topk_scope="batch_mean",
-                               selected_visual=8))
+    mean_only = _perturb(
+        _make(tiny_backbone, classnames, tfm_attention_axis="sample", topk_scope="batch_mean", selected_visual=8)
+    )
     assert _alone_vs_batch(mean_only, images) > 1e-4
 
 
@@ -225,7 +242,7 @@ def _loss_components(m: SEP, loader) -> dict[str, float]:
 
 
 def test_loss_falls_and_checkpoint_roundtrip(tiny_backbone, batch):
-    classnames, loader = digits_data(tiny_backbone, shots=4, batch_size=8)   # own loader: deterministic order
+    classnames, loader = digits_data(tiny_backbone, shots=4, batch_size=8)  # own loader: deterministic order
     images, _ = batch
     m = _make(tiny_backbone, classnames)
     m.prepare(loader)
@@ -251,6 +268,7 @@ def test_set_classnames_rebuilds_text_and_templates_keeps_prototypes(tiny_backbo
     assert m.template_features.shape[0] == 4 and m.text.n_classes == 4
     assert torch.equal(m.prototypes, mu)
     from fewshot.errors import ConfigError
+
     with pytest.raises(ConfigError, match="prototype head"):
         m.training_loss(images, labels)
 
@@ -281,8 +299,14 @@ def test_defaults_yaml():
     xd = resolve("sep", "imagenet", 16, "cross_dataset")[0]
     assert (xd["epochs"], xd["batch_size"]) == (3, 32)
     cfg = SEPConfig(**meth)
-    assert (cfg.n_ctx_text, cfg.n_ctx_visual, cfg.text_consistency_weight, cfg.visual_consistency_weight) == (6, 4, 8, 6)
+    assert (cfg.n_ctx_text, cfg.n_ctx_visual, cfg.text_consistency_weight, cfg.visual_consistency_weight) == (
+        6,
+        4,
+        8,
+        6,
+    )
     from methods.base import TrainConfig
+
     TrainConfig(**train)
 
 
@@ -320,13 +344,18 @@ def test_search_space_plans_with_reference_defaults_first(tiny_backbone):
     assert spec.seeds == [1, 2, 3] and spec.shots == [16]
     assert (spec.backbone.arch, spec.backbone.pretrained) == ("ViT-B-16", "openai")
     for cell in p.cells:
-        assert cell.defaults_in_space() == {"n_ctx_text": 6, "n_ctx_visual": 4, "fusion_preset": 0,
-                                            "tfm_attention_axis": "batch"}
+        assert cell.defaults_in_space() == {
+            "n_ctx_text": 6,
+            "n_ctx_visual": 4,
+            "fusion_preset": 0,
+            "tfm_attention_axis": "batch",
+        }
     # every corner of the space is a valid configuration that builds on a real (tiny) backbone
     space = p.cells[0].space
     _, meth = resolve("sep", "dtd", 16, "base2novel")
-    for m_t, m_v, k in itertools.product(space["n_ctx_text"].choices[::4], space["n_ctx_visual"].choices[::3],
-                                         space["selected_visual"].choices[::3]):
+    for m_t, m_v, k in itertools.product(
+        space["n_ctx_text"].choices[::4], space["n_ctx_visual"].choices[::3], space["selected_visual"].choices[::3]
+    ):
         for axis in space["tfm_attention_axis"].choices:
             extra = {"selected_text": k, "selected_visual": k} if axis == "sample" else {}
             cfg = SEPConfig(**{**meth, "n_ctx_text": m_t, "n_ctx_visual": m_v, "tfm_attention_axis": axis, **extra})
@@ -344,8 +373,8 @@ def test_eval_text_features_are_reused_until_a_text_tensor_changes(tiny_backbone
     with torch.no_grad():
         a = m(images[:4])
         m(images[4:])
-        assert len(calls) == 1                         # one text pass for several eval batches
-        m.text_fusion[0].s1.add_(0.1)                  # an in-place update (as an optimizer step)
+        assert len(calls) == 1  # one text pass for several eval batches
+        m.text_fusion[0].s1.add_(0.1)  # an in-place update (as an optimizer step)
         b = m(images[:4])
     assert len(calls) == 2 and (a - b).abs().max() > 1e-6
     # training (grad enabled) always recomputes
@@ -363,12 +392,18 @@ def test_runs_in_the_trial_via_the_contract_and_bad_config_is_a_user_error(tiny_
     from orchestrator.trial import TrialRequest, run_trial
 
     over = {"epochs": 2, "batch_size": 8, "eval_batch_size": 64}
-    out = run_trial(TrialRequest(method="sep", dataset="digits", shots=2, protocol="base2novel", device="cpu",
-                                 overrides=over), output_dir=tmp_path)
+    out = run_trial(
+        TrialRequest(method="sep", dataset="digits", shots=2, protocol="base2novel", device="cpu", overrides=over),
+        output_dir=tmp_path,
+    )
     assert out["epochs_run"] == 2 and {"base_acc", "novel_acc", "hm"} <= set(out)
     with pytest.raises(UserError, match="selected_visual"):
-        run_trial(TrialRequest(method="sep", dataset="digits", shots=2, device="cpu",
-                               overrides={**over, "selected_visual": 8}), output_dir=tmp_path / "bad")
+        run_trial(
+            TrialRequest(
+                method="sep", dataset="digits", shots=2, device="cpu", overrides={**over, "selected_visual": 8}
+            ),
+            output_dir=tmp_path / "bad",
+        )
 
 
 def test_unknown_dataset_template_is_a_config_error_at_build(tiny_backbone):

@@ -1,5 +1,6 @@
 """Spec validation: every malformed spec in tests/specs/bad/ is a one-line ConfigError naming the offending
 key (loader directly), a few through the CLI (exit 2, `error: ...`, no traceback, no output dir); demo.yaml loads."""
+
 from __future__ import annotations
 
 import os
@@ -19,7 +20,7 @@ BAD = sorted((Path(__file__).parent / "specs" / "bad").glob("*.yaml"))
 def _expect(path: Path) -> str:
     first = path.read_text().splitlines()[0]
     assert first.startswith("# expect: ")
-    return first[len("# expect: "):]
+    return first[len("# expect: ") :]
 
 
 def test_corpus_is_big_enough():
@@ -39,8 +40,14 @@ def test_bad_spec_names_the_key(path):
 def test_cli_bad_spec_exit_2_one_line(tmp_path, name):
     path = Path(__file__).parent / "specs" / "bad" / f"{name}.yaml"
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    r = subprocess.run([sys.executable, "-m", "orchestrator.sweep", str(path), "--output", str(tmp_path / "out")],
-                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "orchestrator.sweep", str(path), "--output", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and _expect(path) in lines[0], r.stderr
@@ -49,9 +56,22 @@ def test_cli_bad_spec_exit_2_one_line(tmp_path, name):
 
 
 def test_cli_bad_flag_exit_2(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "orchestrator.sweep", str(ROOT / "search_spaces" / "demo.yaml"),
-                        "--max-concurrent", "0", "--output", str(tmp_path / "out")],
-                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.sweep",
+            str(ROOT / "search_spaces" / "demo.yaml"),
+            "--max-concurrent",
+            "0",
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stderr.startswith("error: --max-concurrent") and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
 
@@ -77,18 +97,38 @@ def test_demo_runs_every_method_that_supports_its_protocols():
 def test_trials_per_gpu_packs_k_trials_per_device():
     from orchestrator.planner import plan
 
-    s = parse_spec({"name": "p", "methods": ["coop"], "datasets": ["digits"], "resources": {"cpu": 2, "trials_per_gpu": 4}})
+    s = parse_spec(
+        {"name": "p", "methods": ["coop"], "datasets": ["digits"], "resources": {"cpu": 2, "trials_per_gpu": 4}}
+    )
     assert s.resources.gpu == 0.25
     assert "per trial cpu=2 gpu=0.25" in plan(s).describe()
-    assert parse_spec({"name": "p", "methods": ["coop"], "datasets": ["digits"],
-                       "resources": {"gpu": 0.5, "trials_per_gpu": 2}}).resources.gpu == 0.5
+    assert (
+        parse_spec(
+            {"name": "p", "methods": ["coop"], "datasets": ["digits"], "resources": {"gpu": 0.5, "trials_per_gpu": 2}}
+        ).resources.gpu
+        == 0.5
+    )
 
 
 def test_conditional_space_and_hash():
-    data = {"name": "t", "methods": ["coop"], "datasets": ["digits"],
-            "search": {"coop": {"n_trials": 2, "space": {
-                "csc": {"type": "categorical", "choices": [False, True]},
-                "class_token_position": {"type": "categorical", "choices": ["end", "front"], "when": {"csc": [True]}}}}}}
+    data = {
+        "name": "t",
+        "methods": ["coop"],
+        "datasets": ["digits"],
+        "search": {
+            "coop": {
+                "n_trials": 2,
+                "space": {
+                    "csc": {"type": "categorical", "choices": [False, True]},
+                    "class_token_position": {
+                        "type": "categorical",
+                        "choices": ["end", "front"],
+                        "when": {"csc": [True]},
+                    },
+                },
+            }
+        },
+    }
     a = parse_spec(data)
     assert a.spec_hash() == parse_spec(data).spec_hash()
     b = parse_spec(dict(data, shots=[1, 2]))

@@ -2,6 +2,7 @@
 ``python -m orchestrator.sweep`` each end with exit 2, ONE ``error: ...`` line naming the offending key
 (never a traceback), no output directory and no Ray; and a property-based fuzz of the spec loader:
 any mutation of a valid spec either loads or is a one-line ConfigError naming a key path of the input."""
+
 from __future__ import annotations
 
 import copy
@@ -29,7 +30,7 @@ DEMO = str(ROOT / "search_spaces" / "demo.yaml")
 def _expect(path: Path) -> str:
     first = path.read_text(encoding="utf-8").splitlines()[0]
     assert first.startswith("# expect: "), path
-    return first[len("# expect: "):]
+    return first[len("# expect: ") :]
 
 
 def _names(msg: str, expect: str) -> bool:
@@ -53,7 +54,7 @@ def _run_cli(argv, capsys, out: Path) -> str:
     assert progress == [], captured.out
     assert not out.exists(), f"{out} was left behind"
     assert not ray.is_initialized()
-    return lines[0][len("error: "):]
+    return lines[0][len("error: ") :]
 
 
 def _free_port() -> int:
@@ -71,6 +72,7 @@ def _mkdir(path: Path) -> Path:
 
 
 # --- the YAML corpus -------------------------------------------------------------------------------
+
 
 def test_corpus_size():
     assert len(BAD) >= 45
@@ -99,6 +101,7 @@ def test_every_shipped_spec_still_loads():
 
 
 # --- bad command lines -----------------------------------------------------------------------------
+
 
 def _write(tmp_path: Path, name: str, content) -> Path:
     p = tmp_path / name
@@ -130,16 +133,38 @@ CLI_CASES = [
     ("output_is_a_file", lambda t: [DEMO, "--output", _write(t, "afile.txt", "x")], "--output: '"),
     ("output_under_a_file", lambda t: [DEMO, "--output", "/dev/null/results"], "which is not a directory"),
     ("output_under_proc", lambda t: [DEMO, "--output", "/proc/promptsweep-results"], "cannot be written"),
-    ("address_malformed", lambda t: [DEMO, "--address", "not an address"], "--address: 'not an address' is not a Ray address"),
-    ("dashboard_port_out_of_range", lambda t: [DEMO, "--dashboard", "99999"], "--dashboard: '99999' is not [HOST:]PORT"),
-    ("dashboard_with_a_cluster", lambda t: [DEMO, "--dashboard", "--address", "127.0.0.2:6379"],
-     "--dashboard: only for the local Ray"),
+    (
+        "address_malformed",
+        lambda t: [DEMO, "--address", "not an address"],
+        "--address: 'not an address' is not a Ray address",
+    ),
+    (
+        "dashboard_port_out_of_range",
+        lambda t: [DEMO, "--dashboard", "99999"],
+        "--dashboard: '99999' is not [HOST:]PORT",
+    ),
+    (
+        "dashboard_with_a_cluster",
+        lambda t: [DEMO, "--dashboard", "--address", "127.0.0.2:6379"],
+        "--dashboard: only for the local Ray",
+    ),
     ("address_port_out_of_range", lambda t: [DEMO, "--address", "127.0.0.2:99999"], "is not a Ray address"),
     ("address_nothing_listens", lambda t: [DEMO, "--address", f"127.0.0.2:{_free_port()}"], "no Ray cluster answers"),
-    ("fresh_on_a_folder_no_sweep_made", lambda t: [_write(t, "s.yaml", "name: mine\nmethods: [zeroshot]\n"
-                                                             "datasets: [digits]\n"), "--fresh", "--output",
-                                                   _mkdir(t / "o" / "mine").parent], "was not made by a sweep"),
-    ("tracking_uri_file_store", lambda t: [DEMO, "--tracking-uri", "file:///tmp/mlruns"], "--tracking-uri: 'file:///tmp/mlruns'"),
+    (
+        "fresh_on_a_folder_no_sweep_made",
+        lambda t: [
+            _write(t, "s.yaml", "name: mine\nmethods: [zeroshot]\ndatasets: [digits]\n"),
+            "--fresh",
+            "--output",
+            _mkdir(t / "o" / "mine").parent,
+        ],
+        "was not made by a sweep",
+    ),
+    (
+        "tracking_uri_file_store",
+        lambda t: [DEMO, "--tracking-uri", "file:///tmp/mlruns"],
+        "--tracking-uri: 'file:///tmp/mlruns'",
+    ),
     ("tracking_uri_bare_path", lambda t: [DEMO, "--tracking-uri", "mlruns"], "--tracking-uri: 'mlruns'"),
     ("tracking_uri_empty", lambda t: [DEMO, "--tracking-uri", " "], "--tracking-uri: must not be empty"),
     ("address_empty", lambda t: [DEMO, "--address", ""], "--address: must not be empty"),
@@ -148,22 +173,43 @@ CLI_CASES = [
     ("only_flags", lambda t: ["--dry-run"], "the following arguments are required: spec"),
     ("spec_does_not_exist", lambda t: [t / "nope.yaml"], "nope.yaml' does not exist"),
     ("spec_is_a_directory", lambda t: [t], "is a directory"),
-    ("spec_is_a_list", lambda t: [_write(t, "list.yaml", "- name: x\n- methods: [coop]\n")], "spec: the top level must be a mapping"),
+    (
+        "spec_is_a_list",
+        lambda t: [_write(t, "list.yaml", "- name: x\n- methods: [coop]\n")],
+        "spec: the top level must be a mapping",
+    ),
     ("spec_is_a_scalar", lambda t: [_write(t, "scalar.yaml", "42\n")], "spec: the top level must be a mapping"),
     ("spec_is_empty", lambda t: [_write(t, "empty.yaml", "")], "spec: the file"),
     ("spec_not_utf8", lambda t: [_write(t, "latin1.yaml", "name: caf\xe9\n".encode("latin-1"))], "is not UTF-8"),
     ("spec_binary", lambda t: [_write(t, "blob.yaml", bytes(range(256)))], "is not UTF-8"),
     ("spec_tab_indent", lambda t: [_write(t, "tabs.yaml", "name: x\nsearch:\n\tcoop: {}\n")], "invalid YAML at line 3"),
-    ("spec_recursive_alias", lambda t: [_write(t, "alias.yaml", "name: x\nmethods: [coop]\ndatasets: [digits]\nshots: &a [*a]\n")],
-     "shots[0]: must be an integer"),
+    (
+        "spec_recursive_alias",
+        lambda t: [_write(t, "alias.yaml", "name: x\nmethods: [coop]\ndatasets: [digits]\nshots: &a [*a]\n")],
+        "shots[0]: must be an integer",
+    ),
     # detected later, by the data preflight: still exit 2 and no output directory
     ("data_root_missing", lambda t: [_data_spec(t, data_root=str(t / "no_such_root"))], "no_such_root does not exist"),
     ("dataset_folder_missing", lambda t: [_data_spec(t, data_root=str(t))], "dataset 'eurosat' not found: folder"),
-    ("target_folder_missing", lambda t: [_data_spec(t, datasets=["digits"], methods=["coop"], protocol="cross_dataset",
-                                                    targets=["imagenet_v2"], data_root=str(t))],
-     "dataset 'imagenet_v2' not found"),
-    ("split_file_not_json", lambda t: [_data_spec(t, data_root=str(_write_eurosat_split(t, "{oops")))],
-     "split_zhou_EuroSAT.json is not valid JSON"),
+    (
+        "target_folder_missing",
+        lambda t: [
+            _data_spec(
+                t,
+                datasets=["digits"],
+                methods=["coop"],
+                protocol="cross_dataset",
+                targets=["imagenet_v2"],
+                data_root=str(t),
+            )
+        ],
+        "dataset 'imagenet_v2' not found",
+    ),
+    (
+        "split_file_not_json",
+        lambda t: [_data_spec(t, data_root=str(_write_eurosat_split(t, "{oops")))],
+        "split_zhou_EuroSAT.json is not valid JSON",
+    ),
 ]
 
 
@@ -200,17 +246,26 @@ def test_existing_output_parent_is_kept_and_nothing_added(tmp_path, capsys):
     assert list(out.iterdir()) == []
 
 
-@pytest.mark.parametrize("argv, expect", [
-    (["{tmp}/latin1.yaml"], "is not UTF-8"),
-    (["{tmp}/later.yaml"], "dataset 'eurosat' not found"),
-])
+@pytest.mark.parametrize(
+    "argv, expect",
+    [
+        (["{tmp}/latin1.yaml"], "is not UTF-8"),
+        (["{tmp}/later.yaml"], "dataset 'eurosat' not found"),
+    ],
+)
 def test_subprocess_no_traceback(tmp_path, argv, expect):
     """End to end in a fresh interpreter: one line on stderr, exit 2, no traceback, no output dir."""
     _write(tmp_path, "latin1.yaml", "name: caf\xe9\n".encode("latin-1"))
     _data_spec(tmp_path, data_root=str(tmp_path))
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    cmd = [sys.executable, "-m", "orchestrator.sweep", *[a.format(tmp=tmp_path) for a in argv],
-           "--output", str(tmp_path / "out")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "orchestrator.sweep",
+        *[a.format(tmp=tmp_path) for a in argv],
+        "--output",
+        str(tmp_path / "out"),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
@@ -230,16 +285,21 @@ VALID = {
     "backbone": {"arch": "promptsweep-tiny", "pretrained": None},
     "device": "cpu",
     "train": {"defaults": {"epochs": 2}, "methods": {"coop": {"batch_size": 8}}, "datasets": {"shapes": {"epochs": 1}}},
-    "search": {"coop": {
-        "n_trials": 3, "seeds": [1], "metric": "val_acc",
-        "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 2},
-        "pruner": {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 1},
-        "space": {
-            "lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-            "n_ctx": {"type": "int", "low": 2, "high": 8, "step": 2},
-            "csc": {"type": "categorical", "choices": [False, True]},
-            "class_token_position": {"type": "categorical", "choices": ["end", "front"], "when": {"csc": [True]}},
-        }}},
+    "search": {
+        "coop": {
+            "n_trials": 3,
+            "seeds": [1],
+            "metric": "val_acc",
+            "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 2},
+            "pruner": {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 1},
+            "space": {
+                "lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+                "n_ctx": {"type": "int", "low": 2, "high": 8, "step": 2},
+                "csc": {"type": "categorical", "choices": [False, True]},
+                "class_token_position": {"type": "categorical", "choices": ["end", "front"], "when": {"csc": [True]}},
+            },
+        }
+    },
     "resources": {"cpu": 1, "gpu": 0.25},
     "max_retries": 1,
     "tracking": {"uri": "sqlite:////tmp/fuzz/mlflow.db", "experiment": "fuzz"},
@@ -248,14 +308,53 @@ VALID = {
 }
 
 KEYS = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_0123456789", min_size=1, max_size=10)
-WORDS = st.sampled_from(["coop", "zeroshot", "tgpt", "linear_probe", "digits", "shapes", "imagenet", "fewshot",
-                         "base2novel", "cross_dataset", "tpe", "median", "int", "float", "categorical", "end", "lr",
-                         "n_ctx", "csc", "val_acc", "file:///x", "http://h:1", "", " ", "a/b", "ViT-B-16"])
-SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.integers(-3, 20),
-                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12), WORDS)
-VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3)
-                      | st.dictionaries(st.one_of(KEYS, WORDS, st.integers(-2, 2), st.none()), inner, max_size=3),
-                      max_leaves=8)
+WORDS = st.sampled_from(
+    [
+        "coop",
+        "zeroshot",
+        "tgpt",
+        "linear_probe",
+        "digits",
+        "shapes",
+        "imagenet",
+        "fewshot",
+        "base2novel",
+        "cross_dataset",
+        "tpe",
+        "median",
+        "int",
+        "float",
+        "categorical",
+        "end",
+        "lr",
+        "n_ctx",
+        "csc",
+        "val_acc",
+        "file:///x",
+        "http://h:1",
+        "",
+        " ",
+        "a/b",
+        "ViT-B-16",
+    ]
+)
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.integers(-3, 20),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    WORDS,
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.one_of(KEYS, WORDS, st.integers(-2, 2), st.none()), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
 
 
 def _nodes(doc, prefix=()):
@@ -341,26 +440,32 @@ def _check_outcome(data, call):
         assert msg and "\n" not in msg and "\r" not in msg and msg == msg.strip(), repr(msg)
         head, sep, _ = msg.partition(": ")
         assert sep, msg
-        assert head in ("spec", "<root>") or _resolves(data, head, msg), f"{head!r} is not a key path of the input: {msg}"
+        assert head in ("spec", "<root>") or _resolves(data, head, msg), (
+            f"{head!r} is not a key path of the input: {msg}"
+        )
         return None
     assert isinstance(spec, SweepSpec)
     return spec
 
 
-FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                         HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 
 
 def test_valid_fuzz_base_loads():
     assert isinstance(parse_spec(copy.deepcopy(VALID)), SweepSpec)
 
 
-@pytest.mark.parametrize("patch, head", [
-    ({"methods": ["zeroshot", "co\nop"]}, "methods[1]"),
-    ({"train": {"defaults": {"two\nlines": 1}}}, 'train.defaults["two\\nlines"]'),
-    ({"backbone": {"arch": "ViT\r\nB"}}, "backbone.arch"),
-    ({"": 1}, '[""]'),
-])
+@pytest.mark.parametrize(
+    "patch, head",
+    [
+        ({"methods": ["zeroshot", "co\nop"]}, "methods[1]"),
+        ({"train": {"defaults": {"two\nlines": 1}}}, 'train.defaults["two\\nlines"]'),
+        ({"backbone": {"arch": "ViT\r\nB"}}, "backbone.arch"),
+        ({"": 1}, '[""]'),
+    ],
+)
 def test_line_breaks_in_values_and_keys_stay_on_one_line(patch, head):
     with pytest.raises(ConfigError) as exc:
         parse_spec({**copy.deepcopy(VALID), **patch})
@@ -383,13 +488,18 @@ def test_fuzz_any_document(value):
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.one_of(
-    st.text(max_size=80),
-    st.binary(max_size=40),
-    st.builds(lambda text, pos, junk: text[:pos] + junk + text[pos:],
-              st.just(yaml.safe_dump(VALID, sort_keys=False)), st.integers(0, 900),
-              st.text(alphabet=":-[]{}&*!|>'\"#%@`,? \n\t", min_size=1, max_size=4)),
-))
+@given(
+    st.one_of(
+        st.text(max_size=80),
+        st.binary(max_size=40),
+        st.builds(
+            lambda text, pos, junk: text[:pos] + junk + text[pos:],
+            st.just(yaml.safe_dump(VALID, sort_keys=False)),
+            st.integers(0, 900),
+            st.text(alphabet=":-[]{}&*!|>'\"#%@`,? \n\t", min_size=1, max_size=4),
+        ),
+    )
+)
 def test_fuzz_yaml_text(tmp_path, content):
     path = tmp_path / "fuzz.yaml"
     if isinstance(content, bytes):
@@ -412,6 +522,7 @@ def test_fuzz_yaml_text(tmp_path, content):
 
 # --- values that would break later: refused where they are read ------------------------------------
 
+
 @pytest.mark.parametrize("setting", ["lr=inf", "lr=nan", "weight_decay=-inf", "num_workers=100000"])
 def test_trial_cli_refuses_values_that_break_later(setting, capsys):
     from orchestrator.trial import main as trial_main
@@ -430,7 +541,8 @@ def test_error_line_escapes_control_characters_and_stays_one_line():
 
 
 def test_methods_info_refuses_a_huge_class_count(capsys):
-    from methods.__main__ import MAX_INFO_CLASSES, main as methods_main
+    from methods.__main__ import MAX_INFO_CLASSES
+    from methods.__main__ import main as methods_main
 
     rc = methods_main(["info", "--method", "coop", "--classes", str(10**12)])
     err = capsys.readouterr().err.strip().splitlines()

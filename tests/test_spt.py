@@ -1,5 +1,6 @@
 """SPT: prompt insertion, prototype initialisation (checked against hidden states captured with forward
 hooks on the frozen open_clip model), streaming == one-shot statistics, heads, param groups, sizes."""
+
 from __future__ import annotations
 
 import pytest
@@ -36,7 +37,9 @@ def make(bb, names, **kw):
 
 
 def loader_of(images, batch_size):
-    return DataLoader(TensorDataset(images, torch.zeros(len(images), dtype=torch.long)), batch_size=batch_size, shuffle=False)
+    return DataLoader(
+        TensorDataset(images, torch.zeros(len(images), dtype=torch.long)), batch_size=batch_size, shuffle=False
+    )
 
 
 def block_inputs(bb, images) -> list[torch.Tensor]:
@@ -44,8 +47,10 @@ def block_inputs(bb, images) -> list[torch.Tensor]:
     seen: dict[int, list[torch.Tensor]] = {}
     handles = []
     for i, block in enumerate(bb.model.visual.transformer.resblocks):
+
         def pre(mod, args, kwargs, i=i):
             seen.setdefault(i, []).append(args[0].detach().clone())
+
         handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
     try:
         with torch.no_grad():
@@ -63,7 +68,7 @@ def reference_pool(tokens: torch.Tensor, m: int, mode: str) -> torch.Tensor:
     r = p % w
     pooled = []
     for img in tokens:
-        wins = [img[k * w:(k + 1) * w] for k in range(m - 1)] + [img[p - r:] if r else img]
+        wins = [img[k * w : (k + 1) * w] for k in range(m - 1)] + [img[p - r :] if r else img]
         pooled += [win.mean(0) if mode == "mean" else win.max(0).values for win in wins]
     return torch.stack(pooled)
 
@@ -79,8 +84,10 @@ def test_output_shapes_and_prompt_positions(tiny_backbone, digits, deep, head):
     assert m.prompts.shape == (tiny_backbone.vision_layers if deep else 1, 5, tiny_backbone.vision_width)
     # what each block sees: CLS, then this layer's prompts (deep) / the propagated prompts (shallow), then patches
     seen = {}
-    handles = [b.register_forward_pre_hook(lambda mod, a, i=i: seen.__setitem__(i, a[0].detach()))
-               for i, b in enumerate(tiny_backbone.model.visual.transformer.resblocks)]
+    handles = [
+        b.register_forward_pre_hook(lambda mod, a, i=i: seen.__setitem__(i, a[0].detach()))
+        for i, b in enumerate(tiny_backbone.model.visual.transformer.resblocks)
+    ]
     try:
         with torch.no_grad():
             m(x)
@@ -131,7 +138,9 @@ def test_checkpoint_roundtrip(tiny_backbone, digits, head):
     with torch.no_grad():
         m.prompts.add_(0.1)
     checkpoint_roundtrip(lambda: make(tiny_backbone, names, head=head, init="xavier"), m, images[:4])
-    assert set(m.trainable_state_dict()) == ({"prompts", "head.weight", "head.bias"} if head == "linear" else {"prompts"})
+    assert set(m.trainable_state_dict()) == (
+        {"prompts", "head.weight", "head.bias"} if head == "linear" else {"prompts"}
+    )
 
 
 # ------------------------------------------------------------------------------- initialisation
@@ -243,7 +252,7 @@ def test_streaming_kmeans_finds_separated_clusters():
     pts = (centres.repeat_interleave(200, 0) + 0.3 * torch.randn(600, 2, generator=g))[torch.randperm(600, generator=g)]
     km = StreamingKMeans(3, seed=1)
     for lo in range(0, 600, 50):
-        km.update(pts[lo:lo + 50].unsqueeze(0))
+        km.update(pts[lo : lo + 50].unsqueeze(0))
     found = km.result().vectors
     dist = torch.cdist(centres, found)
     assert dist.min(1).values.max() < 0.5, found
@@ -331,8 +340,13 @@ def test_search_space_validates_and_enqueues_the_reference_defaults_first():
     assert len(p.cells) == 11 * 5 and spec.seeds == [1, 2, 3] and spec.shots == [1, 2, 4, 8, 16]
     assert (spec.backbone.arch, spec.backbone.pretrained) == ("ViT-B-16", "openai")
     for cell in p.cells:
-        assert cell.defaults_in_space() == {"deep": True, "n_prompts": 20, "init": "random",
-                                            "lr": 1.0e-3, "head_weight_decay": 3.0}
+        assert cell.defaults_in_space() == {
+            "deep": True,
+            "n_prompts": 20,
+            "init": "random",
+            "lr": 1.0e-3,
+            "head_weight_decay": 3.0,
+        }
 
 
 def test_init_max_images_caps_the_statistics_and_empty_loader_is_a_config_error(tiny_backbone, digits):

@@ -1,6 +1,7 @@
 """The numbers a reviewer asks for, against values worked out by hand (scipy only as a cross-check):
 Student t intervals, the seed bootstrap of HM and of the Average, the paired comparison and its p-values,
 the unstable-seed rule (n = 1, 2, 3, MAD = 0) and the Pareto front."""
+
 from __future__ import annotations
 
 import math
@@ -107,7 +108,9 @@ def test_hm_comparison_bootstraps_hm_of_means_and_tests_per_seed_hms():
     hm_base = 2 * 70 * 50 / 120  # 58.33: the baseline's seeds are identical
     assert p.seeds == (1, 2) and p.baseline_mean == pytest.approx(hm_base)
     assert p.diff == pytest.approx(2 * 70 * 60 / 130 - hm_base)
-    assert p.ci == pytest.approx((2 * 80 * 40 / 120 - hm_base, 2 * 60 * 80 / 140 - hm_base)) and p.ci_method == "bootstrap"
+    assert (
+        p.ci == pytest.approx((2 * 80 * 40 / 120 - hm_base, 2 * 60 * 80 / 140 - hm_base)) and p.ci_method == "bootstrap"
+    )
     d = [2 * 80 * 40 / 120 - hm_base, 2 * 60 * 80 / 140 - hm_base]
     assert p.p_ttest == pytest.approx(stats.ttest_1samp(d, 0).pvalue)
 

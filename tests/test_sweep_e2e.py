@@ -5,6 +5,7 @@ once per module; the tests then check the plan against trials.arrow and MLflow, 
 runs, the cell aggregation, the readers, the report, the test-split isolation of the search stage,
 and that re-running starts nothing while a changed spec is refused. --dry-run needs no Ray.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,12 +20,25 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 SPEC = {
-    "name": "e2e", "protocol": "fewshot", "methods": ["zeroshot", "coop"], "datasets": ["digits"],
-    "shots": [1], "seeds": [1, 2], "backbone": {"arch": "promptsweep-tiny", "pretrained": None},
+    "name": "e2e",
+    "protocol": "fewshot",
+    "methods": ["zeroshot", "coop"],
+    "datasets": ["digits"],
+    "shots": [1],
+    "seeds": [1, 2],
+    "backbone": {"arch": "promptsweep-tiny", "pretrained": None},
     "train": {"defaults": {"epochs": 1, "batch_size": 16, "num_workers": 0}},
-    "search": {"coop": {"n_trials": 2, "seeds": [1], "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 1},
-                        "space": {"lr": {"type": "float", "low": 0.0005, "high": 0.05, "log": True}}}},
-    "resources": {"cpu": 1, "gpu": 0}, "tracking": {"experiment": "e2e"}, "report": {"baseline": "zeroshot"},
+    "search": {
+        "coop": {
+            "n_trials": 2,
+            "seeds": [1],
+            "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 1},
+            "space": {"lr": {"type": "float", "low": 0.0005, "high": 0.05, "log": True}},
+        }
+    },
+    "resources": {"cpu": 1, "gpu": 0},
+    "tracking": {"experiment": "e2e"},
+    "report": {"baseline": "zeroshot"},
 }
 
 
@@ -32,8 +46,14 @@ def _cli(args, tmp, timeout=600):
     env = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1")
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "orchestrator.sweep", *args], capture_output=True, text=True,
-                          cwd=tmp, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.sweep", *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def _write(tmp: Path, spec: dict, name="spec.yaml") -> Path:
@@ -85,7 +105,9 @@ def test_plan_rows_and_mlflow_runs_agree(sweep):
     epochs = feather.read_table(sweep["out"] / "epochs.arrow").to_pylist()
     coop_ids = {r["tune_trial_id"] for r in t if r["method"] == "coop"}
     assert sorted((r["tune_trial_id"], r["epoch"]) for r in epochs) == sorted((i, 1) for i in coop_ids)
-    assert all(r["train_loss"] > 0 and r["wall_time_s"] > 0 and r["lr"] >= 0 for r in epochs), epochs  # cosine ends at 0
+    assert all(r["train_loss"] > 0 and r["wall_time_s"] > 0 and r["lr"] >= 0 for r in epochs), (
+        epochs
+    )  # cosine ends at 0
     client, runs = _runs(sweep["uri"])
     by_level = {lvl: [r for r in runs if r.data.tags.get("level") == lvl] for lvl in ("sweep", "cell", "trial")}
     assert len(by_level["sweep"]) == 1 and len(by_level["cell"]) == 2 and len(by_level["trial"]) == n
@@ -99,24 +121,33 @@ def test_plan_rows_and_mlflow_runs_agree(sweep):
     # what a researcher browses: each cell run holds its figures and its chosen hyperparameters; the sweep run
     # its counts; trial runs have per-epoch series without an `epoch` series of their own
     for cell in by_level["cell"]:
-        assert cell.data.metrics["n"] == 2 and "test_acc_mean" in cell.data.metrics and "test_acc_std" in cell.data.metrics
+        assert (
+            cell.data.metrics["n"] == 2 and "test_acc_mean" in cell.data.metrics and "test_acc_std" in cell.data.metrics
+        )
     coop = next(r for r in by_level["cell"] if r.data.tags["method"] == "coop")
     assert set(coop.data.params) == {"hp.lr"} and coop.data.metrics["search_trials"] == 2
     sweep_metrics = by_level["sweep"][0].data.metrics
     assert sweep_metrics["trials_finished"] == n and sweep_metrics["trials_failed"] == 0
     assert all("epoch" not in r.data.metrics and "val_acc" in r.data.metrics for r in by_level["trial"])
-    assert all("train.lr" in r.data.params and "method.n_ctx" in r.data.params
-               for r in by_level["trial"] if r.data.tags["method"] == "coop")
+    assert all(
+        "train.lr" in r.data.params and "method.n_ctx" in r.data.params
+        for r in by_level["trial"]
+        if r.data.tags["method"] == "coop"
+    )
     # the sweep run keeps the spec, the report, its plots and the result tables, beside the SQLite file
     top = {a.path for a in client.list_artifacts(parent)}
     assert {"spec.json", "report.md", "results"} <= top, top
     assert {a.path for a in client.list_artifacts(parent, "results")} == {
-        "results/trials.parquet", "results/cells.parquet", "results/comparisons.parquet", "results/epochs.parquet"}
+        "results/trials.parquet",
+        "results/cells.parquet",
+        "results/comparisons.parquet",
+        "results/epochs.parquet",
+    }
     import mlflow
 
     spec_logged = mlflow.artifacts.load_dict(f"{by_level['sweep'][0].info.artifact_uri}/spec.json")
     assert spec_logged["name"] == "e2e" and spec_logged["methods"] == ["zeroshot", "coop"]
-    assert by_level["sweep"][0].info.artifact_uri.startswith(Path(sweep["uri"][len("sqlite:///"):]).parent.as_uri())
+    assert by_level["sweep"][0].info.artifact_uri.startswith(Path(sweep["uri"][len("sqlite:///") :]).parent.as_uri())
 
 
 @pytest.mark.slow
@@ -152,9 +183,25 @@ def test_ray_shows_the_sweep_on_its_job_and_trial_actors(tmp_path):
     env = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1")
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", str(spec), "--output", str(tmp_path / "out"),
-                             "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--dashboard", f"127.0.0.1:{port}"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.sweep",
+            str(spec),
+            "--output",
+            str(tmp_path / "out"),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path}/mlflow.db",
+            "--dashboard",
+            f"127.0.0.1:{port}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     address = f"http://127.0.0.1:{port}"
     actors, jobs = {}, {}
     try:
@@ -218,7 +265,9 @@ def test_report_has_the_table(sweep):
     assert (sweep["out"] / "fewshot_curves.png").exists()
     # the reviewer's sections: coop against the zero-shot baseline, seeds, cost on a CPU-only sweep, the search
     assert "### fewshot, 1-shot: test accuracy (method − zeroshot)" in md and "## Unstable seeds" in md
-    assert "The sweep reserved no GPU, so its plots show CPU-hours." in md and (sweep["out"] / "cost_fewshot.png").exists()
+    assert (
+        "The sweep reserved no GPU, so its plots show CPU-hours." in md and (sweep["out"] / "cost_fewshot.png").exists()
+    )
     assert "fewer than 5: not evaluated" in md  # CoOp's study has 2 completed trials
 
 
@@ -236,10 +285,11 @@ def test_cost_seeds_and_comparisons_of_a_real_sweep(sweep):
     assert cells["coop"]["seeds"] == [1, 2] and len(cells["coop"]["test_acc_values"]) == 2
     assert cells["coop"]["test_acc_ci_low"] <= cells["coop"]["test_acc_mean"] <= cells["coop"]["test_acc_ci_high"]
     comp = feather.read_table(sweep["out"] / "comparisons.arrow").to_pylist()
-    assert [(r["method"], r["baseline"], r["dataset"], r["n_pairs"]) for r in comp] == [("coop", "zeroshot", "digits", 2)]
+    assert [(r["method"], r["baseline"], r["dataset"], r["n_pairs"]) for r in comp] == [
+        ("coop", "zeroshot", "digits", 2)
+    ]
     finals = {(r["method"], r["seed"]): r["test_acc"] for r in trials if r["stage"] == "final"}
-    assert comp[0]["diff_mean"] == pytest.approx(
-        sum(finals[("coop", s)] - finals[("zeroshot", s)] for s in (1, 2)) / 2)
+    assert comp[0]["diff_mean"] == pytest.approx(sum(finals[("coop", s)] - finals[("zeroshot", s)] for s in (1, 2)) / 2)
 
 
 @pytest.mark.slow
@@ -265,13 +315,15 @@ def test_rerun_starts_nothing_and_changed_spec_is_refused(sweep):
     assert feather.read_table(sweep["out"] / "trials.arrow").to_pylist() == rows_before  # no trial ran
     assert len(_runs(sweep["uri"])[1]) == len(runs_before)
     # a change that alters what finished trials computed is refused, naming the cell and the key
-    changed = _write(sweep["tmp"], dict(SPEC, train={"defaults": {**SPEC["train"]["defaults"], "epochs": 2}}),
-                     "changed.yaml")
+    changed = _write(
+        sweep["tmp"], dict(SPEC, train={"defaults": {**SPEC["train"]["defaults"], "epochs": 2}}), "changed.yaml"
+    )
     r = _cli([str(changed), "--output", str(sweep["tmp"] / "out"), "--tracking-uri", sweep["uri"]], sweep["tmp"])
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
     assert "cell fewshot.coop.digits.1shot: overrides" in r.stderr and '"epochs": 2' in r.stderr
-    assert "--fresh" in r.stderr and "--restart-cells fewshot.coop.digits.1shot,fewshot.zeroshot.digits.1shot" \
-        in r.stderr
+    assert (
+        "--fresh" in r.stderr and "--restart-cells fewshot.coop.digits.1shot,fewshot.zeroshot.digits.1shot" in r.stderr
+    )
     assert feather.read_table(sweep["out"] / "trials.arrow").to_pylist() == rows_before
 
 
@@ -284,8 +336,12 @@ def test_trial_no_node_can_fit_is_a_user_error_before_the_data_check_and_mlflow(
     spec = _write(tmp_path, dict(SPEC, resources={"cpu": 1, "gpu": 1}))  # the CI machine has no GPU
     r = _cli([str(spec), "--output", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"], tmp_path)
     assert r.returncode == 2, r.stderr
-    assert r.stderr.startswith("error: resources: nothing on this machine (the local Ray) can run a trial asking "
-                               "cpu=1 gpu=1") and "Traceback" not in r.stderr
+    assert (
+        r.stderr.startswith(
+            "error: resources: nothing on this machine (the local Ray) can run a trial asking cpu=1 gpu=1"
+        )
+        and "Traceback" not in r.stderr
+    )
     assert "checking data" not in r.stdout
     assert not (tmp_path / "out").exists() and not (tmp_path / "m.db").exists()
 
@@ -299,11 +355,28 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
 
     # 400 optimizer steps (seconds here) per trial: with 1-step trials, seeds 3 and 4 could both finish
     # between the first row appearing and the driver handling SIGINT (seen once in CI)
-    spec = _write(tmp_path, dict(SPEC, methods=["coop"], search={}, seeds=[1, 2, 3, 4], report={},
-                                 train={"defaults": {"epochs": 80, "batch_size": 2}}))
+    spec = _write(
+        tmp_path,
+        dict(
+            SPEC,
+            methods=["coop"],
+            search={},
+            seeds=[1, 2, 3, 4],
+            report={},
+            train={"defaults": {"epochs": 80, "batch_size": 2}},
+        ),
+    )
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = [sys.executable, "-m", "orchestrator.sweep", str(spec), "--output", str(tmp_path / "out"),
-            "--tracking-uri", uri]
+    args = [
+        sys.executable,
+        "-m",
+        "orchestrator.sweep",
+        str(spec),
+        "--output",
+        str(tmp_path / "out"),
+        "--tracking-uri",
+        uri,
+    ]
     env = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1")
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -320,8 +393,11 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
     from mlflow.tracking import MlflowClient
 
     c = MlflowClient(uri)
-    sweep_runs = [x for x in c.search_runs([c.get_experiment_by_name("e2e").experiment_id], max_results=1000)
-                  if x.data.tags.get("level") == "sweep"]
+    sweep_runs = [
+        x
+        for x in c.search_runs([c.get_experiment_by_name("e2e").experiment_id], max_results=1000)
+        if x.data.tags.get("level") == "sweep"
+    ]
     assert [x.info.status for x in sweep_runs] == ["KILLED"]
     first = {r["tune_trial_id"]: r for r in feather.read_table(rows).to_pylist()}
     assert 0 < len(first) < 4
@@ -330,7 +406,11 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert f"resuming: {len(first)} of 4 trials already recorded" in r.stdout, r.stdout[-2000:]
     final = feather.read_table(rows).to_pylist()
-    assert len(final) == 4 and sorted(x["seed"] for x in final) == [1, 2, 3, 4], ([(x["seed"], x["tune_trial_id"], x["status"]) for x in final], first.keys(), r.stdout[-3000:])
+    assert len(final) == 4 and sorted(x["seed"] for x in final) == [1, 2, 3, 4], (
+        [(x["seed"], x["tune_trial_id"], x["status"]) for x in final],
+        first.keys(),
+        r.stdout[-3000:],
+    )
     for tid, row in first.items():  # rows finished before the interrupt are kept, not re-run
         again = [x for x in final if x["tune_trial_id"] == tid]
         assert len(again) == 1 and again[0]["finished_at"] == row["finished_at"]
@@ -347,9 +427,11 @@ def test_exit_without_teardown_keeps_the_code_the_output_and_the_atexit_handlers
     import sys
 
     marker = tmp_path / "atexit-ran"
-    code = ("import atexit, sys; from orchestrator.sweep import exit_without_teardown; "
-            f"atexit.register(lambda: open({str(marker)!r}, 'w').write('yes')); "
-            "print('out', end=''); print('err', end='', file=sys.stderr); exit_without_teardown(3)")
+    code = (
+        "import atexit, sys; from orchestrator.sweep import exit_without_teardown; "
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').write('yes')); "
+        "print('out', end=''); print('err', end='', file=sys.stderr); exit_without_teardown(3)"
+    )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert (p.returncode, p.stdout, p.stderr) == (3, "out", "err")
     assert marker.read_text() == "yes"

@@ -2,6 +2,7 @@
 method), cells restarted (``--restart-cells``) — each through the real CLI on local Ray, counting every trial
 that starts (Tune makes a folder per trial) and every MLflow run, so that nothing finished runs again and no
 run is duplicated."""
+
 from __future__ import annotations
 
 import os
@@ -15,12 +16,24 @@ import yaml
 pytestmark = pytest.mark.slow
 
 SPEC = {
-    "name": "grow", "protocol": "fewshot", "methods": ["zeroshot", "coop"], "datasets": ["digits"],
-    "shots": [1], "seeds": [1, 2], "backbone": {"arch": "promptsweep-tiny", "pretrained": None},
+    "name": "grow",
+    "protocol": "fewshot",
+    "methods": ["zeroshot", "coop"],
+    "datasets": ["digits"],
+    "shots": [1],
+    "seeds": [1, 2],
+    "backbone": {"arch": "promptsweep-tiny", "pretrained": None},
     "train": {"defaults": {"epochs": 1, "batch_size": 16, "num_workers": 0}},
-    "search": {"coop": {"n_trials": 2, "seeds": [1], "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 1},
-                        "space": {"lr": {"type": "float", "low": 0.0005, "high": 0.05, "log": True}}}},
-    "resources": {"cpu": 1, "gpu": 0}, "tracking": {"experiment": "grow"},
+    "search": {
+        "coop": {
+            "n_trials": 2,
+            "seeds": [1],
+            "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 1},
+            "space": {"lr": {"type": "float", "low": 0.0005, "high": 0.05, "log": True}},
+        }
+    },
+    "resources": {"cpu": 1, "gpu": 0},
+    "tracking": {"experiment": "grow"},
 }
 #: CoOp's final runs fail (NaN loss) in the first run only: the fault is injected from outside the spec
 FAULT = {"PROMPTSWEEP_FAULT_INJECT": "method=coop,stage=final,fault=nan_loss"}
@@ -32,9 +45,24 @@ def _cli(tmp: Path, spec: dict, *flags: str, env_extra: dict | None = None) -> s
     env = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1", **(env_extra or {}))
     for k in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", *([] if env_extra else FAULT)):
         env.pop(k, None)
-    return subprocess.run([sys.executable, "-m", "orchestrator.sweep", str(path), "--output", str(tmp / "out"),
-                           "--tracking-uri", f"sqlite:///{tmp}/mlflow.db", *flags], capture_output=True, text=True,
-                          cwd=tmp, env=env, timeout=900)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.sweep",
+            str(path),
+            "--output",
+            str(tmp / "out"),
+            "--tracking-uri",
+            f"sqlite:///{tmp}/mlflow.db",
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp,
+        env=env,
+        timeout=900,
+    )
 
 
 def _rows(tmp: Path) -> dict[str, dict]:
@@ -100,8 +128,11 @@ def test_retry_failed_then_grow_then_restart_runs_only_what_is_new(tmp_path):
     assert _started(tmp_path) - started_before == set(after) - set(before)  # no earlier trial started again
     work = [(x["cell_id"], x["stage"], x["seed"], x["optuna_trial_number"]) for x in after.values()]
     assert len(set(work)) == len(work)
-    coop_finals = {x["optuna_trial_number"] for x in after.values() if x["cell_id"] == "fewshot.coop.digits.1shot"
-                   and x["stage"] == "final"}
+    coop_finals = {
+        x["optuna_trial_number"]
+        for x in after.values()
+        if x["cell_id"] == "fewshot.coop.digits.1shot" and x["stage"] == "final"
+    }
     assert len(coop_finals) == 1  # seed 3 ran with the proposal seeds 1 and 2 ran with
     runs = _runs(tmp_path)
     trial_runs = [x for x in runs if x.data.tags.get("level") == "trial"]

@@ -3,6 +3,7 @@ is refused naming the holder; a lock a dead driver leaves does not block), an un
 Ray address and a trial this machine cannot run are one line leaving nothing behind, ``--fresh`` keeps a
 finished sweep a check refuses, SIGTERM stops a sweep as Ctrl-C does (exit 143, resumable), and a disk
 that fills mid-sweep is one line and loses nothing (the rerun completes)."""
+
 from __future__ import annotations
 
 import json
@@ -22,10 +23,18 @@ from orchestrator.sweep import LOCK_FILE, SIGTERM_EXIT, STATE_FILE, _lock_output
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = "name: locked\nmethods: [zeroshot]\ndatasets: [digits]\nshots: [1]\nseeds: [1]\n"
 #: a CoOp cell of 4 one-epoch trials on the tiny backbone: ~30-60 s on 2 cores
-RUN_SPEC = {"name": "g", "protocol": "fewshot", "methods": ["coop"], "datasets": ["digits"], "shots": [1],
-            "seeds": [1, 2, 3, 4], "backbone": {"arch": "promptsweep-tiny", "pretrained": None},
-            "train": {"defaults": {"epochs": 1, "batch_size": 16}}, "resources": {"cpu": 1, "gpu": 0},
-            "tracking": {"experiment": "g"}}
+RUN_SPEC = {
+    "name": "g",
+    "protocol": "fewshot",
+    "methods": ["coop"],
+    "datasets": ["digits"],
+    "shots": [1],
+    "seeds": [1, 2, 3, 4],
+    "backbone": {"arch": "promptsweep-tiny", "pretrained": None},
+    "train": {"defaults": {"epochs": 1, "batch_size": 16}},
+    "resources": {"cpu": 1, "gpu": 0},
+    "tracking": {"experiment": "g"},
+}
 
 
 def _spec(tmp_path: Path, **changes) -> Path:
@@ -48,9 +57,23 @@ def _env() -> dict:
 
 def _sweep(spec: Path, out: Path, tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "orchestrator.sweep", str(spec), "--output", str(out),
-                           "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.sweep",
+            str(spec),
+            "--output",
+            str(out),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_a_second_sweep_on_a_locked_output_is_refused_naming_the_holder(tmp_path):
@@ -74,8 +97,10 @@ def test_a_second_sweep_on_a_locked_output_is_refused_naming_the_holder(tmp_path
 def test_a_lock_left_by_a_dead_driver_does_not_block(tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    code = ("import sys, time; from pathlib import Path; from orchestrator.sweep import _lock_output; "
-            "_lock_output(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)")
+    code = (
+        "import sys, time; from pathlib import Path; from orchestrator.sweep import _lock_output; "
+        "_lock_output(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code, str(out_dir)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -96,8 +121,14 @@ def test_a_second_command_on_a_running_sweeps_folder_is_refused_before_its_own_c
     (out_dir / STATE_FILE).write_text(json.dumps({"status": "running", "spec": {}}))
     held = _lock_output(out_dir)
     try:
-        code, err = _main(capsys, _spec(tmp_path, resources={"cpu": 64, "gpu": 0}), "--output", tmp_path / "out",
-                          "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}")
+        code, err = _main(
+            capsys,
+            _spec(tmp_path, resources={"cpu": 64, "gpu": 0}),
+            "--output",
+            tmp_path / "out",
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'm.db'}",
+        )
     finally:
         held.close()
     assert code == 2 and err.startswith("error: sweep output ") and f"pid {os.getpid()} " in err, err
@@ -105,14 +136,17 @@ def test_a_second_command_on_a_running_sweeps_folder_is_refused_before_its_own_c
     assert not (tmp_path / "m.db").exists()
 
 
-@pytest.mark.parametrize("where, flag", [("file", "--output"), ("under_dev_null", "--output"), ("proc", "--output"),
-                                         ("file", "output")])
+@pytest.mark.parametrize(
+    "where, flag", [("file", "--output"), ("under_dev_null", "--output"), ("proc", "--output"), ("file", "output")]
+)
 def test_an_unusable_output_root_is_one_line_naming_the_flag_or_key(tmp_path, capsys, where, flag):
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder")
     root = {"file": str(a_file), "under_dev_null": "/dev/null/out", "proc": "/proc/promptsweep-out"}[where]
     spec = _spec(tmp_path, output=root) if flag == "output" else _spec(tmp_path)
-    argv = [spec, "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"] + (["--output", root] if flag == "--output" else [])
+    argv = [spec, "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"] + (
+        ["--output", root] if flag == "--output" else []
+    )
     code, err = _main(capsys, *argv)
     assert code == 2 and err.startswith(f"error: {flag}: '{root}' ") and len(err.strip().splitlines()) == 1, err
     assert a_file.read_text() == "not a folder" and not (tmp_path / "m.db").exists()
@@ -123,8 +157,16 @@ def test_address_auto_with_no_cluster_on_this_machine_is_one_line(tmp_path, caps
 
     if services.find_bootstrap_address(None) or services.find_gcs_addresses():
         pytest.skip("a Ray cluster runs on this machine, so auto finds one")
-    code, err = _main(capsys, _spec(tmp_path), "--output", tmp_path / "out", "--address", "auto",
-                      "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}")
+    code, err = _main(
+        capsys,
+        _spec(tmp_path),
+        "--output",
+        tmp_path / "out",
+        "--address",
+        "auto",
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'm.db'}",
+    )
     assert code == 2 and err.startswith("error: --address: auto finds no Ray cluster running on this machine"), err
     assert not (tmp_path / "out").exists()
 
@@ -141,8 +183,14 @@ def test_device_cuda_without_cuda_is_refused_at_the_resources_check(tmp_path, ca
 
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    code, err = _main(capsys, _spec(tmp_path, device="cuda", resources={"cpu": 1, "gpu": 1}), "--output",
-                      tmp_path / "out", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}")
+    code, err = _main(
+        capsys,
+        _spec(tmp_path, device="cuda", resources={"cpu": 1, "gpu": 1}),
+        "--output",
+        tmp_path / "out",
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'm.db'}",
+    )
     assert code == 2 and err.startswith("error: device: cuda, but CUDA is not available"), err
     assert not (tmp_path / "out").exists() and not (tmp_path / "m.db").exists()
 
@@ -160,8 +208,9 @@ def test_fresh_keeps_a_finished_sweep_that_the_resources_check_refuses(tmp_path,
     (out_dir / STATE_FILE).write_text(json.dumps({"status": "finished", "spec": {}}))
     (out_dir / "trials.arrow").write_bytes(b"results")
     spec = _spec(tmp_path, resources=resources)
-    code, err = _main(capsys, spec, "--fresh", "--output", tmp_path / "out", "--tracking-uri",
-                      f"sqlite:///{tmp_path / 'm.db'}")
+    code, err = _main(
+        capsys, spec, "--fresh", "--output", tmp_path / "out", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"
+    )
     assert code == 2 and err.startswith("error: resources: nothing on this machine"), err
     assert (out_dir / "trials.arrow").read_bytes() == b"results" and (out_dir / STATE_FILE).is_file()
     code, err = _main(capsys, spec, "--output", tmp_path / "first", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}")
@@ -169,9 +218,15 @@ def test_fresh_keeps_a_finished_sweep_that_the_resources_check_refuses(tmp_path,
 
 
 def _start(spec: Path, out: Path, uri: str, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", str(spec), "--output", str(out),
-                             "--tracking-uri", uri], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.sweep", str(spec), "--output", str(out), "--tracking-uri", uri],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -202,7 +257,10 @@ def test_sigterm_stops_the_sweep_like_ctrl_c_and_a_rerun_completes_it(tmp_path):
 
     # 400 optimizer steps per trial: with 1-step trials the other three could finish before the driver handles
     # the signal (seen in CI)
-    spec, uri = _spec(tmp_path, train={"defaults": {"epochs": 80, "batch_size": 2}}), f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec, uri = (
+        _spec(tmp_path, train={"defaults": {"epochs": 80, "batch_size": 2}}),
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+    )
     proc = _start(spec, tmp_path / "out", uri)
     _wait_for(tmp_path / "out" / "g" / "trials.arrow", proc)
     proc.send_signal(signal.SIGTERM)
@@ -212,8 +270,11 @@ def test_sigterm_stops_the_sweep_like_ctrl_c_and_a_rerun_completes_it(tmp_path):
     for dump in ("Traceback", "SIGTERM received", "logging.cc", "Aborted"):
         assert dump not in stderr, stderr[-3000:]
     c = MlflowClient(uri)
-    sweep_runs = [r for r in c.search_runs([c.get_experiment_by_name("g").experiment_id], max_results=1000)
-                  if r.data.tags.get("level") == "sweep"]
+    sweep_runs = [
+        r
+        for r in c.search_runs([c.get_experiment_by_name("g").experiment_id], max_results=1000)
+        if r.data.tags.get("level") == "sweep"
+    ]
     assert [r.info.status for r in sweep_runs] == ["KILLED"]
     assert json.loads((tmp_path / "out" / "g" / STATE_FILE).read_text())["status"] == "incomplete"
     _rerun_completes_each_trial_once(spec, tmp_path / "out", uri)
@@ -236,8 +297,11 @@ def _sweep_run_statuses(uri: str) -> list[str]:
     from mlflow.tracking import MlflowClient
 
     c = MlflowClient(uri)
-    return [r.info.status for r in c.search_runs([c.get_experiment_by_name("g").experiment_id], max_results=1000)
-            if r.data.tags.get("level") == "sweep"]
+    return [
+        r.info.status
+        for r in c.search_runs([c.get_experiment_by_name("g").experiment_id], max_results=1000)
+        if r.data.tags.get("level") == "sweep"
+    ]
 
 
 def _assert_one_line_write_error(proc: subprocess.Popen, strerror: str) -> None:
@@ -296,8 +360,9 @@ def test_an_unwritable_file_behind_tunes_error_is_one_line_naming_it(tmp_path):
         found = _disk_error(wrapped, tmp_path)
     else:
         pytest.skip("/sys takes new files here")
-    assert str(found) == (f"cannot write {target}: Permission denied; free space / fix permissions and rerun the "
-                          "same command to resume")
+    assert str(found) == (
+        f"cannot write {target}: Permission denied; free space / fix permissions and rerun the same command to resume"
+    )
     assert _disk_error(TuneError("The Ray Tune run failed."), tmp_path) is None
     assert _disk_error(FileNotFoundError(2, "No such file or directory", "x"), tmp_path) is None
 
@@ -321,8 +386,11 @@ def test_a_damaged_tune_state_save_is_set_aside_whole(tmp_path, damage):
     (tune_dir / "tuner.pkl").write_bytes(pickle.dumps({"tuner": "config"}))
     before = sorted(p.name for p in tune_dir.iterdir())
     assert set_aside_damaged_state(tune_dir) is None and sorted(p.name for p in tune_dir.iterdir()) == before
-    target = {"truncated_json": f"experiment_state-{new}.json", "empty_pickle": f"searcher-state-{new}.pkl",
-              "truncated_tuner_pkl": "tuner.pkl"}[damage]
+    target = {
+        "truncated_json": f"experiment_state-{new}.json",
+        "empty_pickle": f"searcher-state-{new}.pkl",
+        "truncated_tuner_pkl": "tuner.pkl",
+    }[damage]
     data = (tune_dir / target).read_bytes()
     (tune_dir / target).write_bytes(b"" if damage == "empty_pickle" else data[: len(data) // 2])
     line = set_aside_damaged_state(tune_dir)

@@ -1,4 +1,5 @@
 """TGP-T (methods/tgpt.py, methods/bonder.py) and the captions reader (fewshot/captions.py)."""
+
 from __future__ import annotations
 
 import logging
@@ -11,8 +12,14 @@ from fewshot.errors import ConfigError, DataError
 from methods import towers
 from methods.bonder import Bonder
 from methods.tgpt import IGNORE, TGPT, TGPTConfig
-from tests.method_harness import (assert_backbone_untouched, backbone_snapshot, checkpoint_roundtrip, digits_data,
-                                  one_step_gradients, train_losses)
+from tests.method_harness import (
+    assert_backbone_untouched,
+    backbone_snapshot,
+    checkpoint_roundtrip,
+    digits_data,
+    one_step_gradients,
+    train_losses,
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +53,12 @@ def _captions_file(tmp_path, items, skip_label=None):
 
 def _own_targets(m, items, own, indices):
     """[B, n_con]: the tokens of each indexed image's own description, all-ignore for an image without one."""
-    rows = [m._targets([own[items[i].impath]], m.cfg.n_con)[0] if items[i].impath in own
-            else torch.full((m.cfg.n_con,), IGNORE, dtype=torch.long) for i in indices]
+    rows = [
+        m._targets([own[items[i].impath]], m.cfg.n_con)[0]
+        if items[i].impath in own
+        else torch.full((m.cfg.n_con,), IGNORE, dtype=torch.long)
+        for i in indices
+    ]
     return torch.stack(rows)
 
 
@@ -66,9 +77,11 @@ def test_shapes_zero_shot_head_and_query_init(tiny_backbone, digits):
     assert torch.allclose(m.head.norm(dim=-1), torch.ones(len(names)), atol=1e-5)
     assert torch.equal(m.head[:, :e], m.head[:, e:])
     from fewshot.templates import ensemble_templates
-    z = torch.stack([tiny_backbone.encode_text([t.format(n) for n in names], normalize=False)
-                     for t in ensemble_templates("digits")]).mean(0)
-    assert torch.allclose(m.head[:, :e], torch.nn.functional.normalize(z, dim=-1) / 2 ** 0.5, atol=1e-5)
+
+    z = torch.stack(
+        [tiny_backbone.encode_text([t.format(n) for n in names], normalize=False) for t in ensemble_templates("digits")]
+    ).mean(0)
+    assert torch.allclose(m.head[:, :e], torch.nn.functional.normalize(z, dim=-1) / 2**0.5, atol=1e-5)
     # first category queries = token embeddings of "a photo of a", the rest small random
     ids = tiny_backbone.tokenize(["a photo of a"])[0, 1:5]
     assert torch.allclose(m.q_cat[:4], tiny_backbone.token_embedding(ids).float())
@@ -191,8 +204,9 @@ def test_content_targets_are_each_images_own_caption_by_index(tiny_backbone, dig
     m = _make(tiny_backbone, names, captions_file=str(path))
     m.prepare(loader)
     assert m.content_loss_enabled
-    assert m.run_notes()["tgpt_content_loss"] == (f"on: {len(own)}/{len(items)} training images paired with their "
-                                                  f"own caption from {path}")
+    assert m.run_notes()["tgpt_content_loss"] == (
+        f"on: {len(own)}/{len(items)} training images paired with their own caption from {path}"
+    )
     every = _own_targets(m, items, own, range(len(items)))
     assert len({tuple(r.tolist()) for r in every if (r != IGNORE).any()}) == len(own)  # distinct, so by index
     # a batch in any order: each sample's targets are its own image's, an image without a caption all-ignore
@@ -253,16 +267,25 @@ def test_trial_steps_supervise_each_sample_with_its_own_caption(tiny_backbone, t
     monkeypatch.setattr(TGPT, "prepare", prepare)
     monkeypatch.setattr(TGPT, "training_loss", training_loss)
     monkeypatch.setattr(TGPT, "_token_loss", token_loss)
-    over = {"max_iters": 10, "batch_size": 4, "n_cat": 4, "n_con": 12, "captions_file": str(path),
-            "train_feature_views": views, "num_workers": 0}
-    final = run_trial(TrialRequest(method="tgpt", dataset="digits", shots=2, seed=1, device="cpu", stage="search",
-                                   overrides=over))
+    over = {
+        "max_iters": 10,
+        "batch_size": 4,
+        "n_cat": 4,
+        "n_con": 12,
+        "captions_file": str(path),
+        "train_feature_views": views,
+        "num_workers": 0,
+    }
+    final = run_trial(
+        TrialRequest(method="tgpt", dataset="digits", shots=2, seed=1, device="cpu", stage="search", overrides=over)
+    )
     m, items, steps = seen["method"], seen["items"], seen["steps"]
     assert m.backbone.arch == TINY_ARCH and len(steps) == 10
     described = sum(it.impath in own for it in items)
     assert 0 < described < len(items)  # the label-0 images have no caption
     assert json.loads(final["run_notes"])["tgpt_content_loss"].startswith(
-        f"on: {described}/{len(items)} training images paired with their own caption")
+        f"on: {described}/{len(items)} training images paired with their own caption"
+    )
     for step in steps:
         assert step["labels"] == [items[i].label for i in step["indices"]]  # an index names the sample served
         want = _own_targets(m, items, own, step["indices"])
@@ -283,16 +306,44 @@ def test_trial_cli_runs_tgpt_with_paired_captions(tmp_path):
     from fewshot.registry import load_dataset
 
     path, _ = _captions_file(tmp_path, load_dataset("digits").train)
-    r = subprocess.run([sys.executable, "-m", "orchestrator.trial", "--method", "tgpt", "--dataset", "digits",
-                        "--shots", "1", "--seed", "1", "--device", "cpu", "--set", "max_iters=3", "--set",
-                        "batch_size=4", "--set", "n_cat=4", "--set", "n_con=12", "--set", f"captions_file={path}",
-                        "--json"], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.trial",
+            "--method",
+            "tgpt",
+            "--dataset",
+            "digits",
+            "--shots",
+            "1",
+            "--seed",
+            "1",
+            "--device",
+            "cpu",
+            "--set",
+            "max_iters=3",
+            "--set",
+            "batch_size=4",
+            "--set",
+            "n_cat=4",
+            "--set",
+            "n_con=12",
+            "--set",
+            f"captions_file={path}",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["epochs_run"] >= 1 and 0 <= out["test_acc"] <= 100 and out["images_trained"] > 0
     assert json.loads(out["run_notes"])["tgpt_content_loss"] == (
-        f"on: 10/10 training images paired with their own caption from {path}")
+        f"on: 10/10 training images paired with their own caption from {path}"
+    )
 
 
 # -------------------------------------------------------------------------------------- protocols
@@ -342,12 +393,22 @@ def test_search_space_validates_and_enqueues_the_reference_defaults_first():
     p = plan(spec)
     assert len(p.cells) == 11 * 5 and spec.seeds == [1, 2, 3] and spec.shots == [1, 2, 4, 8, 16]
     assert (spec.backbone.arch, spec.backbone.pretrained) == ("ViT-B-16", "openai")
-    ref = {"eurosat": (5.0e-5, 51200), "dtd": (2.0e-5, 25600), "stanford_cars": (5.0e-5, 19200), "caltech101": (2.0e-5, 38400)}
+    ref = {
+        "eurosat": (5.0e-5, 51200),
+        "dtd": (2.0e-5, 25600),
+        "stanford_cars": (5.0e-5, 19200),
+        "caltech101": (2.0e-5, 38400),
+    }
     for cell in p.cells:
         d = cell.defaults_in_space()
         assert d is not None, cell
-        assert {k: d[k] for k in ("n_cat", "n_con", "lambda_cat", "lambda_con", "label_smoothing")} == \
-            {"n_cat": 32, "n_con": 64, "lambda_cat": 1.0, "lambda_con": 1.0, "label_smoothing": 0.1}
+        assert {k: d[k] for k in ("n_cat", "n_con", "lambda_cat", "lambda_con", "label_smoothing")} == {
+            "n_cat": 32,
+            "n_con": 64,
+            "lambda_cat": 1.0,
+            "lambda_con": 1.0,
+            "label_smoothing": 0.1,
+        }
         if cell.dataset in ref:
             assert (d["lr"], d["max_iters"]) == ref[cell.dataset]
 
@@ -360,13 +421,16 @@ def test_head_templates_reference_averages_raw_features_of_the_21_mined_template
 
     names = ["american_bulldog", "Abyssinian", "great (pyrenees)"]
     mined = head_templates("reference", "oxford_pets")
-    assert len(mined) == 21 and mined[0] == "a photo of a {}, a type of pet." and mined[-1] == "This is a photo of a {}."
+    assert (
+        len(mined) == 21 and mined[0] == "a photo of a {}, a type of pet." and mined[-1] == "This is a photo of a {}."
+    )
     assert head_templates("reference", "imagenet_sketch") == head_templates("reference", "imagenet")
     m = _make(tiny_backbone, names, "oxford_pets", head_templates="reference", n_cat=8, n_con=8)
     m._ensure_head()
     with torch.no_grad():  # the reference: raw class names (underscores kept), mean of unnormalised features
-        z = torch.stack([tiny_backbone.model.encode_text(tiny_backbone.tokenize([t.format(n) for n in names]))
-                         for t in mined]).mean(0)
+        z = torch.stack(
+            [tiny_backbone.model.encode_text(tiny_backbone.tokenize([t.format(n) for n in names])) for t in mined]
+        ).mean(0)
     assert torch.allclose(m.head, F.normalize(torch.cat([z, z], -1), dim=-1), atol=1e-5)
     default = _make(tiny_backbone, names, "oxford_pets", n_cat=8, n_con=8)
     default._ensure_head()

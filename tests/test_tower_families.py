@@ -2,23 +2,23 @@
 refused with a reason; on a tiny random-init model of each family the prompt-free path equals open_clip's own
 encoders and logits (logit bias included); EOT is found by the tokenizer's rule; every method the capability
 matrix allows builds, trains a step and leaves the backbone bit-identical; the rest is refused in one line."""
+
 from __future__ import annotations
 
 from collections import Counter
 
 import pytest
 import torch
-from torch.nn import functional as F
+from method_harness import assert_backbone_untouched, backbone_snapshot
 from torch.utils.data import DataLoader, TensorDataset
+from tower_families import FAMILY_ARCH, family_backbone, random_images
 
 from fewshot.errors import ConfigError
-from method_harness import assert_backbone_untouched, backbone_snapshot
 from methods import towers
 from methods.families import FAMILIES, family_of_arch, family_of_config, matrix
 from methods.prompt_text import LearnedContextText
 from methods.registry import get_method, method_names
 from orchestrator.spec import parse_spec
-from tower_families import FAMILY_ARCH, family_backbone, random_images
 
 TOKEN_FAMILIES = [f for f, (tokens, _) in FAMILIES.items() if tokens]
 #: per-method settings that fit the tiny models' 16-token text context
@@ -32,15 +32,27 @@ def test_open_clip_configs_are_a_supported_family_or_refused_with_a_reason():
     archs = [a for a in available_archs() if not a.startswith("promptsweep-")]
     families = {a: family_of_arch(a) for a in archs}
     assert len(archs) == 144
-    assert Counter(f.name for f in families.values()) == {"clip-vit": 32, "siglip": 26, "eva": 7, "resnet": 10,
-                                                          "convnext": 11, None: 58}
+    assert Counter(f.name for f in families.values()) == {
+        "clip-vit": 32,
+        "siglip": 26,
+        "eva": 7,
+        "resnet": 10,
+        "convnext": 11,
+        None: 58,
+    }
     for a, f in families.items():
         assert (f.name is None) == bool(f.why) and "\n" not in f.why, a
-    assert [family_of_arch(a).name for a in ("ViT-B-16", "ViT-B-16-SigLIP2", "EVA02-B-16", "RN50", "convnext_base")] \
-        == ["clip-vit", "siglip", "eva", "resnet", "convnext"]
-    for arch, why in [("ViT-L-14-CLIPA", "pool_type 'avg' without ln_pre (CLIPA)"), ("coca_ViT-B-32", "CoCa"),
-                      ("roberta-ViT-B-32", "Hugging Face model (roberta-base)"), ("MobileCLIP-S1", "fastvit_mci1"),
-                      ("ViT-H-14-worldwide", "pooled by 'eos'"), ("nllb-clip-base-siglip", "Hugging Face")]:
+    assert [
+        family_of_arch(a).name for a in ("ViT-B-16", "ViT-B-16-SigLIP2", "EVA02-B-16", "RN50", "convnext_base")
+    ] == ["clip-vit", "siglip", "eva", "resnet", "convnext"]
+    for arch, why in [
+        ("ViT-L-14-CLIPA", "pool_type 'avg' without ln_pre (CLIPA)"),
+        ("coca_ViT-B-32", "CoCa"),
+        ("roberta-ViT-B-32", "Hugging Face model (roberta-base)"),
+        ("MobileCLIP-S1", "fastvit_mci1"),
+        ("ViT-H-14-worldwide", "pooled by 'eos'"),
+        ("nllb-clip-base-siglip", "Hugging Face"),
+    ]:
         assert why in family_of_arch(arch).why, arch
     # the issue's case: a ViT pooled by averaging is refused, not run through class-token pooling
     assert family_of_config({"vision_cfg": {"pool_type": "avg"}, "text_cfg": {}}).name is None
@@ -133,26 +145,32 @@ def test_image_token_methods_are_refused_on_families_without_tokens(family):
     assert refused == ["maple", "sep", "spt", "tgpt", "vpt"]
     for name in refused:
         cls = get_method(name)
-        with pytest.raises(ConfigError, match=f"method '{name}' needs image tokens, which backbone "
-                                              f"'{FAMILY_ARCH[family]}' \\(family {family}\\) does not have; on this "
-                                              "backbone run: cocoop, coop, kgcoop, linear_probe, zeroshot"):
+        with pytest.raises(
+            ConfigError,
+            match=f"method '{name}' needs image tokens, which backbone "
+            f"'{FAMILY_ARCH[family]}' \\(family {family}\\) does not have; on this "
+            "backbone run: cocoop, coop, kgcoop, linear_probe, zeroshot",
+        ):
             cls(bb, NAMES, "oxford_pets", cls.Config(**SMALL.get(name, {})))
 
 
 def test_spec_validation_refuses_a_disallowed_pair_in_one_line():
     base = {"name": "fam", "datasets": ["digits"], "shots": [1], "seeds": [1]}
-    for arch, methods, where in [("RN50", ["coop", "zeroshot", "spt"], "methods[2]: method 'spt' needs image tokens"),
-                                 ("convnext_base", ["tgpt"], "methods[0]: method 'tgpt' needs image tokens"),
-                                 ("ViT-L-14-CLIPA", ["coop"], "backbone.arch: backbone 'ViT-L-14-CLIPA' is not "
-                                                              "supported"),
-                                 ("xlm-roberta-base-ViT-B-32", ["zeroshot"], "Hugging Face model")]:
+    for arch, methods, where in [
+        ("RN50", ["coop", "zeroshot", "spt"], "methods[2]: method 'spt' needs image tokens"),
+        ("convnext_base", ["tgpt"], "methods[0]: method 'tgpt' needs image tokens"),
+        ("ViT-L-14-CLIPA", ["coop"], "backbone.arch: backbone 'ViT-L-14-CLIPA' is not supported"),
+        ("xlm-roberta-base-ViT-B-32", ["zeroshot"], "Hugging Face model"),
+    ]:
         with pytest.raises(ConfigError) as exc:
             parse_spec({**base, "methods": methods, "backbone": {"arch": arch}})
         assert where in str(exc.value) and "\n" not in str(exc.value)
     every = [m for m in method_names() if m != "linear_probe"]  # linear probe is few-shot only, like the rest
     for arch in ("ViT-B-16", "ViT-B-16-SigLIP", "EVA02-B-16"):
         parse_spec({**base, "methods": every, "backbone": {"arch": arch}})
-    parse_spec({**base, "methods": ["zeroshot", "linear_probe", "coop", "cocoop", "kgcoop"], "backbone": {"arch": "RN50"}})
+    parse_spec(
+        {**base, "methods": ["zeroshot", "linear_probe", "coop", "cocoop", "kgcoop"], "backbone": {"arch": "RN50"}}
+    )
 
 
 def test_the_loader_refuses_a_config_outside_the_families_before_building_it():
@@ -194,10 +212,16 @@ def test_quick_gelu_follows_open_clips_pretrained_registry():
     from methods.families import Family
 
     vit, sig = Family("clip-vit"), Family("siglip")
-    for arch, tag, want in [("ViT-B-16", "openai", True), ("ViT-B-32", "laion400m_e32", True),
-                            ("ViT-B-16", "metaclip_400m", True), ("ViT-L-14", "dfn2b", True),
-                            ("RN50", "yfcc15m", True), ("ViT-B-16", "laion2b_s34b_b88k", False),
-                            ("ViT-B-32", "datacomp_xl_s13b_b90k", False), ("ViT-B-16", None, False)]:
+    for arch, tag, want in [
+        ("ViT-B-16", "openai", True),
+        ("ViT-B-32", "laion400m_e32", True),
+        ("ViT-B-16", "metaclip_400m", True),
+        ("ViT-L-14", "dfn2b", True),
+        ("RN50", "yfcc15m", True),
+        ("ViT-B-16", "laion2b_s34b_b88k", False),
+        ("ViT-B-32", "datacomp_xl_s13b_b90k", False),
+        ("ViT-B-16", None, False),
+    ]:
         assert quick_gelu_for(arch, tag, False, vit) is want, (arch, tag)
     assert quick_gelu_for("ViT-B-16", "/ckpt.pt", True, vit) is True  # a local file of an OpenAI-shaped family
     assert quick_gelu_for("ViT-B-16-SigLIP", "/ckpt.pt", True, sig) is False

@@ -1,5 +1,6 @@
 """MLflow tracking callback driven with fake Tune trials against a SQLite store: nesting, tags, metrics,
 status, and state round-trip (a restored callback reuses its runs)."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -13,10 +14,23 @@ from orchestrator.tracking import MlflowTracking
 
 
 def _trial(tid, stage="search", seed=1, last=None):
-    req = {"method": "coop", "dataset": "digits", "shots": 2, "seed": seed, "protocol": "fewshot", "stage": stage,
-           "overrides": {"lr": 0.01, "epochs": 1}}
-    cfg = {"cell_id": "fewshot.coop.digits.2shot", "stage": stage, "seed": seed, "optuna_number": 0,
-           "params": {"lr": 0.01}, "request": req}
+    req = {
+        "method": "coop",
+        "dataset": "digits",
+        "shots": 2,
+        "seed": seed,
+        "protocol": "fewshot",
+        "stage": stage,
+        "overrides": {"lr": 0.01, "epochs": 1},
+    }
+    cfg = {
+        "cell_id": "fewshot.coop.digits.2shot",
+        "stage": stage,
+        "seed": seed,
+        "optuna_number": 0,
+        "params": {"lr": 0.01},
+        "request": req,
+    }
     return SimpleNamespace(trial_id=tid, config=cfg, last_result=last or {})
 
 
@@ -39,8 +53,14 @@ def test_runs_nested_tagged_and_closed(tmp_path, background):
     cell = c.get_run(r1.data.tags["mlflow.parentRunId"])
     assert cell.data.tags["mlflow.parentRunId"] == cb.state["parent"]
     assert r2.data.tags["mlflow.parentRunId"] == cell.info.run_id
-    for k, v in {"method": "coop", "dataset": "digits", "shots": "2", "seed": "1", "stage": "search",
-                 "protocol": "fewshot"}.items():
+    for k, v in {
+        "method": "coop",
+        "dataset": "digits",
+        "shots": "2",
+        "seed": "1",
+        "stage": "search",
+        "protocol": "fewshot",
+    }.items():
         assert r1.data.tags[k] == v
     assert "config_hash" in r1.data.tags and "git_commit" in r1.data.tags
     assert r1.data.params["hp.lr"] == "0.01"
@@ -65,21 +85,50 @@ def test_cell_runs_hold_their_figures_hyperparameters_and_own_status(tmp_path):
     other = _trial("b", stage="final")
     other.config = dict(other.config, cell_id="fewshot.coop.shapes.2shot")
     cb.on_trial_start(0, [], other)
-    rows = {"fewshot.coop.digits.2shot": {"cell_id": "fewshot.coop.digits.2shot", "n": 3, "n_failed": 0,
-                                          "params_json": '{"lr": 0.01, "n_ctx": 4}', "test_acc_mean": 61.5,
-                                          "test_acc_std": 1.25, "hm_mean": None, "search_trials": 4,
-                                          "search_best_val": 70.0},
-            "fewshot.coop.shapes.2shot": {"cell_id": "fewshot.coop.shapes.2shot", "n": 1, "n_failed": 2,
-                                          "params_json": None, "test_acc_mean": 40.0, "test_acc_std": None}}
-    spec = {"name": "t", "methods": ["coop"], "backbone": {"arch": "promptsweep-tiny", "pretrained": None},
-            "search": {"coop": {"space": {f"p{i}": {"type": "float", "low": 0, "high": 1} for i in range(40)}}}}
-    cb.finish("FAILED", cells={cid: cell_summary(r, 3) for cid, r in rows.items()},
-              metrics={"trials_finished": 6, "trials_failed": 2}, spec=spec)
+    rows = {
+        "fewshot.coop.digits.2shot": {
+            "cell_id": "fewshot.coop.digits.2shot",
+            "n": 3,
+            "n_failed": 0,
+            "params_json": '{"lr": 0.01, "n_ctx": 4}',
+            "test_acc_mean": 61.5,
+            "test_acc_std": 1.25,
+            "hm_mean": None,
+            "search_trials": 4,
+            "search_best_val": 70.0,
+        },
+        "fewshot.coop.shapes.2shot": {
+            "cell_id": "fewshot.coop.shapes.2shot",
+            "n": 1,
+            "n_failed": 2,
+            "params_json": None,
+            "test_acc_mean": 40.0,
+            "test_acc_std": None,
+        },
+    }
+    spec = {
+        "name": "t",
+        "methods": ["coop"],
+        "backbone": {"arch": "promptsweep-tiny", "pretrained": None},
+        "search": {"coop": {"space": {f"p{i}": {"type": "float", "low": 0, "high": 1} for i in range(40)}}},
+    }
+    cb.finish(
+        "FAILED",
+        cells={cid: cell_summary(r, 3) for cid, r in rows.items()},
+        metrics={"trials_finished": 6, "trials_failed": 2},
+        spec=spec,
+    )
     c = MlflowClient(uri)
     good = c.get_run(cb.state["cells"]["fewshot.coop.digits.2shot"])
     assert good.info.status == "FINISHED"  # its own status, not the sweep's FAILED
-    assert good.data.metrics == {"n": 3, "n_failed": 0, "test_acc_mean": 61.5, "test_acc_std": 1.25,
-                                 "search_trials": 4, "search_best_val": 70.0}
+    assert good.data.metrics == {
+        "n": 3,
+        "n_failed": 0,
+        "test_acc_mean": 61.5,
+        "test_acc_std": 1.25,
+        "search_trials": 4,
+        "search_best_val": 70.0,
+    }
     assert good.data.params == {"hp.lr": "0.01", "hp.n_ctx": "4"}
     bad = c.get_run(cb.state["cells"]["fewshot.coop.shapes.2shot"])
     assert bad.info.status == "FAILED" and bad.data.metrics["n_failed"] == 2
@@ -126,17 +175,29 @@ def test_a_restored_tracker_reuses_a_trial_run_created_after_the_last_saved_stat
     from orchestrator.tracking import MlflowTracking
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
-    cfg = {"cell_id": "fewshot.coop.digits.1shot", "stage": "final", "seed": 1, "optuna_number": None,
-           "request": {"method": "coop", "dataset": "digits", "shots": 1, "seed": 1, "protocol": "fewshot",
-                       "stage": "final", "overrides": {}}}
+    cfg = {
+        "cell_id": "fewshot.coop.digits.1shot",
+        "stage": "final",
+        "seed": 1,
+        "optuna_number": None,
+        "request": {
+            "method": "coop",
+            "dataset": "digits",
+            "shots": 1,
+            "seed": 1,
+            "protocol": "fewshot",
+            "stage": "final",
+            "overrides": {},
+        },
+    }
     trial = SimpleNamespace(trial_id="t1", config=cfg, last_result={})
     first = MlflowTracking(uri, "restore", "sw", "h")
-    saved = first.get_state()            # Tune's last snapshot: before the trial started
-    first.on_trial_start(0, [], trial)   # the run is created, then the driver dies
+    saved = first.get_state()  # Tune's last snapshot: before the trial started
+    first.on_trial_start(0, [], trial)  # the run is created, then the driver dies
     created = first.trial_run_id("t1")
     again = MlflowTracking(uri, "restore", "sw", "h")
     again.set_state(saved)
-    again.on_trial_start(0, [], trial)   # the restored sweep starts the trial again
+    again.on_trial_start(0, [], trial)  # the restored sweep starts the trial again
     assert again.trial_run_id("t1") == created
     exp = MlflowClient(uri).get_experiment_by_name("restore")
     runs = MlflowClient(uri).search_runs([exp.experiment_id], "tags.tune_trial_id = 't1'")
@@ -223,19 +284,48 @@ def test_background_tracker_pickles_without_its_thread(tmp_path):
 def test_queued_operations_keep_their_saved_form_and_older_states_load(tmp_path):
     """Operations are saved as the JSON dicts Tune's callback state and the backlog have always held: each
     kind reads back equal, and a state saved before the operations were typed (fewer fields) loads."""
-    from orchestrator.mlflow_sender import (CreateRun, LogArtifact, LogBatch, LogDict, ReopenRun, SetTerminated,
-                                            operation_from_dict)
+    from orchestrator.mlflow_sender import (
+        CreateRun,
+        LogArtifact,
+        LogBatch,
+        LogDict,
+        ReopenRun,
+        SetTerminated,
+        operation_from_dict,
+    )
 
-    ops = [CreateRun(key="cell:c", name="c", tags={"a": "1"}, parent="sweep"),
-           LogBatch(key="trial:t", metrics=[["val_acc", 1.0, 5, 0]], params={"p": "1"}),
-           SetTerminated(key="sweep", status="FAILED"), LogArtifact(key="sweep", path="/x/report.md", dir=None),
-           LogDict(key="sweep", data={"k": [1]}, file="spec.json"), ReopenRun(key="sweep")]
+    ops = [
+        CreateRun(key="cell:c", name="c", tags={"a": "1"}, parent="sweep"),
+        LogBatch(key="trial:t", metrics=[["val_acc", 1.0, 5, 0]], params={"p": "1"}),
+        SetTerminated(key="sweep", status="FAILED"),
+        LogArtifact(key="sweep", path="/x/report.md", dir=None),
+        LogDict(key="sweep", data={"k": [1]}, file="spec.json"),
+        ReopenRun(key="sweep"),
+    ]
     for op in ops:
         assert operation_from_dict(op.to_dict()) == op
-    old = {"parent": None, "cells": {"c": None}, "trials": {}, "closed": [], "experiment_id": None, "rejected": [],
-           "pending": [{"op": "create", "key": "cell:c", "name": "c", "tags": {}, "parent": None, "start_time": 1,
-                        "tried": False, "id": "i1", "t": 1},
-                       {"op": "log", "key": "cell:c", "metrics": [["m", 2.0, 1, 0]], "id": "i2", "t": 2}]}
+    old = {
+        "parent": None,
+        "cells": {"c": None},
+        "trials": {},
+        "closed": [],
+        "experiment_id": None,
+        "rejected": [],
+        "pending": [
+            {
+                "op": "create",
+                "key": "cell:c",
+                "name": "c",
+                "tags": {},
+                "parent": None,
+                "start_time": 1,
+                "tried": False,
+                "id": "i1",
+                "t": 1,
+            },
+            {"op": "log", "key": "cell:c", "metrics": [["m", 2.0, 1, 0]], "id": "i2", "t": 2},
+        ],
+    }
     cb = MlflowTracking(f"sqlite:///{tmp_path}/mlflow.db", "exp", "t", "h")
     cb.set_state(old)
     assert [type(op).__name__ for op in cb.sender.pending] == ["CreateRun", "LogBatch"]

@@ -1,6 +1,7 @@
 """Cross-dataset and domain-generalization evaluation: every target is scored with its own class names and
 templates by every method; a head tied to the training classes scores a subset of them by name; the
 planner refuses what cannot be scored before anything runs; a failing target keeps the others."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,16 @@ from tests.layouts import PETS, WNIDS, write_imagenet, write_imagenet_variant, w
 
 SOURCE = list(WNIDS.values())
 #: method -> the template kind its text classifier uses (None: learned context, no hand-crafted template)
-TEXT_SIDE = {"zeroshot": "coop", "vpt": "coop", "spt": "coop", "kgcoop": "kgcoop", "sep": "sep",
-             "coop": None, "cocoop": None, "maple": None}
+TEXT_SIDE = {
+    "zeroshot": "coop",
+    "vpt": "coop",
+    "spt": "coop",
+    "kgcoop": "kgcoop",
+    "sep": "sep",
+    "coop": None,
+    "cocoop": None,
+    "maple": None,
+}
 
 
 class Scored:
@@ -97,6 +106,7 @@ def test_without_a_dataset_the_training_dataset_templates_stay(tiny_backbone, sc
 
 # --- the trial: targets scored by their own dataset, a failing target keeps the others -----------------------
 
+
 @pytest.fixture
 def data(tmp_path):
     root = tmp_path / "data"
@@ -108,8 +118,17 @@ def data(tmp_path):
 
 
 def _trial(root, method, protocol, targets, **overrides):
-    return TrialRequest(method=method, dataset="imagenet", shots=2, seed=1, protocol=protocol, targets=targets,
-                        data_root=str(root), device="cpu", overrides=overrides)
+    return TrialRequest(
+        method=method,
+        dataset="imagenet",
+        shots=2,
+        seed=1,
+        protocol=protocol,
+        targets=targets,
+        data_root=str(root),
+        device="cpu",
+        overrides=overrides,
+    )
 
 
 def test_trial_scores_each_target_as_its_dataset(data, monkeypatch):
@@ -132,9 +151,17 @@ def test_trial_scores_each_target_as_its_dataset(data, monkeypatch):
 
 def test_tgpt_domain_generalization_scores_all_four_targets(data):
     """V2 / Sketch with the whole 3-class head, A / R with its rows for their two classes; nothing thrown away."""
-    final = run_trial(_trial(data, "tgpt", "domain_generalization",
-                             ["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"],
-                             max_iters=2, batch_size=2, eval_every_iters=None))
+    final = run_trial(
+        _trial(
+            data,
+            "tgpt",
+            "domain_generalization",
+            ["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"],
+            max_iters=2,
+            batch_size=2,
+            eval_every_iters=None,
+        )
+    )
     for t in ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"):
         assert 0.0 <= final[f"acc_{t}"] <= 100.0
     assert final["target_avg"] == pytest.approx(sum(final[f"acc_imagenet_{t}"] for t in ("v2", "sketch", "a", "r")) / 4)
@@ -161,6 +188,7 @@ def test_an_empty_target_is_a_failed_target_not_zero_percent(data):
 
 # --- the planner: what cannot be scored is refused before anything runs ---------------------------------------
 
+
 def _plan(**spec):
     from orchestrator.planner import plan
     from orchestrator.spec import parse_spec
@@ -170,22 +198,46 @@ def _plan(**spec):
 
 
 def test_planner_accepts_tgpt_domain_generalization_on_imagenet_variants():
-    p = _plan(methods=["tgpt"], protocol="domain_generalization",
-              targets=["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"])
+    p = _plan(
+        methods=["tgpt"],
+        protocol="domain_generalization",
+        targets=["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"],
+    )
     assert p.cells[0].tied_to_training_classes()
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"methods": ["tgpt"], "protocol": "domain_generalization", "targets": ["imagenet_a", "caltech101"]},
-     "cell domain_generalization.tgpt.imagenet.16shot: method 'tgpt' .* cannot score target\\(s\\) caltech101"),
-    ({"methods": ["spt"], "protocol": "cross_dataset", "targets": ["oxford_pets"], "train": {"methods": {"spt": {"head": "linear"}}}},
-     "method 'spt' .* tied to its imagenet training classes, so it cannot score target\\(s\\) oxford_pets"),
-    ({"methods": ["spt"], "protocol": "base2novel", "train": {"methods": {"spt": {"head": "linear"}}}},
-     "cannot score base2novel's novel classes"),
-    ({"methods": ["spt"], "protocol": "base2novel",
-      "search": {"spt": {"n_trials": 2, "space": {"head": {"type": "categorical", "choices": ["text", "linear"]}}}}},
-     "cannot score base2novel's novel classes"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (
+            {"methods": ["tgpt"], "protocol": "domain_generalization", "targets": ["imagenet_a", "caltech101"]},
+            "cell domain_generalization.tgpt.imagenet.16shot: method 'tgpt' .* cannot score target\\(s\\) caltech101",
+        ),
+        (
+            {
+                "methods": ["spt"],
+                "protocol": "cross_dataset",
+                "targets": ["oxford_pets"],
+                "train": {"methods": {"spt": {"head": "linear"}}},
+            },
+            "method 'spt' .* tied to its imagenet training classes, so it cannot score target\\(s\\) oxford_pets",
+        ),
+        (
+            {"methods": ["spt"], "protocol": "base2novel", "train": {"methods": {"spt": {"head": "linear"}}}},
+            "cannot score base2novel's novel classes",
+        ),
+        (
+            {
+                "methods": ["spt"],
+                "protocol": "base2novel",
+                "search": {
+                    "spt": {"n_trials": 2, "space": {"head": {"type": "categorical", "choices": ["text", "linear"]}}}
+                },
+            },
+            "cannot score base2novel's novel classes",
+        ),
+    ],
+)
 def test_planner_refuses_what_a_tied_head_cannot_score(spec, message):
     with pytest.raises(ConfigError, match=message):
         _plan(**spec)

@@ -1,4 +1,5 @@
 """One trial end to end on digits with the tiny backbone: metrics, resume, protocols, errors, CLI."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,14 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _req(**kw):
-    base = dict(method="coop", dataset="digits", shots=2, seed=1, device="cpu",
-                overrides={"epochs": 3, "n_ctx": 4, "batch_size": 8, "lr": 0.05})
+    base = dict(
+        method="coop",
+        dataset="digits",
+        shots=2,
+        seed=1,
+        device="cpu",
+        overrides={"epochs": 3, "n_ctx": 4, "batch_size": 8, "lr": 0.05},
+    )
     base.update(kw)
     return TrialRequest(**base)
 
@@ -38,8 +45,9 @@ def test_resume_from_an_epoch_checkpoint_matches_uninterrupted(tiny_backbone, tm
     assert [r["epoch"] for r in reports[:-1]] == [1, 2, 3] and all("val_acc" in r for r in reports[:-1])
     assert reports[-1] == full and full["epochs_run"] == 3
     resumed_reports = []
-    resumed = run_trial(_req(), output_dir=tmp_path / "b", resume_from=saved["dir"],
-                        report=lambda m, d=None: resumed_reports.append(m))
+    resumed = run_trial(
+        _req(), output_dir=tmp_path / "b", resume_from=saved["dir"], report=lambda m, d=None: resumed_reports.append(m)
+    )
     assert [r["epoch"] for r in resumed_reports[:-1]] == [2, 3]
     for a, b in zip(reports[1:3], resumed_reports[:2]):
         assert a["train_loss"] == b["train_loss"] and a["val_acc"] == b["val_acc"]
@@ -123,8 +131,10 @@ def test_nan_loss_stops_with_nan_loss_error(tiny_backbone, monkeypatch):
 
 def test_best_val_selection_evaluates_the_best_state(tiny_backbone):
     reports = []
-    out = run_trial(_req(overrides={"epochs": 3, "n_ctx": 2, "lr": 0.5, "selection": "best_val"}),
-                    report=lambda m, d=None: reports.append(m))
+    out = run_trial(
+        _req(overrides={"epochs": 3, "n_ctx": 2, "lr": 0.5, "selection": "best_val"}),
+        report=lambda m, d=None: reports.append(m),
+    )
     assert out["val_acc"] == max(r["val_acc"] for r in reports[:-1])
 
 
@@ -155,13 +165,30 @@ def test_train_loader_drops_last_only_when_full():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "orchestrator.trial", *args, "--json"], capture_output=True,
-                          text=True, env=ENV, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.trial", *args, "--json"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
 
 
 def test_cli_prints_final_metrics_json():
-    r = _cli("--method", "coop", "--dataset", "digits", "--shots", "1", "--seed", "2", "--set", "epochs=1",
-             "--set", "n_ctx=2")
+    r = _cli(
+        "--method",
+        "coop",
+        "--dataset",
+        "digits",
+        "--shots",
+        "1",
+        "--seed",
+        "2",
+        "--set",
+        "epochs=1",
+        "--set",
+        "n_ctx=2",
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["epochs_run"] == 1 and {"val_acc", "test_acc", "wall_time_s", "test_images_read"} <= set(out)
@@ -177,7 +204,10 @@ def test_cli_user_errors_exit_2_with_one_message(tmp_path):
     cases = [
         (["--method", "nope", "--dataset", "digits"], "unknown method 'nope'.*coop"),
         (["--method", "coop", "--dataset", "nope"], "unknown dataset 'nope'.*digits"),
-        (["--method", "coop", "--dataset", "eurosat", "--data-root", str(tmp_path / "absent")], str(tmp_path / "absent")),
+        (
+            ["--method", "coop", "--dataset", "eurosat", "--data-root", str(tmp_path / "absent")],
+            str(tmp_path / "absent"),
+        ),
         (["--method", "coop", "--dataset", "eurosat", "--data-root", str(tmp_path / "root")], "eurosat|EuroSAT"),
         (["--method", "coop", "--dataset", "digits", "--pretrained", str(bad_ckpt)], "could not load checkpoint"),
         (["--method", "coop", "--dataset", "digits", "--pretrained", "/bad/file.pt"], "not found: /bad/file.pt"),
@@ -196,8 +226,9 @@ def test_cli_user_errors_exit_2_with_one_message(tmp_path):
 
 
 def test_cross_dataset_evaluates_each_target_with_its_classes(tiny_backbone, tmp_path):
-    out = run_trial(_req(protocol="cross_dataset", targets=["shapes"], overrides={"epochs": 1, "n_ctx": 2}),
-                    output_dir=tmp_path)
+    out = run_trial(
+        _req(protocol="cross_dataset", targets=["shapes"], overrides={"epochs": 1, "n_ctx": 2}), output_dir=tmp_path
+    )
     assert out["target_avg"] == out["acc_shapes"] and 0 <= out["test_acc"] <= 100
     # a checkpoint of another configuration does not fit: one clear CheckpointError
     with pytest.raises(CheckpointError, match="does not fit"):
@@ -206,8 +237,18 @@ def test_cross_dataset_evaluates_each_target_with_its_classes(tiny_backbone, tmp
 
 def test_max_iters_schedule_stops_mid_epoch(tiny_backbone):
     reports = []
-    out = run_trial(_req(overrides={"max_iters": 3, "batch_size": 8, "n_ctx": 2, "optimizer": "adamw",
-                                    "warmup_iters": 1, "warmup_type": "linear"}),
-                    report=lambda m, d=None: reports.append(m))
+    out = run_trial(
+        _req(
+            overrides={
+                "max_iters": 3,
+                "batch_size": 8,
+                "n_ctx": 2,
+                "optimizer": "adamw",
+                "warmup_iters": 1,
+                "warmup_type": "linear",
+            }
+        ),
+        report=lambda m, d=None: reports.append(m),
+    )
     # 2 shots x 10 classes = 20 images -> 2 full batches per epoch: 3 steps end inside epoch 2
     assert [r["step"] for r in reports[:-1]] == [2, 3] and out["epochs_run"] == 2

@@ -2,6 +2,7 @@
 ``nan_loss``; out-of-memory is error class ``oom``, or — with ``oom_retry`` — is retried with halved
 micro-batches whose accumulated gradient equals the full batch's; and in a sweep a NaN cell fails its
 trials, the other cells finish, and the report lists the failed trials and the incomplete cells."""
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,10 @@ def _trained_ctx(tmp_path, name, **over):
 def test_nan_or_inf_loss_stops_at_once(tiny_backbone, fault, shown):
     reports = []
     with pytest.raises(TrainingError) as err:
-        run_trial(TrialRequest(**BASE, overrides={**TRAIN, "fault": fault, "fault_step": 3}),
-                  report=lambda m, d=None: reports.append(m))
+        run_trial(
+            TrialRequest(**BASE, overrides={**TRAIN, "fault": fault, "fault_step": 3}),
+            report=lambda m, d=None: reports.append(m),
+        )
     assert err.value.error_class == "nan_loss"
     assert f"loss became {shown} at epoch 1 step 3" in str(err.value)
     assert reports == []  # stopped inside the first epoch (5 steps), before any epoch report
@@ -64,20 +67,43 @@ def test_oom_retry_accumulates_micro_batches_to_the_same_update(tiny_backbone, t
 @pytest.mark.slow
 def test_sweep_goes_on_past_a_nan_cell_and_reports_it(tmp_path):
     spec = {
-        "name": "nan", "protocol": "fewshot", "methods": ["zeroshot", "coop"], "datasets": ["digits"],
-        "shots": [1], "seeds": [1, 2], "backbone": {"arch": "promptsweep-tiny", "pretrained": None},
-        "train": {"defaults": {"epochs": 1, "batch_size": 4, "num_workers": 0},
-                  "methods": {"coop": {"fault": "nan_loss"}}},
-        "resources": {"cpu": 1, "gpu": 0}, "max_retries": 1, "tracking": {"experiment": "nan"},
+        "name": "nan",
+        "protocol": "fewshot",
+        "methods": ["zeroshot", "coop"],
+        "datasets": ["digits"],
+        "shots": [1],
+        "seeds": [1, 2],
+        "backbone": {"arch": "promptsweep-tiny", "pretrained": None},
+        "train": {
+            "defaults": {"epochs": 1, "batch_size": 4, "num_workers": 0},
+            "methods": {"coop": {"fault": "nan_loss"}},
+        },
+        "resources": {"cpu": 1, "gpu": 0},
+        "max_retries": 1,
+        "tracking": {"experiment": "nan"},
     }
     p = tmp_path / "nan.yaml"
     p.write_text(yaml.safe_dump(spec))
     env = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1")
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
-    r = subprocess.run([sys.executable, "-m", "orchestrator.sweep", str(p), "--output", str(tmp_path / "out"),
-                        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.sweep",
+            str(p),
+            "--output",
+            str(tmp_path / "out"),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]  # finished, with failures
     assert "2 trial(s) failed" in r.stderr
     out = tmp_path / "out" / "nan"
@@ -98,8 +124,9 @@ def test_sweep_goes_on_past_a_nan_cell_and_reports_it(tmp_path):
 def test_trial_past_max_trial_s_stops_with_error_class_timeout(tiny_backbone):
     reports = []
     with pytest.raises(TrainingError) as err:
-        run_trial(TrialRequest(**BASE, overrides={**TRAIN, "max_trial_s": 1e-6}),
-                  report=lambda m, d=None: reports.append(m))
+        run_trial(
+            TrialRequest(**BASE, overrides={**TRAIN, "max_trial_s": 1e-6}), report=lambda m, d=None: reports.append(m)
+        )
     assert err.value.error_class == "timeout"
     assert "max_trial_s=1e-06 s (at epoch 1 step 1)" in str(err.value) and "raise max_trial_s" in str(err.value)
     assert reports == []
@@ -131,20 +158,43 @@ def test_max_trial_s_must_be_positive_and_finite(bad):
 @pytest.mark.slow
 def test_sweep_records_a_timed_out_trial_and_goes_on(tmp_path):
     spec = {
-        "name": "slow", "protocol": "fewshot", "methods": ["zeroshot", "coop"], "datasets": ["digits"],
-        "shots": [1], "seeds": [1], "backbone": {"arch": "promptsweep-tiny", "pretrained": None},
-        "train": {"defaults": {"epochs": 1, "batch_size": 4, "num_workers": 0},
-                  "methods": {"coop": {"max_trial_s": 1e-3}}},
-        "resources": {"cpu": 1, "gpu": 0}, "max_retries": 1, "tracking": {"experiment": "slow"},
+        "name": "slow",
+        "protocol": "fewshot",
+        "methods": ["zeroshot", "coop"],
+        "datasets": ["digits"],
+        "shots": [1],
+        "seeds": [1],
+        "backbone": {"arch": "promptsweep-tiny", "pretrained": None},
+        "train": {
+            "defaults": {"epochs": 1, "batch_size": 4, "num_workers": 0},
+            "methods": {"coop": {"max_trial_s": 1e-3}},
+        },
+        "resources": {"cpu": 1, "gpu": 0},
+        "max_retries": 1,
+        "tracking": {"experiment": "slow"},
     }
     p = tmp_path / "slow.yaml"
     p.write_text(yaml.safe_dump(spec))
     env = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1")
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
-    r = subprocess.run([sys.executable, "-m", "orchestrator.sweep", str(p), "--output", str(tmp_path / "out"),
-                        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.sweep",
+            str(p),
+            "--output",
+            str(tmp_path / "out"),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]  # finished, with a failure
     assert "1 trial(s) failed" in r.stderr
     with pa.memory_map(str(tmp_path / "out" / "slow" / "trials.arrow")) as src:

@@ -1,4 +1,5 @@
 """VPT on the CLIP image tower: placement of shallow/deep prompts, init, gradients, training, checkpoints, sizes."""
+
 from __future__ import annotations
 
 import math
@@ -8,8 +9,14 @@ import torch
 
 from methods import towers
 from methods.vpt import VPT, VPTConfig
-from tests.method_harness import (assert_backbone_untouched, backbone_snapshot, checkpoint_roundtrip, digits_data,
-                                  one_step_gradients, train_losses)
+from tests.method_harness import (
+    assert_backbone_untouched,
+    backbone_snapshot,
+    checkpoint_roundtrip,
+    digits_data,
+    one_step_gradients,
+    train_losses,
+)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +71,7 @@ def test_prompt_placement_appended_then_replaced(tiny_backbone, digits):
     with torch.no_grad():
         _, tokens = towers.encode_image(tiny_backbone, images, hook=spy, pre_ln=m._append, return_tokens=True)
     assert tokens.shape[1] == n_tokens + 3
-    assert torch.allclose(seen[1], m.prompts[1].expand_as(seen[1]))       # replaced at block 1
+    assert torch.allclose(seen[1], m.prompts[1].expand_as(seen[1]))  # replaced at block 1
     assert not torch.allclose(seen[2], m.prompts[1].expand_as(seen[2]), atol=1e-3)  # block 2: propagated
     # block 0 sees ln_pre(appended prompts), not the raw prompts
     assert not torch.allclose(seen[0], m.prompts[0].expand_as(seen[0]), atol=1e-3)
@@ -116,8 +123,10 @@ def test_sizes_on_vit_b16():
     assert VPT(bb, ["a"], "imagenet", VPTConfig(deep=False)).num_trainable() == 8 * 768
 
 
-@pytest.mark.parametrize("name, protocol, shots, n_methods", [("base2novel", "base2novel", [16], 8),
-                                                              ("fewshot", "fewshot", [1, 2, 4, 8, 16], 10)])
+@pytest.mark.parametrize(
+    "name, protocol, shots, n_methods",
+    [("base2novel", "base2novel", [16], 8), ("fewshot", "fewshot", [1, 2, 4, 8, 16], 10)],
+)
 def test_all_method_sweeps_plan_with_valid_defaults(name, protocol, shots, n_methods):
     """search_spaces/{base2novel,fewshot}.yaml: every registered method supporting the protocol, 11 datasets,
     ViT-B-16 openai, seeds 1-3; each cell's defaults + spec overrides build the method's Config and TrainConfig."""

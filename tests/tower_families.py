@@ -13,6 +13,7 @@ Each keeps its family's structural flags at reduced width and depth (``tests/mod
 * ``pstest-resnet`` — open_clip's ModifiedResNet with one block per stage;
 * ``pstest-convnext`` — a timm ConvNeXt registered here with one block per stage.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,8 +22,13 @@ from types import SimpleNamespace
 import torch
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
-FAMILY_ARCH = {"clip-vit": "promptsweep-tiny", "siglip": "pstest-siglip", "eva": "pstest-eva",
-               "resnet": "pstest-resnet", "convnext": "pstest-convnext"}
+FAMILY_ARCH = {
+    "clip-vit": "promptsweep-tiny",
+    "siglip": "pstest-siglip",
+    "eva": "pstest-eva",
+    "resnet": "pstest-resnet",
+    "convnext": "pstest-convnext",
+}
 _registered = False
 
 
@@ -45,15 +51,36 @@ def register() -> None:
     @register_model
     def vit_pstest_patch8_siglip_32(pretrained=False, **kw):
         kw = _timm_kwargs(kw)
-        return VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, class_token=False,
-                                 global_pool=kw.pop("global_pool", "map"), **kw)
+        return VisionTransformer(
+            img_size=32,
+            patch_size=8,
+            embed_dim=64,
+            depth=2,
+            num_heads=2,
+            class_token=False,
+            global_pool=kw.pop("global_pool", "map"),
+            **kw,
+        )
 
     @register_model
     def eva02_pstest_patch8_clip_32(pretrained=False, **kw):
         kw = _timm_kwargs(kw)
-        return Eva(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, qkv_fused=False, mlp_ratio=4 * 2 / 3,
-                   swiglu_mlp=True, scale_mlp=True, scale_attn_inner=True, use_rot_pos_emb=True, ref_feat_shape=(4, 4),
-                   global_pool=kw.pop("global_pool", "token"), **kw)
+        return Eva(
+            img_size=32,
+            patch_size=8,
+            embed_dim=64,
+            depth=2,
+            num_heads=2,
+            qkv_fused=False,
+            mlp_ratio=4 * 2 / 3,
+            swiglu_mlp=True,
+            scale_mlp=True,
+            scale_attn_inner=True,
+            use_rot_pos_emb=True,
+            ref_feat_shape=(4, 4),
+            global_pool=kw.pop("global_pool", "token"),
+            **kw,
+        )
 
     @register_model
     def convnext_pstest(pretrained=False, **kw):
@@ -85,8 +112,8 @@ class SentencepieceLayoutTokenizer:
         out = torch.full((len(texts), length), self.pad_id, dtype=torch.long)
         for row, text in enumerate(texts):
             ids = [3 + i % (self.vocab_size - 3) for i in self.bpe.encode(canonicalize_text(basic_clean(text)))]
-            ids = ids[:length - 1] + [1]
-            out[row, :len(ids)] = torch.tensor(ids)
+            ids = ids[: length - 1] + [1]
+            out[row, : len(ids)] = torch.tensor(ids)
         return out
 
 
@@ -95,7 +122,9 @@ def family_backbone(family: str, pad_id: int = 1):
     from methods.backbone import load_backbone
 
     register()
-    tokenizer = _tokenizers.setdefault(pad_id, SentencepieceLayoutTokenizer(pad_id=pad_id)) if family == "siglip" else None
+    tokenizer = (
+        _tokenizers.setdefault(pad_id, SentencepieceLayoutTokenizer(pad_id=pad_id)) if family == "siglip" else None
+    )
     return load_backbone(FAMILY_ARCH[family], None, tokenizer=tokenizer)
 
 

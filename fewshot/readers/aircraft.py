@@ -4,6 +4,7 @@
 ``images_variant_{train,val,test}.txt`` lines are ``<image_id> <variant with spaces>`` and the image
 is ``images/<image_id>.jpg``, which must resolve inside ``images/`` (``fewshot.paths.first_escape``).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,7 +16,9 @@ from fewshot.types import DatasetSplits, Item
 
 def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
-        raise MissingDataError(f"FGVCAircraft list {path} is missing: copy the data/ folder of fgvc-aircraft-2013b there (see {DOCS})")
+        raise MissingDataError(
+            f"FGVCAircraft list {path} is missing: copy the data/ folder of fgvc-aircraft-2013b there (see {DOCS})"
+        )
     with open(path, encoding="utf-8") as fh:
         return [line.strip() for line in fh if line.strip()]
 
@@ -38,7 +41,9 @@ def read_aircraft(name: str, dataset_dir: Path, num_classes: int | None = None) 
             items.append(Item(str(image_dir / f"{image_id}.jpg"), label_of[variant], variant))
         bad = first_escape(image_dir, [it.impath for it in items])
         if bad is not None:
-            raise DataError(f"{list_file} line {bad[0] + 1}: image {items[bad[0]].impath!r} {bad[1]}: every image must be "
-                            f"a file inside {image_dir}; fix the line (see {DOCS})")
+            raise DataError(
+                f"{list_file} line {bad[0] + 1}: image {items[bad[0]].impath!r} {bad[1]}: every image must be "
+                f"a file inside {image_dir}; fix the line (see {DOCS})"
+            )
         parts.append(items)
     return DatasetSplits(name, parts[0], parts[1], parts[2], classnames, image_root=str(image_dir))

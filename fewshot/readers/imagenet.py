@@ -19,6 +19,7 @@ Every class folder and image must resolve (symbolic links included) inside the r
 it is listed from (``images/train`` etc.; that folder itself may be a link): a link pointing elsewhere
 is refused, as for the split files (``fewshot.paths.first_escape``).
 """
+
 from __future__ import annotations
 
 import os
@@ -51,18 +52,22 @@ def _check_train_extracted(train: Path, wnids: list[str]) -> None:
         raise DataError(
             f"ImageNet {train} holds {len(tars)} unextracted class archive(s) (e.g. {tars[0]}) next to "
             f"{len(wnids)} class folder(s): extract each into its own folder, e.g. in {train}: "
-            "for f in *.tar; do d=${f%.tar}; mkdir -p $d && tar -xf $f -C $d && rm $f; done (see " + DOCS + ")")
+            "for f in *.tar; do d=${f%.tar}; mkdir -p $d && tar -xf $f -C $d && rm $f; done (see " + DOCS + ")"
+        )
 
 
 def _check_val_foldered(val: Path, val_wnids: list[str]) -> None:
     """DataError when ``images/val`` holds loose images instead of (only) one folder per wnid."""
     loose = [f for f in _files(val) if f.lower().endswith(_IMAGE_SUFFIXES)]
     if loose:
-        state = "is flat" if not val_wnids else f"has {len(loose)} loose image(s) beside its {len(val_wnids)} class folders"
+        state = (
+            "is flat" if not val_wnids else f"has {len(loose)} loose image(s) beside its {len(val_wnids)} class folders"
+        )
         raise DataError(
             f"ImageNet {val} {state} ({len(loose)} images such as {loose[0]}, no folder per class): re-folder it by "
             "wnid, one folder per class as in images/train (e.g. with the ILSVRC2012 devkit's validation labels or "
-            f"LOC_val_solution.csv: mkdir <wnid> and move each image into its class's folder; see {DOCS})")
+            f"LOC_val_solution.csv: mkdir <wnid> and move each image into its class's folder; see {DOCS})"
+        )
 
 
 def _files(path: Path) -> list[str]:
@@ -72,7 +77,9 @@ def _files(path: Path) -> list[str]:
 def read_classnames_txt(path: Path) -> dict[str, str]:
     """``{wnid: name}`` from a CoOp ``classnames.txt`` (insertion order = file order)."""
     if not path.is_file():
-        raise MissingDataError(f"{path} is missing: copy classnames.txt from the CoOp repo / imagenet folder there (see {DOCS})")
+        raise MissingDataError(
+            f"{path} is missing: copy classnames.txt from the CoOp repo / imagenet folder there (see {DOCS})"
+        )
     names: dict[str, str] = {}
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -101,8 +108,10 @@ def _folder_items(root: Path, folders: list[str], label_of: dict[str, int], name
 def _check_inside(root: Path, paths: list[str], what: str) -> None:
     bad = first_escape(root, paths)
     if bad is not None:
-        raise DataError(f"{what} {paths[bad[0]]} {bad[1]}: every class folder and image must be inside {root}; "
-                        f"replace the link by the real folder/file, or link {root} itself (see {DOCS})")
+        raise DataError(
+            f"{what} {paths[bad[0]]} {bad[1]}: every class folder and image must be inside {root}; "
+            f"replace the link by the real folder/file, or link {root} itself (see {DOCS})"
+        )
 
 
 def _names_for(wnids: list[str], mapping: dict[str, str], source: Path) -> list[str]:
