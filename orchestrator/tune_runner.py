@@ -618,6 +618,7 @@ class LedgerScheduler(CellPruningScheduler):
         row = self.ledger.get(trial.trial_id)
         try:  # never raise here: Tune would drop the whole restored state and start the experiment over
             if row is None:
+                self.searcher.adopt(trial.trial_id, trial.config)  # first: its work must never be emitted twice
                 old = trial.checkpoint
                 new = _restorable_checkpoint(trial)
                 if new:
@@ -630,7 +631,6 @@ class LedgerScheduler(CellPruningScheduler):
                         f"resume: trial {trial.trial_id} continues from {Path(new).name} (Tune's snapshot {named})",
                         flush=True,
                     )
-                self.searcher.adopt(trial.trial_id, trial.config)
                 return
             trial.set_status(Trial.TERMINATED)
             ray_internals.drop_live_trial(tune_controller, trial)

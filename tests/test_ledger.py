@@ -278,3 +278,25 @@ def test_the_scheduler_picks_the_first_waiting_trial_without_scanning_finished_o
     assert sched.choose_trial_to_run(controller) is waiting[1]
     waiting[1].status = Trial.ERROR
     assert sched.choose_trial_to_run(controller) is None
+
+
+def test_a_restored_trial_is_adopted_even_when_its_checkpoint_cannot_be_repaired(monkeypatch, capsys):
+    """Adoption comes first: a failing checkpoint lookup must not let the searcher emit the trial's work again
+    (Tune runs the restored trial anyway: the work would run twice)."""
+    from types import SimpleNamespace
+
+    from ray.tune.experiment import Trial
+
+    from orchestrator import tune_runner
+
+    def broken(trial):
+        raise OSError("storage unreachable")
+
+    monkeypatch.setattr(tune_runner, "_restorable_checkpoint", broken)
+    adopted = []
+    sched = tune_runner.LedgerScheduler(SimpleNamespace(adopt=lambda tid, cfg: adopted.append(tid)), prune=False)
+    controller = SimpleNamespace(
+        get_live_trials=lambda: set(), _checkpoint_manager=SimpleNamespace(_should_force_sync_up=False)
+    )
+    sched.on_trial_add(controller, SimpleNamespace(trial_id="r1", status=Trial.PENDING, config={}, checkpoint=None))
+    assert adopted == ["r1"] and "storage unreachable" in capsys.readouterr().err
