@@ -283,7 +283,7 @@ def test_killed_trial_process_is_retried_from_its_checkpoint(tmp_path):
 
 # --- 2. the driver is killed, again and again -------------------------------------------------------
 
-DRIVER_EPOCHS = 20
+DRIVER_EPOCHS = 40  # long enough that the third driver still has work when its kill lands
 DRIVER_SPEC = dict(
     BASE,
     name="killdriver",
