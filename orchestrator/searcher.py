@@ -41,7 +41,7 @@ from typing import Any, Optional
 import optuna
 from ray.tune.search import Searcher, SearchGenerator
 
-from orchestrator.ledger import work_key
+from orchestrator.ledger import open_starts, work_key
 from orchestrator.planner import Cell
 from orchestrator.results import ERROR_STATUS
 from orchestrator.spec import ParamSpec
@@ -179,7 +179,7 @@ class CellSearcher(Searcher):
         finished: one Tune does not restore (it started after Tune's last snapshot) is work emitted again, and
         the new trial names the old one in ``continues`` (the MLflow tracker continues its run)."""
         self._ledger, self._retry_of = {}, {}
-        self._starts = {tuple(e["work"]): e for e in (starts or {}).values()}
+        self._starts = open_starts((starts or {}).values())
         for r in rows:
             key = self._work_key(r["cell_id"], r["stage"], r["seed"], r.get("optuna_trial_number"))
             if retry_failed and r.get("status") == ERROR_STATUS:

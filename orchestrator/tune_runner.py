@@ -38,6 +38,7 @@ scheduler, and building or restoring the one ``Tuner`` that runs every trial.
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 from typing import Optional
@@ -357,10 +358,9 @@ class ResultsCallback(Callback):
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         """Delete the trial's older checkpoints once a newer one is registered (Tune keeps them all: with
         ``num_to_keep`` it would save its O(N) snapshot at every trial checkpoint)."""
-        folder, _, name = checkpoint.path.rstrip("/").rpartition("/")
-        if not (name.startswith("checkpoint_") and name[len("checkpoint_") :].isdigit()):
+        folder, newest = _split_checkpoint_path(checkpoint.path)
+        if newest is None:
             return
-        newest = int(name[len("checkpoint_") :])
         if self.scheduler is not None:
             self.scheduler.trial_event()  # Tune's snapshot, and the sync of its trial logs to storage
         for idx, path in _checkpoints_on_storage(checkpoint.filesystem, folder):
@@ -488,21 +488,33 @@ def set_aside_damaged_state(path: Path) -> Optional[str]:
     )
 
 
+_CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)")
+
+
+def _checkpoint_index(name: str) -> Optional[int]:
+    """The index of a ``checkpoint_<index>`` folder name (None for any other name)."""
+    m = _CHECKPOINT_NAME.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def _split_checkpoint_path(path: str) -> tuple[str, Optional[int]]:
+    """``(trial folder, checkpoint index)`` of a checkpoint's path."""
+    folder, _, name = path.rstrip("/").rpartition("/")
+    return folder, _checkpoint_index(name)
+
+
 def _checkpoints_on_storage(fs, folder: str) -> list[tuple[int, str]]:
     """``(index, path)`` of the ``checkpoint_<index>`` folders in a trial's directory."""
-    import re
-
     import pyarrow.fs as pafs
 
-    pattern = re.compile(r"checkpoint_(\d+)")
     try:
         infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
     except OSError:
         return []
     return [
-        (int(m.group(1)), info.path)
+        (idx, info.path)
         for info in infos
-        if info.type == pafs.FileType.Directory and (m := pattern.fullmatch(info.base_name))
+        if info.type == pafs.FileType.Directory and (idx := _checkpoint_index(info.base_name)) is not None
     ]
 
 
@@ -530,10 +542,9 @@ def _restorable_checkpoint(trial) -> Optional[str]:
         if cur.filesystem.get_file_info(cur.path).type != pafs.FileType.NotFound:
             return None
         fs = cur.filesystem
-        folder, _, name = cur.path.rstrip("/").rpartition("/")
-        if not (name.startswith("checkpoint_") and name[len("checkpoint_") :].isdigit()):
+        folder, gone = _split_checkpoint_path(cur.path)
+        if gone is None:
             return None
-        gone = int(name[len("checkpoint_") :])
     else:
         where = ray_internals.trial_storage(trial)
         if where is None:
