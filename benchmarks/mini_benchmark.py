@@ -4,9 +4,10 @@ Runs ``orchestrator.trial.run_trial`` in this process (the same trial a sweep ru
 every registered method on an offline dataset:
 
 * **few-shot**: all classes, ``--shots`` (default 1/2/4/8/16), test accuracy;
-* **base-to-novel** on ``--b2n-dataset`` (``shapes-32``): train on the base half of its classes at
-  ``--b2n-shots``, test on base and on novel (classes the backbone never saw as a pair,
-  ``fewshot.corpus``), HM = 2BN/(B+N);
+* **base-to-novel** on ``--b2n-dataset`` (``shapes-64``): train on the base half of its classes at
+  ``--b2n-shots``, test on base and on novel (classes no prompt trained on; on ``shapes-64`` the base
+  half holds the 16 colour × shape pairs the pretraining corpus never showed together, ``fewshot.corpus``;
+  on ``shapes-32`` the novel half does), HM = 2BN/(B+N);
 
 each over ``--seeds`` (mean shown), with a shortened schedule (``--epochs``, TGP-T ``--tgpt-iters``;
 CoCoOp: batch 4, a fifth of the epochs) so the whole table takes minutes on a 2-core CPU. Prints the
@@ -16,7 +17,7 @@ above zero-shot). Linear probe and TGP-T have no base-to-novel row (their classi
 the training classes).
 
     python benchmarks/mini_benchmark.py [--dataset shapes-32] [--shots 1,2,4,8,16] [--seeds 1]
-        [--methods zeroshot,coop,...] [--epochs 10] [--b2n-dataset shapes-32] [--b2n-shots 16] [--threads 2]
+        [--methods zeroshot,coop,...] [--epochs 10] [--b2n-dataset shapes-64] [--b2n-shots 16] [--threads 2]
 """
 
 from __future__ import annotations
@@ -85,8 +86,8 @@ def main(argv=None) -> int:
     ap.add_argument("--b2n-shots", type=int, default=16)
     ap.add_argument(
         "--b2n-dataset",
-        default="shapes-32",
-        help="base-to-novel dataset (its novel half: pairs the pretraining corpus never showed)",
+        default="shapes-64",
+        help="base-to-novel dataset (shapes-64: base = shapes-32's 32 classes, where prompts have room above zero-shot)",
     )
     ap.add_argument("--seeds", default="1")
     ap.add_argument("--methods", default=",".join(method_names()))

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import torch
 
-DEFAULT_SETS = ("digits", "shapes", "shapes-32:base", "shapes-32:novel", "shapes-64")
+DEFAULT_SETS = (
+    "digits",
+    "shapes",
+    "shapes-32:base",
+    "shapes-32:novel",
+    "shapes-64",
+    "shapes-64:base",
+    "shapes-64:novel",
+)
 
 
 @torch.no_grad()

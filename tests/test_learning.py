@@ -2,7 +2,7 @@
 method is broken (learning rate 0, the learned context not inserted, the loss sign flipped), which no
 test on the random ``promptsweep-tiny`` can tell apart from a working method.
 
-Each is a real trial (``orchestrator.trial.run_trial``, seed 1) on ``promptsweep-mini`` with pretrained
+Each is a real trial (``orchestrator.trial.run_trial``, seed 1 unless ``SEEDS`` says more) on ``promptsweep-mini`` with pretrained
 tag ``promptsweep`` (the session fixture ``mini_backbone`` builds it once per session). A method's
 "untrained start" is the same trial with no optimisation step (``epochs: 0``): the method as built,
 evaluated on the same test split. Schedules are shortened (``SCHEDULE``) to seconds per trial.
@@ -16,21 +16,22 @@ Margin (``MARGIN`` = 2 accuracy points; 1 point ≈ 4 of shapes-32's 384 test im
 exactly at its start (lr 0, context not inserted: its scores do not change) or below it (loss sign
 flipped), so any margin above 0 separates it; the margin must also stay below the smallest gain of a
 working method. Measured here (2-core CPU, 2026-12-02; trained − untrained, points, seeds 1 / 2) with
-the schedules below at 16 shots: KgCoOp +4.2 / +3.7, MaPLe +4.2 / +3.4 (SEP, then +2.9 / +4.7, is now
-among ``KNOWN_NOT_LEARNING``, below); earlier at 4 shots: CoOp +15.1 / +13.8, VPT +2.6 / +2.9, TGP-T +9.9 /
+the schedules below at 16 shots: KgCoOp +4.2 / +3.7, MaPLe +4.2 / +3.4; earlier at 4 shots: CoOp +15.1 / +13.8, VPT +2.6 / +2.9, TGP-T +9.9 /
 +7.3, SPT +31. The untrained starts themselves move by 3–4 points between seeds (random prompt init), which is why
 each test compares a method with its own start on the same seed, never with a fixed number.
 
-``KNOWN_NOT_LEARNING`` also holds SEP since its Token Fusion Modules start as copies of one module, as the
-reference builds them (they were drawn independently before, when SEP gained +2.9 / +4.7): measured on a 2-core
-AMD EPYC build of the backbone (2026-12-06), 16 shots, start -> trained, seed 1 / 2: 20 epochs lr 0.02
-61.7 -> 61.5 / 59.1 -> 61.5; seed 1: 30 epochs 62.8, 40 epochs 62.2, lr 0.01 62.2, lr 0.05 61.2, batch 8 61.2.
-``tests/test_sep.py`` covers its forward pass, losses and gradients against the reference on shared weights.
-
-``KNOWN_NOT_LEARNING``: CoCoOp at these CPU schedules stays within ±2 points of its start (16 shots,
-3 epochs at batch 4, lr 0.01: −0.3 / +1.8 from "a photo of a", −1.3 / +0.5 from a random context), so
-it is left out of the learning test (a test that could only be an expected failure asserts nothing, and
-cost ~33 s of CI); ``tests/test_cocoop.py`` covers its meta-net and prompt path on the tiny backbone.
+Several seeds (``SEEDS``) for CoCoOp and SEP: both start close to what these image features allow (a
+16-shot linear probe reaches 63.5 % on shapes-32; CoCoOp starts at 59.9–63.3 % from "a photo of a" plus its
+random meta-net, SEP at 58.1–61.7 % from its ensemble with frozen CLIP), so one seed's gain is near the test's
+noise; the test asserts the *mean* gain over seeds 1, 2, 3. Measured on a 2-core AMD EPYC (2026-12-06),
+16 shots, start -> trained, seeds 1 / 2 / 3: CoCoOp (3 epochs, batch 4, lr 0.01) 63.3 -> 65.4, 59.9 -> 61.7,
+59.9 -> 64.1 (mean +2.7); SEP (10 epochs, lr 0.02, consistency weights 0) 61.7 -> 63.8, 59.1 -> 64.8,
+58.1 -> 61.5 (mean +3.7). SEP's test trains without its two consistency terms (W_t = 8, W_v = 6 pull the
+prompted features back to frozen CLIP, whose ensemble is already its start): with them, 20 epochs, the
+gains were −0.3 / +2.4 / +3.9 (W = 1: +1.8 / +3.1), too close to the margin to tell a working SEP from a
+broken one. ``tests/test_sep.py`` checks those terms, the forward pass and the gradients against the
+reference on shared weights. A broken CoCoOp or SEP still ends exactly at its start (lr 0, context not
+inserted) or below it (loss sign flipped): every seed's gain is then <= 0, and so is their mean.
 
 Base-to-novel runs on ``shapes-64`` (base = its first 32 classes): on ``shapes-32``'s 16 base classes
 zero-shot (85.9 %) is already above the 16-shot linear probe (83.9 %) — the image features, not the prompt,
@@ -62,15 +63,12 @@ SCHEDULE: dict[str, dict] = {
     "maple": {"epochs": 10, "lr": 0.02},
     "vpt": {"epochs": 20, "lr": 0.05},
     "spt": {"epochs": 10},
-    "sep": {"epochs": 20, "lr": 0.02},
+    "sep": {"epochs": 10, "lr": 0.02, "text_consistency_weight": 0.0, "visual_consistency_weight": 0.0},
     # TGP-T's 32 category + 64 content tokens do not fit promptsweep-mini's 32-token text tower
     "tgpt": {"max_iters": 200, "eval_every_iters": 50, "n_cat": 16, "n_con": 24},
 }
-KNOWN_NOT_LEARNING = {
-    "cocoop": "measured: CoCoOp stays within ±2 points of its start at these CPU schedules (see the module docstring)",
-    "sep": "measured: since its fused-layer modules start as copies of one module (the reference's "
-    "init), SEP ends within ±2 points of its start (see the module docstring)",
-}
+#: methods whose gain is asserted as the mean over these seeds (start near the features' ceiling: docstring)
+SEEDS: dict[str, tuple[int, ...]] = {"cocoop": (1, 2, 3), "sep": (1, 2, 3)}
 
 
 def trial(
@@ -98,13 +96,16 @@ def test_every_gradient_method_has_a_schedule():
     assert set(SCHEDULE) == set(GRADIENT)
 
 
-@pytest.mark.parametrize("method", [m for m in GRADIENT if m not in KNOWN_NOT_LEARNING])
+@pytest.mark.parametrize("method", GRADIENT)
 def test_training_ends_above_the_untrained_start(method, mini_backbone):
-    margin = MARGIN
-    start = trial(method, **untrained(method))["test_acc"]
-    end = trial(method, **SCHEDULE[method])["test_acc"]
-    print(f"{method}: untrained {start:.2f} -> trained {end:.2f}")
-    assert end >= start + margin, f"{method} did not learn: {start:.2f} -> {end:.2f} (margin {margin})"
+    gains = []
+    for seed in SEEDS.get(method, (1,)):
+        start = trial(method, seed=seed, **untrained(method))["test_acc"]
+        end = trial(method, seed=seed, **SCHEDULE[method])["test_acc"]
+        print(f"{method} seed {seed}: untrained {start:.2f} -> trained {end:.2f}")
+        gains.append(end - start)
+    gain = sum(gains) / len(gains)
+    assert gain >= MARGIN, f"{method} did not learn: mean gain {gain:+.2f} over seeds (margin {MARGIN}): {gains}"
 
 
 def test_coop_16_shots_beat_1_shot(mini_backbone):

@@ -144,6 +144,7 @@ def test_pretrained_backbone_has_learned_and_leaves_room(mini_backbone):
     for name, r in report.items():
         assert r["acc"] >= 3 * r["chance"], (name, r)
     assert report["shapes-64"]["acc"] >= 40.0, report["shapes-64"]
-    for name in ("digits", "shapes", "shapes-32:base"):  # the demo's datasets: not at the ceiling
+    # not at the ceiling; shapes-64:base holds the classes of the demo (shapes-32 few-shot, shapes-64 base-to-novel)
+    for name in ("digits", "shapes", "shapes-32:base", "shapes-64:base"):
         assert report[name]["acc"] <= 95.0, (name, report[name])
     assert Path(mini_backbone.pretrained).stat().st_size <= 20 * 2**20

@@ -81,7 +81,7 @@ def test_demo_spec_loads_and_is_offline():
 
     s = load_spec(ROOT / "search_spaces" / "demo.yaml")
     assert s.backbone.arch == "promptsweep-mini" and s.backbone.pretrained == "promptsweep"  # project-pretrained
-    assert {"zeroshot", "coop"} <= set(s.methods) and all(is_offline(d) for d in s.datasets)
+    assert {"zeroshot", "coop"} <= set(s.methods) and all(is_offline(d) for d in s.all_datasets())
     assert set(s.protocol) == {"fewshot", "base2novel"}
     assert len(s.shots) >= 2 and s.search["coop"].n_trials >= 1
 
