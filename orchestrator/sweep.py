@@ -68,7 +68,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap = _Parser(prog="python -m orchestrator.sweep", description=__doc__.splitlines()[0])
     ap.add_argument("spec", help="sweep spec YAML, e.g. search_spaces/demo.yaml")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and start nothing")
-    ap.add_argument("--fresh", action="store_true", help="discard an earlier run of this sweep and start over")
+    ap.add_argument(
+        "--fresh",
+        action="store_true",
+        help="discard an earlier run of this sweep and start over (its files, and its MLflow runs: moved to MLflow's deleted runs)",
+    )
     ap.add_argument(
         "--retry-failed",
         action="store_true",
@@ -182,6 +186,14 @@ def _read_state(out_dir: Path) -> Optional[dict]:
         return json.loads(p.read_text())
     except ValueError:
         raise ConfigError(f"{p} is corrupt; rerun with --fresh to start the sweep over") from None
+
+
+def _discarded_state(out_dir: Path) -> Optional[dict]:
+    """The state of the run ``--fresh`` discards, or None where it has none (or it is unreadable)."""
+    try:
+        return _read_state(out_dir)
+    except ConfigError:
+        return None
 
 
 def _write_state(out_dir: Path, state: dict) -> None:
@@ -349,6 +361,7 @@ def _checked_run(spec, plan, args, out_dir: Path, tracking_uri: str, data_root: 
     from orchestrator.spec import PRESENTATION_KEYS
 
     state = None if args.fresh else _read_state(out_dir)
+    discarded = _discarded_state(out_dir) if args.fresh else None
     continuation = {"restart": [], "retry": 0}
     if state is None and (args.retry_failed or args.restart_cells):
         raise ConfigError(
@@ -396,6 +409,10 @@ def _checked_run(spec, plan, args, out_dir: Path, tracking_uri: str, data_root: 
                 shutil.rmtree(p)
             else:
                 p.unlink()
+        if discarded:  # its MLflow runs go too (soft-deleted: restorable)
+            from orchestrator.mlflow_fresh import retire_runs
+
+            retire_runs(discarded.get("tracking_uri") or tracking_uri, discarded.get("parent_run_id"))
     try:
         return _run_sweep(spec, plan, out_dir, tracking_uri, state, args, data_root, continuation)
     except (UserError, KeyboardInterrupt):  # stopped before Tune wrote anything: the folder goes again

@@ -55,7 +55,7 @@ def _env() -> dict:
     return env
 
 
-def _sweep(spec: Path, out: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+def _sweep(spec: Path, out: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     return subprocess.run(
         [
@@ -67,6 +67,7 @@ def _sweep(spec: Path, out: Path, tmp_path: Path) -> subprocess.CompletedProcess
             str(out),
             "--tracking-uri",
             f"sqlite:///{tmp_path / 'mlflow.db'}",
+            *extra,
         ],
         cwd=ROOT,
         env=env,
@@ -215,6 +216,45 @@ def test_fresh_keeps_a_finished_sweep_that_the_resources_check_refuses(tmp_path,
     assert (out_dir / "trials.arrow").read_bytes() == b"results" and (out_dir / STATE_FILE).is_file()
     code, err = _main(capsys, spec, "--output", tmp_path / "first", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}")
     assert code == 2 and not (tmp_path / "first").exists() and not (tmp_path / "m.db").exists(), err
+
+
+@pytest.mark.slow
+def test_fresh_moves_the_discarded_runs_mlflow_runs_to_the_deleted_ones(tmp_path):
+    """--fresh discards the earlier run's MLflow runs with its files: the sweep run and its cell and trial runs
+    become deleted (restorable) runs, so the experiment shows one sweep; runs outside that tree stay."""
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    spec = _spec(tmp_path, methods=["zeroshot"], seeds=[1, 2])
+    r = _sweep(spec, tmp_path / "out", tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("g").experiment_id
+    old = {run.info.run_id: run.data.tags.get("level") for run in client.search_runs([exp], max_results=1000)}
+    assert sorted(old.values()) == ["cell", "sweep", "trial", "trial"]
+    other = client.create_run(exp, tags={"sweep": "g", "level": "note"}).info.run_id  # not under the sweep run
+
+    r = _sweep(spec, tmp_path / "out", tmp_path, "--fresh")
+    assert r.returncode == 0, r.stderr[-3000:]
+    sweep_run = next(k for k, v in old.items() if v == "sweep")
+    assert f"--fresh: the earlier sweep run {sweep_run} and its 3 cell and trial runs" in r.stdout, r.stdout[-2000:]
+    deleted = {run.info.run_id for run in client.search_runs([exp], run_view_type=ViewType.DELETED_ONLY)}
+    active = client.search_runs([exp], run_view_type=ViewType.ACTIVE_ONLY, max_results=1000)
+    assert deleted == set(old)
+    assert other in {run.info.run_id for run in active}
+    assert sorted(run.data.tags.get("level") for run in active) == ["cell", "note", "sweep", "trial", "trial"]
+    assert not set(old) & {run.info.run_id for run in active}
+
+
+def test_fresh_with_an_unreadable_earlier_run_warns_and_goes_on(tmp_path, capsys):
+    from orchestrator.mlflow_fresh import retire_runs
+
+    assert retire_runs(f"sqlite:///{tmp_path / 'm.db'}", "0" * 32) == 0
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"warning: --fresh could not move the earlier sweep run {'0' * 32}")
+        and "stay as they are" in err
+    )
 
 
 def _start(spec: Path, out: Path, uri: str, **popen) -> subprocess.Popen:
