@@ -271,11 +271,10 @@ class MlflowTracking(Callback):
             self._submit(ReopenRun(key=key))
 
     def _parent_op(self) -> CreateRun:
-        return CreateRun(
-            key="sweep",
-            name=f"sweep {self.sweep_name}",
-            tags={"sweep": self.sweep_name, "level": "sweep", "spec_hash": self.spec_hash, "git_commit": self.commit},
-        )
+        tags = {"sweep": self.sweep_name, "level": "sweep", "spec_hash": self.spec_hash, "git_commit": self.commit}
+        if self.out_dir is not None:  # where the files are: the spec's `output` param is only its root, as written
+            tags["output_dir"] = str(self.out_dir.absolute())
+        return CreateRun(key="sweep", name=f"sweep {self.sweep_name}", tags=tags)
 
     def _cell_key(self, config: dict) -> str:
         cid = config["cell_id"]

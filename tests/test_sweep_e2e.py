@@ -112,6 +112,7 @@ def test_plan_rows_and_mlflow_runs_agree(sweep):
     by_level = {lvl: [r for r in runs if r.data.tags.get("level") == lvl] for lvl in ("sweep", "cell", "trial")}
     assert len(by_level["sweep"]) == 1 and len(by_level["cell"]) == 2 and len(by_level["trial"]) == n
     parent = by_level["sweep"][0].info.run_id
+    assert by_level["sweep"][0].data.tags["output_dir"] == str(sweep["out"].absolute())  # where its files are
     cells = {r.info.run_id for r in by_level["cell"]}
     assert all(r.data.tags["mlflow.parentRunId"] == parent for r in by_level["cell"])
     assert all(r.data.tags["mlflow.parentRunId"] in cells for r in by_level["trial"])
