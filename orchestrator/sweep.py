@@ -375,8 +375,8 @@ def _checked_run(spec, plan, args, out_dir: Path, tracking_uri: str, data_root: 
         state.setdefault("spec", {}).update({k: new[k] for k in PRESENTATION_KEYS})  # a resumed sweep reads by the new
         if state.get("status") == "finished" and not continuation["work"]:
             print(f"sweep '{spec.name}' already finished: {out_dir}")
-            if read_before != {k: new[k] for k in PRESENTATION_KEYS}:
-                _reread_results(out_dir, spec, state)
+            if read_before != {k: new[k] for k in PRESENTATION_KEYS} and _reread_results(out_dir, spec, state):
+                _refresh_recorded_artifacts(state, tracking_uri, spec, out_dir)
             replay_backlog(out_dir)  # MLflow operations a server outage left behind, if any
             _print_outputs(out_dir, state.get("tracking_uri", tracking_uri))
             return 0
@@ -571,9 +571,9 @@ def _continuation(spec, plan, args, out_dir: Path, state: dict) -> dict:
     return {"restart": restart, "retry": retry, "work": bool(changes.grows or restart or retry)}
 
 
-def _reread_results(out_dir: Path, spec, state: dict) -> None:
+def _reread_results(out_dir: Path, spec, state: dict) -> bool:
     """A finished sweep rerun with other ``report`` settings: its statistics tables and report are rewritten
-    from trials.arrow (no trial runs)."""
+    from trials.arrow (no trial runs); False where there was nothing to reread."""
     from orchestrator.report import write_report
     from orchestrator.results import CELLS_FILE, TRIALS_FILE, rewrite_summaries
 
@@ -582,11 +582,29 @@ def _reread_results(out_dir: Path, spec, state: dict) -> None:
             f"warning: report settings changed, but {out_dir} has no {TRIALS_FILE} / {CELLS_FILE} to reread",
             file=sys.stderr,
         )
-        return
+        return False
     rewrite_summaries(out_dir, spec.normalized()["report"])
     write_report(out_dir)
     _write_state(out_dir, state)
     print(f"report settings changed: comparisons and {out_dir / 'report.md'} rewritten")
+    return True
+
+
+def _refresh_recorded_artifacts(state: dict, tracking_uri: str, spec, out_dir: Path) -> None:
+    """The reread sweep's MLflow run gets the rewritten report, plots and tables (``MlflowTracking.refresh_artifacts``)."""
+    if not state.get("parent_run_id"):
+        return
+    from orchestrator.tracking import MlflowTracking
+
+    tracker = MlflowTracking(
+        state.get("tracking_uri", tracking_uri),
+        spec.tracking.experiment,
+        spec.name,
+        state.get("spec_hash", ""),
+        parent_run_id=state["parent_run_id"],
+        out_dir=out_dir,
+    )
+    tracker.refresh_artifacts(_sweep_artifacts(out_dir), spec.normalized())
 
 
 def _end_recorded_parent(state: Optional[dict], tracking_uri: str, spec, out_dir: Path, error: BaseException) -> None:

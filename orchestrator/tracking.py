@@ -454,6 +454,19 @@ class MlflowTracking(Callback):
         self.sender.flush(force=True)
         return self.write_backlog()
 
+    def refresh_artifacts(
+        self, artifacts: tuple[tuple[Path, Optional[str]], ...], spec: Optional[dict] = None
+    ) -> Optional[Path]:
+        """A finished sweep whose report was rewritten (other ``report`` settings, no trial ran): its run's
+        ``spec.json`` and ``artifacts`` are sent again (an upload replaces the file; the run's params, which
+        MLflow never changes, stay); what the server did not take goes to the backlog (its path)."""
+        if spec is not None:
+            self._submit(LogDict(key="sweep", data=spec, file="spec.json"))
+        for path, folder in artifacts:
+            self._submit(LogArtifact(key="sweep", path=str(path), dir=folder))
+        self.sender.flush(force=True)
+        return self.write_backlog()
+
     def fail(self, outcome: tuple[str, str]) -> Optional[Path]:
         """A sweep that stops early: end its run and the open cell runs with ``outcome = (status, reason)``
         (the reason as tag ``failure_reason``), send what is queued within the usual catch-up budget and

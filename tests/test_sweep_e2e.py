@@ -314,7 +314,18 @@ def test_rerun_starts_nothing_and_changed_spec_is_refused(sweep):
     assert [(c["method"], c["baseline"]) for c in comp] == [("zeroshot", "coop")]
     assert "(method − coop)" in (sweep["out"] / "report.md").read_text()
     assert feather.read_table(sweep["out"] / "trials.arrow").to_pylist() == rows_before  # no trial ran
-    assert len(_runs(sweep["uri"])[1]) == len(runs_before)
+    client, runs_now = _runs(sweep["uri"])
+    assert len(runs_now) == len(runs_before)
+    # what MLflow keeps of the sweep is rewritten too: its report, comparisons table and spec
+    import mlflow
+    import pyarrow.parquet as pq
+
+    sweep_run = next(x for x in runs_now if x.data.tags.get("level") == "sweep")
+    logged = Path(client.download_artifacts(sweep_run.info.run_id, "report.md", str(sweep["tmp"] / "dl")))
+    assert logged.read_text() == (sweep["out"] / "report.md").read_text()
+    logged = client.download_artifacts(sweep_run.info.run_id, "results/comparisons.parquet", str(sweep["tmp"] / "dl"))
+    assert [(c["method"], c["baseline"]) for c in pq.read_table(logged).to_pylist()] == [("zeroshot", "coop")]
+    assert mlflow.artifacts.load_dict(f"{sweep_run.info.artifact_uri}/spec.json")["report"]["baseline"] == "coop"
     # a change that alters what finished trials computed is refused, naming the cell and the key
     changed = _write(
         sweep["tmp"], dict(SPEC, train={"defaults": {**SPEC["train"]["defaults"], "epochs": 2}}), "changed.yaml"
