@@ -590,13 +590,13 @@ def _reread_results(out_dir: Path, spec, state: dict) -> bool:
     return True
 
 
-def _refresh_recorded_artifacts(state: dict, tracking_uri: str, spec, out_dir: Path) -> None:
-    """The reread sweep's MLflow run gets the rewritten report, plots and tables (``MlflowTracking.refresh_artifacts``)."""
-    if not state.get("parent_run_id"):
-        return
+def _recorded_tracker(state: Optional[dict], tracking_uri: str, spec, out_dir: Path):
+    """The MLflow tracker of an earlier driver's sweep run (recorded in ``state``), or None where it has none."""
+    if not state or not state.get("parent_run_id"):
+        return None
     from orchestrator.tracking import MlflowTracking
 
-    tracker = MlflowTracking(
+    return MlflowTracking(
         state.get("tracking_uri", tracking_uri),
         spec.tracking.experiment,
         spec.name,
@@ -604,24 +604,20 @@ def _refresh_recorded_artifacts(state: dict, tracking_uri: str, spec, out_dir: P
         parent_run_id=state["parent_run_id"],
         out_dir=out_dir,
     )
-    tracker.refresh_artifacts(_sweep_artifacts(out_dir), spec.normalized())
+
+
+def _refresh_recorded_artifacts(state: dict, tracking_uri: str, spec, out_dir: Path) -> None:
+    """The reread sweep's MLflow run gets the rewritten report, plots and tables (``MlflowTracking.refresh_artifacts``)."""
+    tracker = _recorded_tracker(state, tracking_uri, spec, out_dir)
+    if tracker is not None:
+        tracker.refresh_artifacts(_sweep_artifacts(out_dir), spec.normalized())
 
 
 def _end_recorded_parent(state: Optional[dict], tracking_uri: str, spec, out_dir: Path, error: BaseException) -> None:
     """A resumed sweep that stops before its Tuner runs: its recorded MLflow run is ended FAILED with the reason."""
-    if not state or not state.get("parent_run_id"):
-        return
-    from orchestrator.tracking import MlflowTracking
-
-    tracker = MlflowTracking(
-        state.get("tracking_uri", tracking_uri),
-        spec.tracking.experiment,
-        spec.name,
-        state.get("spec_hash", ""),
-        parent_run_id=state["parent_run_id"],
-        out_dir=out_dir,
-    )
-    tracker.fail(_failure_reason(error))
+    tracker = _recorded_tracker(state, tracking_uri, spec, out_dir)
+    if tracker is not None:
+        tracker.fail(_failure_reason(error))
 
 
 def _failure_reason(error: BaseException) -> tuple[str, str]:
