@@ -17,10 +17,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from orchestrator.mlflow_sender import warn
+from orchestrator.mlflow_sender import PARENT_TAG, warn
 from orchestrator.mlflow_uri import driver_http_env, error_reason, make_client, mask_uri
-
-PARENT_TAG = "mlflow.parentRunId"
 
 
 def nested_runs(client, root_id: str) -> list[str]:
@@ -32,7 +30,7 @@ def nested_runs(client, root_id: str) -> list[str]:
         return []
     name = root.data.tags.get("sweep")
     children: dict[str, list[str]] = {}
-    if name is not None and "'" not in name:  # sweep names are plain words; a quote cannot go into a filter
+    if name is not None:  # a sweep name matches spec.NAME_PATTERN: no quote to escape in the filter
         token = None
         while True:
             page = client.search_runs(

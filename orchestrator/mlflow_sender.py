@@ -49,6 +49,8 @@ PERMANENT_CODES = {
     "MALFORMED_REQUEST",
 }
 CREATE_TAG = "promptsweep_create_id"
+#: MLflow's nesting tag: a run's parent run id (the UI nests runs by it)
+PARENT_TAG = "mlflow.parentRunId"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 
 
@@ -149,7 +151,7 @@ class CreateRun(Operation):
             parent = runs.run_id(self.parent)
             if not parent:
                 raise Unresolved(f"its parent run {self.parent} was never created")
-            tags["mlflow.parentRunId"] = parent
+            tags[PARENT_TAG] = parent
         self.tried = True
         run = runs.client.create_run(exp_id, start_time=self.start_time, run_name=self.name, tags=tags)
         runs.set_run_id(self.key, run.info.run_id)

@@ -428,12 +428,10 @@ class MlflowTracking(Callback):
         sweep's run."""
         self.sender.stop()
         sweep_open = self._open("sweep")
-        if sweep_open and spec is not None:
-            self._submit(LogDict(key="sweep", data=spec, file="spec.json"))
-            self._log_params("sweep", _flat_params(spec))
         if sweep_open:
-            for path, folder in artifacts:
-                self._submit(LogArtifact(key="sweep", path=str(path), dir=folder))
+            self._send_sweep_files(artifacts, spec)
+            if spec is not None:
+                self._log_params("sweep", _flat_params(spec))
         now = int(time.time() * 1000)
         for cid in list(self.state["cells"]):
             summary = (cells or {}).get(cid)
@@ -460,12 +458,16 @@ class MlflowTracking(Callback):
         """A finished sweep whose report was rewritten (other ``report`` settings, no trial ran): its run's
         ``spec.json`` and ``artifacts`` are sent again (an upload replaces the file; the run's params, which
         MLflow never changes, stay); what the server did not take goes to the backlog (its path)."""
+        self._send_sweep_files(artifacts, spec)
+        self.sender.flush(force=True)
+        return self.write_backlog()
+
+    def _send_sweep_files(self, artifacts: tuple[tuple[Path, Optional[str]], ...], spec: Optional[dict]) -> None:
+        """Queue the sweep run's ``spec.json`` (when ``spec`` is given) and ``artifacts`` (file, folder in the run)."""
         if spec is not None:
             self._submit(LogDict(key="sweep", data=spec, file="spec.json"))
         for path, folder in artifacts:
             self._submit(LogArtifact(key="sweep", path=str(path), dir=folder))
-        self.sender.flush(force=True)
-        return self.write_backlog()
 
     def fail(self, outcome: tuple[str, str]) -> Optional[Path]:
         """A sweep that stops early: end its run and the open cell runs with ``outcome = (status, reason)``
